@@ -1,0 +1,58 @@
+# Every target sets itself up: the virtualenv from uv.lock, and redis-server from Debian when missing.
+SHELL := /bin/bash
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := .venv
+PYTHON ?= python3
+UV_VERSION := 0.13.9
+UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
+VENV := .venv/bin
+
+.PHONY: help install redis-bin test lint typecheck format unit demo bench clean
+
+help:
+	@echo "make test    lint, type-check and run the tests (with a throwaway Redis)"
+	@echo "make demo    run the worker against the CGB simulator and print a report"
+	@echo "make bench   run the benchmarks and write BENCHMARKS.md"
+	@echo "make format  format the code with ruff"
+
+.tools/bin/uv:
+	$(PYTHON) -m venv .tools
+	.tools/bin/pip install -q "uv==$(UV_VERSION)"
+
+.venv/.synced: uv.lock pyproject.toml | $(UV)
+	$(UV) sync --frozen --python $(PYTHON)
+	@touch $@
+
+install: .venv/.synced
+
+redis-bin:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "redis-server is missing and installing it needs root: run 'sudo apt-get install redis-server'" >&2; exit 1; fi; \
+	  command -v apt-get >/dev/null || { echo "redis-server is missing and there is no apt-get: install Redis 6.2+ yourself" >&2; exit 1; }; \
+	  echo "installing redis-server from Debian's packages"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null \
+	    || { echo "apt-get could not install redis-server" >&2; exit 1; }; }
+
+lint: install
+	$(VENV)/ruff check .
+	$(VENV)/ruff format --check .
+
+typecheck: install
+	$(VENV)/mypy
+
+format: install
+	$(VENV)/ruff format .
+	$(VENV)/ruff check --fix .
+
+# The tests start their own Redis on a free port (tests/conftest.py) and stop it when they end.
+unit: install redis-bin
+	$(VENV)/coverage erase
+	$(VENV)/coverage run -m pytest $(PYTEST_ARGS)
+	$(VENV)/coverage combine -q
+	$(VENV)/coverage report
+
+test: lint typecheck unit
+
+clean:
+	rm -rf .venv .tools .mypy_cache .pytest_cache .ruff_cache .coverage .coverage.*

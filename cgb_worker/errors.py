@@ -1,0 +1,194 @@
+"""Every error cgb-worker raises, and whether trying again can help.
+
+The tree (``retryable`` is a class attribute, decided by the base class, never by message text)::
+
+    CGBWorkerError                      root of everything below
+    ├── ConfigError                     bad or missing settings; the worker refuses to start
+    ├── InvalidJobError                 a payload we can never send (permanent)
+    │   └── InvalidPhoneError           the phone cannot be turned into E.164
+    └── CGBError                        talking to CGB failed
+        ├── CGBTransportError           no HTTP answer (retryable)
+        │   ├── CGBConnectError         the connection was never made: nothing reached CGB
+        │   └── CGBTimeoutError         the request may have reached CGB: outcome unknown
+        └── CGBAPIError                 CGB answered with an error (``status``, ``code``, ``endpoint``)
+            ├── CGBRateLimitError       429 (retryable, ``retry_after`` from Retry-After)
+            ├── CGBServerError          5xx and 408 (retryable)
+            ├── CGBBadRequestError      400 and other 4xx (permanent)
+            ├── CGBAuthError            401 / 403 (permanent)
+            ├── CGBNotFoundError        404, or a contact with empty fields (permanent)
+            └── CGBResponseError        2xx whose body is not what the contract says (permanent)
+
+CGB also reports errors inside HTTP 200 (``{"error": {"code": 401, ...}}``); those are mapped by the code
+they carry as if it were the status, and ``{"success": false}`` without a usable code is a CGBBadRequestError.
+
+Exceptions hold only what is safe to store and log: never a request header, token or full phone number.
+Each one pickles and round-trips through :func:`error_from_dict`, which is how a failed job's error travels
+through Redis.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class CGBWorkerError(Exception):
+    """Root of cgb-worker's exceptions."""
+
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (error_from_dict, (self.to_dict(),))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The error as plain data: its class name, message and fields."""
+        return {"type": type(self).__name__, "message": self.message}
+
+
+class ConfigError(CGBWorkerError):
+    """One or more settings are invalid; ``problems`` lists every one of them."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+        self.problems = list(problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "ConfigError", "message": self.message, "problems": self.problems}
+
+
+class InvalidJobError(CGBWorkerError):
+    """The job payload can never be sent as it is; retrying will not help."""
+
+
+class InvalidPhoneError(InvalidJobError):
+    """The phone number is missing, malformed, impossible or lacks a country code."""
+
+
+class CGBError(CGBWorkerError):
+    """Talking to CGB failed."""
+
+
+class CGBTransportError(CGBError):
+    """No HTTP response came back."""
+
+    retryable = True
+
+
+class CGBConnectError(CGBTransportError):
+    """The connection to CGB could not be made, so the request never reached it."""
+
+
+class CGBTimeoutError(CGBTransportError):
+    """The request timed out or the connection broke after it was sent: CGB may have acted on it."""
+
+
+class CGBAPIError(CGBError):
+    """CGB answered with an error."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: int | None = None,
+        endpoint: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.endpoint = endpoint
+
+    def __str__(self) -> str:
+        where = f" on {self.endpoint}" if self.endpoint else ""
+        status = f"HTTP {self.status}" if self.status is not None else "CGB"
+        code = f" (code {self.code})" if self.code is not None and self.code != self.status else ""
+        return f"{status}{code}{where}: {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": type(self).__name__,
+            "message": self.message,
+            "status": self.status,
+            "code": self.code,
+            "endpoint": self.endpoint,
+        }
+
+
+class CGBRateLimitError(CGBAPIError):
+    """429: too many requests. ``retry_after`` is CGB's own wait in seconds, when it sent one."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "retry_after": self.retry_after}
+
+
+class CGBServerError(CGBAPIError):
+    """5xx or 408: CGB could not handle the request now."""
+
+    retryable = True
+
+
+class CGBBadRequestError(CGBAPIError):
+    """400 or another 4xx, or ``success: false``: CGB refused the request as made."""
+
+
+class CGBAuthError(CGBAPIError):
+    """401 / 403: the API key is missing, wrong or revoked."""
+
+
+class CGBNotFoundError(CGBAPIError):
+    """404, or a contact that came back with empty fields."""
+
+
+class CGBResponseError(CGBAPIError):
+    """A 2xx whose body does not have the shape the contract gives."""
+
+
+_ALL: dict[str, type[CGBWorkerError]] = {
+    cls.__name__: cls
+    for cls in (
+        CGBWorkerError,
+        ConfigError,
+        InvalidJobError,
+        InvalidPhoneError,
+        CGBError,
+        CGBTransportError,
+        CGBConnectError,
+        CGBTimeoutError,
+        CGBAPIError,
+        CGBRateLimitError,
+        CGBServerError,
+        CGBBadRequestError,
+        CGBAuthError,
+        CGBNotFoundError,
+        CGBResponseError,
+    )
+}
+
+
+def register_error(cls: type[CGBWorkerError]) -> type[CGBWorkerError]:
+    """Make an error class defined elsewhere in the package rebuildable by :func:`error_from_dict`."""
+    _ALL[cls.__name__] = cls
+    return cls
+
+
+def error_from_dict(data: dict[str, Any]) -> CGBWorkerError:
+    """Rebuild an exception from :meth:`CGBWorkerError.to_dict`; unknown types come back as the root."""
+    cls = _ALL.get(str(data.get("type")), CGBWorkerError)
+    message = str(data.get("message", ""))
+    if issubclass(cls, ConfigError):
+        return cls(list(data.get("problems") or [message]))
+    if issubclass(cls, CGBAPIError):
+        fields = {k: data.get(k) for k in ("status", "code", "endpoint")}
+        if issubclass(cls, CGBRateLimitError):
+            return cls(message, retry_after=data.get("retry_after"), **fields)
+        return cls(message, **fields)
+    return cls(message)

@@ -1,0 +1,145 @@
+"""msgspec Structs for everything that crosses a boundary.
+
+Two kinds, two policies:
+
+* CGB objects (:class:`Contact`, :class:`Flow`, :class:`CustomField`, :class:`Account`) are parsed leniently:
+  unknown fields are ignored, every field has a default, and ids are strings (CGB sends int64 ids, some
+  past 2^53, and WhatsApp contact ids are phone digits). :func:`from_cgb` does the conversion.
+* Our own job payload (:class:`SendJob`) is strict: an unknown field is an error, so a producer's typo
+  never silently drops content. The job result (:class:`SendResult`) is what ``Job.result()`` returns.
+  Field names on the wire are the camelCase ones producers already send (``fileUrl``, ``firstName``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+Scalar = str | int | float | bool | None
+FileType = Literal["image", "document", "video", "audio"]
+
+
+class Tag(msgspec.Struct, frozen=True):
+    id: str
+    name: str = ""
+
+
+class ContactField(msgspec.Struct, frozen=True):
+    """A custom field as it is set on one contact."""
+
+    id: str
+    name: str = ""
+    type: int = 0
+    value: str | int | float | None = None
+
+
+class Contact(msgspec.Struct, frozen=True):
+    """A CGB contact. ``phone`` and ``email`` are not in CGB's documented model and are often absent."""
+
+    id: str = ""
+    page_id: str | None = None
+    first_name: str | None = None
+    last_name: str | None = None
+    channel: int | None = None
+    subscribed: int | None = None
+    last_interaction: int | None = None
+    tags: list[Tag] = msgspec.field(default_factory=list)
+    custom_fields: list[ContactField] = msgspec.field(default_factory=list)
+    phone: str | None = None
+    email: str | None = None
+
+    @property
+    def is_blank(self) -> bool:
+        """CGB has been seen answering an unknown id with an object whose fields are all empty."""
+        return not self.id or self.id == "0" or (not self.page_id and not self.first_name and not self.channel)
+
+
+class Flow(msgspec.Struct, frozen=True):
+    id: str
+    name: str = ""
+
+
+class CustomField(msgspec.Struct, frozen=True):
+    """An account-level custom field definition. ``type``: 0 text, 1 number, 2 date, 3 datetime, 4 boolean,
+    5 long text, 6 select, 7 multi-select."""
+
+    id: str
+    name: str = ""
+    type: int = 0
+    description: str | None = None
+
+
+class Account(msgspec.Struct, frozen=True):
+    page_id: str = ""
+    name: str = ""
+    active: bool | None = None
+    created: int | None = None
+    total_users: int | None = None
+
+
+class AddTag(msgspec.Struct, frozen=True, tag_field="action", tag="add_tag"):
+    tag_name: str
+
+
+class SetFieldValue(msgspec.Struct, frozen=True, tag_field="action", tag="set_field_value"):
+    field_name: str
+    value: str | int | float
+
+
+class SendFlow(msgspec.Struct, frozen=True, tag_field="action", tag="send_flow"):
+    flow_id: int
+
+
+ContactAction = AddTag | SetFieldValue | SendFlow
+
+
+class SendJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="camel", omit_defaults=True):
+    """The ``whatsapp_send`` payload. Which combinations are valid is checked by the job, not here."""
+
+    to: str
+    message: str | None = None
+    template: str | None = None
+    variables: dict[str, Scalar] | None = None
+    file_url: str | None = None
+    file_type: FileType | None = None
+    first_name: str | None = None
+    last_name: str | None = None
+    email: str | None = None
+
+
+class SendResult(msgspec.Struct, frozen=True, rename="camel"):
+    """What a finished ``whatsapp_send`` job returns. ``message_id`` is always None: CGB returns none."""
+
+    success: bool
+    contact_id: str | None
+    to: str
+    timestamp: str
+    """ISO 8601, UTC, of when the send was acknowledged (or the job gave up)."""
+    message_id: str | None = None
+    error: str | None = None
+    kind: Literal["text", "template", "file"] | None = None
+    flow_id: str | None = None
+    fallback: bool = False
+    attempts: int = 1
+
+
+_T = TypeVar("_T")
+_ID_KEYS = frozenset({"id", "page_id", "flow_id"})
+
+
+def ids_to_str(obj: Any) -> Any:
+    """Return ``obj`` with every integer under an id key turned into a string, at any depth."""
+    if isinstance(obj, dict):
+        return {
+            k: (str(v) if k in _ID_KEYS and isinstance(v, int) and not isinstance(v, bool) else ids_to_str(v))
+            for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [ids_to_str(v) for v in obj]
+    return obj
+
+
+def from_cgb(obj: Any, type: type[_T]) -> _T:
+    """Convert a decoded CGB body to ``type``, leniently (``"5"`` for 5 is fine, unknown fields ignored)."""
+    return msgspec.convert(ids_to_str(obj), type, strict=False)

@@ -1,0 +1,722 @@
+"""A local CGB: an ``aiohttp.web`` app that plays the API per the contract (``cgb-api.md`` §9).
+
+Run it with ``python -m cgb_worker.simulator --port 8089`` (token ``sim-token`` unless ``--token``), point
+``CGB_API_URL`` at ``http://127.0.0.1:8089/api`` and the worker cannot tell it from CGB. It is what the
+tests, the demo and the benchmarks run against.
+
+Faithful by default:
+
+* every ``/api`` call needs ``X-ACCESS-TOKEN``; a missing or wrong one, or an unknown path without one,
+  gets CGB's 401 body served as ``text/html`` (errors are JSON in an HTML content type, as observed);
+* contacts are keyed by phone; ``POST /contacts`` upserts and runs its ``actions`` in order; WhatsApp
+  contact ids are the phone digits; ids are JSON integers;
+* sends are recorded in an outbox, never with a message id. Text, files and session flows to a contact who
+  has not written in 24 hours are accepted with ``{"success": true}`` and then marked ``failed``
+  (``re-engagement (>24h)``); template flows are delivered at any time, rendered with the contact's fields;
+* flows and custom fields come from a fixture (:data:`DEFAULT_FLOWS`, :data:`DEFAULT_FIELDS`).
+
+Where the contract is uncertain, :class:`SimConfig` plays either side (``POST /_sim/config``): blank
+contact or 404 for an unknown id, how the created id is returned, whether ``find`` matches the stored
+phone as ``+E164`` or digits, JSON accepted for custom fields, top-level ``phone``/``email`` on contacts,
+the legacy ``/users`` paths. Faults are injected with ``POST /_sim/faults``: fixed or random status codes
+(429 with an optional ``Retry-After``, 5xx), delays, errors inside HTTP 200, ``success: false`` and dropped
+connections, each for the next N matching calls or a share of them.
+
+Sim-only endpoints (no token): ``GET /_sim/outbox``, ``GET /_sim/requests``, ``GET /_sim/stats``,
+``GET /_sim/contacts``, ``POST /_sim/inbound``, ``POST|GET /_sim/config``, ``POST|DELETE /_sim/faults``,
+``POST /_sim/reset``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import re
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import msgspec
+from aiohttp import web
+
+PAGE_ID = 1000001
+DEFAULT_TOKEN = "sim-token"  # noqa: S105 - the simulator's own, documented token
+WINDOW_MS = 24 * 3600 * 1000
+TEXT_CHANNELS = {"messenger", "whatsapp", "sms", "webchat", "telegram", "instagram", "viber", "omnichannel"}
+FILE_CHANNELS = {"messenger", "sms", "whatsapp", "googleBM", "telegram", "instagram", "viber", "omnichannel"}
+FILE_TYPES = {"file", "image", "audio", "video"}
+ERROR_CT = "text/html; charset=UTF-8"
+UNAUTHORIZED = {"error": {"code": 401, "message": "No valid API key provided."}}
+
+
+class FlowFixture(msgspec.Struct, frozen=True):
+    id: int
+    name: str
+    kind: Literal["template", "session"] = "template"
+    body: str = ""
+    """Template text; ``{field_name}`` is replaced by the contact's custom field when the flow runs."""
+
+
+class FieldFixture(msgspec.Struct, frozen=True):
+    id: int
+    name: str
+    type: int = 0
+    description: str = ""
+
+
+DEFAULT_FLOWS: tuple[FlowFixture, ...] = (
+    FlowFixture(1752250957765, "visa_approved", "template", "Hello {first_name}, your {visa_type} visa is approved."),
+    FlowFixture(
+        1752250957766,
+        "Documents Needed",
+        "template",
+        "Hi {first_name}, please send: {documents_needed} by {deadline}.",
+    ),
+    FlowFixture(1752250957767, "Visa Approved Reminder", "template", "Reminder: your visa is approved."),
+    FlowFixture(1752250957768, "welcome", "session", "Welcome!"),
+)
+DEFAULT_FIELDS: tuple[FieldFixture, ...] = (
+    FieldFixture(-8, "Phone Number", 0, "System field"),
+    FieldFixture(-12, "Email", 0, "System field"),
+    FieldFixture(612001, "first_name", 0),
+    FieldFixture(612002, "visa_type", 0),
+    FieldFixture(612003, "documents_needed", 5),
+    FieldFixture(612004, "deadline", 2),
+    FieldFixture(612005, "applicants", 1),
+    FieldFixture(612006, "urgent", 4),
+)
+
+
+class SimConfig(msgspec.Struct, kw_only=True):
+    """The simulator's behaviour where the contract leaves a choice; every field can be set at run time."""
+
+    token: str = DEFAULT_TOKEN
+    latency: float = 0.0
+    """Seconds added to every ``/api`` response."""
+    missing_contact: Literal["404", "blank"] = "404"
+    """GET of an unknown contact: 404 (the spec) or 200 with empty fields (observed by one user)."""
+    created_id: Literal["data_id", "top_id", "none"] = "data_id"
+    """Where POST /contacts puts the new id: ``{"data": {"id"}}`` (observed), top-level ``id``, or nowhere."""
+    stored_phone: Literal["plus", "digits"] = "plus"
+    """How a contact's phone is stored, which is what ``find`` must match exactly."""
+    form_only_fields: bool = True
+    """Setting a contact custom field with a JSON body is a 400 (the spec says form)."""
+    contact_has_phone: bool = False
+    """Put top-level ``phone``/``email`` on contacts (not in the documented model)."""
+    upsert: bool = True
+    """POST /contacts for an existing phone updates it; when false it is a 400."""
+    inbound_on_create: bool = False
+    """Treat a new contact as having just written, so its 24-hour window is open."""
+    record_requests: bool = True
+    """Keep every request in ``/_sim/requests`` (turn off for long benchmarks; counts are always kept)."""
+
+
+class FaultRule(msgspec.Struct, kw_only=True):
+    """One injected fault. Matches calls by method and path regex; acts on the next ``count`` of them,
+    or on a ``rate`` share of them (random), or on all when neither is given."""
+
+    status: int | None = None
+    """Answer with this HTTP status and CGB's error envelope."""
+    error_in_200: int | None = None
+    """Answer HTTP 200 with ``{"error": {"code": <this>}}``."""
+    success_false: bool = False
+    delay: float = 0.0
+    drop: bool = False
+    """Close the connection without an answer."""
+    after: bool = False
+    """Perform the call first, then fail: the effect happened but the caller sees the fault."""
+    retry_after: str | None = None
+    method: str | None = None
+    path: str | None = None
+    count: int | None = None
+    rate: float | None = None
+    hits: int = 0
+
+    @property
+    def acts(self) -> bool:
+        """Whether the rule changes the answer (a rule with only ``delay`` just slows the call)."""
+        return self.drop or self.success_false or self.status is not None or self.error_in_200 is not None
+
+
+class SimState:
+    """Everything the simulator remembers; reset with ``POST /_sim/reset``."""
+
+    def __init__(
+        self,
+        config: SimConfig | None = None,
+        flows: tuple[FlowFixture, ...] = DEFAULT_FLOWS,
+        fields: tuple[FieldFixture, ...] = DEFAULT_FIELDS,
+        seed: int | None = None,
+    ) -> None:
+        self.config = config or SimConfig()
+        self.flows = {f.id: f for f in flows}
+        self.fields = {f.id: f for f in fields}
+        self.random = random.Random(seed)  # noqa: S311 - fault sampling, not security
+        self.reset()
+
+    def reset(self) -> None:
+        self.contacts: dict[int, dict[str, Any]] = {}
+        self.outbox: list[dict[str, Any]] = []
+        self.requests: list[dict[str, Any]] = []
+        self.counts: Counter[str] = Counter()
+        self.faults: list[FaultRule] = []
+        self.tags: dict[str, int] = {}
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    def now_ms(self) -> int:
+        return int(time.time() * 1000)
+
+    def find_field(self, name: str) -> FieldFixture | None:
+        return next((f for f in self.fields.values() if f.name == name), None)
+
+    def stored_phone(self, digits: str) -> str:
+        return f"+{digits}" if self.config.stored_phone == "plus" else digits
+
+    def contact_json(self, c: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": c["id"],
+            "page_id": PAGE_ID,
+            "first_name": c["first_name"],
+            "last_name": c["last_name"],
+            "channel": 5,
+            "profile_pic": "",
+            "locale": "",
+            "gender": {"female": 0, "male": 1}.get(c["gender"], 2),
+            "timezone": 0,
+            "last_sent": c["last_sent"],
+            "last_delivered": c["last_delivered"],
+            "last_seen": c["last_inbound"] or 0,
+            "last_interaction": c["last_inbound"] or 0,
+            "subscribed_date": datetime.fromtimestamp(c["created"] / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            "subscribed": 1,
+            "tags": [{"id": self.tags[t], "name": t} for t in sorted(c["tags"])],
+            "custom_fields": [self.field_json(fid, v) for fid, v in sorted(c["fields"].items())],
+        }
+        if self.config.contact_has_phone:
+            out["phone"] = c["phone"]
+            out["email"] = c["email"]
+        return out
+
+    def field_json(self, field_id: int, value: str) -> dict[str, Any]:
+        f = self.fields[field_id]
+        shown: Any = value
+        if f.type not in (0, 5):
+            try:
+                shown = int(value)
+            except ValueError:
+                try:
+                    shown = float(value)
+                except ValueError:
+                    shown = value
+        return {"id": f.id, "name": f.name, "type": f.type, "value": shown}
+
+    def deliver(self, contact: dict[str, Any], kind: str, **details: Any) -> dict[str, Any]:
+        """Record a send; free-form content outside the 24-hour window is accepted but fails."""
+        now = self.now_ms()
+        needs_window = kind in ("text", "file") or details.get("flow_kind") == "session"
+        window_open = contact["last_inbound"] is not None and now - contact["last_inbound"] < WINDOW_MS
+        failed = needs_window and not window_open
+        entry = {
+            "seq": len(self.outbox) + 1,
+            "contact_id": str(contact["id"]),
+            "phone": contact["phone"],
+            "kind": kind,
+            "status": "failed" if failed else "delivered",
+            "reason": "re-engagement (>24h)" if failed else None,
+            "at": now,
+            **details,
+        }
+        self.outbox.append(entry)
+        contact["last_sent"] = now
+        if not failed:
+            contact["last_delivered"] = now
+        return entry
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+STATE: web.AppKey[SimState] = web.AppKey("state", SimState)
+
+
+def _ok(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=msgspec.json.encode(data), status=status, content_type="application/json")
+
+
+def _err(status: int, message: str, *, http_status: int | None = None) -> web.Response:
+    body = msgspec.json.encode({"error": {"code": status, "message": message}})
+    return web.Response(body=body, status=http_status or status, headers={"Content-Type": ERROR_CT})
+
+
+class _Bad(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        body = msgspec.json.decode(raw) if raw else None
+    except msgspec.DecodeError:
+        raise _Bad(400, "Invalid parameters") from None
+    if not isinstance(body, dict):
+        raise _Bad(400, "Invalid parameters")
+    return body
+
+
+def _contact_or_404(state: SimState, request: web.Request) -> dict[str, Any]:
+    raw = request.match_info["contact_id"]
+    contact = state.contacts.get(int(raw)) if raw.isdigit() else None
+    if contact is None:
+        raise _Bad(404, "User not found")
+    return contact
+
+
+# -- the API -------------------------------------------------------------------------------------------
+
+
+async def find_by_custom_field(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    field_id = request.query.get("field_id")
+    value = request.query.get("value")
+    if not field_id or value is None:
+        raise _Bad(400, "Invalid parameters")
+    matches: list[dict[str, Any]] = []
+    for c in state.contacts.values():
+        if field_id in ("phone", "-8"):
+            hit = c["phone"] == value
+        elif field_id in ("email", "-12"):
+            hit = c["email"] is not None and c["email"] == value
+        elif field_id.lstrip("-").isdigit():
+            hit = c["fields"].get(int(field_id)) == value
+        else:
+            raise _Bad(400, "Invalid parameters")
+        if hit:
+            matches.append(c)
+    matches.sort(key=lambda c: c["fields_updated"], reverse=True)
+    return _ok({"data": [state.contact_json(c) for c in matches[:100]]})
+
+
+async def get_contact(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    raw = request.match_info["contact_id"]
+    if not raw.isdigit():
+        raise _Bad(400, "Invalid username supplied")
+    contact = state.contacts.get(int(raw))
+    if contact is None:
+        if state.config.missing_contact == "blank":
+            return _ok({"id": 0, "page_id": 0, "first_name": "", "last_name": "", "tags": [], "custom_fields": []})
+        raise _Bad(404, "User not found")
+    return _ok(state.contact_json(contact))
+
+
+async def create_contact(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body = await _json_body(request)
+    phone = body.get("phone")
+    if not isinstance(phone, str) or not phone.strip():
+        raise _Bad(400, "Invalid parameters")
+    digits = re.sub(r"\D", "", phone)
+    if not 6 <= len(digits) <= 15:
+        raise _Bad(400, "Invalid phone number")
+    gender = body.get("gender")
+    if gender is not None and gender not in ("male", "female", "unknown"):
+        raise _Bad(400, "Invalid parameters")
+    actions = body.get("actions") or []
+    if not isinstance(actions, list) or not all(isinstance(a, dict) for a in actions):
+        raise _Bad(400, "Invalid parameters")
+    for action in actions:
+        if action.get("action") not in ("add_tag", "remove_tag", "set_field_value", "unset_field_value", "send_flow"):
+            raise _Bad(400, f"Unknown action {action.get('action')!r}")
+    contact_id = int(digits)
+    now = state.now_ms()
+    contact = state.contacts.get(contact_id)
+    created = contact is None
+    if contact is None:
+        contact = {
+            "id": contact_id,
+            "phone": state.stored_phone(digits),
+            "first_name": body.get("first_name") or "",
+            "last_name": body.get("last_name") or "",
+            "email": body.get("email"),
+            "gender": gender or "unknown",
+            "created": now,
+            "fields": {},
+            "fields_updated": now,
+            "tags": set(),
+            "last_inbound": now if state.config.inbound_on_create else None,
+            "last_sent": 0,
+            "last_delivered": 0,
+        }
+        state.contacts[contact_id] = contact
+    elif not state.config.upsert:
+        raise _Bad(400, "Contact already exists")
+    elif body.get("email") and not contact["email"]:
+        contact["email"] = body["email"]
+    for action in actions:
+        _run_action(state, contact, action)
+    reply: dict[str, Any] = {"success": True}
+    if state.config.created_id == "data_id":
+        reply["data"] = {"id": contact_id, "contact_created": created}
+    elif state.config.created_id == "top_id":
+        reply["id"] = contact_id
+    return _ok(reply)
+
+
+def _run_action(state: SimState, contact: dict[str, Any], action: dict[str, Any]) -> None:
+    kind = action["action"]
+    if kind in ("add_tag", "remove_tag"):
+        name = action.get("tag_name")
+        if not isinstance(name, str) or not name:
+            return
+        if kind == "add_tag":
+            state.tags.setdefault(name, 100000 + len(state.tags) + 1)
+            contact["tags"].add(name)
+        else:
+            contact["tags"].discard(name)
+    elif kind in ("set_field_value", "unset_field_value"):
+        f = state.find_field(str(action.get("field_name")))
+        if f is None:
+            return  # unknown names are ignored (contract §9, a guess)
+        if kind == "set_field_value":
+            contact["fields"][f.id] = _field_text(action.get("value"))
+        else:
+            contact["fields"].pop(f.id, None)
+        contact["fields_updated"] = state.now_ms()
+    elif kind == "send_flow":
+        _run_flow(state, contact, action.get("flow_id"))
+
+
+def _field_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return "" if value is None else str(value)
+
+
+def _run_flow(state: SimState, contact: dict[str, Any], flow_id: Any) -> None:
+    try:
+        flow = state.flows[int(flow_id)]
+    except (KeyError, TypeError, ValueError):
+        raise _Bad(404, "Flow not found") from None
+    values = {state.fields[fid].name: v for fid, v in contact["fields"].items()}
+    rendered = re.sub(r"\{(\w+)\}", lambda m: values.get(m.group(1), ""), flow.body)
+    state.deliver(
+        contact,
+        "flow",
+        flow_id=str(flow.id),
+        flow_name=flow.name,
+        flow_kind=flow.kind,
+        text=rendered,
+        fields=dict(values),
+    )
+
+
+async def send_text(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    contact = _contact_or_404(state, request)
+    body = await _json_body(request)
+    text = body.get("text")
+    channel = body.get("channel", "omnichannel")
+    if not isinstance(text, str) or not text or channel not in TEXT_CHANNELS:
+        raise _Bad(400, "Invalid parameters")
+    state.deliver(contact, "text", text=text, channel=channel)
+    return _ok({"success": True})
+
+
+async def send_file(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    contact = _contact_or_404(state, request)
+    body = await _json_body(request)
+    url = body.get("url")
+    file_type = body.get("type")
+    channel = body.get("channel", "omnichannel")
+    if not isinstance(url, str) or not url or file_type not in FILE_TYPES or channel not in FILE_CHANNELS:
+        raise _Bad(400, "Invalid parameters")
+    state.deliver(contact, "file", url=url, type=file_type, channel=channel)
+    return _ok({"success": True})
+
+
+async def send_flow(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    contact = _contact_or_404(state, request)
+    flow_id = request.match_info["flow_id"]
+    if not flow_id.isdigit():
+        raise _Bad(400, "Invalid parameters")
+    _run_flow(state, contact, flow_id)
+    return _ok({"success": True})
+
+
+async def set_custom_field(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    contact = _contact_or_404(state, request)
+    raw_field = request.match_info["field_id"]
+    field_id = int(raw_field) if raw_field.lstrip("-").isdigit() else None
+    if field_id is None or field_id not in state.fields:
+        raise _Bad(404, "Custom field not found")
+    value: Any
+    if request.content_type == "application/x-www-form-urlencoded":
+        value = (await request.post()).get("value")
+    elif request.content_type == "application/json" and not state.config.form_only_fields:
+        value = (await _json_body(request)).get("value")
+    else:
+        raise _Bad(400, "Invalid parameters")
+    if value is None or not isinstance(value, (str, int, float)):
+        raise _Bad(400, "Invalid parameters")
+    contact["fields"][field_id] = _field_text(value)
+    contact["fields_updated"] = state.now_ms()
+    return _ok({"success": True})
+
+
+async def contact_custom_fields(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    contact = _contact_or_404(state, request)
+    return _ok([state.field_json(fid, v) for fid, v in sorted(contact["fields"].items())])
+
+
+async def list_flows(request: web.Request) -> web.Response:
+    return _ok([{"id": f.id, "name": f.name} for f in request.app[STATE].flows.values()])
+
+
+async def list_custom_fields(request: web.Request) -> web.Response:
+    fields = request.app[STATE].fields.values()
+    return _ok([{"id": f.id, "name": f.name, "type": f.type, "description": f.description} for f in fields])
+
+
+async def account(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return _ok(
+        {
+            "page_id": PAGE_ID,
+            "name": "cgb-worker simulator",
+            "active": True,
+            "created": 1700000000,
+            "total_users": len(state.contacts),
+        }
+    )
+
+
+# -- middleware: token, faults, latency, bookkeeping ---------------------------------------------------
+
+
+@web.middleware
+async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith("/_sim/"):
+        return await handler(request)
+    state = request.app[STATE]
+    endpoint = _endpoint_name(request)
+    state.counts[endpoint] += 1
+    state.counts["total"] += 1
+    if state.config.record_requests:
+        state.requests.append(await _describe(request, endpoint))
+    state.in_flight += 1
+    state.max_in_flight = max(state.max_in_flight, state.in_flight)
+    try:
+        if request.headers.get("X-ACCESS-TOKEN") != state.config.token:
+            return _err(401, "No valid API key provided.")
+        if state.config.latency:
+            await asyncio.sleep(state.config.latency)
+        rule = _pick_fault(state, request)
+        if rule is not None and rule.delay:
+            await asyncio.sleep(rule.delay)
+        if rule is not None and rule.acts and not rule.after:
+            return _fault_response(rule, request)
+        try:
+            response = await handler(request)
+        except web.HTTPNotFound:
+            return _err(404, "Not found")
+        except web.HTTPMethodNotAllowed:
+            return _err(405, "Method not allowed")
+        except _Bad as bad:
+            return _err(bad.status, bad.message)
+        if rule is not None and rule.acts:
+            return _fault_response(rule, request)
+        return response
+    finally:
+        state.in_flight -= 1
+
+
+def _endpoint_name(request: web.Request) -> str:
+    route = request.match_info.route
+    name = route.name if route is not None and route.name else None
+    return name or "unknown"
+
+
+async def _describe(request: web.Request, endpoint: str) -> dict[str, Any]:
+    raw = await request.read()
+    body: Any = None
+    if raw:
+        if request.content_type == "application/x-www-form-urlencoded":
+            body = dict((await request.post()).items())
+        else:
+            try:
+                body = msgspec.json.decode(raw)
+            except msgspec.DecodeError:
+                body = raw.decode(errors="replace")
+    return {
+        "method": request.method,
+        "path": request.path,
+        "query": dict(request.query),
+        "endpoint": endpoint,
+        "content_type": request.content_type if raw else None,
+        "body": body,
+        "at": time.time(),
+    }
+
+
+def _pick_fault(state: SimState, request: web.Request) -> FaultRule | None:
+    for rule in state.faults:
+        if rule.method and rule.method.upper() != request.method:
+            continue
+        if rule.path and not re.search(rule.path, request.path):
+            continue
+        if rule.count is not None:
+            if rule.hits >= rule.count:
+                continue
+        elif rule.rate is not None and state.random.random() >= rule.rate:
+            continue
+        rule.hits += 1
+        return rule
+    return None
+
+
+def _fault_response(rule: FaultRule, request: web.Request) -> web.Response:
+    if rule.drop:
+        # Close the socket with no answer: the client sees a broken connection, as on a crashed proxy.
+        if request.transport is not None:
+            request.transport.abort()
+        return _err(500, "dropped")
+    if rule.status is not None:
+        response = _err(rule.status, f"Injected {rule.status}")
+        if rule.retry_after is not None:
+            response.headers["Retry-After"] = rule.retry_after
+        return response
+    if rule.error_in_200 is not None:
+        return _err(rule.error_in_200, f"Injected error {rule.error_in_200}", http_status=200)
+    return _ok({"success": False, "message": "Injected failure"})
+
+
+# -- sim-only endpoints ---------------------------------------------------------------------------------
+
+
+async def sim_outbox(request: web.Request) -> web.Response:
+    return _ok(request.app[STATE].outbox)
+
+
+async def sim_requests(request: web.Request) -> web.Response:
+    since = int(request.query.get("since", "0"))
+    return _ok(request.app[STATE].requests[since:])
+
+
+async def sim_stats(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return _ok(
+        {
+            "counts": dict(state.counts),
+            "contacts": len(state.contacts),
+            "outbox": len(state.outbox),
+            "max_in_flight": state.max_in_flight,
+        }
+    )
+
+
+async def sim_contacts(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return _ok([{**state.contact_json(c), "phone": c["phone"], "email": c["email"]} for c in state.contacts.values()])
+
+
+async def sim_inbound(request: web.Request) -> web.Response:
+    """Pretend the contact wrote to us, which opens (or, with an old ``at``, shuts) the 24-hour window."""
+    state = request.app[STATE]
+    body = await request.json()
+    digits = re.sub(r"\D", "", str(body.get("phone", "")))
+    contact = state.contacts.get(int(digits)) if digits else None
+    if contact is None:
+        return _err(404, "User not found")
+    contact["last_inbound"] = int(body.get("at") or state.now_ms())
+    return _ok({"success": True})
+
+
+async def sim_config(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if request.method == "POST":
+        changes = await request.json()
+        state.config = msgspec.convert({**msgspec.to_builtins(state.config), **changes}, SimConfig)
+    return _ok(state.config)
+
+
+async def sim_faults(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if request.method == "DELETE":
+        state.faults.clear()
+    elif request.method == "POST":
+        body = await request.json()
+        rules = body if isinstance(body, list) else [body]
+        state.faults.extend(msgspec.convert(r, FaultRule) for r in rules)
+    return _ok(state.faults)
+
+
+async def sim_reset(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    keep_token = state.config.token
+    state.reset()
+    state.config = SimConfig(token=keep_token)
+    return _ok({"success": True})
+
+
+def create_app(state: SimState | None = None, *, legacy_users: bool = True) -> web.Application:
+    """The simulator as an aiohttp app. ``legacy_users`` also serves ``/api/users/...`` (seen in old code)."""
+    app = web.Application(middlewares=[api_middleware])
+    app[STATE] = state or SimState()
+    r = app.router
+    prefixes = ["/api/contacts"] + (["/api/users"] if legacy_users else [])
+    for i, prefix in enumerate(prefixes):
+        suffix = "" if i == 0 else "_legacy"
+        r.add_get(f"{prefix}/find_by_custom_field", find_by_custom_field, name="find_contacts" + suffix)
+        r.add_post(f"{prefix}/{{contact_id}}/send/text", send_text, name="send_text" + suffix)
+        r.add_post(f"{prefix}/{{contact_id}}/send/file", send_file, name="send_file" + suffix)
+        r.add_post(f"{prefix}/{{contact_id}}/send/{{flow_id}}", send_flow, name="send_flow" + suffix)
+        r.add_get(f"{prefix}/{{contact_id}}/custom_fields", contact_custom_fields, name="contact_fields" + suffix)
+        r.add_post(
+            f"{prefix}/{{contact_id}}/custom_fields/{{field_id}}", set_custom_field, name="set_custom_field" + suffix
+        )
+        r.add_get(f"{prefix}/{{contact_id}}", get_contact, name="get_contact" + suffix)
+        r.add_post(prefix, create_contact, name="create_contact" + suffix)
+    r.add_get("/api/accounts/flows", list_flows, name="list_flows")
+    r.add_get("/api/accounts/custom_fields", list_custom_fields, name="list_custom_fields")
+    r.add_get("/api/accounts/me", account, name="account")
+    r.add_route("*", "/api/{tail:.*}", _unknown_path, name="unknown")
+    r.add_get("/_sim/outbox", sim_outbox)
+    r.add_get("/_sim/requests", sim_requests)
+    r.add_get("/_sim/stats", sim_stats)
+    r.add_get("/_sim/contacts", sim_contacts)
+    r.add_post("/_sim/inbound", sim_inbound)
+    r.add_route("*", "/_sim/config", sim_config)
+    r.add_route("*", "/_sim/faults", sim_faults)
+    r.add_post("/_sim/reset", sim_reset)
+    return app
+
+
+async def _unknown_path(request: web.Request) -> web.Response:
+    return _err(404, "Not found")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="cgb-simulator", description="Run the local CGB simulator.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8089)
+    parser.add_argument("--token", default=DEFAULT_TOKEN, help="the X-ACCESS-TOKEN it accepts")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every API response")
+    parser.add_argument("--seed", type=int, default=None, help="seed for random faults")
+    parser.add_argument("--no-request-log", action="store_true", help="keep counts only (for long benchmarks)")
+    args = parser.parse_args(argv)
+    config = SimConfig(token=args.token, latency=args.latency, record_requests=not args.no_request_log)
+    app = create_app(SimState(config, seed=args.seed))
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()

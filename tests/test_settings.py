@@ -1,0 +1,147 @@
+"""Settings: defaults, parsing, every problem reported at once, the key never shown."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from cgb_worker.errors import ConfigError
+from cgb_worker.settings import DEFAULT_API_URL, Secret, Settings, load_settings, redact_url
+
+KEY = "1000001.FakeKeyForSettingsTestsOnly0123456789"
+
+
+def test_defaults_with_only_the_key() -> None:
+    s = load_settings({"CGB_API_KEY": KEY})
+    assert s.api_key.get_secret_value() == KEY
+    assert s.api_url == DEFAULT_API_URL == "https://app.chatgptbuilder.io/api"
+    assert s.timeout == 30.0
+    assert (s.retry_attempts, s.retry_base_delay, s.retry_max_delay) == (10, 2.0, 300.0)
+    assert (s.cache_timeout, s.template_cache_timeout) == (3600, 86400)
+    assert dict(s.templates) == {}
+    assert s.default_region is None
+    assert s.redis_url == "redis://localhost:6379/0"
+
+
+def test_every_variable_is_read() -> None:
+    s = load_settings(
+        {
+            "CGB_API_KEY": f"  {KEY} ",
+            "CGB_API_URL": "http://127.0.0.1:8089/api/",
+            "CGB_TIMEOUT": "2500",
+            "CGB_RETRY_ATTEMPTS": "3",
+            "CGB_RETRY_BASE_DELAY": "0.5",
+            "CGB_RETRY_MAX_DELAY": "10",
+            "CGB_CACHE_TIMEOUT": "60",
+            "CGB_TEMPLATE_CACHE_TIMEOUT": "120",
+            "CGB_TEMPLATE_VISA_APPROVED": "1752250957765",
+            "CGB_TEMPLATE_Documents_Needed": " 1752250957766 ",
+            "CGB_DEFAULT_REGION": "il",
+            "REDIS_URL": "redis://:pw@redis.internal:6380/2",
+        }
+    )
+    assert s.api_key.get_secret_value() == KEY
+    assert s.api_url == "http://127.0.0.1:8089/api"
+    assert s.timeout == 2.5
+    assert (s.retry_attempts, s.retry_base_delay, s.retry_max_delay) == (3, 0.5, 10.0)
+    assert (s.cache_timeout, s.template_cache_timeout) == (60, 120)
+    assert dict(s.templates) == {"visa_approved": "1752250957765", "documents_needed": "1752250957766"}
+    assert s.default_region == "IL"
+    assert s.redis_url == "redis://:pw@redis.internal:6380/2"
+
+
+def test_all_problems_are_reported_together() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(
+            {
+                "CGB_TIMEOUT": "soon",
+                "CGB_RETRY_ATTEMPTS": "-1",
+                "CGB_RETRY_BASE_DELAY": "0",
+                "CGB_CACHE_TIMEOUT": "1.5",
+                "CGB_DEFAULT_REGION": "XX",
+                "CGB_TEMPLATE_VISA_APPROVED": "visa-flow",
+                "CGB_API_URL": "ftp://example.test",
+                "REDIS_URL": "localhost:6379",
+            }
+        )
+    problems = "\n".join(info.value.problems)
+    for variable in (
+        "CGB_API_KEY",
+        "CGB_TIMEOUT",
+        "CGB_RETRY_ATTEMPTS",
+        "CGB_RETRY_BASE_DELAY",
+        "CGB_CACHE_TIMEOUT",
+        "CGB_DEFAULT_REGION",
+        "CGB_TEMPLATE_VISA_APPROVED",
+        "CGB_API_URL",
+        "REDIS_URL",
+    ):
+        assert variable in problems, variable
+    assert len(info.value.problems) == 9
+    assert str(info.value).startswith("invalid configuration:\n  - ")
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"CGB_API_KEY": "   "}, "CGB_API_KEY: must not be empty."),
+        ({"CGB_API_KEY": KEY, "CGB_RETRY_BASE_DELAY": "5", "CGB_RETRY_MAX_DELAY": "1"}, "CGB_RETRY_MAX_DELAY"),
+        ({"CGB_API_KEY": KEY, "CGB_TEMPLATE_": "1"}, "CGB_TEMPLATE_: names no template."),
+        ({"CGB_API_KEY": KEY, "CGB_TIMEOUT": "0"}, "CGB_TIMEOUT"),
+    ],
+)
+def test_single_problem(env: dict[str, str], expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env)
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].startswith(expected)
+
+
+def test_template_cache_timeout_is_not_a_template() -> None:
+    s = load_settings({"CGB_API_KEY": KEY, "CGB_TEMPLATE_CACHE_TIMEOUT": "5"})
+    assert dict(s.templates) == {}
+    assert s.template_cache_timeout == 5
+
+
+def test_key_and_redis_password_never_shown() -> None:
+    s = load_settings({"CGB_API_KEY": KEY, "REDIS_URL": "rediss://user:hunter2@redis.test:6380/0"})
+    for text in (repr(s), str(s), repr(s.api_key), str(s.api_key), f"{s.api_key}"):
+        assert KEY not in text
+        assert "hunter2" not in text
+    assert "rediss://user:********@redis.test:6380/0" in repr(s)
+    with pytest.raises(TypeError):
+        pickle.dumps(s.api_key)
+
+
+def test_settings_are_frozen() -> None:
+    s = load_settings({"CGB_API_KEY": KEY, "CGB_TEMPLATE_X": "1"})
+    with pytest.raises(AttributeError):
+        s.timeout = 1.0  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        s.templates["y"] = "2"  # type: ignore[index]
+
+
+def test_bad_key_value_is_not_echoed_in_errors() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({"CGB_API_KEY": KEY, "CGB_TIMEOUT": "x"})
+    assert KEY not in str(info.value)
+
+
+def test_os_environ_is_read_and_left_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CGB_API_KEY", KEY)
+    monkeypatch.setenv("CGB_TIMEOUT", "1000")
+    assert load_settings().timeout == 1.0
+    import os
+
+    before = dict(os.environ)
+    load_settings({"CGB_API_KEY": "other"})
+    assert dict(os.environ) == before
+
+
+def test_secret_equality_and_redact_url() -> None:
+    assert Secret("a") == Secret("a")
+    assert Secret("a") != Secret("b")
+    assert redact_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
+    assert redact_url("redis://:pw@h:1/0") == "redis://:********@h:1/0"
+    assert dict(Settings(api_key=Secret("k")).templates) == {}
