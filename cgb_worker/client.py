@@ -232,7 +232,7 @@ class CGBClient:
                 status = response.status
                 raw = await response.read()
                 retry_after = response.headers.get("Retry-After")
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, aiohttp.InvalidURL) as exc:
             raise CGBConnectError(f"cannot connect to CGB on {endpoint}: {type(exc).__name__}") from exc
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise CGBTimeoutError(f"CGB did not answer {endpoint} in time") from exc

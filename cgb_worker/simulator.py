@@ -283,7 +283,7 @@ async def find_by_custom_field(request: web.Request) -> web.Response:
     state = request.app[STATE]
     field_id = request.query.get("field_id")
     value = request.query.get("value")
-    if not field_id or value is None:
+    if not field_id or value is None or not (field_id in ("phone", "email") or field_id.lstrip("-").isdigit()):
         raise _Bad(400, "Invalid parameters")
     matches: list[dict[str, Any]] = []
     for c in state.contacts.values():
@@ -291,10 +291,8 @@ async def find_by_custom_field(request: web.Request) -> web.Response:
             hit = c["phone"] == value
         elif field_id in ("email", "-12"):
             hit = c["email"] is not None and c["email"] == value
-        elif field_id.lstrip("-").isdigit():
-            hit = c["fields"].get(int(field_id)) == value
         else:
-            raise _Bad(400, "Invalid parameters")
+            hit = c["fields"].get(int(field_id)) == value
         if hit:
             matches.append(c)
     matches.sort(key=lambda c: c["fields_updated"], reverse=True)
