@@ -17,10 +17,15 @@ from .errors import (
     ConfigError,
     InvalidJobError,
     InvalidPhoneError,
+    JobFailedError,
+    SendOutcomeUnknownError,
+    TemplateNotFoundError,
+    UnknownVariableError,
 )
 from .models import Account, Contact, CustomField, Flow, SendJob, SendResult
 from .phones import normalize_phone
 from .settings import Settings, load_settings
+from .worker import WorkerSettings, create_pool
 
 __version__ = "0.1.0"
 
@@ -45,9 +50,15 @@ __all__ = [
     "Flow",
     "InvalidJobError",
     "InvalidPhoneError",
+    "JobFailedError",
     "SendJob",
+    "SendOutcomeUnknownError",
     "SendResult",
     "Settings",
+    "TemplateNotFoundError",
+    "UnknownVariableError",
+    "WorkerSettings",
+    "create_pool",
     "load_settings",
     "normalize_phone",
 ]

@@ -5,7 +5,12 @@ The tree (``retryable`` is a class attribute, decided by the base class, never b
     CGBWorkerError                      root of everything below
     ├── ConfigError                     bad or missing settings; the worker refuses to start
     ├── InvalidJobError                 a payload we can never send (permanent)
-    │   └── InvalidPhoneError           the phone cannot be turned into E.164
+    │   ├── InvalidPhoneError           the phone cannot be turned into E.164
+    │   ├── TemplateNotFoundError       no mapping and no flow of that name, and no fallback text
+    │   └── UnknownVariableError        a variable with no custom field, or a value its type cannot take
+    ├── SendOutcomeUnknownError         a send may have gone out and policy forbids sending again (permanent)
+    ├── BusyError                       another job holds this contact's lock (retryable)
+    ├── JobFailedError                  the job died of an exception that is not ours (``error_type`` names it)
     └── CGBError                        talking to CGB failed
         ├── CGBTransportError           no HTTP answer (retryable)
         │   ├── CGBConnectError         the connection was never made: nothing reached CGB
@@ -65,6 +70,41 @@ class InvalidJobError(CGBWorkerError):
 
 class InvalidPhoneError(InvalidJobError):
     """The phone number is missing, malformed, impossible or lacks a country code."""
+
+
+class TemplateNotFoundError(InvalidJobError):
+    """The template maps to no flow, and the job gave no fallback ``message``."""
+
+
+class UnknownVariableError(InvalidJobError):
+    """A template variable has no custom field of that name, or a value its field type cannot hold."""
+
+
+class SendOutcomeUnknownError(CGBWorkerError):
+    """An earlier attempt may have sent this message; with ``CGB_UNKNOWN_OUTCOME=fail`` we do not resend."""
+
+
+class BusyError(CGBWorkerError):
+    """Another job is creating this contact or writing its fields; the job is retried shortly."""
+
+    retryable = True
+
+
+class JobFailedError(CGBWorkerError):
+    """A job failed with an exception that is not one of ours: arq's job timeout, a bug, a cancellation.
+
+    ``error_type`` is the original class name, so ``Job.result()`` still tells what happened.
+    """
+
+    def __init__(self, message: str, *, error_type: str = "Exception") -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+    def __str__(self) -> str:
+        return f"{self.error_type}: {self.message}" if self.message else self.error_type
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "JobFailedError", "message": self.message, "error_type": self.error_type}
 
 
 class CGBError(CGBWorkerError):
@@ -159,6 +199,11 @@ _ALL: dict[str, type[CGBWorkerError]] = {
         ConfigError,
         InvalidJobError,
         InvalidPhoneError,
+        TemplateNotFoundError,
+        UnknownVariableError,
+        SendOutcomeUnknownError,
+        BusyError,
+        JobFailedError,
         CGBError,
         CGBTransportError,
         CGBConnectError,
@@ -174,10 +219,11 @@ _ALL: dict[str, type[CGBWorkerError]] = {
 }
 
 
-def register_error(cls: type[CGBWorkerError]) -> type[CGBWorkerError]:
-    """Make an error class defined elsewhere in the package rebuildable by :func:`error_from_dict`."""
-    _ALL[cls.__name__] = cls
-    return cls
+def error_to_dict(exc: BaseException) -> dict[str, Any]:
+    """Any exception as plain data; one that is not ours becomes a :class:`JobFailedError`'s fields."""
+    if isinstance(exc, CGBWorkerError):
+        return exc.to_dict()
+    return {"type": "JobFailedError", "message": str(exc)[:500], "error_type": type(exc).__name__}
 
 
 def error_from_dict(data: dict[str, Any]) -> CGBWorkerError:
@@ -186,6 +232,8 @@ def error_from_dict(data: dict[str, Any]) -> CGBWorkerError:
     message = str(data.get("message", ""))
     if issubclass(cls, ConfigError):
         return cls(list(data.get("problems") or [message]))
+    if issubclass(cls, JobFailedError):
+        return cls(message, error_type=str(data.get("error_type") or "Exception"))
     if issubclass(cls, CGBAPIError):
         fields = {k: data.get(k) for k in ("status", "code", "endpoint")}
         if issubclass(cls, CGBRateLimitError):

@@ -121,7 +121,10 @@ class SendResult(msgspec.Struct, frozen=True, rename="camel"):
     kind: Literal["text", "template", "file"] | None = None
     flow_id: str | None = None
     fallback: bool = False
+    """A template that maps to no flow was replaced by the job's ``message``."""
     attempts: int = 1
+    possible_duplicate: bool = False
+    """An earlier try may have sent this message too (its outcome was unknown); see ``CGB_UNKNOWN_OUTCOME``."""
 
 
 _T = TypeVar("_T")

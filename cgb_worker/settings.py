@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import environs
 import phonenumbers
-from marshmallow.validate import Range
+from marshmallow.validate import OneOf, Range
 
 from .errors import ConfigError
 
@@ -60,6 +60,34 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:********@{netloc}"))
 
 
+MAX_RETRY_ATTEMPTS = 100
+JOB_DEADLINE_MARGIN = 30.0
+"""Seconds a job keeps between its own deadline and arq's ``job_timeout`` (see :mod:`cgb_worker.jobs`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOptions:
+    """arq's own knobs. Tuned for a network-bound job; each one is a ``WORKER_*`` variable.
+
+    * ``max_jobs`` 100: sends wait on CGB, not on the CPU, so many run at once (arq's 10 caps a worker at
+      about 20 sends a second on a 100 ms API).
+    * ``poll_delay`` 0.05 s: a free slot is filled on the next poll, so this bounds queueing latency.
+    * ``job_timeout`` 600 s: never reached in practice; each job stops itself 30 s earlier and retries.
+    * ``health_check_interval`` 10 s: ``arq --check`` notices a dead worker within that (plus one).
+    * ``job_completion_wait`` 40 s: on SIGTERM, running sends get this long to finish before being
+      cancelled (and re-run elsewhere); above ``CGB_TIMEOUT``, below a container's stop grace period.
+    * ``keep_result`` 86400 s: how long ``Job.result()`` can be read, and how long an enqueue with the
+      same ``_job_id`` is refused.
+    """
+
+    max_jobs: int = 100
+    poll_delay: float = 0.05
+    job_timeout: int = 600
+    health_check_interval: int = 10
+    job_completion_wait: int = 40
+    keep_result: int = 86400
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the worker is configured with. Build it with :func:`load_settings`."""
@@ -77,6 +105,12 @@ class Settings:
     """Template name (lower case) to CGB flow id, from ``CGB_TEMPLATE_<NAME>``."""
     default_region: str | None = None
     redis_url: str = "redis://localhost:6379/0"
+    unknown_outcome: str = "resend"
+    """What a retry does when an earlier attempt's send may have gone out: ``resend`` or ``fail``."""
+    dead_letter_max: int = 10000
+    log_level: str = "INFO"
+    log_json: bool = False
+    worker: WorkerOptions = field(default_factory=WorkerOptions)
 
     def __repr__(self) -> str:
         shown = {
@@ -91,6 +125,11 @@ class Settings:
             "templates": dict(self.templates),
             "default_region": self.default_region,
             "redis_url": redact_url(self.redis_url),
+            "unknown_outcome": self.unknown_outcome,
+            "dead_letter_max": self.dead_letter_max,
+            "log_level": self.log_level,
+            "log_json": self.log_json,
+            "worker": self.worker,
         }
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
@@ -122,13 +161,28 @@ def _read(source: Mapping[str, str]) -> Settings:
     api_url = env.str("CGB_API_URL", DEFAULT_API_URL)
     api_key = env.str("CGB_API_KEY")
     timeout_ms = env.float("CGB_TIMEOUT", 30000.0, validate=positive)
-    retry_attempts = env.int("CGB_RETRY_ATTEMPTS", 10, validate=non_negative)
+    retry_attempts = env.int("CGB_RETRY_ATTEMPTS", 10, validate=Range(min=0, max=MAX_RETRY_ATTEMPTS))
     base_delay = env.float("CGB_RETRY_BASE_DELAY", 2.0, validate=positive)
     max_delay = env.float("CGB_RETRY_MAX_DELAY", 300.0, validate=positive)
     cache_timeout = env.int("CGB_CACHE_TIMEOUT", 3600, validate=positive)
     template_cache_timeout = env.int("CGB_TEMPLATE_CACHE_TIMEOUT", 86400, validate=positive)
     default_region = env.str("CGB_DEFAULT_REGION", None)
     redis_url = env.str("REDIS_URL", "redis://localhost:6379/0")
+    unknown_outcome = env.str("CGB_UNKNOWN_OUTCOME", "resend", validate=OneOf(["resend", "fail"]))
+    dead_letter_max = env.int("DEAD_LETTER_MAX", 10000, validate=positive)
+    log_level = env.str("LOG_LEVEL", "INFO", validate=OneOf(["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"]))
+    log_json = env.bool("LOG_JSON", False)
+    d = WorkerOptions()
+    worker_values = {
+        "max_jobs": env.int("WORKER_MAX_JOBS", d.max_jobs, validate=Range(min=1, max=10000)),
+        "poll_delay": env.float("WORKER_POLL_DELAY", d.poll_delay, validate=Range(min=0.001, max=10)),
+        "job_timeout": env.int("WORKER_JOB_TIMEOUT", d.job_timeout, validate=Range(min=60)),
+        "health_check_interval": env.int(
+            "WORKER_HEALTH_CHECK_INTERVAL", d.health_check_interval, validate=Range(min=1, max=30)
+        ),
+        "job_completion_wait": env.int("WORKER_JOB_COMPLETION_WAIT", d.job_completion_wait, validate=non_negative),
+        "keep_result": env.int("WORKER_KEEP_RESULT", d.keep_result, validate=non_negative),
+    }
 
     problems: list[str] = []
     try:
@@ -150,6 +204,12 @@ def _read(source: Mapping[str, str]) -> Settings:
             problems.append(f"CGB_DEFAULT_REGION: {default_region!r} is not an ISO 3166 region code.")
     if base_delay is not None and max_delay is not None and max_delay < base_delay:
         problems.append("CGB_RETRY_MAX_DELAY: must be at least CGB_RETRY_BASE_DELAY.")
+    job_timeout = worker_values["job_timeout"]
+    if timeout_ms is not None and job_timeout is not None and timeout_ms / 1000 >= job_timeout - JOB_DEADLINE_MARGIN:
+        problems.append(
+            f"CGB_TIMEOUT: must be below WORKER_JOB_TIMEOUT minus {JOB_DEADLINE_MARGIN:.0f} s, "
+            "or a slow CGB would become a job timeout that arq never retries."
+        )
 
     templates: dict[str, str] = {}
     for name, value in sorted(source.items()):
@@ -188,6 +248,11 @@ def _read(source: Mapping[str, str]) -> Settings:
         templates=MappingProxyType(templates),
         default_region=default_region or None,
         redis_url=redis_url,
+        unknown_outcome=str(unknown_outcome),
+        dead_letter_max=int(dead_letter_max or 0),
+        log_level=str(log_level),
+        log_json=bool(log_json),
+        worker=WorkerOptions(**worker_values),  # type: ignore[arg-type]
     )
 
 
@@ -197,3 +262,30 @@ def _flatten(messages: Any) -> list[str]:
     if isinstance(messages, Mapping):
         return [m for v in messages.values() for m in _flatten(v)]
     return [m for v in messages for m in _flatten(v)]
+
+
+def peek_worker_options(environ: Mapping[str, str] | None = None) -> tuple[str, WorkerOptions]:
+    """``REDIS_URL`` and the ``WORKER_*`` knobs, read leniently when the worker module is imported.
+
+    arq takes these from class attributes before ``on_startup`` runs, so they are read at import, with a
+    default for anything missing or malformed; :func:`load_settings` at start-up reports those problems
+    and refuses to start. A producer importing the package needs no worker configuration at all.
+    """
+    source = os.environ if environ is None else environ
+    d = WorkerOptions()
+
+    def number(name: str, cast: Any, default: Any) -> Any:
+        try:
+            value = cast(source[name])
+        except (KeyError, ValueError):
+            return default
+        return value if value > 0 else default
+
+    return source.get("REDIS_URL", "redis://localhost:6379/0"), WorkerOptions(
+        max_jobs=number("WORKER_MAX_JOBS", int, d.max_jobs),
+        poll_delay=number("WORKER_POLL_DELAY", float, d.poll_delay),
+        job_timeout=number("WORKER_JOB_TIMEOUT", int, d.job_timeout),
+        health_check_interval=min(30, number("WORKER_HEALTH_CHECK_INTERVAL", int, d.health_check_interval)),
+        job_completion_wait=number("WORKER_JOB_COMPLETION_WAIT", int, d.job_completion_wait),
+        keep_result=number("WORKER_KEEP_RESULT", int, d.keep_result),
+    )

@@ -6,6 +6,7 @@ throwaway ``redis-server`` is started on a free port for the session and stopped
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -13,7 +14,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -117,3 +118,92 @@ async def sim() -> AsyncIterator[Sim]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+# -- a real arq worker against the simulator ----------------------------------------------------------------
+
+
+class Harness:
+    """Enqueue jobs through a real arq pool and run real arq Workers over them until the queue is empty."""
+
+    def __init__(self, redis_url: str, sim: Sim, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.redis_url = redis_url
+        self.sim = sim
+        self.monkeypatch = monkeypatch
+        self.env: dict[str, str] = {
+            "CGB_API_KEY": TOKEN,
+            "CGB_API_URL": sim.api_url,
+            "REDIS_URL": redis_url,
+            "CGB_RETRY_ATTEMPTS": "3",
+            "CGB_RETRY_BASE_DELAY": "0.01",
+            "CGB_RETRY_MAX_DELAY": "0.05",
+            "CGB_TIMEOUT": "2000",
+            "CGB_TEMPLATE_VISA_APPROVED": "1752250957765",
+            "LOG_LEVEL": "DEBUG",
+        }
+
+    def set_env(self, **values: str | None) -> None:
+        for key, value in values.items():
+            if value is None:
+                self.env.pop(key, None)
+            else:
+                self.env[key] = value
+
+    _pool: Any = None
+
+    async def pool(self) -> Any:
+        """The producer's pool, shared by every Job handle the harness returns; closed by the fixture."""
+        from cgb_worker import create_pool
+
+        if self._pool is None:
+            self._pool = await create_pool(self.redis_url)
+        return self._pool
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.aclose()
+
+    async def enqueue(self, *payloads: Any, **kwargs: Any) -> list[Any]:
+        pool = await self.pool()
+        return [await pool.enqueue_job("whatsapp_send", p, **kwargs) for p in payloads]
+
+    async def run(self, workers: int = 1, **worker_kwargs: Any) -> list[Any]:
+        """Run ``workers`` arq Workers (each with its own ctx, as separate processes would be) in burst mode."""
+        from arq.connections import RedisSettings
+        from arq.worker import create_worker
+
+        from cgb_worker import WorkerSettings
+
+        for key in [k for k in os.environ if k.startswith(("CGB_", "WORKER_", "LOG_", "DEAD_LETTER"))]:
+            self.monkeypatch.delenv(key)
+        for key, value in self.env.items():
+            self.monkeypatch.setenv(key, value)
+        options = {"burst": True, "poll_delay": 0.01, "handle_signals": False, **worker_kwargs}
+        made = [
+            create_worker(cast(Any, WorkerSettings), redis_settings=RedisSettings.from_dsn(self.redis_url), **options)
+            for _ in range(workers)
+        ]
+        try:
+            await asyncio.gather(*(w.main() for w in made))
+        finally:
+            for w in made:
+                await w.close()
+        return made
+
+    async def outcome(self, job: Any) -> Any:
+        """The job's result, or the exception ``Job.result()`` raised."""
+        try:
+            return await job.result(timeout=5)
+        except Exception as exc:
+            return exc
+
+
+@pytest.fixture
+async def harness(
+    redis_url: str, sim: Sim, monkeypatch: pytest.MonkeyPatch, redis_client: Any
+) -> AsyncIterator[Harness]:
+    h = Harness(redis_url, sim, monkeypatch)
+    try:
+        yield h
+    finally:
+        await h.close()

@@ -1,0 +1,388 @@
+"""The ``whatsapp_send`` job: validate, resolve the contact, send once, and decide retries.
+
+Valid payloads (anything else fails at once with :class:`InvalidJobError`, before any network call):
+
+=============================  ==========================================================================
+fields given                   what is sent
+=============================  ==========================================================================
+``message``                    a WhatsApp text (at most 4096 characters)
+``template`` [+ ``variables``] the template's flow; variables are written to the contact's custom fields
+  [+ ``message``]              first. ``message`` is the fallback text if the template maps to no flow
+``fileUrl`` + ``fileType``     a file (``image``, ``document``, ``video``, ``audio``; http(s) URL only)
+  [+ ``message``]              then the text, as a second message (CGB's send/file has no caption)
+=============================  ==========================================================================
+
+``to`` is always required; ``firstName``, ``lastName`` and ``email`` are used only when the contact has
+to be created. ``variables`` need a ``template``, and a template cannot carry a file. Unknown fields,
+wrong types and unknown ``fileType`` values are rejected by the :class:`~cgb_worker.models.SendJob` Struct.
+
+Retries: a retryable error (transport, timeout, 429, 5xx, a busy lock) raises ``arq.Retry`` with full-jitter
+exponential backoff, ``uniform(0, min(CGB_RETRY_MAX_DELAY, CGB_RETRY_BASE_DELAY * 2 ** (try - 1)))``,
+never shorter than CGB's ``Retry-After``. After ``CGB_RETRY_ATTEMPTS`` retries, or at once for a permanent
+error, the job fails with the real error (stored for ``Job.result()`` and in the dead-letter store). Each
+try stops itself 30 s before arq's ``job_timeout`` and counts as a retryable timeout, so arq's own
+timeout, which is never retried, is not reached.
+
+Sends are never repeated once CGB acknowledged them (:mod:`cgb_worker.sends`). When an earlier try of
+the same job may have sent (it timed out after the request left, or the worker died between sending and
+recording the answer), ``CGB_UNKNOWN_OUTCOME`` decides: ``resend`` (the default: the message goes out
+again, so the recipient may get it twice, and the result says ``possibleDuplicate: true``) or ``fail``
+(the job fails with :class:`SendOutcomeUnknownError` and lands in the dead-letter store for a person to
+decide; nothing is sent twice, but a message may be lost). Contact creation and field writes are safe
+to repeat and are simply repeated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+from arq import Retry
+from loguru import logger
+from redis.asyncio import Redis
+
+from .client import CGBClient
+from .contacts import ContactResolver, ResolvedContact
+from .deadletters import DeadLetters
+from .errors import (
+    CGBAPIError,
+    CGBConnectError,
+    CGBNotFoundError,
+    CGBRateLimitError,
+    CGBTimeoutError,
+    CGBWorkerError,
+    InvalidJobError,
+    SendOutcomeUnknownError,
+)
+from .locks import redis_lock
+from .models import FileType, Scalar, SendJob, SendResult, SetFieldValue
+from .phones import mask_phone, normalize_phone
+from .sends import RESULT, SENDING, SENT, SendLog
+from .settings import JOB_DEADLINE_MARGIN, Settings
+from .templates import TemplateResolver
+
+MAX_TEXT = 4096
+MAX_URL = 2048
+MAX_NAME = 256
+MAX_VARIABLES = 50
+ARQ_MAX_TRIES = 1000
+"""arq's own limit, kept far above ``CGB_RETRY_ATTEMPTS`` (at most 100) so that the job, not arq, decides
+when to stop: arq's "max retries exceeded" would hide the real error."""
+
+Kind = Literal["text", "template", "file"]
+_result_encoder = msgspec.msgpack.Encoder()
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A payload that passed validation."""
+
+    kind: Kind
+    to: str
+    message: str | None = None
+    template: str | None = None
+    variables: dict[str, Scalar] = field(default_factory=dict)
+    file_url: str | None = None
+    file_type: FileType | None = None
+    first_name: str | None = None
+    last_name: str | None = None
+    email: str | None = None
+
+
+def validate(raw: Any, *, default_region: str | None = None) -> Plan:
+    """Check a payload and normalise its phone; :class:`InvalidJobError` names the first problem found."""
+    if isinstance(raw, SendJob):
+        raw = msgspec.to_builtins(raw)
+    if not isinstance(raw, dict):
+        raise InvalidJobError(f"payload must be a mapping of fields, got {type(raw).__name__}")
+    variables = raw.get("variables")
+    if variables is not None:
+        if not isinstance(variables, dict):
+            raise InvalidJobError("variables must be a mapping of names to values")
+        for name, value in variables.items():
+            if not isinstance(name, str) or not name.strip():
+                raise InvalidJobError("variables must have non-empty string names")
+            if value is not None and not isinstance(value, (str, int, float, bool)):
+                raise InvalidJobError(
+                    f"variables must be a flat mapping of scalars: {name[:40]!r} is a {type(value).__name__}"
+                )
+    try:
+        job = msgspec.convert(raw, SendJob)
+    except msgspec.ValidationError as exc:
+        raise InvalidJobError(f"invalid payload: {exc}") from None
+
+    to = normalize_phone(job.to, default_region)
+    message = job.message
+    if message is not None:
+        if not message.strip():
+            raise InvalidJobError("message is empty")
+        if len(message) > MAX_TEXT:
+            raise InvalidJobError(f"message is {len(message)} characters; WhatsApp allows {MAX_TEXT}")
+    for name, value in (("firstName", job.first_name), ("lastName", job.last_name), ("email", job.email)):
+        if value is not None and len(value) > MAX_NAME:
+            raise InvalidJobError(f"{name} is longer than {MAX_NAME} characters")
+    if job.email is not None and "@" not in job.email:
+        raise InvalidJobError("email is not an email address")
+    vars_ = dict(job.variables or {})
+    if len(vars_) > MAX_VARIABLES:
+        raise InvalidJobError(f"{len(vars_)} variables; at most {MAX_VARIABLES}")
+    if any(isinstance(v, str) and len(v) > MAX_TEXT for v in vars_.values()):
+        raise InvalidJobError(f"a variable's value is longer than {MAX_TEXT} characters")
+
+    has_file = job.file_url is not None or job.file_type is not None
+    common = {"to": to, "first_name": job.first_name, "last_name": job.last_name, "email": job.email}
+    if job.template is not None:
+        if has_file:
+            raise InvalidJobError("a template cannot be combined with a file")
+        if not job.template.strip() or len(job.template) > MAX_NAME:
+            raise InvalidJobError("template must be a name of 1 to 256 characters")
+        return Plan("template", message=message, template=job.template.strip(), variables=vars_, **common)  # type: ignore[arg-type]
+    if vars_:
+        raise InvalidJobError("variables need a template")
+    if has_file:
+        if job.file_url is None:
+            raise InvalidJobError("fileType needs a fileUrl")
+        if job.file_type is None:
+            raise InvalidJobError("fileUrl needs a fileType (image, document, video or audio)")
+        _check_url(job.file_url)
+        return Plan("file", message=message, file_url=job.file_url, file_type=job.file_type, **common)  # type: ignore[arg-type]
+    if message is None:
+        raise InvalidJobError("no content: give message, template, or fileUrl with fileType")
+    return Plan("text", message=message, **common)  # type: ignore[arg-type]
+
+
+def _check_url(url: str) -> None:
+    if len(url) > MAX_URL:
+        raise InvalidJobError(f"fileUrl is longer than {MAX_URL} characters")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
+        raise InvalidJobError("fileUrl must be an http:// or https:// URL")
+
+
+def retry_delay(
+    job_try: int,
+    *,
+    base: float,
+    cap: float,
+    retry_after: float | None = None,
+    rand: Callable[[], float] = random.random,
+) -> float:
+    """Full-jitter exponential backoff for the try that just failed; ``retry_after`` is a floor."""
+    delay: float = rand() * min(cap, base * float(2 ** max(0, job_try - 1)))
+    return max(delay, retry_after) if retry_after is not None else delay
+
+
+@dataclass(slots=True)
+class Services:
+    """What the job needs, built once in the worker's ``on_startup`` and kept in ``ctx["cgb"]``."""
+
+    settings: Settings
+    redis: Redis
+    client: CGBClient
+    contacts: ContactResolver
+    templates: TemplateResolver
+    sends: SendLog
+    dead_letters: DeadLetters
+
+
+async def whatsapp_send(ctx: dict[str, Any], payload: Any = None, **fields: Any) -> SendResult:
+    """Send one WhatsApp message. ``payload`` is a dict or a :class:`SendJob`; keyword fields work too."""
+    services: Services = ctx["cgb"]
+    settings = services.settings
+    job_id: str = ctx["job_id"]
+    job_try: int = ctx["job_try"]
+    if payload is not None and fields:
+        raw: Any = {"payload": payload, **fields}  # rejected by validation as an unknown field
+    else:
+        raw = payload if payload is not None else fields
+    log = logger.bind(job_id=job_id, job_try=job_try)
+    started = time.monotonic()
+    deadline = settings.worker.job_timeout - JOB_DEADLINE_MARGIN
+    try:
+        try:
+            async with asyncio.timeout(deadline):
+                result = await _send(services, job_id, job_try, raw, log)
+        except TimeoutError:
+            raise CGBTimeoutError(f"the job did not finish within {deadline:.0f} s") from None
+    except CGBWorkerError as exc:
+        elapsed = time.monotonic() - started
+        if exc.retryable and job_try <= settings.retry_attempts:
+            delay = retry_delay(
+                job_try,
+                base=settings.retry_base_delay,
+                cap=settings.retry_max_delay,
+                retry_after=exc.retry_after if isinstance(exc, CGBRateLimitError) else None,
+            )
+            log.warning("retrying in {:.1f}s after {}: {} ({:.0f} ms)", delay, type(exc).__name__, exc, elapsed * 1000)
+            raise Retry(defer=delay) from exc
+        await _dead_letter(services, ctx, raw, exc)
+        log.error("failed after {} tries: {}: {}", job_try, type(exc).__name__, exc)
+        raise
+    except Exception as exc:
+        await _dead_letter(services, ctx, raw, exc)
+        raise
+    log.info(
+        "sent {} to {} ({:.0f} ms){}",
+        result.kind,
+        mask_phone(result.to),
+        (time.monotonic() - started) * 1000,
+        " - possible duplicate" if result.possible_duplicate else "",
+    )
+    return result
+
+
+async def _dead_letter(services: Services, ctx: dict[str, Any], raw: Any, exc: BaseException) -> None:
+    enqueued = ctx.get("enqueue_time")
+    try:
+        await services.dead_letters.add(
+            job_id=ctx["job_id"],
+            function="whatsapp_send",
+            payload=raw,
+            error=exc,
+            attempts=ctx["job_try"],
+            enqueued_at=enqueued.timestamp() if isinstance(enqueued, datetime) else None,
+        )
+    except Exception as store_error:  # the job's own error matters more than the bookkeeping
+        logger.error("could not record a dead letter: {}", type(store_error).__name__)
+
+
+async def _send(services: Services, job_id: str, job_try: int, raw: Any, log: Any) -> SendResult:
+    record = await services.sends.load(job_id)
+    if RESULT in record:
+        # This job already finished (the worker died before arq stored the result): no CGB call at all.
+        return msgspec.msgpack.decode(record[RESULT], type=SendResult)
+    settings = services.settings
+    plan = validate(raw, default_region=settings.default_region)
+    run = _Run(services, job_id, job_try, record, log)
+
+    kind: Kind = plan.kind
+    flow_id: str | None = None
+    writes: list[SetFieldValue] = []
+    field_ids: list[tuple[str, str | int | float]] = []
+    if plan.kind == "template":
+        assert plan.template is not None
+        flow_id = await services.templates.flow_id(plan.template)
+        if flow_id is None:
+            if plan.message is None:
+                raise await services.templates.not_found(plan.template)
+            log.warning("template {!r} not found: sending the fallback text", plan.template)
+            kind = "text"
+        else:
+            for custom_field, value in await services.templates.fields_for(plan.variables):
+                writes.append(SetFieldValue(custom_field.name, value))
+                field_ids.append((custom_field.id, value))
+
+    for pass_ in (1, 2):
+        contact = await services.contacts.resolve(
+            plan.to, first_name=plan.first_name, last_name=plan.last_name, email=plan.email, actions=writes
+        )
+        try:
+            await _deliver(services, run, plan, kind, contact, flow_id, field_ids)
+            break
+        except CGBNotFoundError:
+            if pass_ == 2 or not contact.cached:
+                raise
+            # The cached id is gone from CGB (deleted or merged): look the phone up again, once.
+            log.warning("cached contact not found in CGB: resolving the phone again")
+            await services.contacts.forget(plan.to)
+
+    assert run.result is not None, "the last send step sets the result"
+    return run.result
+
+
+class _Run:
+    """One try of one job: records each send step before and after it, and builds the result."""
+
+    def __init__(self, services: Services, job_id: str, job_try: int, record: dict[bytes, bytes], log: Any) -> None:
+        self.services = services
+        self.job_id = job_id
+        self.job_try = job_try
+        self.record = record
+        self.log = log
+        self.possible_duplicate = False
+        self.result: SendResult | None = None
+
+    async def step(self, name: str, call: Callable[[], Awaitable[None]], final: SendResult | None) -> None:
+        state = self.record.get(name.encode())
+        if state == SENT:
+            return
+        if state == SENDING:
+            if self.services.settings.unknown_outcome == "fail":
+                raise SendOutcomeUnknownError(
+                    f"an earlier try may have sent the {name} already (outcome unknown); not sending it again"
+                )
+            self.possible_duplicate = True
+            self.log.warning("an earlier try may have sent the {} already: sending it again", name)
+        sends = self.services.sends
+        await sends.mark(self.job_id, name, SENDING)
+        try:
+            await call()
+        except (CGBAPIError, CGBConnectError):
+            await sends.clear(self.job_id, name)  # CGB answered, or was never reached: nothing went out
+            raise
+        if final is not None:
+            final = msgspec.structs.replace(final, possible_duplicate=self.possible_duplicate, timestamp=_now())
+            self.result = final
+            await sends.mark(self.job_id, name, SENT, result=_result_encoder.encode(final))
+        else:
+            await sends.mark(self.job_id, name, SENT)
+        self.record[name.encode()] = SENT
+
+
+async def _deliver(
+    services: Services,
+    run: _Run,
+    plan: Plan,
+    kind: Kind,
+    contact: ResolvedContact,
+    flow_id: str | None,
+    field_ids: list[tuple[str, str | int | float]],
+) -> None:
+    client = services.client
+    cid = contact.id
+    result = SendResult(
+        success=True,
+        contact_id=cid,
+        to=plan.to,
+        timestamp="",
+        kind=kind,
+        flow_id=flow_id,
+        fallback=kind == "text" and plan.kind == "template",
+        attempts=run.job_try,
+    )
+    if kind == "text":
+        assert plan.message is not None
+        message = plan.message
+        await run.step("text", lambda: client.send_text(cid, message), result)
+    elif kind == "file":
+        assert plan.file_url is not None
+        assert plan.file_type is not None
+        url, file_type, message_after = plan.file_url, plan.file_type, plan.message
+        await run.step("file", lambda: client.send_file(cid, url, file_type), None if message_after else result)
+        if message_after:
+            await run.step("text", lambda: client.send_text(cid, message_after), result)
+    else:
+        assert flow_id is not None
+        flow = flow_id
+        if field_ids and not contact.created and run.record.get(b"flow") != SENT:
+            # Hold the contact while its fields and flow go out, so another job's variables cannot land
+            # between our writes and our flow (CGB templates read the contact's fields when they run).
+            timeout = services.settings.timeout
+            ttl = timeout * (len(field_ids) + 2) + 5
+            async with redis_lock(services.redis, f"cgb:lock:fields:{cid}", ttl=ttl, wait=ttl):
+                for fid, value in field_ids:
+                    await client.set_custom_field(cid, fid, value)
+                await run.step("flow", lambda: client.send_flow(cid, flow), result)
+        else:
+            await run.step("flow", lambda: client.send_flow(cid, flow), result)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

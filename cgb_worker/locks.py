@@ -1,0 +1,57 @@
+"""A small Redis lock shared by every worker process: SET NX PX with a token, released only by its owner.
+
+Used where two jobs must not do the same thing at once (create one contact; write one contact's fields
+and trigger its flow). The TTL bounds how long a crashed holder blocks others. Waiting polls, because
+these sections take a few CGB calls at most; a wait that runs out raises :class:`BusyError`, which the
+job turns into an arq retry instead of holding its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from redis.asyncio import Redis
+
+from .errors import BusyError
+
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+
+@asynccontextmanager
+async def redis_lock(
+    redis: Redis,
+    key: str,
+    *,
+    ttl: float,
+    wait: float,
+    poll: float = 0.05,
+    done: Callable[[], Awaitable[Any]] | None = None,
+) -> AsyncIterator[Any]:
+    """Hold ``key`` for the ``async with`` body.
+
+    While waiting, ``done`` (when given) is polled too: if it returns something truthy another holder has
+    already done the work, and that value is yielded without taking the lock. Otherwise yields None.
+    """
+    token = secrets.token_hex(8)
+    deadline = time.monotonic() + wait
+    while not await redis.set(key, token, nx=True, px=max(1, int(ttl * 1000))):
+        if done is not None and (result := await done()):
+            yield result
+            return
+        if time.monotonic() >= deadline:
+            raise BusyError(f"waited {wait:.0f} s for a lock another job holds ({key.split(':')[2]})")
+        await asyncio.sleep(poll)
+    try:
+        yield None
+    finally:
+        await redis.eval(_RELEASE, 1, key, token)  # type: ignore[misc]

@@ -1,0 +1,86 @@
+"""Logging: loguru everywhere, arq's stdlib loggers routed into it, phone numbers masked in every line.
+
+* Every record passes :func:`mask_text`, which hides any run of eight or more digits (a phone number in
+  any spelling, ``+972 50-000-0001`` included), keeping the country code and the last two digits.
+* arq logs each job's arguments when it starts; those hold the phone, the text and names, so the argument
+  list is dropped from that line (the job id stays).
+* ``diagnose`` (loguru's variable values in tracebacks) is off unless ``LOG_DIAGNOSE=true`` in development:
+  values in frames can be tokens or phones.
+* ``LOG_JSON=true`` writes one JSON object per line for log pipelines.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any
+
+from loguru import logger
+
+from .errors import CGBWorkerError
+from .phones import mask_phone
+
+_PHONEISH = re.compile(r"(?<![\w+])\+?\d[\d \-().]{6,}\d(?!\w)")
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_ARQ_JOB_START = "%6.2fs → %s(%s)%s"
+
+
+def mask_text(text: str) -> str:
+    """``text`` with anything that could be a phone number masked."""
+
+    def mask(match: re.Match[str]) -> str:
+        if _DATE.match(match.group(0)):
+            return match.group(0)
+        digits = re.sub(r"\D", "", match.group(0))
+        return mask_phone(digits) if len(digits) >= 8 else match.group(0)
+
+    return _PHONEISH.sub(mask, text)
+
+
+def _patch(record: Any) -> None:
+    record["message"] = mask_text(record["message"])
+    for key, value in record["extra"].items():
+        if isinstance(value, str):
+            record["extra"][key] = mask_text(value)
+
+
+class _InterceptHandler(logging.Handler):
+    """Sends stdlib records (arq's) to loguru."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg == _ARQ_JOB_START and isinstance(record.args, tuple) and len(record.args) == 4:
+            record.args = (record.args[0], record.args[1], "…", record.args[3])
+        exc_info = record.exc_info
+        if exc_info and isinstance(exc_info[1], CGBWorkerError):
+            exc_info = None  # an expected failure, fully told by its message: no traceback
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(depth=6, exception=exc_info).bind(logger_name=record.name).log(level, record.getMessage())
+
+
+def _stderr(message: str) -> None:
+    # Looked up on each write, so a replaced sys.stderr (tests, daemons) is followed.
+    sys.stderr.write(message)
+
+
+def setup_logging(level: str = "INFO", *, json: bool = False, diagnose: bool = False) -> None:
+    """Configure loguru once for the process and route stdlib logging (arq, aiohttp) into it."""
+    logger.remove()
+    logger.configure(patcher=_patch)
+    if json:
+        logger.add(_stderr, level=level, serialize=True, backtrace=False, diagnose=diagnose)
+    else:
+        logger.add(
+            _stderr,
+            level=level,
+            format="{time:HH:mm:ss.SSS} {level: <7} {message}",
+            backtrace=False,
+            diagnose=diagnose,
+        )
+    logging.basicConfig(handlers=[_InterceptHandler()], level=logging.getLevelName(level), force=True)
+    for name in ("arq", "arq.worker", "arq.jobs", "arq.connections"):
+        logging.getLogger(name).handlers = []
+        logging.getLogger(name).propagate = True

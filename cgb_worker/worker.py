@@ -1,0 +1,107 @@
+"""The arq worker: ``arq cgb_worker.WorkerSettings``, and :func:`create_pool` for producers.
+
+``on_startup`` reads the settings (a bad configuration stops the worker at once with one message listing
+every problem), sets up logging, opens the one ``aiohttp.ClientSession`` the worker has, checks Redis and
+builds the CGB client, contact resolver and template services into ``ctx["cgb"]``. ``on_shutdown``
+closes the session.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import aiohttp
+from arq import ArqRedis
+from arq import create_pool as arq_create_pool
+from arq.connections import RedisSettings
+from arq.worker import func
+from loguru import logger
+
+from .client import CGBClient
+from .contacts import ContactResolver
+from .deadletters import DeadLetters
+from .errors import ConfigError
+from .jobs import ARQ_MAX_TRIES, Services, whatsapp_send
+from .logs import setup_logging
+from .sends import SendLog
+from .serialization import deserialize, serialize
+from .settings import load_settings, peek_worker_options, redact_url
+from .templates import Catalog, TemplateResolver
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+
+
+def redis_settings(url: str) -> RedisSettings:
+    try:
+        return RedisSettings.from_dsn(url)
+    except (RuntimeError, ValueError):
+        return RedisSettings()  # load_settings reports the bad URL at start-up
+
+
+async def create_pool(redis_url: str | None = None, **kwargs: Any) -> ArqRedis:
+    """An arq Redis pool that speaks the worker's serializer. ``redis_url`` defaults to ``REDIS_URL``."""
+    url = redis_url or os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
+    return await arq_create_pool(
+        RedisSettings.from_dsn(url), job_serializer=serialize, job_deserializer=deserialize, **kwargs
+    )
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        setup_logging("INFO")
+        logger.error("cgb-worker cannot start: {}", exc)
+        raise SystemExit(2) from None
+    setup_logging(settings.log_level, json=settings.log_json, diagnose=os.environ.get("LOG_DIAGNOSE") == "true")
+    redis: ArqRedis = ctx["redis"]
+    await redis.ping()
+    connector = aiohttp.TCPConnector(limit=max(100, settings.worker.max_jobs), ttl_dns_cache=300)
+    session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=settings.timeout))
+    ctx["session"] = session
+    client = CGBClient(session, settings.api_key, base_url=settings.api_url, timeout=settings.timeout)
+    ctx["cgb"] = Services(
+        settings=settings,
+        redis=redis,
+        client=client,
+        contacts=ContactResolver(client, redis, cache_ttl=settings.cache_timeout, lock_ttl=settings.timeout * 4 + 5),
+        templates=TemplateResolver(Catalog(client, redis, ttl=settings.template_cache_timeout), settings.templates),
+        sends=SendLog(redis),
+        dead_letters=DeadLetters(redis, max_entries=settings.dead_letter_max),
+    )
+    logger.info(
+        "cgb-worker ready: CGB at {}, Redis at {}, {} template mapping(s), max_jobs={}",
+        settings.api_url,
+        redact_url(settings.redis_url),
+        len(settings.templates),
+        settings.worker.max_jobs,
+    )
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    session: aiohttp.ClientSession | None = ctx.get("session")
+    if session is not None:
+        await session.close()
+
+
+_REDIS_URL, _OPTIONS = peek_worker_options()
+
+
+class WorkerSettings:
+    """``arq cgb_worker.WorkerSettings``. The knobs come from ``WORKER_*`` (see ``WorkerOptions``)."""
+
+    functions = [func(whatsapp_send, name="whatsapp_send", max_tries=ARQ_MAX_TRIES)]
+    on_startup = startup
+    on_shutdown = shutdown
+    redis_settings = redis_settings(_REDIS_URL)
+    job_serializer = serialize
+    job_deserializer = deserialize
+    max_jobs = _OPTIONS.max_jobs
+    poll_delay = _OPTIONS.poll_delay
+    job_timeout = _OPTIONS.job_timeout
+    health_check_interval = _OPTIONS.health_check_interval
+    job_completion_wait = _OPTIONS.job_completion_wait
+    keep_result = _OPTIONS.keep_result
+    max_tries = ARQ_MAX_TRIES
+    log_results = False  # results carry the phone number
