@@ -129,7 +129,7 @@ class CGBClient:
             payload["email"] = email
         if actions:
             payload["actions"] = list(actions)
-        body = await self.request("POST", "/contacts", "create_contact", json=payload)
+        body = await self.request("POST", "/contacts", "create_contact", json=payload, expect_json=False)
         contact_id = _created_id(body)
         if contact_id:
             return contact_id
@@ -149,6 +149,7 @@ class CGBClient:
             f"/contacts/{_seg(contact_id)}/custom_fields/{_seg(field_id)}",
             "set_custom_field",
             form={"value": _form_value(value)},
+            expect_json=False,
         )
 
     # -- sending ------------------------------------------------------------------------------------
@@ -171,11 +172,12 @@ class CGBClient:
             f"/contacts/{_seg(contact_id)}/send/file",
             "send_file",
             json={"url": url, "type": FILE_TYPES[file_type], "channel": channel},
+            expect_json=False,
         )
 
     async def send_flow(self, contact_id: str, flow_id: str) -> None:
         """``POST /contacts/{id}/send/{flow_id}``, no body (the spec declares a form with no fields)."""
-        await self.request("POST", f"/contacts/{_seg(contact_id)}/send/{_seg(flow_id)}", "send_flow")
+        await self.request("POST", f"/contacts/{_seg(contact_id)}/send/{_seg(flow_id)}", "send_flow", expect_json=False)
 
     # -- account ------------------------------------------------------------------------------------
 
@@ -204,10 +206,13 @@ class CGBClient:
         params: Mapping[str, str] | None = None,
         json: Any = None,
         form: Mapping[str, str] | None = None,
+        expect_json: bool = True,
     ) -> Any:
         """Send one request and return its decoded body (None when empty), or raise a :class:`CGBError`.
 
-        ``endpoint`` names the operation in errors and metrics; it never holds ids or phone numbers.
+        ``endpoint`` names the operation in errors and metrics; it never holds ids or phone numbers. A 2xx
+        whose body is not JSON is a success (the contract's rule: no ``error`` key, no ``success: false``)
+        for calls that need no answer (``expect_json=False``) and a :class:`CGBResponseError` otherwise.
         """
         headers = self._headers
         data: bytes | None = None
@@ -245,6 +250,10 @@ class CGBClient:
         error = error_for_response(status, body, endpoint=endpoint, retry_after=retry_after, size=len(raw))
         if error is not None:
             raise error
+        if body is _UNDECODABLE:
+            if expect_json:
+                raise CGBResponseError(f"body is not JSON ({len(raw)} bytes)", status=status, endpoint=endpoint)
+            return None
         return body
 
 
@@ -266,8 +275,6 @@ def error_for_response(
             message = body.get("message")
             text = message if isinstance(message, str) and message else "CGB answered success: false"
             return CGBBadRequestError(text, status=status, endpoint=endpoint)
-        if body is _UNDECODABLE:
-            return CGBResponseError(f"body is not JSON ({size} bytes)", status=status, endpoint=endpoint)
         return None
     code, message = _error_fields(body.get("error") if isinstance(body, dict) else None)
     if message is None:

@@ -10,6 +10,7 @@ The tree (``retryable`` is a class attribute, decided by the base class, never b
     │   └── UnknownVariableError        a variable with no custom field, or a value its type cannot take
     ├── SendOutcomeUnknownError         a send may have gone out and policy forbids sending again (permanent)
     ├── BusyError                       another job holds this contact's lock (retryable)
+    ├── StoreUnavailableError           Redis failed in the middle of a job (retryable)
     ├── JobFailedError                  the job died of an exception that is not ours (``error_type`` names it)
     └── CGBError                        talking to CGB failed
         ├── CGBTransportError           no HTTP answer (retryable)
@@ -86,6 +87,12 @@ class SendOutcomeUnknownError(CGBWorkerError):
 
 class BusyError(CGBWorkerError):
     """Another job is creating this contact or writing its fields; the job is retried shortly."""
+
+    retryable = True
+
+
+class StoreUnavailableError(CGBWorkerError):
+    """Redis (the cache, locks or send log) failed during the job; it is retried once Redis is back."""
 
     retryable = True
 
@@ -203,6 +210,7 @@ _ALL: dict[str, type[CGBWorkerError]] = {
         UnknownVariableError,
         SendOutcomeUnknownError,
         BusyError,
+        StoreUnavailableError,
         JobFailedError,
         CGBError,
         CGBTransportError,

@@ -16,8 +16,8 @@ fields given                   what is sent
 to be created. ``variables`` need a ``template``, and a template cannot carry a file. Unknown fields,
 wrong types and unknown ``fileType`` values are rejected by the :class:`~cgb_worker.models.SendJob` Struct.
 
-Retries: a retryable error (transport, timeout, 429, 5xx, a busy lock) raises ``arq.Retry`` with full-jitter
-exponential backoff, ``uniform(0, min(CGB_RETRY_MAX_DELAY, CGB_RETRY_BASE_DELAY * 2 ** (try - 1)))``,
+Retries: a retryable error (transport, timeout, 429, 5xx, a busy lock, a Redis error) raises ``arq.Retry``
+with full-jitter exponential backoff, ``uniform(0, min(CGB_RETRY_MAX_DELAY, CGB_RETRY_BASE_DELAY * 2 ** (try - 1)))``,
 never shorter than CGB's ``Retry-After``. After ``CGB_RETRY_ATTEMPTS`` retries, or at once for a permanent
 error, the job fails with the real error (stored for ``Job.result()`` and in the dead-letter store). Each
 try stops itself 30 s before arq's ``job_timeout`` and counts as a retryable timeout, so arq's own
@@ -47,6 +47,7 @@ import msgspec
 from arq import Retry
 from loguru import logger
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from .client import CGBClient
 from .contacts import ContactResolver, ResolvedContact
@@ -60,6 +61,7 @@ from .errors import (
     CGBWorkerError,
     InvalidJobError,
     SendOutcomeUnknownError,
+    StoreUnavailableError,
 )
 from .locks import redis_lock
 from .models import FileType, Scalar, SendJob, SendResult, SetFieldValue
@@ -198,19 +200,20 @@ async def whatsapp_send(ctx: dict[str, Any], payload: Any = None, **fields: Any)
     settings = services.settings
     job_id: str = ctx["job_id"]
     job_try: int = ctx["job_try"]
-    if payload is not None and fields:
-        raw: Any = {"payload": payload, **fields}  # rejected by validation as an unknown field
-    else:
-        raw = payload if payload is not None else fields
+    raw: Any = payload if payload is not None else fields
     log = logger.bind(job_id=job_id, job_try=job_try)
     started = time.monotonic()
     deadline = settings.worker.job_timeout - JOB_DEADLINE_MARGIN
     try:
+        if payload is not None and fields:
+            raise InvalidJobError("give the payload as one mapping or as keyword fields, not both")
         try:
             async with asyncio.timeout(deadline):
                 result = await _send(services, job_id, job_try, raw, log)
         except TimeoutError:
             raise CGBTimeoutError(f"the job did not finish within {deadline:.0f} s") from None
+        except RedisError as exc:
+            raise StoreUnavailableError(f"Redis failed during the job: {type(exc).__name__}") from exc
     except CGBWorkerError as exc:
         elapsed = time.monotonic() - started
         if exc.retryable and job_try <= settings.retry_attempts:

@@ -44,6 +44,3 @@ class SendLog:
 
     async def clear(self, job_id: str, step: str) -> None:
         await self._redis.hdel(self.key(job_id), step)  # type: ignore[misc]
-
-    async def finish(self, job_id: str, result: bytes) -> None:
-        await self._redis.hset(self.key(job_id), mapping={RESULT: result})  # type: ignore[misc]

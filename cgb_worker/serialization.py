@@ -25,9 +25,7 @@ _error_encoder = msgspec.msgpack.Encoder()
 def _enc_hook(obj: Any) -> Any:
     if isinstance(obj, BaseException):
         return msgspec.msgpack.Ext(ERROR_EXT, _error_encoder.encode(error_to_dict(obj)))
-    if isinstance(obj, (set, frozenset)):
-        return list(obj)
-    raise NotImplementedError(f"cannot serialize {type(obj).__name__}")
+    raise TypeError(f"cannot serialize {type(obj).__name__}")
 
 
 def _ext_hook(code: int, data: memoryview) -> Any:

@@ -236,12 +236,8 @@ async def test_send_file_maps_types(client: CGBClient, mock: Any, ours: Any, the
 async def test_send_flow_has_no_body_and_accepts_any_2xx(client: CGBClient, mock: Any, body: bytes) -> None:
     url = f"{BASE}/contacts/972500000001/send/1752250957765"
     mock.post(url, body=body)
-    if body == b"OK":
-        # A 2xx that is not JSON breaks the contract; it is reported, never taken for a success silently.
-        with pytest.raises(errors.CGBResponseError, match="not JSON"):
-            await client.send_flow("972500000001", "1752250957765")
-    else:
-        await client.send_flow("972500000001", "1752250957765")
+    # The contract's rule: a 2xx is a success unless the body carries an error; a send needs no answer.
+    await client.send_flow("972500000001", "1752250957765")
     call = only_call(mock, "POST", url)
     assert call["headers"] == HEADERS
     assert call["data"] is None
@@ -276,6 +272,20 @@ async def test_account(client: CGBClient, mock: Any) -> None:
     account = await client.account()
     assert (account.page_id, account.name, account.active, account.total_users) == ("1000001", "Visa desk", True, 3)
     assert only_call(mock, "GET", f"{BASE}/accounts/me")["headers"] == HEADERS
+
+
+@pytest.mark.parametrize("method", ["account", "list_flows", "list_custom_fields"])
+async def test_a_non_json_2xx_is_an_error_where_an_answer_is_needed(client: CGBClient, mock: Any, method: str) -> None:
+    path = {"account": "/accounts/me", "list_flows": "/accounts/flows", "list_custom_fields": "/accounts/custom_fields"}
+    mock.get(BASE + path[method], body=b"<html>maintenance</html>", content_type="text/html")
+    with pytest.raises(errors.CGBResponseError, match="not JSON"):
+        await getattr(client, method)()
+
+
+async def test_a_non_json_2xx_from_create_finds_the_contact(client: CGBClient, mock: Any) -> None:
+    mock.post(f"{BASE}/contacts", body=b"created")
+    mock.get(f"{BASE}/contacts/find_by_custom_field?field_id=phone&value=%2B12025550100", payload={"data": [CONTACT]})
+    assert await client.create_contact("+12025550100") == "972500000001"
 
 
 async def test_account_rejects_a_non_object(client: CGBClient, mock: Any) -> None:

@@ -493,3 +493,36 @@ def test_arq_cli_refuses_to_start_on_bad_configuration(redis_url: str) -> None:
     for name in ("CGB_API_KEY", "CGB_TIMEOUT", "CGB_RETRY_ATTEMPTS"):
         assert f"  - {name}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+async def test_keyword_fields_work_and_mixing_styles_is_refused(harness: Harness) -> None:
+    pool = await harness.pool()
+    by_keywords = await pool.enqueue_job("whatsapp_send", to=A, message="by keywords")
+    mixed = await pool.enqueue_job("whatsapp_send", {"to": A, "message": "a"}, message="b")
+    await harness.run()
+    assert (await harness.outcome(by_keywords))["kind"] == "text"
+    error = await harness.outcome(mixed)
+    assert type(error) is E.InvalidJobError
+    assert "not both" in str(error)
+    assert [t for _, _, t in sends(harness)] == ["by keywords"]
+
+
+async def test_redis_failure_mid_job_is_retried(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from cgb_worker.sends import SendLog
+
+    real_load = SendLog.load
+    failures = iter([True])
+
+    async def flaky_load(self: SendLog, job_id: str) -> dict[bytes, bytes]:
+        if next(failures, False):
+            raise RedisConnectionError("Connection reset by peer")
+        return await real_load(self, job_id)
+
+    monkeypatch.setattr(SendLog, "load", flaky_load)
+    [job] = await harness.enqueue({"to": A, "message": "after a Redis blip"})
+    await harness.run()
+    result = await harness.outcome(job)
+    assert result["attempts"] == 2
+    assert [t for _, _, t in sends(harness)] == ["after a Redis blip"]
