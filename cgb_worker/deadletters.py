@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import msgspec
+from arq import ArqRedis
 from redis.asyncio import Redis
 
 from .phones import mask_phone
@@ -106,6 +107,21 @@ class DeadLetters:
     async def original_payload(self, job_id: str) -> Any:
         raw = await self._redis.hget(PAYLOADS, job_id)  # type: ignore[misc]
         return msgspec.msgpack.decode(raw) if raw else None
+
+    async def replay(self, pool: ArqRedis, job_id: str) -> str | None:
+        """Enqueue the original payload again under a new job id and drop the entry; None if there is none.
+
+        A new id on purpose: the old one's send log would otherwise make the worker skip the send.
+        """
+        payload = await self.original_payload(job_id)
+        entry = await self.get(job_id)
+        if payload is None or entry is None:
+            return None
+        job = await pool.enqueue_job(entry.function, payload)
+        if job is None:  # pragma: no cover - a fresh uuid cannot collide
+            return None
+        await self.remove(job_id)
+        return job.job_id
 
     async def remove(self, job_id: str) -> bool:
         async with self._redis.pipeline(transaction=True) as pipe:

@@ -526,3 +526,19 @@ async def test_redis_failure_mid_job_is_retried(harness: Harness, monkeypatch: p
     result = await harness.outcome(job)
     assert result["attempts"] == 2
     assert [t for _, _, t in sends(harness)] == ["after a Redis blip"]
+
+
+async def test_a_dead_letter_replays_and_sends_once(harness: Harness, redis_client: Any) -> None:
+    harness.sim.state.faults.append(FaultRule(status=503, path="/send/text$"))
+    [job] = await harness.enqueue({"to": A, "message": "after the outage"})
+    await harness.run()
+    assert isinstance(await harness.outcome(job), E.CGBServerError)
+    harness.sim.state.faults.clear()
+    store = DeadLetters(redis_client)
+    new_id = await store.replay(await harness.pool(), job.job_id)
+    assert new_id is not None
+    assert new_id != job.job_id
+    assert await store.count() == 0
+    assert await store.replay(await harness.pool(), job.job_id) is None
+    await harness.run()
+    assert [t for _, _, t in sends(harness)] == ["after the outage"]
