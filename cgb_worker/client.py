@@ -156,7 +156,11 @@ class CGBClient:
 
     async def send_text(self, contact_id: str, text: str, *, channel: str = WHATSAPP) -> None:
         await self.request(
-            "POST", f"/contacts/{_seg(contact_id)}/send/text", "send_text", json={"text": text, "channel": channel}
+            "POST",
+            f"/contacts/{_seg(contact_id)}/send/text",
+            "send_text",
+            json={"text": text, "channel": channel},
+            expect_json=False,
         )
 
     async def send_file(

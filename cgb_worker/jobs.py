@@ -64,6 +64,7 @@ from .errors import (
     StoreUnavailableError,
 )
 from .locks import redis_lock
+from .metrics import Metrics
 from .models import FileType, Scalar, SendJob, SendResult, SetFieldValue
 from .phones import mask_phone, normalize_phone
 from .sends import RESULT, SENDING, SENT, SendLog
@@ -192,6 +193,7 @@ class Services:
     templates: TemplateResolver
     sends: SendLog
     dead_letters: DeadLetters
+    metrics: Metrics | None = None
 
 
 async def whatsapp_send(ctx: dict[str, Any], payload: Any = None, **fields: Any) -> SendResult:
@@ -204,41 +206,64 @@ async def whatsapp_send(ctx: dict[str, Any], payload: Any = None, **fields: Any)
     log = logger.bind(job_id=job_id, job_try=job_try)
     started = time.monotonic()
     deadline = settings.worker.job_timeout - JOB_DEADLINE_MARGIN
+    event = _Event()
     try:
         if payload is not None and fields:
             raise InvalidJobError("give the payload as one mapping or as keyword fields, not both")
         try:
             async with asyncio.timeout(deadline):
-                result = await _send(services, job_id, job_try, raw, log)
+                result = await _send(services, job_id, job_try, raw, log, event)
         except TimeoutError:
             raise CGBTimeoutError(f"the job did not finish within {deadline:.0f} s") from None
         except RedisError as exc:
             raise StoreUnavailableError(f"Redis failed during the job: {type(exc).__name__}") from exc
-    except CGBWorkerError as exc:
-        elapsed = time.monotonic() - started
-        if exc.retryable and job_try <= settings.retry_attempts:
+    except Exception as exc:
+        error_class = type(exc).__name__
+        if isinstance(exc, CGBWorkerError) and exc.retryable and job_try <= settings.retry_attempts:
             delay = retry_delay(
                 job_try,
                 base=settings.retry_base_delay,
                 cap=settings.retry_max_delay,
                 retry_after=exc.retry_after if isinstance(exc, CGBRateLimitError) else None,
             )
-            log.warning("retrying in {:.1f}s after {}: {} ({:.0f} ms)", delay, type(exc).__name__, exc, elapsed * 1000)
+            event.finish(log, started, "retry", error_class).warning(
+                "try {} failed with {}: {}; retrying in {:.1f}s", job_try, error_class, exc, delay
+            )
+            if services.metrics is not None:
+                services.metrics.retries.labels(error_class).inc()
             raise Retry(defer=delay) from exc
         await _dead_letter(services, ctx, raw, exc)
-        log.error("failed after {} tries: {}: {}", job_try, type(exc).__name__, exc)
+        event.finish(log, started, "failed", error_class).error(
+            "failed after {} {}: {}: {}", job_try, "try" if job_try == 1 else "tries", error_class, exc
+        )
+        if services.metrics is not None:
+            services.metrics.jobs.labels(event.kind, "failed").inc()
         raise
-    except Exception as exc:
-        await _dead_letter(services, ctx, raw, exc)
-        raise
-    log.info(
-        "sent {} to {} ({:.0f} ms){}",
+    event.finish(log, started, "sent", None).info(
+        "sent {} to {}{}",
         result.kind,
         mask_phone(result.to),
-        (time.monotonic() - started) * 1000,
-        " - possible duplicate" if result.possible_duplicate else "",
+        " (possible duplicate)" if result.possible_duplicate else "",
     )
+    if services.metrics is not None:
+        services.metrics.jobs.labels(result.kind or event.kind, "sent").inc()
     return result
+
+
+@dataclass(slots=True)
+class _Event:
+    """What the one log line per job event carries (and what the JSON log shows as fields)."""
+
+    kind: str = "invalid"
+
+    def finish(self, log: Any, started: float, outcome: str, error_class: str | None) -> Any:
+        return log.bind(
+            event="job",
+            kind=self.kind,
+            outcome=outcome,
+            error_class=error_class,
+            elapsed_ms=round((time.monotonic() - started) * 1000, 1),
+        )
 
 
 async def _dead_letter(services: Services, ctx: dict[str, Any], raw: Any, exc: BaseException) -> None:
@@ -252,17 +277,20 @@ async def _dead_letter(services: Services, ctx: dict[str, Any], raw: Any, exc: B
             attempts=ctx["job_try"],
             enqueued_at=enqueued.timestamp() if isinstance(enqueued, datetime) else None,
         )
+        if services.metrics is not None:
+            services.metrics.dead_letters.set(await services.dead_letters.count())
     except Exception as store_error:  # the job's own error matters more than the bookkeeping
         logger.error("could not record a dead letter: {}", type(store_error).__name__)
 
 
-async def _send(services: Services, job_id: str, job_try: int, raw: Any, log: Any) -> SendResult:
+async def _send(services: Services, job_id: str, job_try: int, raw: Any, log: Any, event: _Event) -> SendResult:
     record = await services.sends.load(job_id)
     if RESULT in record:
         # This job already finished (the worker died before arq stored the result): no CGB call at all.
         return msgspec.msgpack.decode(record[RESULT], type=SendResult)
     settings = services.settings
     plan = validate(raw, default_region=settings.default_region)
+    event.kind = plan.kind
     run = _Run(services, job_id, job_try, record, log)
 
     kind: Kind = plan.kind

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -66,12 +67,29 @@ def _stderr(message: str) -> None:
     sys.stderr.write(message)
 
 
-def setup_logging(level: str = "INFO", *, json: bool = False, diagnose: bool = False) -> None:
+def _json_line(message: Any) -> None:
+    """One compact JSON object per line: time, level, message, logger, and every bound field."""
+    record = message.record
+    extra = dict(record["extra"])
+    line: dict[str, Any] = {
+        "time": record["time"].isoformat(timespec="milliseconds"),
+        "level": record["level"].name,
+        "message": record["message"],
+        "logger": extra.pop("logger_name", record["name"]),
+        **extra,
+    }
+    if record["exception"] is not None:
+        exc = record["exception"]
+        line["exception"] = mask_text(f"{getattr(exc.type, '__name__', exc.type)}: {exc.value}")
+    sys.stderr.write(json.dumps(line, default=str, ensure_ascii=False) + "\n")
+
+
+def setup_logging(level: str = "INFO", *, json_lines: bool = False, diagnose: bool = False) -> None:
     """Configure loguru once for the process and route stdlib logging (arq, aiohttp) into it."""
     logger.remove()
     logger.configure(patcher=_patch)
-    if json:
-        logger.add(_stderr, level=level, serialize=True, backtrace=False, diagnose=diagnose)
+    if json_lines:
+        logger.add(_json_line, level=level, backtrace=False, diagnose=diagnose)
     else:
         logger.add(
             _stderr,

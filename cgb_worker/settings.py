@@ -110,6 +110,8 @@ class Settings:
     dead_letter_max: int = 10000
     log_level: str = "INFO"
     log_json: bool = False
+    metrics_port: int | None = None
+    """Serve Prometheus metrics on this port (all interfaces); None: no metrics server."""
     worker: WorkerOptions = field(default_factory=WorkerOptions)
 
     def __repr__(self) -> str:
@@ -129,6 +131,7 @@ class Settings:
             "dead_letter_max": self.dead_letter_max,
             "log_level": self.log_level,
             "log_json": self.log_json,
+            "metrics_port": self.metrics_port,
             "worker": self.worker,
         }
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
@@ -172,6 +175,7 @@ def _read(source: Mapping[str, str]) -> Settings:
     dead_letter_max = env.int("DEAD_LETTER_MAX", 10000, validate=positive)
     log_level = env.str("LOG_LEVEL", "INFO", validate=OneOf(["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"]))
     log_json = env.bool("LOG_JSON", False)
+    metrics_port = env.int("METRICS_PORT", None, validate=Range(min=1, max=65535))
     d = WorkerOptions()
     worker_values = {
         "max_jobs": env.int("WORKER_MAX_JOBS", d.max_jobs, validate=Range(min=1, max=10000)),
@@ -252,6 +256,7 @@ def _read(source: Mapping[str, str]) -> Settings:
         dead_letter_max=int(dead_letter_max or 0),
         log_level=str(log_level),
         log_json=bool(log_json),
+        metrics_port=metrics_port,
         worker=WorkerOptions(**worker_values),  # type: ignore[arg-type]
     )
 

@@ -24,6 +24,7 @@ from .deadletters import DeadLetters
 from .errors import ConfigError
 from .jobs import ARQ_MAX_TRIES, Services, whatsapp_send
 from .logs import setup_logging
+from .metrics import Metrics
 from .sends import SendLog
 from .serialization import deserialize, serialize
 from .settings import load_settings, peek_worker_options, redact_url
@@ -54,22 +55,35 @@ async def startup(ctx: dict[str, Any]) -> None:
         setup_logging("INFO")
         logger.error("cgb-worker cannot start: {}", exc)
         raise SystemExit(2) from None
-    setup_logging(settings.log_level, json=settings.log_json, diagnose=os.environ.get("LOG_DIAGNOSE") == "true")
+    setup_logging(settings.log_level, json_lines=settings.log_json, diagnose=os.environ.get("LOG_DIAGNOSE") == "true")
     redis: ArqRedis = ctx["redis"]
     await redis.ping()
     connector = aiohttp.TCPConnector(limit=max(100, settings.worker.max_jobs), ttl_dns_cache=300)
     session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=settings.timeout))
     ctx["session"] = session
-    client = CGBClient(session, settings.api_key, base_url=settings.api_url, timeout=settings.timeout)
+    metrics = Metrics()
+    ctx["metrics"] = metrics
+    client = CGBClient(
+        session, settings.api_key, base_url=settings.api_url, timeout=settings.timeout, on_request=metrics.on_request
+    )
+    contacts = ContactResolver(
+        client, redis, cache_ttl=settings.cache_timeout, lock_ttl=settings.timeout * 4 + 5, on_cache=metrics.on_cache
+    )
+    dead_letters = DeadLetters(redis, max_entries=settings.dead_letter_max)
     ctx["cgb"] = Services(
         settings=settings,
         redis=redis,
         client=client,
-        contacts=ContactResolver(client, redis, cache_ttl=settings.cache_timeout, lock_ttl=settings.timeout * 4 + 5),
+        contacts=contacts,
         templates=TemplateResolver(Catalog(client, redis, ttl=settings.template_cache_timeout), settings.templates),
         sends=SendLog(redis),
-        dead_letters=DeadLetters(redis, max_entries=settings.dead_letter_max),
+        dead_letters=dead_letters,
+        metrics=metrics,
     )
+    metrics.dead_letters.set(await dead_letters.count())
+    if settings.metrics_port is not None:
+        metrics.serve(settings.metrics_port)
+        logger.info("metrics on :{}/metrics", settings.metrics_port)
     logger.info(
         "cgb-worker ready: CGB at {}, Redis at {}, {} template mapping(s), max_jobs={}",
         settings.api_url,
@@ -83,6 +97,9 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     session: aiohttp.ClientSession | None = ctx.get("session")
     if session is not None:
         await session.close()
+    metrics: Metrics | None = ctx.get("metrics")
+    if metrics is not None:
+        metrics.close()
 
 
 _REDIS_URL, _OPTIONS = peek_worker_options()

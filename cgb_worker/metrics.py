@@ -1,0 +1,56 @@
+"""Prometheus metrics, served on ``METRICS_PORT`` when it is set.
+
+Each worker has its own registry (so several workers in one process, as in the tests, do not collide):
+
+* ``cgb_jobs_total{kind, outcome}``: finished jobs; ``outcome`` is ``sent`` or ``failed``, ``kind`` is
+  ``text``, ``template``, ``file`` or ``invalid`` (the payload never got that far);
+* ``cgb_job_retries_total{error_class}``: tries that ended in a retry, by the error that caused it;
+* ``cgb_request_duration_seconds{endpoint, status}``: every CGB call (``status`` is ``error`` when no HTTP
+  answer came back);
+* ``cgb_contact_cache_total{result}``: contact lookups, ``hit`` or ``miss``;
+* ``cgb_dead_letters``: entries in the dead-letter store, refreshed at start-up and on every new entry.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 2, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.jobs = Counter("cgb_jobs", "Finished whatsapp_send jobs", ["kind", "outcome"], registry=self.registry)
+        self.retries = Counter(
+            "cgb_job_retries", "Job tries that ended in a retry", ["error_class"], registry=self.registry
+        )
+        self.requests = Histogram(
+            "cgb_request_duration_seconds",
+            "CGB API request latency",
+            ["endpoint", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.cache = Counter("cgb_contact_cache", "Contact cache lookups", ["result"], registry=self.registry)
+        self.dead_letters = Gauge("cgb_dead_letters", "Entries in the dead-letter store", registry=self.registry)
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def on_request(self, endpoint: str, status: int | None, seconds: float) -> None:
+        self.requests.labels(endpoint, str(status) if status is not None else "error").observe(seconds)
+
+    def on_cache(self, hit: bool) -> None:
+        self.cache.labels("hit" if hit else "miss").inc()
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> None:  # noqa: S104 - scraped from outside the container
+        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
