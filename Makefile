@@ -37,6 +37,7 @@ redis-bin:
 lint: install
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
+	$(VENV)/hadolint Dockerfile
 
 typecheck: install
 	$(VENV)/mypy
@@ -46,6 +47,9 @@ format: install
 	$(VENV)/ruff check --fix .
 
 # The tests start their own Redis on a free port (tests/conftest.py) and stop it when they end.
+demo: install redis-bin
+	$(VENV)/python -m cgb_worker.demo
+
 unit: install redis-bin
 	$(VENV)/coverage erase
 	$(VENV)/coverage run -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,323 @@
+"""``cgb-worker``: the operator's command line.
+
+Every command reads the same environment as the worker. Exit codes: 0 success, 1 the thing checked or
+asked for failed, 2 bad usage or configuration; a failure prints one line (or the list of configuration
+problems) on stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, NoReturn, TypeVar
+
+import aiohttp
+import click
+import msgspec
+
+from .client import CGBClient
+from .deadletters import DeadLetters
+from .errors import CGBWorkerError, ConfigError
+from .settings import Settings, load_settings, redact_url
+from .templates import normalize_name
+
+_T = TypeVar("_T")
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"cgb-worker: {message}", err=True)
+    sys.exit(code)
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+
+
+def _run(coro: Callable[[], Awaitable[_T]]) -> _T:
+    return asyncio.run(coro())  # type: ignore[arg-type]
+
+
+async def _with_cgb(settings: Settings, use: Callable[[CGBClient], Awaitable[_T]]) -> _T:
+    async with aiohttp.ClientSession() as session:
+        client = CGBClient(session, settings.api_key, base_url=settings.api_url, timeout=settings.timeout)
+        return await use(client)
+
+
+async def _pool() -> Any:
+    """The queue. Sending and dead letters need only ``REDIS_URL``, not the CGB key: producers run them too."""
+    from .worker import DEFAULT_REDIS_URL, create_pool
+
+    try:
+        return await create_pool(os.environ.get("REDIS_URL", DEFAULT_REDIS_URL), conn_retries=1)
+    except Exception as exc:
+        _fail(f"cannot reach Redis: {type(exc).__name__}: {exc}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Operate the cgb-worker WhatsApp sender: check, send, inspect and replay."""
+
+
+# -- check and flows --------------------------------------------------------------------------------------
+
+
+@main.command()
+def check() -> None:
+    """Validate the configuration, ping Redis and CGB, and check every CGB_TEMPLATE_* mapping."""
+    settings = _settings()
+    click.echo("configuration  ok")
+
+    async def probe() -> bool:
+        from .worker import create_pool
+
+        ok = True
+        try:
+            redis = await create_pool(settings.redis_url, conn_retries=0)
+            info = await redis.info("server")
+            await redis.aclose()
+            click.echo(f"redis          ok ({redact_url(settings.redis_url)}, Redis {info.get('redis_version')})")
+        except Exception as exc:
+            click.echo(f"redis          FAILED: {type(exc).__name__}: {exc}")
+            ok = False
+
+        async def account_and_flows(client: CGBClient) -> tuple[Any, Any]:
+            return await client.account(), await client.list_flows()
+
+        try:
+            account, flows = await _with_cgb(settings, account_and_flows)
+        except CGBWorkerError as exc:
+            click.echo(f"cgb            FAILED: {type(exc).__name__}: {exc}")
+            return False
+        click.echo(f"cgb            ok ({settings.api_url}, account {account.name!r}, page {account.page_id})")
+        names = {f.id: f.name for f in flows}
+        for template, flow_id in sorted(settings.templates.items()):
+            if flow_id in names:
+                click.echo(f"template       {template} -> {flow_id} ok (flow {names[flow_id]!r})")
+            else:
+                click.echo(f"template       {template} -> {flow_id} MISSING: the account has no such flow")
+                ok = False
+        return ok
+
+    if not _run(probe):
+        _fail("check failed")
+
+
+@main.command()
+def flows() -> None:
+    """List the account's flows and the template names that reach each one."""
+    settings = _settings()
+    try:
+        listed = _run(lambda: _with_cgb(settings, lambda c: c.list_flows()))
+    except CGBWorkerError as exc:
+        _fail(f"{type(exc).__name__}: {exc}")
+    mapped: dict[str, list[str]] = {}
+    for template, flow_id in settings.templates.items():
+        mapped.setdefault(flow_id, []).append(template)
+    click.echo(f"{'flow id':<16} {'name':<32} templates")
+    for flow in listed:
+        via = sorted(mapped.pop(flow.id, []))
+        by_name = normalize_name(flow.name).replace(" ", "_")
+        click.echo(f"{flow.id:<16} {flow.name:<32} {', '.join([*via, f'{by_name} (by name)'])}")
+    for flow_id, templates in sorted(mapped.items()):
+        click.echo(f"{flow_id:<16} {'(no such flow)':<32} {', '.join(sorted(templates))}")
+
+
+# -- send -------------------------------------------------------------------------------------------------
+
+
+def _parse_var(value: str) -> tuple[str, Any]:
+    key, sep, raw = value.partition("=")
+    if not sep or not key.strip():
+        raise click.BadParameter(f"{value!r} is not key=value")
+    return key.strip(), raw
+
+
+@main.command()
+@click.option("--to", required=True, help="phone number, with country code")
+@click.option("--message", help="text to send (or the fallback text of a template)")
+@click.option("--template", help="template name")
+@click.option("--var", "variables", multiple=True, help="template variable, key=value (repeatable)")
+@click.option("--file-url", help="http(s) URL of a file to send")
+@click.option("--file-type", type=click.Choice(["image", "document", "video", "audio"]))
+@click.option("--first-name")
+@click.option("--last-name")
+@click.option("--email")
+@click.option("--job-id", help="arq job id (a second enqueue with the same id is refused)")
+@click.option("--wait", is_flag=True, help="wait for the job and print its result or its error")
+@click.option("--timeout", default=60.0, show_default=True, help="seconds --wait waits")
+def send(
+    to: str,
+    message: str | None,
+    template: str | None,
+    variables: tuple[str, ...],
+    file_url: str | None,
+    file_type: str | None,
+    first_name: str | None,
+    last_name: str | None,
+    email: str | None,
+    job_id: str | None,
+    wait: bool,
+    timeout: float,
+) -> None:
+    """Enqueue one whatsapp_send job."""
+    payload: dict[str, Any] = {"to": to}
+    for key, value in (
+        ("message", message),
+        ("template", template),
+        ("fileUrl", file_url),
+        ("fileType", file_type),
+        ("firstName", first_name),
+        ("lastName", last_name),
+        ("email", email),
+    ):
+        if value is not None:
+            payload[key] = value
+    if variables:
+        payload["variables"] = dict(_parse_var(v) for v in variables)
+
+    async def enqueue() -> tuple[str, Any, BaseException | None]:
+        redis = await _pool()
+        try:
+            job = await redis.enqueue_job("whatsapp_send", payload, _job_id=job_id)
+            if job is None:
+                _fail(f"a job with id {job_id!r} already exists")
+            if not wait:
+                return job.job_id, None, None
+            try:
+                return job.job_id, await job.result(timeout=timeout), None
+            except TimeoutError:
+                return job.job_id, None, TimeoutError(f"no result within {timeout:g} s")
+            except Exception as exc:
+                return job.job_id, None, exc
+        finally:
+            await redis.aclose()
+
+    new_id, result, error = _run(enqueue)
+    click.echo(f"enqueued {new_id}")
+    if error is not None:
+        _fail(f"{type(error).__name__}: {error}")
+    if result is not None:
+        click.echo(json.dumps(msgspec.to_builtins(result), indent=2, ensure_ascii=False))
+
+
+# -- dead letters -----------------------------------------------------------------------------------------
+
+
+@main.group("dead-letters")
+def dead_letters() -> None:
+    """List, show, replay or purge the jobs that finally failed."""
+
+
+async def _store() -> tuple[Any, DeadLetters]:
+    redis = await _pool()
+    return redis, DeadLetters(redis)
+
+
+def _when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+@dead_letters.command("list")
+@click.option("--limit", default=50, show_default=True)
+def dl_list(limit: int) -> None:
+    """The newest failed jobs first."""
+
+    async def go() -> tuple[int, list[Any]]:
+        redis, store = await _store()
+        try:
+            return await store.count(), await store.list(limit)
+        finally:
+            await redis.aclose()
+
+    total, entries = _run(go)
+    click.echo(f"{total} dead letter(s)")
+    for d in entries:
+        to = d.payload.get("to", "?") if isinstance(d.payload, dict) else "?"
+        click.echo(f"{d.job_id}  {_when(d.failed_at)}  {d.attempts:>3} tries  {to:<16} {d.error_type}: {d.error}")
+
+
+@dead_letters.command("show")
+@click.argument("job_id")
+def dl_show(job_id: str) -> None:
+    """One failed job, its masked payload and its error."""
+
+    async def go() -> Any:
+        redis, store = await _store()
+        try:
+            return await store.get(job_id)
+        finally:
+            await redis.aclose()
+
+    entry = _run(go)
+    if entry is None:
+        _fail(f"no dead letter {job_id!r}")
+    data = msgspec.to_builtins(entry)
+    data["failed_at"] = _when(entry.failed_at)
+    data["enqueued_at"] = _when(entry.enqueued_at)
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+@dead_letters.command("replay")
+@click.argument("job_id", required=False)
+@click.option("--all", "replay_all", is_flag=True, help="replay every dead letter")
+def dl_replay(job_id: str | None, replay_all: bool) -> None:
+    """Enqueue a failed job's original payload again, under a new job id."""
+    if bool(job_id) == replay_all:
+        _fail("give one JOB_ID or --all", 2)
+
+    async def go() -> list[tuple[str, str | None]]:
+        redis, store = await _store()
+        try:
+            ids = [d.job_id for d in await store.list(limit=1_000_000)] if replay_all else [job_id or ""]
+            return [(old, await store.replay(redis, old)) for old in ids]
+        finally:
+            await redis.aclose()
+
+    replayed = _run(go)
+    missing = [old for old, new in replayed if new is None]
+    for old, new in replayed:
+        if new is not None:
+            click.echo(f"replayed {old} as {new}")
+    if missing and not replay_all:
+        _fail(f"no dead letter {missing[0]!r}")
+    click.echo(f"{len(replayed) - len(missing)} job(s) enqueued again")
+
+
+@dead_letters.command("purge")
+@click.option("--yes", is_flag=True, help="do it without asking")
+def dl_purge(yes: bool) -> None:
+    """Delete every dead letter."""
+    if not yes and not click.confirm("Delete every dead letter?", default=False):
+        _fail("nothing deleted")
+
+    async def go() -> int:
+        redis, store = await _store()
+        try:
+            return await store.purge()
+        finally:
+            await redis.aclose()
+
+    click.echo(f"purged {_run(go)} dead letter(s)")
+
+
+# -- the simulator ----------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8089, show_default=True)
+@click.option("--token", default="sim-token", show_default=True, help="the X-ACCESS-TOKEN it accepts")
+@click.option("--latency", default=0.0, show_default=True, help="seconds added to every API response")
+def simulator(host: str, port: int, token: str, latency: float) -> None:
+    """Run the local CGB simulator (API at http://HOST:PORT/api)."""
+    from .simulator import main as run_simulator
+
+    click.echo(f"CGB simulator on http://{host}:{port}/api (token {token!r}); Ctrl-C stops it", err=True)
+    run_simulator(["--host", host, "--port", str(port), "--token", token, "--latency", str(latency)])

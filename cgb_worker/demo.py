@@ -1,0 +1,238 @@
+"""``make demo``: the whole product on one machine, against the CGB simulator.
+
+Starts a throwaway Redis, the simulator and a real ``arq cgb_worker.WorkerSettings`` process, enqueues a
+handful of representative jobs, waits for them, prints what happened (each job's outcome and tries, what
+the simulated WhatsApp outbox received, how many CGB calls were made), stops everything it started, and
+exits 0 only when every job ended as expected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .errors import CGBWorkerError
+from .phones import mask_phone
+from .worker import create_pool
+
+TOKEN = "sim-token"  # noqa: S105 - the simulator's documented token
+FAULTY = "+972500000005"
+
+
+@dataclass
+class Case:
+    title: str
+    payload: dict[str, Any]
+    expect: str
+    """``sent`` or the name of the error class the job must fail with."""
+    expect_tries: int = 1
+    job: Any = None
+    outcome: Any = None
+    job_try: int | None = None
+
+
+def cases() -> list[list[Case]]:
+    """Batches run one after the other (the second text must find the contact the first one created)."""
+    return [
+        [
+            Case(
+                "text to a new contact", {"to": "+972 50-000-0001", "message": "Your application was received."}, "sent"
+            ),
+            Case(
+                "template with variables",
+                {
+                    "to": "+972500000002",
+                    "template": "visa_approved",
+                    "variables": {"first_name": "Dana", "visa_type": "B-2"},
+                },
+                "sent",
+            ),
+            Case(
+                "file (a document)",
+                {
+                    "to": "+12025550100",
+                    "fileUrl": "https://files.example.test/visa.pdf",
+                    "fileType": "document",
+                    "message": "Your visa is attached.",
+                },
+                "sent",
+            ),
+            Case("invalid phone", {"to": "+972 12", "message": "never sent"}, "InvalidPhoneError"),
+            Case("two CGB 503s, then success", {"to": FAULTY, "message": "Documents needed: passport."}, "sent", 3),
+        ],
+        [
+            Case("text to the same contact (cached)", {"to": "+972500000001", "message": "Visa approved."}, "sent"),
+            Case(
+                "unknown template, falls back to text",
+                {"to": "+972500000001", "template": "visa_rejected", "message": "Please call the consulate."},
+                "sent",
+            ),
+        ],
+    ]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Stack:
+    """Redis, the simulator and one worker, as child processes."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.redis_url = ""
+        self.sim_url = ""
+        self.worker_log = workdir / "worker.log"
+
+    def start(self) -> None:
+        redis_server = shutil.which("redis-server")
+        if redis_server is None:
+            raise SystemExit("demo: redis-server is not installed (make demo installs it)")
+        redis_port, sim_port = _free_port(), _free_port()
+        self._spawn(
+            [redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.workdir)]
+        )
+        self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        self._spawn(
+            [sys.executable, "-m", "cgb_worker.simulator", "--port", str(sim_port), "--token", TOKEN, "--seed", "1"]
+        )
+        self.sim_url = f"http://127.0.0.1:{sim_port}"
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("CGB_", "WORKER_", "LOG_", "METRICS_"))},
+            "CGB_API_URL": self.sim_url + "/api",
+            "CGB_API_KEY": TOKEN,
+            "REDIS_URL": self.redis_url,
+            "CGB_TEMPLATE_VISA_APPROVED": "1752250957765",
+            "CGB_RETRY_BASE_DELAY": "0.2",
+            "CGB_RETRY_MAX_DELAY": "1",
+            "CGB_TIMEOUT": "5000",
+        }
+        log = self.worker_log.open("wb")
+        self._spawn([sys.executable, "-m", "arq", "cgb_worker.WorkerSettings"], env=env, stdout=log, stderr=log)
+
+    def _spawn(self, args: list[str], **kwargs: Any) -> None:
+        kwargs.setdefault("stdout", subprocess.DEVNULL)
+        kwargs.setdefault("stderr", subprocess.DEVNULL)
+        self.procs.append(subprocess.Popen(args, **kwargs))
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+async def _wait_ready(stack: Stack, http: aiohttp.ClientSession) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            async with http.get(stack.sim_url + "/_sim/stats") as resp:
+                if resp.status == 200 and b"ready" in stack.worker_log.read_bytes():
+                    return
+        except aiohttp.ClientError:
+            pass
+        if any(p.poll() is not None for p in stack.procs) or time.monotonic() > deadline:
+            raise SystemExit("demo: the stack did not start:\n" + stack.worker_log.read_text(errors="replace"))
+        await asyncio.sleep(0.1)
+
+
+async def _run(stack: Stack) -> int:
+    async with aiohttp.ClientSession() as http:
+        await _wait_ready(stack, http)
+        # The demo's contacts have just written to us, so their 24-hour window is open.
+        await http.post(stack.sim_url + "/_sim/config", json={"inbound_on_create": True})
+        await http.post(
+            stack.sim_url + "/_sim/faults",
+            json={"status": 503, "count": 2, "path": f"/contacts/{FAULTY[1:]}/send/text$"},
+        )
+        pool = await create_pool(stack.redis_url)
+        batches = cases()
+        started = time.monotonic()
+        try:
+            for batch in batches:
+                for case in batch:
+                    case.job = await pool.enqueue_job("whatsapp_send", case.payload)
+                for case in batch:
+                    try:
+                        case.outcome = await case.job.result(timeout=60)
+                    except CGBWorkerError as exc:
+                        case.outcome = exc
+            for batch in batches:
+                for case in batch:
+                    info = await case.job.info()
+                    case.job_try = info.job_try if info is not None else None
+        finally:
+            await pool.aclose()
+        elapsed = time.monotonic() - started
+        async with http.get(stack.sim_url + "/_sim/outbox") as resp:
+            outbox = await resp.json()
+        async with http.get(stack.sim_url + "/_sim/stats") as resp:
+            stats = await resp.json()
+    return _report([c for b in batches for c in b], outbox, stats, elapsed)
+
+
+def _report(all_cases: list[Case], outbox: list[dict[str, Any]], stats: dict[str, Any], elapsed: float) -> int:
+    bad = 0
+    print("\ncgb-worker demo: a real worker, a real Redis, the CGB simulator\n")
+    print(f"{'job':<40} {'outcome':<34} {'tries':>5}  ok")
+    for case in all_cases:
+        tries = case.job_try
+        if isinstance(case.outcome, dict):
+            extra = " (fallback)" if case.outcome.get("fallback") else ""
+            got = f"sent {case.outcome['kind']}{extra}"
+            ok = case.expect == "sent" and tries == case.expect_tries
+        else:
+            got = f"failed: {type(case.outcome).__name__}"
+            ok = type(case.outcome).__name__ == case.expect and tries == case.expect_tries
+        bad += not ok
+        print(f"{case.title:<40} {got:<34} {tries if tries is not None else '?':>5}  {'yes' if ok else 'NO'}")
+    print(f"\nWhatsApp outbox (simulated), {len(outbox)} message(s):")
+    for m in outbox:
+        what = m.get("text") or m.get("url")
+        print(f"  {mask_phone(m['phone']):<16} {m['kind']:<5} {m['status']:<10} {what}")
+    counts = {k: v for k, v in stats["counts"].items() if k != "total"}
+    print(
+        f"\nCGB calls: {stats['counts'].get('total', 0)} in all: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    )
+    print(f"contacts created: {counts.get('create_contact', 0)} for {len({m['phone'] for m in outbox})} numbers")
+    print(f"\n{len(all_cases) - bad} of {len(all_cases)} jobs ended as expected, in {elapsed:.1f} s")
+    return 0 if bad == 0 else 1
+
+
+def main() -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="cgb-demo-"))
+    stack = Stack(workdir)
+    try:
+        stack.start()
+        code = asyncio.run(_run(stack))
+    finally:
+        stack.stop()
+    if code:
+        print("\nworker log:\n" + stack.worker_log.read_text(errors="replace")[-4000:], file=sys.stderr)
+    shutil.rmtree(workdir, ignore_errors=True)
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()
