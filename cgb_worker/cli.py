@@ -55,7 +55,7 @@ async def _pool() -> Any:
     from .worker import DEFAULT_REDIS_URL, create_pool
 
     try:
-        return await create_pool(os.environ.get("REDIS_URL", DEFAULT_REDIS_URL), conn_retries=1)
+        return await create_pool(os.environ.get("REDIS_URL", DEFAULT_REDIS_URL), conn_retries=0)
     except Exception as exc:
         _fail(f"cannot reach Redis: {type(exc).__name__}: {exc}")
 

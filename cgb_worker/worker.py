@@ -40,12 +40,12 @@ def redis_settings(url: str) -> RedisSettings:
         return RedisSettings()  # load_settings reports the bad URL at start-up
 
 
-async def create_pool(redis_url: str | None = None, **kwargs: Any) -> ArqRedis:
-    """An arq Redis pool that speaks the worker's serializer. ``redis_url`` defaults to ``REDIS_URL``."""
-    url = redis_url or os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
-    return await arq_create_pool(
-        RedisSettings.from_dsn(url), job_serializer=serialize, job_deserializer=deserialize, **kwargs
-    )
+async def create_pool(redis_url: str | None = None, *, conn_retries: int = 5, **kwargs: Any) -> ArqRedis:
+    """An arq Redis pool that speaks the worker's serializer. ``redis_url`` defaults to ``REDIS_URL``;
+    ``conn_retries`` is how many times a failed first connection is retried, a second apart."""
+    settings = RedisSettings.from_dsn(redis_url or os.environ.get("REDIS_URL", DEFAULT_REDIS_URL))
+    settings.conn_retries = conn_retries
+    return await arq_create_pool(settings, job_serializer=serialize, job_deserializer=deserialize, **kwargs)
 
 
 async def startup(ctx: dict[str, Any]) -> None:

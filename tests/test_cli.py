@@ -1,0 +1,257 @@
+"""The cgb-worker CLI, run as a subprocess against a real Redis and the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cgb_worker.deadletters import DeadLetters
+from cgb_worker.simulator import FaultRule
+
+from .conftest import TOKEN, Harness, free_port
+
+CLI = str(Path(sys.executable).parent / "cgb-worker")
+
+
+async def cli(harness: Harness, *args: str, env: dict[str, str | None] | None = None) -> tuple[int, str, str]:
+    """Run the CLI without blocking the event loop (the simulator is served from it)."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("CGB_", "WORKER_", "LOG_", "REDIS_"))}
+    full.update(harness.env)
+    for key, value in (env or {}).items():
+        if value is None:
+            full.pop(key, None)
+        else:
+            full[key] = value
+    proc = await asyncio.create_subprocess_exec(
+        CLI, *args, env=full, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["check"],
+        ["flows"],
+        ["send"],
+        ["dead-letters"],
+        ["dead-letters", "list"],
+        ["dead-letters", "show"],
+        ["dead-letters", "replay"],
+        ["dead-letters", "purge"],
+        ["simulator"],
+    ],
+)
+async def test_help(harness: Harness, args: list[str]) -> None:
+    code, out, _ = await cli(harness, *args, "--help")
+    assert code == 0
+    assert "Usage: cgb-worker" in out
+
+
+async def test_check_ok(harness: Harness) -> None:
+    code, out, err = await cli(harness, "check")
+    assert (code, err) == (0, "")
+    assert "configuration  ok" in out
+    assert "redis          ok (redis://127.0.0.1:" in out
+    assert "cgb            ok" in out
+    assert "account 'cgb-worker simulator', page 1000001" in out
+    assert "template       visa_approved -> 1752250957765 ok (flow 'visa_approved')" in out
+    assert TOKEN not in out
+
+
+async def test_check_reports_a_missing_flow(harness: Harness) -> None:
+    code, out, err = await cli(harness, "check", env={"CGB_TEMPLATE_VISA_DENIED": "999"})
+    assert code == 1
+    assert "template       visa_denied -> 999 MISSING: the account has no such flow" in out
+    assert err == "cgb-worker: check failed\n"
+
+
+async def test_check_reports_every_configuration_problem(harness: Harness) -> None:
+    code, out, err = await cli(
+        harness, "check", env={"CGB_API_KEY": None, "CGB_TIMEOUT": "x", "CGB_RETRY_ATTEMPTS": "-1"}
+    )
+    assert code == 2
+    assert out == ""
+    assert "invalid configuration" in err
+    for name in ("CGB_API_KEY", "CGB_TIMEOUT", "CGB_RETRY_ATTEMPTS"):
+        assert f"  - {name}" in err
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        ({"CGB_API_KEY": "1000001.WrongWrongWrongWrongWrongWrong"}, "cgb            FAILED: CGBAuthError"),
+        ({"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, "redis          FAILED: ConnectionError"),
+    ],
+    ids=["wrong-key", "redis-down"],
+)
+async def test_check_fails_on_an_unreachable_dependency(harness: Harness, env: dict[str, str], line: str) -> None:
+    code, out, _ = await cli(harness, "check", env=env)  # type: ignore[arg-type]
+    assert code == 1
+    assert line in out
+    assert "1000001.Wrong" not in out
+
+
+async def test_flows(harness: Harness) -> None:
+    code, out, _ = await cli(harness, "flows", env={"CGB_TEMPLATE_GONE": "42"})
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["flow", "id", "name", "templates"]
+    assert any(line.startswith("1752250957765") and "visa_approved, visa_approved (by name)" in line for line in lines)
+    assert any(line.startswith("1752250957766") and "documents_needed (by name)" in line for line in lines)
+    assert any(line.startswith("42") and "(no such flow)" in line and "gone" in line for line in lines)
+
+
+async def test_send_enqueues_and_the_worker_sends(harness: Harness) -> None:
+    code, out, _ = await cli(
+        harness,
+        "send",
+        "--to",
+        "+972500000001",
+        "--template",
+        "visa_approved",
+        "--var",
+        "first_name=Dana",
+        "--var",
+        "visa_type=work",
+    )
+    assert code == 0
+    assert out.startswith("enqueued ")
+    await harness.run()
+    assert [m["text"] for m in harness.sim.state.outbox] == ["Hello Dana, your work visa is approved."]
+
+
+async def _run_worker_when_queued(harness: Harness, redis_client: Any) -> None:
+    deadline = time.monotonic() + 20
+    while not await redis_client.zcard("arq:queue"):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    await harness.run()
+
+
+async def test_send_wait_prints_the_result(harness: Harness, redis_client: Any) -> None:
+    task = asyncio.ensure_future(cli(harness, "send", "--to", "+1 202 555 0100", "--message", "hi", "--wait"))
+    await _run_worker_when_queued(harness, redis_client)
+    code, out, _ = await task
+    assert code == 0
+    result = json.loads(out.split("\n", 1)[1])
+    assert (result["success"], result["to"], result["kind"]) == (True, "+12025550100", "text")
+
+
+async def test_send_wait_reports_the_error(harness: Harness, redis_client: Any) -> None:
+    task = asyncio.ensure_future(cli(harness, "send", "--to", "+972 12", "--message", "hi", "--wait"))
+    await _run_worker_when_queued(harness, redis_client)
+    code, out, err = await task
+    assert code == 1
+    assert out.startswith("enqueued ")
+    assert err == "cgb-worker: InvalidPhoneError: phone is too short\n"
+
+
+async def test_send_usage_errors(harness: Harness) -> None:
+    code, _, err = await cli(harness, "send", "--to", "+972500000001", "--var", "novalue")
+    assert code == 2
+    assert "'novalue' is not key=value" in err
+    code, _, err = await cli(harness, "send", "--message", "hi")
+    assert code == 2
+    assert "Missing option '--to'" in err
+
+
+async def test_send_refuses_a_duplicate_job_id(harness: Harness) -> None:
+    first = await cli(harness, "send", "--to", "+972500000001", "--message", "hi", "--job-id", "visa-123")
+    second = await cli(harness, "send", "--to", "+972500000001", "--message", "hi", "--job-id", "visa-123")
+    assert first[0] == 0
+    assert second[0] == 1
+    assert second[2] == "cgb-worker: a job with id 'visa-123' already exists\n"
+
+
+async def test_dead_letters_list_show_replay_purge(harness: Harness, redis_client: Any) -> None:
+    harness.sim.state.faults.append(FaultRule(status=401, path="/send/text$", count=2))
+    jobs = await harness.enqueue({"to": "+972500000001", "message": "one"}, {"to": "+12025550100", "message": "two"})
+    await harness.run()
+    code, out, _ = await cli(harness, "dead-letters", "list")
+    assert code == 0
+    assert out.splitlines()[0] == "2 dead letter(s)"
+    assert "+972*******01" in out
+    assert "CGBAuthError: HTTP 401 on send_text: Injected 401" in out
+    assert "972500000001" not in out
+
+    code, out, _ = await cli(harness, "dead-letters", "show", jobs[0].job_id)
+    shown = json.loads(out)
+    assert (shown["job_id"], shown["payload"]["to"], shown["attempts"]) == (jobs[0].job_id, "+972*******01", 1)
+
+    code, _, err = await cli(harness, "dead-letters", "show", "nope")
+    assert (code, err) == (1, "cgb-worker: no dead letter 'nope'\n")
+
+    code, out, _ = await cli(harness, "dead-letters", "replay", jobs[0].job_id)
+    assert code == 0
+    assert f"replayed {jobs[0].job_id} as " in out
+    code, _, err = await cli(harness, "dead-letters", "replay")
+    assert (code, err) == (2, "cgb-worker: give one JOB_ID or --all\n")
+    code, out, _ = await cli(harness, "dead-letters", "replay", "--all")
+    assert code == 0
+    assert "1 job(s) enqueued again" in out
+    await harness.run()
+    assert sorted(m["text"] for m in harness.sim.state.outbox) == ["one", "two"]
+
+    await DeadLetters(redis_client).add(
+        job_id="x",
+        function="whatsapp_send",
+        payload={"to": "+972500000009"},
+        error=ValueError("v"),
+        attempts=1,
+        enqueued_at=None,
+    )
+    code, _, err = await cli(harness, "dead-letters", "purge")
+    assert code == 1  # no --yes and no terminal to say yes
+    code, out, _ = await cli(harness, "dead-letters", "purge", "--yes")
+    assert (code, out) == (0, "purged 1 dead letter(s)\n")
+
+
+async def test_redis_unreachable_is_one_line(harness: Harness) -> None:
+    code, _, err = await cli(harness, "dead-letters", "list", env={"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    assert code == 1
+    assert err.startswith("cgb-worker: cannot reach Redis: ConnectionError")
+    assert len(err.strip().splitlines()) == 1
+
+
+async def test_simulator_command(harness: Harness) -> None:
+    import aiohttp
+
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        CLI,
+        "simulator",
+        "--port",
+        str(port),
+        "--token",
+        "t0k",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        async with aiohttp.ClientSession() as http:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    async with http.get(
+                        f"http://127.0.0.1:{port}/api/accounts/me", headers={"X-ACCESS-TOKEN": "t0k"}
+                    ) as r:
+                        assert r.status == 200
+                        assert (await r.json())["page_id"] == 1000001
+                        break
+                except aiohttp.ClientConnectionError:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.1)
+    finally:
+        proc.terminate()
+        await proc.wait()
