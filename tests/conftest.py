@@ -207,3 +207,10 @@ async def harness(
         yield h
     finally:
         await h.close()
+
+
+@pytest.fixture
+def worker_env(harness: Harness) -> dict[str, str]:
+    """The environment a worker subprocess needs: the harness's settings on top of PATH and HOME."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("CGB_", "WORKER_", "LOG_", "REDIS_", "METRICS_"))}
+    return {**base, **harness.env}
