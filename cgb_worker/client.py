@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -48,6 +48,15 @@ WHATSAPP = "whatsapp"
 FILE_TYPES: Mapping[str, str] = {"image": "image", "document": "file", "video": "video", "audio": "audio"}
 """Our ``fileType`` names to the ``type`` CGB's send/file takes (documents are ``file``)."""
 
+
+class Limiter(Protocol):
+    """What the client asks before every request (see :mod:`cgb_worker.ratelimit`)."""
+
+    async def acquire(self) -> None: ...
+
+    async def penalize(self, retry_after: float | None) -> None: ...
+
+
 RequestHook = Callable[[str, int | None, float], None]
 """Called after every request with (endpoint, HTTP status or None on transport failure, seconds)."""
 
@@ -65,8 +74,10 @@ class CGBClient:
         base_url: str = "https://app.chatgptbuilder.io/api",
         timeout: float = 30.0,
         on_request: RequestHook | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self._session = session
+        self._limiter = limiter
         self._base_url = base_url.rstrip("/")
         self._headers = {
             "X-ACCESS-TOKEN": api_key.get_secret_value(),
@@ -226,6 +237,8 @@ class CGBClient:
         elif form is not None:
             data = urlencode(dict(form)).encode()
             headers = {**headers, "Content-Type": "application/x-www-form-urlencoded"}
+        if self._limiter is not None:
+            await self._limiter.acquire()
         started = time.perf_counter()
         status: int | None = None
         try:
@@ -253,6 +266,8 @@ class CGBClient:
         body = _decode(raw)
         error = error_for_response(status, body, endpoint=endpoint, retry_after=retry_after, size=len(raw))
         if error is not None:
+            if isinstance(error, CGBRateLimitError) and self._limiter is not None:
+                await self._limiter.penalize(error.retry_after)
             raise error
         if body is _UNDECODABLE:
             if expect_json:

@@ -10,6 +10,7 @@ The tree (``retryable`` is a class attribute, decided by the base class, never b
     │   └── UnknownVariableError        a variable with no custom field, or a value its type cannot take
     ├── SendOutcomeUnknownError         a send may have gone out and policy forbids sending again (permanent)
     ├── BusyError                       another job holds this contact's lock (retryable)
+    ├── ThrottledError                  our own fleet-wide rate limit says wait (retryable, not counted)
     ├── StoreUnavailableError           Redis failed in the middle of a job (retryable)
     ├── JobFailedError                  the job died of an exception that is not ours (``error_type`` names it)
     └── CGBError                        talking to CGB failed
@@ -89,6 +90,22 @@ class BusyError(CGBWorkerError):
     """Another job is creating this contact or writing its fields; the job is retried shortly."""
 
     retryable = True
+
+
+class ThrottledError(CGBWorkerError):
+    """The fleet-wide CGB rate limit has no slot for a while; the job is deferred by ``retry_after``.
+
+    Such deferrals do not use up ``CGB_RETRY_ATTEMPTS``: nothing failed.
+    """
+
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "retry_after": self.retry_after}
 
 
 class StoreUnavailableError(CGBWorkerError):
@@ -210,6 +227,7 @@ _ALL: dict[str, type[CGBWorkerError]] = {
         UnknownVariableError,
         SendOutcomeUnknownError,
         BusyError,
+        ThrottledError,
         StoreUnavailableError,
         JobFailedError,
         CGBError,
@@ -240,6 +258,8 @@ def error_from_dict(data: dict[str, Any]) -> CGBWorkerError:
     message = str(data.get("message", ""))
     if issubclass(cls, ConfigError):
         return cls(list(data.get("problems") or [message]))
+    if issubclass(cls, ThrottledError):
+        return cls(message, retry_after=data.get("retry_after"))
     if issubclass(cls, JobFailedError):
         return cls(message, error_type=str(data.get("error_type") or "Exception"))
     if issubclass(cls, CGBAPIError):

@@ -20,8 +20,9 @@ Retries: a retryable error (transport, timeout, 429, 5xx, a busy lock, a Redis e
 with full-jitter exponential backoff, ``uniform(0, min(CGB_RETRY_MAX_DELAY, CGB_RETRY_BASE_DELAY * 2 ** (try - 1)))``,
 never shorter than CGB's ``Retry-After``. After ``CGB_RETRY_ATTEMPTS`` retries, or at once for a permanent
 error, the job fails with the real error (stored for ``Job.result()`` and in the dead-letter store). Each
-try stops itself 30 s before arq's ``job_timeout`` and counts as a retryable timeout, so arq's own
-timeout, which is never retried, is not reached.
+try stops itself 30 s (or a quarter of a short timeout) before arq's ``job_timeout`` and counts as a
+retryable timeout, so arq's own timeout, which is never retried, is not reached. Deferrals by the
+fleet-wide rate limit (:mod:`cgb_worker.ratelimit`) are not failures and use up no attempt.
 
 Sends are never repeated once CGB acknowledged them (:mod:`cgb_worker.sends`). When an earlier try of
 the same job may have sent (it timed out after the request left, or the worker died between sending and
@@ -62,13 +63,14 @@ from .errors import (
     InvalidJobError,
     SendOutcomeUnknownError,
     StoreUnavailableError,
+    ThrottledError,
 )
 from .locks import redis_lock
 from .metrics import Metrics
 from .models import FileType, Scalar, SendJob, SendResult, SetFieldValue
 from .phones import mask_phone, normalize_phone
 from .sends import RESULT, SENDING, SENT, SendLog
-from .settings import JOB_DEADLINE_MARGIN, Settings
+from .settings import Settings, job_deadline
 from .templates import TemplateResolver
 
 MAX_TEXT = 4096
@@ -205,7 +207,7 @@ async def whatsapp_send(ctx: dict[str, Any], payload: Any = None, **fields: Any)
     raw: Any = payload if payload is not None else fields
     log = logger.bind(job_id=job_id, job_try=job_try)
     started = time.monotonic()
-    deadline = settings.worker.job_timeout - JOB_DEADLINE_MARGIN
+    deadline = job_deadline(settings.worker.job_timeout)
     event = _Event()
     try:
         if payload is not None and fields:
@@ -217,11 +219,21 @@ async def whatsapp_send(ctx: dict[str, Any], payload: Any = None, **fields: Any)
             raise CGBTimeoutError(f"the job did not finish within {deadline:.0f} s") from None
         except RedisError as exc:
             raise StoreUnavailableError(f"Redis failed during the job: {type(exc).__name__}") from exc
+    except ThrottledError as exc:
+        # Our own rate limit, not a failure: wait for the slot, without using up a retry.
+        async with services.redis.pipeline(transaction=False) as pipe:
+            pipe.incr(_throttle_key(job_id))
+            pipe.expire(_throttle_key(job_id), 86400)
+            await pipe.execute()
+        delay = (exc.retry_after or 1.0) * (1 + random.random() * 0.5)  # noqa: S311 - jitter
+        event.finish(log, started, "throttled", "ThrottledError").info("throttled; deferred {:.1f}s", delay)
+        raise Retry(defer=delay) from exc
     except Exception as exc:
         error_class = type(exc).__name__
-        if isinstance(exc, CGBWorkerError) and exc.retryable and job_try <= settings.retry_attempts:
+        tries = job_try - await _throttled(services, job_id)
+        if isinstance(exc, CGBWorkerError) and exc.retryable and tries <= settings.retry_attempts:
             delay = retry_delay(
-                job_try,
+                tries,
                 base=settings.retry_base_delay,
                 cap=settings.retry_max_delay,
                 retry_after=exc.retry_after if isinstance(exc, CGBRateLimitError) else None,
@@ -248,6 +260,18 @@ async def whatsapp_send(ctx: dict[str, Any], payload: Any = None, **fields: Any)
     if services.metrics is not None:
         services.metrics.jobs.labels(result.kind or event.kind, "sent").inc()
     return result
+
+
+def _throttle_key(job_id: str) -> str:
+    return f"cgb:throttled:{job_id}"
+
+
+async def _throttled(services: Services, job_id: str) -> int:
+    """How many of this job's tries were rate-limit deferrals (they do not count as attempts)."""
+    try:
+        return int(await services.redis.get(_throttle_key(job_id)) or 0)
+    except RedisError:
+        return 0
 
 
 @dataclass(slots=True)

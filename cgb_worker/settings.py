@@ -61,8 +61,12 @@ def redact_url(url: str) -> str:
 
 
 MAX_RETRY_ATTEMPTS = 100
-JOB_DEADLINE_MARGIN = 30.0
-"""Seconds a job keeps between its own deadline and arq's ``job_timeout`` (see :mod:`cgb_worker.jobs`)."""
+
+
+def job_deadline(job_timeout: float) -> float:
+    """Seconds a try may run before it stops itself: a margin (30 s, or a quarter of a short timeout) below
+    arq's ``job_timeout``, whose expiry arq never retries."""
+    return job_timeout - min(30.0, job_timeout / 4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +76,9 @@ class WorkerOptions:
     * ``max_jobs`` 100: sends wait on CGB, not on the CPU, so many run at once (arq's 10 caps a worker at
       about 20 sends a second on a 100 ms API).
     * ``poll_delay`` 0.05 s: a free slot is filled on the next poll, so this bounds queueing latency.
-    * ``job_timeout`` 600 s: never reached in practice; each job stops itself 30 s earlier and retries.
+    * ``job_timeout`` 120 s: each try stops itself 30 s earlier and is retried, so arq's own timeout is not
+      reached. It also bounds how long a killed worker's jobs stay locked: arq re-runs them after
+      ``job_timeout + 10`` s.
     * ``health_check_interval`` 10 s: ``arq --check`` notices a dead worker within that (plus one).
     * ``job_completion_wait`` 40 s: on SIGTERM, running sends get this long to finish before being
       cancelled (and re-run elsewhere); above ``CGB_TIMEOUT``, below a container's stop grace period.
@@ -82,7 +88,7 @@ class WorkerOptions:
 
     max_jobs: int = 100
     poll_delay: float = 0.05
-    job_timeout: int = 600
+    job_timeout: int = 120
     health_check_interval: int = 10
     job_completion_wait: int = 40
     keep_result: int = 86400
@@ -110,6 +116,8 @@ class Settings:
     dead_letter_max: int = 10000
     log_level: str = "INFO"
     log_json: bool = False
+    rate_limit: float = 10.0
+    """Requests per second to CGB across every worker on this Redis; 0: no limit."""
     metrics_port: int | None = None
     """Serve Prometheus metrics on this port (all interfaces); None: no metrics server."""
     worker: WorkerOptions = field(default_factory=WorkerOptions)
@@ -132,6 +140,7 @@ class Settings:
             "log_level": self.log_level,
             "log_json": self.log_json,
             "metrics_port": self.metrics_port,
+            "rate_limit": self.rate_limit,
             "worker": self.worker,
         }
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
@@ -176,11 +185,12 @@ def _read(source: Mapping[str, str]) -> Settings:
     log_level = env.str("LOG_LEVEL", "INFO", validate=OneOf(["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"]))
     log_json = env.bool("LOG_JSON", False)
     metrics_port = env.int("METRICS_PORT", None, validate=Range(min=1, max=65535))
+    rate_limit = env.float("CGB_RATE_LIMIT", 10.0, validate=non_negative)
     d = WorkerOptions()
     worker_values = {
         "max_jobs": env.int("WORKER_MAX_JOBS", d.max_jobs, validate=Range(min=1, max=10000)),
         "poll_delay": env.float("WORKER_POLL_DELAY", d.poll_delay, validate=Range(min=0.001, max=10)),
-        "job_timeout": env.int("WORKER_JOB_TIMEOUT", d.job_timeout, validate=Range(min=60)),
+        "job_timeout": env.int("WORKER_JOB_TIMEOUT", d.job_timeout, validate=Range(min=5)),
         "health_check_interval": env.int(
             "WORKER_HEALTH_CHECK_INTERVAL", d.health_check_interval, validate=Range(min=1, max=30)
         ),
@@ -209,9 +219,9 @@ def _read(source: Mapping[str, str]) -> Settings:
     if base_delay is not None and max_delay is not None and max_delay < base_delay:
         problems.append("CGB_RETRY_MAX_DELAY: must be at least CGB_RETRY_BASE_DELAY.")
     job_timeout = worker_values["job_timeout"]
-    if timeout_ms is not None and job_timeout is not None and timeout_ms / 1000 >= job_timeout - JOB_DEADLINE_MARGIN:
+    if timeout_ms is not None and job_timeout is not None and timeout_ms / 1000 >= job_deadline(job_timeout):
         problems.append(
-            f"CGB_TIMEOUT: must be below WORKER_JOB_TIMEOUT minus {JOB_DEADLINE_MARGIN:.0f} s, "
+            f"CGB_TIMEOUT: must be below {job_deadline(job_timeout):g} s (WORKER_JOB_TIMEOUT less its margin), "
             "or a slow CGB would become a job timeout that arq never retries."
         )
 
@@ -257,6 +267,7 @@ def _read(source: Mapping[str, str]) -> Settings:
         log_level=str(log_level),
         log_json=bool(log_json),
         metrics_port=metrics_port,
+        rate_limit=float(rate_limit or 0.0),
         worker=WorkerOptions(**worker_values),  # type: ignore[arg-type]
     )
 

@@ -25,6 +25,7 @@ from .errors import ConfigError
 from .jobs import ARQ_MAX_TRIES, Services, whatsapp_send
 from .logs import setup_logging
 from .metrics import Metrics
+from .ratelimit import RateLimiter
 from .sends import SendLog
 from .serialization import deserialize, serialize
 from .settings import load_settings, peek_worker_options, redact_url
@@ -63,8 +64,14 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["session"] = session
     metrics = Metrics()
     ctx["metrics"] = metrics
+    limiter = RateLimiter(redis, rate=settings.rate_limit) if settings.rate_limit > 0 else None
     client = CGBClient(
-        session, settings.api_key, base_url=settings.api_url, timeout=settings.timeout, on_request=metrics.on_request
+        session,
+        settings.api_key,
+        base_url=settings.api_url,
+        timeout=settings.timeout,
+        on_request=metrics.on_request,
+        limiter=limiter,
     )
     contacts = ContactResolver(
         client, redis, cache_ttl=settings.cache_timeout, lock_ttl=settings.timeout * 4 + 5, on_cache=metrics.on_cache

@@ -139,6 +139,7 @@ class Harness:
             "CGB_RETRY_MAX_DELAY": "0.05",
             "CGB_TIMEOUT": "2000",
             "CGB_TEMPLATE_VISA_APPROVED": "1752250957765",
+            "CGB_RATE_LIMIT": "0",
             "LOG_LEVEL": "DEBUG",
         }
 
