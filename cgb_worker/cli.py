@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, NoReturn, TypeVar
@@ -305,6 +308,54 @@ def dl_purge(yes: bool) -> None:
             await redis.aclose()
 
     click.echo(f"purged {_run(go)} dead letter(s)")
+
+
+# -- run: a supervised worker -----------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--max-restarts", default=0, show_default=True, help="give up after this many restarts (0: never)")
+def run(max_restarts: int) -> None:
+    """Run the worker, and start it again when it dies.
+
+    arq's worker exits when it loses Redis (arq issues #435 and #498) or crashes; this restarts it with a
+    backoff of 1 s doubling to 30 s (reset after a minute of good running). SIGTERM and SIGINT are passed to
+    the worker, which lets running sends finish, and then this exits too. A worker that refuses to start
+    because of its configuration is not restarted.
+    """
+    _settings()  # refuse at once, with every problem listed
+    child: subprocess.Popen[bytes] | None = None
+    stopping = False
+
+    def forward(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    delay, restarts = 1.0, 0
+    while True:
+        started = time.monotonic()
+        child = subprocess.Popen([sys.executable, "-m", "arq", "cgb_worker.WorkerSettings"])
+        code = child.wait()
+        if stopping:
+            sys.exit(0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code)
+        if code == 2:
+            _fail("the worker refused to start", 2)
+        if time.monotonic() - started > 60:
+            delay = 1.0
+        restarts += 1
+        if max_restarts and restarts > max_restarts:
+            _fail(f"the worker exited with {code}; gave up after {max_restarts} restart(s)")
+        click.echo(f"cgb-worker: the worker exited with {code}; restarting it in {delay:g} s", err=True)
+        deadline = time.monotonic() + delay
+        while not stopping and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if stopping:
+            sys.exit(0)
+        delay = min(delay * 2, 30.0)
 
 
 # -- the simulator ----------------------------------------------------------------------------------------

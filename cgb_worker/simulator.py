@@ -24,7 +24,7 @@ connections, each for the next N matching calls or a share of them.
 
 Sim-only endpoints (no token): ``GET /_sim/outbox``, ``GET /_sim/requests``, ``GET /_sim/stats``,
 ``GET /_sim/contacts``, ``POST /_sim/inbound``, ``POST|GET /_sim/config``, ``POST|DELETE /_sim/faults``,
-``POST /_sim/reset``.
+``POST /_sim/outage`` (stop accepting connections for a while), ``POST /_sim/reset``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import random
 import re
+import signal
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -155,6 +156,7 @@ class SimState:
         self.flows = {f.id: f for f in flows}
         self.fields = {f.id: f for f in fields}
         self.random = random.Random(seed)  # noqa: S311 - fault sampling, not security
+        self.listener: Listener | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -616,6 +618,7 @@ async def sim_stats(request: web.Request) -> web.Response:
             "counts": dict(state.counts),
             "contacts": len(state.contacts),
             "outbox": len(state.outbox),
+            "in_flight": state.in_flight,
             "max_in_flight": state.max_in_flight,
         }
     )
@@ -657,6 +660,42 @@ async def sim_faults(request: web.Request) -> web.Response:
     return _ok(state.faults)
 
 
+async def sim_outage(request: web.Request) -> web.Response:
+    """Stop accepting connections for ``seconds``: callers see "connection refused", as in a real outage."""
+    body = await request.json()
+    seconds = float(body.get("seconds", 5))
+    listener = request.app[STATE].listener
+    if listener is None:
+        return _err(501, "this simulator was not started with a listener it can close")
+    asyncio.get_running_loop().call_later(0.05, lambda: asyncio.ensure_future(listener.outage(seconds)))
+    return _ok({"success": True, "seconds": seconds})
+
+
+class Listener:
+    """The simulator's listening socket, which it can close for a while and open again on the same port."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int) -> None:
+        self.runner = runner
+        self.host = host
+        self.port = port
+        self.site: web.TCPSite | None = None
+
+    async def start(self) -> int:
+        self.site = web.TCPSite(self.runner, self.host, self.port, reuse_address=True)
+        await self.site.start()
+        server = self.site._server
+        sockets = getattr(server, "sockets", None) or []
+        if sockets:
+            self.port = int(sockets[0].getsockname()[1])
+        return self.port
+
+    async def outage(self, seconds: float) -> None:
+        if self.site is not None:
+            await self.site.stop()
+        await asyncio.sleep(seconds)
+        await self.start()
+
+
 async def sim_reset(request: web.Request) -> web.Response:
     state = request.app[STATE]
     keep_token = state.config.token
@@ -695,6 +734,7 @@ def create_app(state: SimState | None = None, *, legacy_users: bool = True) -> w
     r.add_route("*", "/_sim/config", sim_config)
     r.add_route("*", "/_sim/faults", sim_faults)
     r.add_post("/_sim/reset", sim_reset)
+    r.add_post("/_sim/outage", sim_outage)
     return app
 
 
@@ -712,8 +752,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-request-log", action="store_true", help="keep counts only (for long benchmarks)")
     args = parser.parse_args(argv)
     config = SimConfig(token=args.token, latency=args.latency, record_requests=not args.no_request_log)
-    app = create_app(SimState(config, seed=args.seed))
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+    asyncio.run(_serve(create_app(SimState(config, seed=args.seed)), args.host, args.port))
+
+
+async def _serve(app: web.Application, host: str, port: int) -> None:
+    runner = web.AppRunner(app, access_log=None, handle_signals=True)
+    await runner.setup()
+    listener = Listener(runner, host, port)
+    app[STATE].listener = listener
+    await listener.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
 
 
 if __name__ == "__main__":

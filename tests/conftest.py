@@ -22,7 +22,7 @@ import redis
 import redis.asyncio
 from aiohttp import web
 
-from cgb_worker.simulator import SimConfig, SimState, create_app
+from cgb_worker.simulator import Listener, SimConfig, SimState, create_app
 
 TOKEN = "1000001.TestTokenNotARealOneAbcdefghijklmnop"
 """A fake API key shaped like CGB's (``<digits>.<alphanumerics>``) so leak checks mean something."""
@@ -105,9 +105,8 @@ async def sim() -> AsyncIterator[Sim]:
     state = SimState(SimConfig(token=TOKEN), seed=7)
     runner = web.AppRunner(create_app(state), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    state.listener = Listener(runner, "127.0.0.1", 0)
+    port = await state.listener.start()
     try:
         yield Sim(state, f"http://127.0.0.1:{port}")
     finally:

@@ -487,3 +487,16 @@ def test_runs_as_a_module() -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def test_outage_refuses_connections_then_recovers(http: aiohttp.ClientSession, sim: Sim) -> None:
+    status, body, _ = await call(http, sim, "POST", "/_sim/outage", json={"seconds": 0.5}, headers=None)
+    assert (status, body["seconds"]) == (200, 0.5)
+    await asyncio.sleep(0.2)
+    async with aiohttp.ClientSession() as fresh:  # no kept-alive connection to reuse
+        with pytest.raises(aiohttp.ClientConnectorError):
+            await call(fresh, sim, "GET", "/accounts/me")
+        await asyncio.sleep(0.6)
+        assert (await call(fresh, sim, "GET", "/accounts/me"))[0] == 200
+    _, stats, _ = await call(http, sim, "GET", "/_sim/stats", headers=None)
+    assert stats["in_flight"] == 0
