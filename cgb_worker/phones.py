@@ -14,6 +14,8 @@ CGB's WhatsApp contact id is the E.164 digits without ``+`` (:func:`contact_id_f
 
 from __future__ import annotations
 
+import unicodedata
+
 import phonenumbers
 from phonenumbers import NumberParseException, PhoneNumber, PhoneNumberFormat, ValidationResult
 
@@ -44,6 +46,8 @@ def normalize_phone(raw: object, default_region: str | None = None) -> str:
         raise InvalidPhoneError("phone is empty")
     if len(text) > _MAX_INPUT:
         raise InvalidPhoneError(f"phone is longer than {_MAX_INPUT} characters")
+    if any(unicodedata.category(c).startswith("C") for c in text):
+        raise InvalidPhoneError("phone contains a control or invisible character")
     international = text.startswith(("+", "\uff0b"))  # ASCII or full-width plus
     if not international and default_region is None:
         raise InvalidPhoneError(

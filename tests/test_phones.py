@@ -51,6 +51,8 @@ def test_normalizes_to_e164(raw: str, region: str | None, expected: str) -> None
         ("+972 12 345 6789", None, "not a valid number for country code +972 (IL)"),
         ("+1 202 555 0100 ext. 5", None, "extension"),
         ("+1" + "0" * 80, None, "longer than 64"),
+        ("+972500000001\x00", None, "control or invisible character"),
+        ("+972\u200b500000001", None, "control or invisible character"),  # zero-width space
     ],
 )
 def test_rejects_with_a_reason(raw: str, region: str | None, reason: str) -> None:
