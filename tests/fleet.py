@@ -79,9 +79,11 @@ class Fleet:
         async with aiohttp.ClientSession() as http, http.request(method, self.sim_url + path, json=body) as resp:
             return await resp.json()
 
-    async def start_worker(self, *, supervised: bool = False, **env: str) -> asyncio.subprocess.Process:
+    async def start_worker(
+        self, env: dict[str, str] | None = None, *, supervised: bool = False
+    ) -> asyncio.subprocess.Process:
         args = [str(BIN / "cgb-worker"), "run"] if supervised else [str(BIN / "arq"), "cgb_worker.WorkerSettings"]
-        proc = await self._spawn(*args, env=self.env(**env))
+        proc = await self._spawn(*args, env=self.env(**(env or {})))
         await self._wait_for_log(proc, b"cgb-worker ready")
         return proc
 
@@ -98,9 +100,9 @@ class Fleet:
             self.pool = await create_pool(self.redis_url)
         return [await self.pool.enqueue_job("whatsapp_send", p) for p in payloads]
 
-    async def outcomes(self, jobs: list[Any], timeout: float) -> list[Any]:
-        """Every job's result or exception, waiting at most ``timeout`` in all."""
-        deadline = time.monotonic() + timeout
+    async def outcomes(self, jobs: list[Any], within: float) -> list[Any]:
+        """Every job's result or exception, waiting at most ``within`` seconds in all."""
+        deadline = time.monotonic() + within
 
         async def one(job: Any) -> Any:
             while True:
