@@ -53,8 +53,8 @@ async def test_rate_limit_holds_across_the_fleet(fleet: Fleet) -> None:
     requests = await fleet.sim("GET", "/_sim/requests")
     busiest = busiest_second([r["at"] for r in requests])
     print(f"\nrate limit {limit}/s: {len(requests)} CGB calls, busiest second at the simulator: {busiest}")
-    # Admission is by Redis's clock; arrival at the simulator lags by a few ms of scheduling and network,
-    # which can bring one request of the next window into this one.
+    # The limiter's 1.1 s window absorbs up to 100 ms of variation between admission (Redis's clock) and
+    # arrival here; one more request is allowed for a longer stall of a process on a loaded 2-core machine.
     assert busiest <= limit + 1
     assert texts(await fleet.outbox()) == Counter(f"m{i}" for i in range(40))
 

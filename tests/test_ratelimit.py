@@ -46,7 +46,7 @@ async def test_a_long_wait_is_a_throttle_not_a_sleep(redis_client: Any) -> None:
     assert time.monotonic() - started < 0.3
     assert info.value.retryable is True
     assert info.value.retry_after is not None
-    assert 0.5 < info.value.retry_after <= 1.0
+    assert 0.5 < info.value.retry_after <= 1.1  # the 1.1 s window
 
 
 async def test_a_429_pauses_everyone_and_halves_the_limit(redis_client: Any) -> None:
