@@ -19,6 +19,8 @@ from .client import CGBClient
 from .locks import redis_lock
 from .models import ContactAction
 
+_NOT_READ = object()
+
 CacheHook = Callable[[bool], None]
 """Called with True on a cache hit and False on a miss."""
 
@@ -29,6 +31,10 @@ class ResolvedContact:
     created: bool
     """True only when this call created it, with its own ``actions`` applied."""
     cached: bool
+
+
+def decode_cached(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def phone_key(e164: str) -> str:
@@ -58,8 +64,7 @@ class ContactResolver:
         return f"cgb:contact:{phone_key(e164)}"
 
     async def cached(self, e164: str) -> str | None:
-        value = await self._redis.get(self.cache_key(e164))
-        return value.decode() if isinstance(value, bytes) else value
+        return decode_cached(await self._redis.get(self.cache_key(e164)))
 
     async def forget(self, e164: str) -> None:
         """Drop a cached id that CGB no longer knows (a send answered 404)."""
@@ -73,8 +78,13 @@ class ContactResolver:
         last_name: str | None = None,
         email: str | None = None,
         actions: Sequence[ContactAction] = (),
+        cached: str | object | None = _NOT_READ,
     ) -> ResolvedContact:
-        cached = await self.cached(e164)
+        """The contact for ``e164``. ``cached`` is the cache's value when the caller already read it
+        (the job reads it in the same round trip as its send log)."""
+        if cached is _NOT_READ:
+            cached = await self.cached(e164)
+        assert cached is None or isinstance(cached, str)
         if self._on_cache is not None:
             self._on_cache(cached is not None)
         if cached is not None:

@@ -198,6 +198,7 @@ def _report(all_cases: list[Case], outbox: list[dict[str, Any]], stats: dict[str
     for case in all_cases:
         tries = case.job_try
         if isinstance(case.outcome, dict):
+            tries = case.outcome["attempts"]  # rate-limit deferrals are not attempts
             extra = " (fallback)" if case.outcome.get("fallback") else ""
             got = f"sent {case.outcome['kind']}{extra}"
             ok = case.expect == "sent" and tries == case.expect_tries

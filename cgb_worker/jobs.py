@@ -51,7 +51,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from .client import CGBClient
-from .contacts import ContactResolver, ResolvedContact
+from .contacts import ContactResolver, ResolvedContact, decode_cached
 from .deadletters import DeadLetters
 from .errors import (
     CGBAPIError,
@@ -205,16 +205,19 @@ async def whatsapp_send(ctx: dict[str, Any], payload: Any = None, **fields: Any)
     job_id: str = ctx["job_id"]
     job_try: int = ctx["job_try"]
     raw: Any = payload if payload is not None else fields
-    log = logger.bind(job_id=job_id, job_try=job_try)
     started = time.monotonic()
     deadline = job_deadline(settings.worker.job_timeout)
     event = _Event()
+    attempt = job_try  # arq's try count, less the rate-limit deferrals (read only when there were tries)
+    log = logger.bind(job_id=job_id, job_try=job_try)
     try:
+        if job_try > 1:
+            attempt -= await _throttled(services, job_id)
         if payload is not None and fields:
             raise InvalidJobError("give the payload as one mapping or as keyword fields, not both")
         try:
             async with asyncio.timeout(deadline):
-                result = await _send(services, job_id, job_try, raw, log, event)
+                result = await _send(services, job_id, attempt, raw, log, event)
         except TimeoutError:
             raise CGBTimeoutError(f"the job did not finish within {deadline:.0f} s") from None
         except RedisError as exc:
@@ -230,23 +233,22 @@ async def whatsapp_send(ctx: dict[str, Any], payload: Any = None, **fields: Any)
         raise Retry(defer=delay) from exc
     except Exception as exc:
         error_class = type(exc).__name__
-        tries = job_try - await _throttled(services, job_id)
-        if isinstance(exc, CGBWorkerError) and exc.retryable and tries <= settings.retry_attempts:
+        if isinstance(exc, CGBWorkerError) and exc.retryable and attempt <= settings.retry_attempts:
             delay = retry_delay(
-                tries,
+                attempt,
                 base=settings.retry_base_delay,
                 cap=settings.retry_max_delay,
                 retry_after=exc.retry_after if isinstance(exc, CGBRateLimitError) else None,
             )
             event.finish(log, started, "retry", error_class).warning(
-                "try {} failed with {}: {}; retrying in {:.1f}s", job_try, error_class, exc, delay
+                "attempt {} failed with {}: {}; retrying in {:.1f}s", attempt, error_class, exc, delay
             )
             if services.metrics is not None:
                 services.metrics.retries.labels(error_class).inc()
             raise Retry(defer=delay) from exc
-        await _dead_letter(services, ctx, raw, exc)
+        await _dead_letter(services, ctx, raw, exc, attempt)
         event.finish(log, started, "failed", error_class).error(
-            "failed after {} {}: {}: {}", job_try, "try" if job_try == 1 else "tries", error_class, exc
+            "failed after {} attempt{}: {}: {}", attempt, "" if attempt == 1 else "s", error_class, exc
         )
         if services.metrics is not None:
             services.metrics.jobs.labels(event.kind, "failed").inc()
@@ -290,7 +292,7 @@ class _Event:
         )
 
 
-async def _dead_letter(services: Services, ctx: dict[str, Any], raw: Any, exc: BaseException) -> None:
+async def _dead_letter(services: Services, ctx: dict[str, Any], raw: Any, exc: BaseException, attempts: int) -> None:
     enqueued = ctx.get("enqueue_time")
     try:
         await services.dead_letters.add(
@@ -298,7 +300,7 @@ async def _dead_letter(services: Services, ctx: dict[str, Any], raw: Any, exc: B
             function="whatsapp_send",
             payload=raw,
             error=exc,
-            attempts=ctx["job_try"],
+            attempts=attempts,
             enqueued_at=enqueued.timestamp() if isinstance(enqueued, datetime) else None,
         )
         if services.metrics is not None:
@@ -307,15 +309,19 @@ async def _dead_letter(services: Services, ctx: dict[str, Any], raw: Any, exc: B
         logger.error("could not record a dead letter: {}", type(store_error).__name__)
 
 
-async def _send(services: Services, job_id: str, job_try: int, raw: Any, log: Any, event: _Event) -> SendResult:
-    record = await services.sends.load(job_id)
-    if RESULT in record:
-        # This job already finished (the worker died before arq stored the result): no CGB call at all.
-        return msgspec.msgpack.decode(record[RESULT], type=SendResult)
+async def _send(services: Services, job_id: str, attempt: int, raw: Any, log: Any, event: _Event) -> SendResult:
     settings = services.settings
     plan = validate(raw, default_region=settings.default_region)
     event.kind = plan.kind
-    run = _Run(services, job_id, job_try, record, log)
+    # One round trip for the send log and the contact cache.
+    async with services.redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(SendLog.key(job_id))
+        pipe.get(services.contacts.cache_key(plan.to))
+        record, cached_contact = await pipe.execute()
+    if RESULT in record:
+        # This job already finished (the worker died before arq stored the result): no CGB call at all.
+        return msgspec.msgpack.decode(record[RESULT], type=SendResult)
+    run = _Run(services, job_id, attempt, record, log)
 
     kind: Kind = plan.kind
     flow_id: str | None = None
@@ -334,9 +340,15 @@ async def _send(services: Services, job_id: str, job_try: int, raw: Any, log: An
                 writes.append(SetFieldValue(custom_field.name, value))
                 field_ids.append((custom_field.id, value))
 
+    known: str | object | None = decode_cached(cached_contact)
     for pass_ in (1, 2):
         contact = await services.contacts.resolve(
-            plan.to, first_name=plan.first_name, last_name=plan.last_name, email=plan.email, actions=writes
+            plan.to,
+            first_name=plan.first_name,
+            last_name=plan.last_name,
+            email=plan.email,
+            actions=writes,
+            cached=known,
         )
         try:
             await _deliver(services, run, plan, kind, contact, flow_id, field_ids)
@@ -347,6 +359,7 @@ async def _send(services: Services, job_id: str, job_try: int, raw: Any, log: An
             # The cached id is gone from CGB (deleted or merged): look the phone up again, once.
             log.warning("cached contact not found in CGB: resolving the phone again")
             await services.contacts.forget(plan.to)
+            known = None
 
     assert run.result is not None, "the last send step sets the result"
     return run.result
@@ -355,10 +368,10 @@ async def _send(services: Services, job_id: str, job_try: int, raw: Any, log: An
 class _Run:
     """One try of one job: records each send step before and after it, and builds the result."""
 
-    def __init__(self, services: Services, job_id: str, job_try: int, record: dict[bytes, bytes], log: Any) -> None:
+    def __init__(self, services: Services, job_id: str, attempt: int, record: dict[bytes, bytes], log: Any) -> None:
         self.services = services
         self.job_id = job_id
-        self.job_try = job_try
+        self.attempt = attempt
         self.record = record
         self.log = log
         self.possible_duplicate = False
@@ -410,7 +423,7 @@ async def _deliver(
         kind=kind,
         flow_id=flow_id,
         fallback=kind == "text" and plan.kind == "template",
-        attempts=run.job_try,
+        attempts=run.attempt,
     )
     if kind == "text":
         assert plan.message is not None

@@ -3,7 +3,8 @@
 * Every record passes :func:`mask_text`, which hides any run of eight or more digits (a phone number in
   any spelling, ``+972 50-000-0001`` included), keeping the country code and the last two digits.
 * arq logs each job's arguments when it starts; those hold the phone, the text and names, so the argument
-  list is dropped from that line (the job id stays).
+  list is dropped from that line (the job id stays). Its per-job INFO lines are shown only at DEBUG: the
+  job event line we write says the same.
 * ``diagnose`` (loguru's variable values in tracebacks) is off unless ``LOG_DIAGNOSE=true`` in development:
   values in frames can be tokens or phones.
 * ``LOG_JSON=true`` writes one JSON object per line for log pipelines.
@@ -102,3 +103,7 @@ def setup_logging(level: str = "INFO", *, json_lines: bool = False, diagnose: bo
     for name in ("arq", "arq.worker", "arq.jobs", "arq.connections"):
         logging.getLogger(name).handlers = []
         logging.getLogger(name).propagate = True
+    # arq's worker logs two INFO lines per job that repeat our own job event (and cost a tenth of a cached
+    # send's CPU); below DEBUG only its warnings and errors come through.
+    verbose = logging.getLevelName(level) <= logging.DEBUG
+    logging.getLogger("arq.worker").setLevel(logging.DEBUG if verbose else logging.WARNING)

@@ -14,6 +14,7 @@ CGB's WhatsApp contact id is the E.164 digits without ``+`` (:func:`contact_id_f
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 
 import phonenumbers
@@ -41,6 +42,13 @@ def normalize_phone(raw: object, default_region: str | None = None) -> str:
     """Return ``raw`` as E.164, or raise :class:`InvalidPhoneError` naming the problem."""
     if not isinstance(raw, str):
         raise InvalidPhoneError(f"phone must be a string, got {type(raw).__name__}")
+    return _normalize(raw, default_region)
+
+
+@functools.lru_cache(maxsize=8192)
+def _normalize(raw: str, default_region: str | None) -> str:
+    # Cached: the same numbers come back again and again, and parsing is the costliest step of a cached
+    # send after the network. Errors are not cached (lru_cache does not keep exceptions).
     text = raw.strip()
     if not text:
         raise InvalidPhoneError("phone is empty")

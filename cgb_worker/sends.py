@@ -28,11 +28,6 @@ class SendLog:
     def key(job_id: str) -> str:
         return f"cgb:sends:{job_id}"
 
-    async def load(self, job_id: str) -> dict[bytes, bytes]:
-        """Every step's state, and the finished result under ``result``."""
-        record: dict[bytes, bytes] = await self._redis.hgetall(self.key(job_id))  # type: ignore[misc]
-        return record
-
     async def mark(self, job_id: str, step: str, state: bytes, *, result: bytes | None = None) -> None:
         mapping: dict[str | bytes, bytes] = {step: state}
         if result is not None:

@@ -107,6 +107,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     metrics: Metrics | None = ctx.get("metrics")
     if metrics is not None:
         metrics.close()
+    logger.info("cgb-worker stopped")
 
 
 _REDIS_URL, _OPTIONS = peek_worker_options()

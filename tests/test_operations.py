@@ -83,7 +83,7 @@ async def test_metrics_are_scraped_after_real_jobs(harness: Harness, monkeypatch
 
 
 async def test_json_log_lines_carry_the_job_event(harness: Harness, capfd: Any) -> None:
-    harness.set_env(LOG_JSON="true", LOG_LEVEL="INFO")
+    harness.set_env(LOG_JSON="true", LOG_LEVEL="DEBUG")
     harness.sim.state.faults.append(FaultRule(status=429, retry_after="0", count=1, path="/send/text$"))
     [job] = await harness.enqueue({"to": "+972500000001", "message": "hi"})
     await harness.run()

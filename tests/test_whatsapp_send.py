@@ -512,15 +512,15 @@ async def test_redis_failure_mid_job_is_retried(harness: Harness, monkeypatch: p
 
     from cgb_worker.sends import SendLog
 
-    real_load = SendLog.load
+    real_mark = SendLog.mark
     failures = iter([True])
 
-    async def flaky_load(self: SendLog, job_id: str) -> dict[bytes, bytes]:
+    async def flaky_mark(self: SendLog, job_id: str, step: str, state: bytes, **kwargs: Any) -> None:
         if next(failures, False):
             raise RedisConnectionError("Connection reset by peer")
-        return await real_load(self, job_id)
+        await real_mark(self, job_id, step, state, **kwargs)
 
-    monkeypatch.setattr(SendLog, "load", flaky_load)
+    monkeypatch.setattr(SendLog, "mark", flaky_mark)
     [job] = await harness.enqueue({"to": A, "message": "after a Redis blip"})
     await harness.run()
     result = await harness.outcome(job)

@@ -1,0 +1,22 @@
+"""The baseline: an arq job that does nothing, with exactly the worker settings cgb-worker uses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from arq.worker import func
+
+from cgb_worker.worker import WorkerSettings
+
+
+async def whatsapp_send(ctx: dict[str, Any], payload: Any = None, **fields: Any) -> dict[str, Any]:
+    return {"success": True}
+
+
+# arq reads a settings class's own __dict__, so the copy is a dict: every knob the same, the job a no-op.
+settings: dict[str, Any] = {
+    **{k: v for k, v in vars(WorkerSettings).items() if not k.startswith("__")},
+    "functions": [func(whatsapp_send, name="whatsapp_send")],
+    "on_startup": None,
+    "on_shutdown": None,
+}
