@@ -162,9 +162,10 @@ async def run_batch(stack: Stack, payloads: list[Any], *, within: float = 600) -
     """Enqueue, wait for every result; jobs per second from the first start to the last finish."""
     pool = await create_pool(stack.redis_url)
     try:
-        jobs = []
+        jobs: list[Any] = []
         for i in range(0, len(payloads), 500):
             jobs += await asyncio.gather(*(pool.enqueue_job("whatsapp_send", p) for p in payloads[i : i + 500]))
+        assert all(j is not None for j in jobs)
         deadline = time.monotonic() + within
         infos = []
         for job in jobs:
@@ -239,7 +240,7 @@ async def new_contact_calls(stack: Stack, n: int) -> float:
     await run_batch(stack, [{"to": f"+1303555{i:04d}", "message": "new"} for i in range(n)])
     after = (await sim_stats(stack))["counts"].get("total", 0)
     stack.stop(worker)
-    return (after - before) / n
+    return float(after - before) / n
 
 
 async def latency_bound(stack: Stack, max_jobs: int, latency: float, seconds: float) -> dict[str, float]:

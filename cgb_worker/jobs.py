@@ -313,11 +313,8 @@ async def _send(services: Services, job_id: str, attempt: int, raw: Any, log: An
     settings = services.settings
     plan = validate(raw, default_region=settings.default_region)
     event.kind = plan.kind
-    # One round trip for the send log and the contact cache.
-    async with services.redis.pipeline(transaction=False) as pipe:
-        pipe.hgetall(SendLog.key(job_id))
-        pipe.get(services.contacts.cache_key(plan.to))
-        record, cached_contact = await pipe.execute()
+    # One command for the send log and the contact cache.
+    record, cached_contact = await services.sends.load_with(job_id, services.contacts.cache_key(plan.to))
     if RESULT in record:
         # This job already finished (the worker died before arq stored the result): no CGB call at all.
         return msgspec.msgpack.decode(record[RESULT], type=SendResult)

@@ -37,11 +37,16 @@ class Metrics:
         )
         self.cache = Counter("cgb_contact_cache", "Contact cache lookups", ["result"], registry=self.registry)
         self.dead_letters = Gauge("cgb_dead_letters", "Entries in the dead-letter store", registry=self.registry)
+        self._request_children: dict[tuple[str, int | None], Any] = {}
         self._server: Any = None
         self._thread: threading.Thread | None = None
 
     def on_request(self, endpoint: str, status: int | None, seconds: float) -> None:
-        self.requests.labels(endpoint, str(status) if status is not None else "error").observe(seconds)
+        child = self._request_children.get((endpoint, status))
+        if child is None:  # .labels() is a lookup with locking; keep the children it hands out
+            child = self.requests.labels(endpoint, str(status) if status is not None else "error")
+            self._request_children[(endpoint, status)] = child
+        child.observe(seconds)
 
     def on_cache(self, hit: bool) -> None:
         self.cache.labels("hit" if hit else "miss").inc()

@@ -100,6 +100,7 @@ def contact_id_for(e164: str) -> str:
     return e164.lstrip("+")
 
 
+@functools.lru_cache(maxsize=8192)
 def mask_phone(phone: str) -> str:
     """A phone number fit for logs: the country code and the last two digits, the rest hidden.
 
