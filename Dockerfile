@@ -31,4 +31,5 @@ HEALTHCHECK --interval=15s --timeout=10s --start-period=20s --retries=2 \
     CMD ["arq", "--check", "cgb_worker.WorkerSettings"]
 # SIGTERM lets running sends finish for WORKER_JOB_COMPLETION_WAIT (40 s): give the container longer to stop.
 STOPSIGNAL SIGTERM
-CMD ["arq", "cgb_worker.WorkerSettings"]
+# cgb-worker run: the worker on CGBWorker (see cgb_worker/worker.py), restarted if it dies (e.g. Redis lost).
+CMD ["cgb-worker", "run"]

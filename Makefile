@@ -50,6 +50,10 @@ format: install
 demo: install redis-bin
 	$(VENV)/python -m cgb_worker.demo
 
+# Writes BENCHMARKS.md (about five minutes; the machine should be otherwise idle).
+bench: install redis-bin
+	$(VENV)/python -m benchmarks.run
+
 unit: install redis-bin
 	$(VENV)/coverage erase
 	$(VENV)/coverage run -m pytest $(PYTEST_ARGS)

@@ -6,7 +6,7 @@ from typing import Any
 
 from arq.worker import func
 
-from cgb_worker.worker import WorkerSettings
+from cgb_worker.worker import CGBWorker, WorkerSettings
 
 
 async def whatsapp_send(ctx: dict[str, Any], payload: Any = None, **fields: Any) -> dict[str, Any]:
@@ -20,3 +20,7 @@ settings: dict[str, Any] = {
     "on_startup": None,
     "on_shutdown": None,
 }
+
+
+if __name__ == "__main__":
+    CGBWorker(**settings).run()

@@ -75,7 +75,8 @@ class WorkerOptions:
 
     * ``max_jobs`` 100: sends wait on CGB, not on the CPU, so many run at once (arq's 10 caps a worker at
       about 20 sends a second on a 100 ms API).
-    * ``poll_delay`` 0.05 s: a free slot is filled on the next poll, so this bounds queueing latency.
+    * ``poll_delay`` 0.01 s: arq fills a free slot only on its next poll, so with 200 ms sends a 50 ms poll
+      would leave each slot idle a tenth of the time. An idle worker pays one small Redis read per poll.
     * ``job_timeout`` 120 s: each try stops itself 30 s earlier and is retried, so arq's own timeout is not
       reached. It also bounds how long a killed worker's jobs stay locked: arq re-runs them after
       ``job_timeout + 10`` s.
@@ -87,7 +88,7 @@ class WorkerOptions:
     """
 
     max_jobs: int = 100
-    poll_delay: float = 0.05
+    poll_delay: float = 0.01
     job_timeout: int = 120
     health_check_interval: int = 10
     job_completion_wait: int = 40

@@ -1,5 +1,9 @@
 """The arq worker: ``arq cgb_worker.WorkerSettings``, and :func:`create_pool` for producers.
 
+``python -m cgb_worker.worker`` (what ``cgb-worker run`` starts) runs the same settings on
+:class:`CGBWorker`, an arq ``Worker`` that skips, on each poll, the jobs it is already running instead of
+asking Redis about each one; with a few hundred jobs in flight that is most of a poll's cost.
+
 ``on_startup`` reads the settings (a bad configuration stops the worker at once with one message listing
 every problem), sets up logging, opens the one ``aiohttp.ClientSession`` the worker has, checks Redis and
 builds the CGB client, contact resolver and template services into ``ctx["cgb"]``. ``on_shutdown``
@@ -15,7 +19,7 @@ import aiohttp
 from arq import ArqRedis
 from arq import create_pool as arq_create_pool
 from arq.connections import RedisSettings
-from arq.worker import func
+from arq.worker import Worker, func, get_kwargs
 from loguru import logger
 
 from .client import CGBClient
@@ -130,3 +134,26 @@ class WorkerSettings:
     keep_result = _OPTIONS.keep_result
     max_tries = ARQ_MAX_TRIES
     log_results = False  # results carry the phone number
+
+
+class CGBWorker(Worker):
+    """arq's Worker, but a poll does not re-check the jobs this worker is running.
+
+    arq reads the head of the queue on every poll, and jobs stay there while they run; for each id it then
+    asks Redis (WATCH, EXISTS, ZSCORE) whether the job is running somewhere. The jobs running here are known
+    without asking, so they are dropped from the list first. Which jobs run, and when, is unchanged.
+    """
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        running = self.tasks
+        await super().start_jobs([j for j in job_ids if j.decode() not in running])
+
+
+def main() -> None:
+    """Run the worker on :class:`CGBWorker` (``arq cgb_worker.WorkerSettings`` runs it on arq's own)."""
+    setup_logging(os.environ.get("LOG_LEVEL", "INFO"), json_lines=os.environ.get("LOG_JSON", "").lower() == "true")
+    CGBWorker(**get_kwargs(WorkerSettings)).run()  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    main()

@@ -149,3 +149,22 @@ def test_make_demo_runs_the_whole_product() -> None:
     assert "contacts created: 4 for 4 numbers" in out
     assert "Hello Dana, your B-2 visa is approved." in out
     assert "972500000001" not in out  # phones are masked in the report too
+
+
+async def test_cgb_worker_polls_skip_its_own_running_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from arq.worker import Worker
+
+    from cgb_worker.worker import CGBWorker
+
+    seen: list[list[bytes]] = []
+
+    async def record(self: Worker, job_ids: list[bytes]) -> None:
+        seen.append(job_ids)
+
+    monkeypatch.setattr(Worker, "start_jobs", record)
+    from cgb_worker.jobs import whatsapp_send
+
+    worker = CGBWorker(functions=[whatsapp_send], redis_settings=RedisSettings(), handle_signals=False)
+    worker.tasks["running-here"] = cast(Any, object())
+    await worker.start_jobs([b"running-here", b"queued", b"running-elsewhere"])
+    assert seen == [[b"queued", b"running-elsewhere"]]
