@@ -114,14 +114,14 @@ class Stack:
             **extra,
         }
 
-    def start_worker(self, target: str = "cgb_worker.WorkerSettings", **extra: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "arq", target],
-            env=self.env(**extra),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=ROOT,
-        )
+    def start_worker(self, module: str = "cgb_worker.worker", **extra: str) -> subprocess.Popen[bytes]:
+        """``python -m cgb_worker.worker`` (what ``cgb-worker run`` starts); ``arq`` for arq's own Worker."""
+        if module == "arq":
+            args = [sys.executable, "-m", "arq", "cgb_worker.WorkerSettings"]
+        else:
+            args = [sys.executable, "-m", module]
+        with (self.workdir / f"worker{len(self.procs)}.log").open("wb") as log:
+            proc = subprocess.Popen(args, env=self.env(**extra), stdout=log, stderr=log, cwd=ROOT)
         self.procs.append(proc)
         return proc
 
@@ -199,7 +199,8 @@ async def wait_ready(stack: Stack, proc: subprocess.Popen[bytes]) -> None:
             if await r.exists("arq:queue:health-check"):
                 return
             if proc.poll() is not None:
-                raise RuntimeError("worker exited")
+                logs = sorted(stack.workdir.glob("worker*.log"), key=lambda p: p.stat().st_mtime)
+                raise RuntimeError("worker exited:\n" + logs[-1].read_text(errors="replace")[-3000:])
             await asyncio.sleep(0.05)
     finally:
         await r.aclose()
