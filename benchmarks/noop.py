@@ -17,6 +17,9 @@ async def whatsapp_send(ctx: dict[str, Any], payload: Any = None, **fields: Any)
 settings: dict[str, Any] = {
     **{k: v for k, v in vars(WorkerSettings).items() if not k.startswith("__")},
     "functions": [func(whatsapp_send, name="whatsapp_send")],
+    # Its own queue, so that it can run beside the real worker and the two be measured in turns.
+    "queue_name": "bench:noop",
+    "health_check_key": "bench:noop:health-check",
     "on_startup": None,
     "on_shutdown": None,
 }

@@ -84,6 +84,8 @@ class CGBClient:
             "Accept": "application/json",
             "User-Agent": USER_AGENT,
         }
+        self._json_headers = {**self._headers, "Content-Type": "application/json"}
+        self._form_headers = {**self._headers, "Content-Type": "application/x-www-form-urlencoded"}
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._on_request = on_request
 
@@ -233,10 +235,10 @@ class CGBClient:
         data: bytes | None = None
         if json is not None:
             data = _json_encoder.encode(json)
-            headers = {**headers, "Content-Type": "application/json"}
+            headers = self._json_headers
         elif form is not None:
             data = urlencode(dict(form)).encode()
-            headers = {**headers, "Content-Type": "application/x-www-form-urlencoded"}
+            headers = self._form_headers
         if self._limiter is not None:
             await self._limiter.acquire()
         started = time.perf_counter()
