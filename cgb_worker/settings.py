@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -95,6 +95,17 @@ class WorkerOptions:
     keep_result: int = 86400
 
 
+WORKER_VARIABLES: dict[str, tuple[str, type, float, float | None]] = {
+    "max_jobs": ("WORKER_MAX_JOBS", int, 1, 10000),
+    "poll_delay": ("WORKER_POLL_DELAY", float, 0.001, 10),
+    "job_timeout": ("WORKER_JOB_TIMEOUT", int, 5, None),
+    "health_check_interval": ("WORKER_HEALTH_CHECK_INTERVAL", int, 1, 30),
+    "job_completion_wait": ("WORKER_JOB_COMPLETION_WAIT", int, 0, None),
+    "keep_result": ("WORKER_KEEP_RESULT", int, 0, None),
+}
+"""Each :class:`WorkerOptions` field: its variable, type and allowed range (None: no upper bound)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the worker is configured with. Build it with :func:`load_settings`."""
@@ -124,26 +135,9 @@ class Settings:
     worker: WorkerOptions = field(default_factory=WorkerOptions)
 
     def __repr__(self) -> str:
-        shown = {
-            "api_url": self.api_url,
-            "api_key": self.api_key,
-            "timeout": self.timeout,
-            "retry_attempts": self.retry_attempts,
-            "retry_base_delay": self.retry_base_delay,
-            "retry_max_delay": self.retry_max_delay,
-            "cache_timeout": self.cache_timeout,
-            "template_cache_timeout": self.template_cache_timeout,
-            "templates": dict(self.templates),
-            "default_region": self.default_region,
-            "redis_url": redact_url(self.redis_url),
-            "unknown_outcome": self.unknown_outcome,
-            "dead_letter_max": self.dead_letter_max,
-            "log_level": self.log_level,
-            "log_json": self.log_json,
-            "metrics_port": self.metrics_port,
-            "rate_limit": self.rate_limit,
-            "worker": self.worker,
-        }
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        shown["redis_url"] = redact_url(self.redis_url)  # the key is a Secret already
+        shown["templates"] = dict(self.templates)
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
 
@@ -189,14 +183,8 @@ def _read(source: Mapping[str, str]) -> Settings:
     rate_limit = env.float("CGB_RATE_LIMIT", 10.0, validate=non_negative)
     d = WorkerOptions()
     worker_values = {
-        "max_jobs": env.int("WORKER_MAX_JOBS", d.max_jobs, validate=Range(min=1, max=10000)),
-        "poll_delay": env.float("WORKER_POLL_DELAY", d.poll_delay, validate=Range(min=0.001, max=10)),
-        "job_timeout": env.int("WORKER_JOB_TIMEOUT", d.job_timeout, validate=Range(min=5)),
-        "health_check_interval": env.int(
-            "WORKER_HEALTH_CHECK_INTERVAL", d.health_check_interval, validate=Range(min=1, max=30)
-        ),
-        "job_completion_wait": env.int("WORKER_JOB_COMPLETION_WAIT", d.job_completion_wait, validate=non_negative),
-        "keep_result": env.int("WORKER_KEEP_RESULT", d.keep_result, validate=non_negative),
+        name: (env.int if cast is int else env.float)(var, getattr(d, name), validate=Range(min=low, max=high))
+        for name, (var, cast, low, high) in WORKER_VARIABLES.items()
     }
 
     problems: list[str] = []
@@ -269,7 +257,7 @@ def _read(source: Mapping[str, str]) -> Settings:
         log_json=bool(log_json),
         metrics_port=metrics_port,
         rate_limit=float(rate_limit or 0.0),
-        worker=WorkerOptions(**worker_values),  # type: ignore[arg-type]
+        worker=WorkerOptions(**worker_values),
     )
 
 
@@ -289,20 +277,12 @@ def peek_worker_options(environ: Mapping[str, str] | None = None) -> tuple[str, 
     and refuses to start. A producer importing the package needs no worker configuration at all.
     """
     source = os.environ if environ is None else environ
-    d = WorkerOptions()
-
-    def number(name: str, cast: Any, default: Any) -> Any:
+    values: dict[str, Any] = {}
+    for name, (var, cast, low, high) in WORKER_VARIABLES.items():
         try:
-            value = cast(source[name])
+            value = cast(source[var])
         except (KeyError, ValueError):
-            return default
-        return value if value > 0 else default
-
-    return source.get("REDIS_URL", "redis://localhost:6379/0"), WorkerOptions(
-        max_jobs=number("WORKER_MAX_JOBS", int, d.max_jobs),
-        poll_delay=number("WORKER_POLL_DELAY", float, d.poll_delay),
-        job_timeout=number("WORKER_JOB_TIMEOUT", int, d.job_timeout),
-        health_check_interval=min(30, number("WORKER_HEALTH_CHECK_INTERVAL", int, d.health_check_interval)),
-        job_completion_wait=number("WORKER_JOB_COMPLETION_WAIT", int, d.job_completion_wait),
-        keep_result=number("WORKER_KEEP_RESULT", int, d.keep_result),
-    )
+            continue
+        if low <= value and (high is None or value <= high):
+            values[name] = value
+    return source.get("REDIS_URL", "redis://localhost:6379/0"), WorkerOptions(**values)

@@ -145,3 +145,27 @@ def test_secret_equality_and_redact_url() -> None:
     assert redact_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
     assert redact_url("redis://:pw@h:1/0") == "redis://:********@h:1/0"
     assert dict(Settings(api_key=Secret("k")).templates) == {}
+
+
+def test_worker_variables_strictly_at_start_and_leniently_at_import() -> None:
+    from cgb_worker.settings import WorkerOptions, peek_worker_options
+
+    env = {"CGB_API_KEY": KEY, "WORKER_MAX_JOBS": "250", "WORKER_POLL_DELAY": "0.02", "WORKER_JOB_TIMEOUT": "60"}
+    s = load_settings(env)
+    assert (s.worker.max_jobs, s.worker.poll_delay, s.worker.job_timeout) == (250, 0.02, 60)
+    assert peek_worker_options(env) == ("redis://localhost:6379/0", s.worker)
+    bad = {"WORKER_MAX_JOBS": "lots", "WORKER_HEALTH_CHECK_INTERVAL": "300", "WORKER_KEEP_RESULT": "-1"}
+    assert peek_worker_options({**bad, "REDIS_URL": "redis://r:1/2"}) == ("redis://r:1/2", WorkerOptions())
+    with pytest.raises(ConfigError) as info:
+        load_settings({"CGB_API_KEY": KEY, **bad})
+    assert [p.split(":")[0] for p in info.value.problems] == [
+        "WORKER_MAX_JOBS",
+        "WORKER_HEALTH_CHECK_INTERVAL",
+        "WORKER_KEEP_RESULT",
+    ]
+
+
+def test_cgb_timeout_must_fit_inside_the_job_deadline() -> None:
+    with pytest.raises(ConfigError, match="CGB_TIMEOUT: must be below 45 s"):
+        load_settings({"CGB_API_KEY": KEY, "WORKER_JOB_TIMEOUT": "60", "CGB_TIMEOUT": "45000"})
+    assert load_settings({"CGB_API_KEY": KEY, "WORKER_JOB_TIMEOUT": "60", "CGB_TIMEOUT": "44000"}).timeout == 44
