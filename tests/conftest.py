@@ -167,7 +167,7 @@ class Harness:
         pool = await self.pool()
         return [await pool.enqueue_job("whatsapp_send", p, **kwargs) for p in payloads]
 
-    async def run(self, workers: int = 1, **worker_kwargs: Any) -> list[Any]:
+    async def run(self, workers: int = 1, worker_class: Any = None, **worker_kwargs: Any) -> list[Any]:
         """Run ``workers`` arq Workers (each with its own ctx, as separate processes would be) in burst mode."""
         from arq.connections import RedisSettings
         from arq.worker import create_worker
@@ -179,10 +179,18 @@ class Harness:
         for key, value in self.env.items():
             self.monkeypatch.setenv(key, value)
         options = {"burst": True, "poll_delay": 0.01, "handle_signals": False, **worker_kwargs}
-        made = [
-            create_worker(cast(Any, WorkerSettings), redis_settings=RedisSettings.from_dsn(self.redis_url), **options)
-            for _ in range(workers)
-        ]
+        if worker_class is None:
+            made = [
+                create_worker(
+                    cast(Any, WorkerSettings), redis_settings=RedisSettings.from_dsn(self.redis_url), **options
+                )
+                for _ in range(workers)
+            ]
+        else:
+            from arq.worker import get_kwargs
+
+            kwargs = {**get_kwargs(cast(Any, WorkerSettings)), "redis_settings": RedisSettings.from_dsn(self.redis_url)}
+            made = [worker_class(**{**kwargs, **options}) for _ in range(workers)]
         try:
             await asyncio.gather(*(w.main() for w in made))
         finally:

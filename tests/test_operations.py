@@ -151,20 +151,38 @@ def test_make_demo_runs_the_whole_product() -> None:
     assert "972500000001" not in out  # phones are masked in the report too
 
 
-async def test_cgb_worker_polls_skip_its_own_running_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
-    from arq.worker import Worker
-
+async def test_cgb_worker_claims_jobs_like_arq(harness: Harness, redis_client: Any) -> None:
+    """CGBWorker's one-script claim: the same checks and the same in-progress key as arq's start_jobs."""
+    from cgb_worker.jobs import whatsapp_send
     from cgb_worker.worker import CGBWorker
 
-    seen: list[list[bytes]] = []
+    queued, elsewhere, deferred = await harness.enqueue({"to": "+972500000001", "message": "a"}, {}, {})
+    pool = await harness.pool()
+    later = await pool.enqueue_job("whatsapp_send", {}, _defer_by=60)
+    await redis_client.set(f"arq:in-progress:{elsewhere.job_id}", b"1")  # another worker runs it
+    await redis_client.zrem("arq:queue", deferred.job_id)  # finished meanwhile
+    worker = CGBWorker(
+        functions=[whatsapp_send],
+        redis_settings=RedisSettings.from_dsn(harness.redis_url),
+        handle_signals=False,
+        job_timeout=30,
+    )
+    worker._pool = pool
+    started: list[tuple[str, int]] = []
 
-    async def record(self: Worker, job_ids: list[bytes]) -> None:
-        seen.append(job_ids)
+    async def run_job(job_id: str, score: int) -> None:
+        started.append((job_id, score))
 
-    monkeypatch.setattr(Worker, "start_jobs", record)
-    from cgb_worker.jobs import whatsapp_send
-
-    worker = CGBWorker(functions=[whatsapp_send], redis_settings=RedisSettings(), handle_signals=False)
-    worker.tasks["running-here"] = cast(Any, object())
-    await worker.start_jobs([b"running-here", b"queued", b"running-elsewhere"])
-    assert seen == [[b"queued", b"running-elsewhere"]]
+    worker.run_job = run_job  # type: ignore[method-assign]
+    worker.tasks["running-here"] = cast(Any, asyncio.get_running_loop().create_future())
+    ids = [b"running-here", queued.job_id.encode(), elsewhere.job_id.encode(), deferred.job_id.encode()]
+    await worker.start_jobs([*ids, later.job_id.encode()])
+    await asyncio.sleep(0)
+    score = await redis_client.zscore("arq:queue", queued.job_id)
+    assert started == [(queued.job_id, int(score))]
+    ttl = await redis_client.pttl(f"arq:in-progress:{queued.job_id}")
+    assert 30_000 < ttl <= 40_000  # arq's in_progress_timeout: job_timeout + 10 s
+    assert await redis_client.exists(f"arq:in-progress:{later.job_id}") == 0
+    assert await redis_client.exists("arq:in-progress:running-here") == 0
+    assert set(worker.tasks) == {"running-here", queued.job_id}
+    worker.tasks["running-here"].cancel()

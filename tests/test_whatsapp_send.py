@@ -542,3 +542,22 @@ async def test_a_dead_letter_replays_and_sends_once(harness: Harness, redis_clie
     assert await store.replay(await harness.pool(), job.job_id) is None
     await harness.run()
     assert [t for _, _, t in sends(harness)] == ["after the outage"]
+
+
+async def test_jobs_run_the_same_on_cgb_worker(harness: Harness) -> None:
+    from cgb_worker.worker import CGBWorker
+
+    harness.sim.state.faults.append(FaultRule(status=503, count=1, path="/contacts/972500000002/send/text$"))
+    jobs = await harness.enqueue(
+        *({"to": A, "message": f"a{i}"} for i in range(20)),
+        {"to": B, "message": "after a 503"},
+        {"to": US, "template": "visa_approved", "variables": {"first_name": "Ana"}},
+    )
+    await harness.run(workers=2, worker_class=CGBWorker, max_jobs=5)
+    results = [await harness.outcome(j) for j in jobs]
+    assert all(isinstance(r, dict) and r["success"] for r in results), results
+    assert results[20]["attempts"] == 2
+    assert len(harness.sim.requests("create_contact")) == 3
+    assert sorted(t for _, _, t in sends(harness)) == sorted(
+        [f"a{i}" for i in range(20)] + ["after a 503", "Hello Ana, your  visa is approved."]
+    )
