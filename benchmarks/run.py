@@ -474,7 +474,7 @@ mostly aiohttp's request machinery and arq's own Redis round trips.
 - **Fleet**: 1, 2 and 4 worker processes on one queue against a simulator adding 50 ms. The machine has 2
   cores shared by the workers, Redis, the simulator and the benchmark itself.
 
-Reproduce with `make bench` (about five minutes); `python -m benchmarks.run --quick` is a smaller smoke run.
+Reproduce with `make bench` (about seven minutes); `python -m benchmarks.run --quick` is a smaller smoke run.
 """
 
 
