@@ -313,12 +313,16 @@ async def _send(services: Services, job_id: str, attempt: int, raw: Any, log: An
     settings = services.settings
     plan = validate(raw, default_region=settings.default_region)
     event.kind = plan.kind
-    # One command for the send log and the contact cache.
-    record, cached_contact = await services.sends.load_with(job_id, services.contacts.cache_key(plan.to))
+    # One command for the send log and the contact cache; for a text or a file to a cached contact it also
+    # marks the send ``sending`` (a template first reads the catalog and may write fields, so it marks later).
+    first_step = plan.kind if plan.kind in ("text", "file") else ""
+    record, cached_contact, premarked = await services.sends.load_with(
+        job_id, services.contacts.cache_key(plan.to), first_step
+    )
     if RESULT in record:
         # This job already finished (the worker died before arq stored the result): no CGB call at all.
         return msgspec.msgpack.decode(record[RESULT], type=SendResult)
-    run = _Run(services, job_id, attempt, record, log)
+    run = _Run(services, job_id, attempt, record, log, premarked=first_step if premarked else None)
 
     kind: Kind = plan.kind
     flow_id: str | None = None
@@ -365,8 +369,18 @@ async def _send(services: Services, job_id: str, attempt: int, raw: Any, log: An
 class _Run:
     """One try of one job: records each send step before and after it, and builds the result."""
 
-    def __init__(self, services: Services, job_id: str, attempt: int, record: dict[bytes, bytes], log: Any) -> None:
+    def __init__(
+        self,
+        services: Services,
+        job_id: str,
+        attempt: int,
+        record: dict[bytes, bytes],
+        log: Any,
+        *,
+        premarked: str | None = None,
+    ) -> None:
         self.services = services
+        self.premarked = premarked
         self.job_id = job_id
         self.attempt = attempt
         self.record = record
@@ -386,7 +400,10 @@ class _Run:
             self.possible_duplicate = True
             self.log.warning("an earlier try may have sent the {} already: sending it again", name)
         sends = self.services.sends
-        await sends.mark(self.job_id, name, SENDING)
+        if self.premarked == name:
+            self.premarked = None  # marked by the first read already
+        else:
+            await sends.mark(self.job_id, name, SENDING)
         try:
             await call()
         except (CGBAPIError, CGBConnectError):
