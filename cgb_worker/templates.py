@@ -68,20 +68,27 @@ class Catalog:
         raw = await self._redis.get(key)
         stale: _Cached | None = msgspec.msgpack.decode(raw, type=_Cached) if raw else None
         if stale is not None and time.time() - stale.at < self._ttl:
-            return msgspec.convert(stale.items, list[type_])  # type: ignore[valid-type]
+            items = stale.items
+        else:
+            items = await self._refreshed(name, key, fetch, stale)
+        return msgspec.convert(items, list[type_])  # type: ignore[valid-type]
+
+    async def _refreshed(
+        self, name: str, key: str, fetch: Callable[[], Awaitable[list[Any]]], stale: _Cached | None
+    ) -> list[Any]:
+        """A fresh copy (one fetch per process at a time), or the stale one when CGB cannot give it."""
         task = self._refreshing.get(name)
         if task is None:
             task = asyncio.ensure_future(self._refresh(key, fetch))
             self._refreshing[name] = task
             task.add_done_callback(lambda _: self._refreshing.pop(name, None))
         try:
-            items = await asyncio.shield(task)
+            return await asyncio.shield(task)
         except CGBError as exc:
             if stale is None:
                 raise
             logger.warning("serving a stale {} list: CGB could not refresh it ({})", name, type(exc).__name__)
-            return msgspec.convert(stale.items, list[type_])  # type: ignore[valid-type]
-        return msgspec.convert(items, list[type_])  # type: ignore[valid-type]
+            return stale.items
 
     async def _refresh(self, key: str, fetch: Callable[[], Awaitable[list[Any]]]) -> list[Any]:
         items = [msgspec.to_builtins(i) for i in await fetch()]
