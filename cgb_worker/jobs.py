@@ -69,7 +69,7 @@ from .locks import redis_lock
 from .metrics import Metrics
 from .models import FileType, Scalar, SendJob, SendResult, SetFieldValue
 from .phones import mask_phone, normalize_phone
-from .sends import RESULT, SENDING, SENT, SendLog
+from .sends import FINISH_WRITES, RESULT, SENDING, SENT, SendLog, sent_fields
 from .settings import Settings, job_deadline
 from .templates import TemplateResolver
 
@@ -217,7 +217,7 @@ async def whatsapp_send(ctx: dict[str, Any], payload: Any = None, **fields: Any)
             raise InvalidJobError("give the payload as one mapping or as keyword fields, not both")
         try:
             async with asyncio.timeout(deadline):
-                result = await _send(services, job_id, attempt, raw, log, event)
+                result = await _send(services, job_id, attempt, raw, log, event, ctx.get(FINISH_WRITES))
         except TimeoutError:
             raise CGBTimeoutError(f"the job did not finish within {deadline:.0f} s") from None
         except RedisError as exc:
@@ -309,7 +309,15 @@ async def _dead_letter(services: Services, ctx: dict[str, Any], raw: Any, exc: B
         logger.error("could not record a dead letter: {}", type(store_error).__name__)
 
 
-async def _send(services: Services, job_id: str, attempt: int, raw: Any, log: Any, event: _Event) -> SendResult:
+async def _send(
+    services: Services,
+    job_id: str,
+    attempt: int,
+    raw: Any,
+    log: Any,
+    event: _Event,
+    finish_writes: dict[str, tuple[str, dict[str | bytes, bytes]]] | None = None,
+) -> SendResult:
     settings = services.settings
     plan = validate(raw, default_region=settings.default_region)
     event.kind = plan.kind
@@ -322,7 +330,9 @@ async def _send(services: Services, job_id: str, attempt: int, raw: Any, log: An
     if RESULT in record:
         # This job already finished (the worker died before arq stored the result): no CGB call at all.
         return msgspec.msgpack.decode(record[RESULT], type=SendResult)
-    run = _Run(services, job_id, attempt, record, log, premarked=first_step if premarked else None)
+    run = _Run(
+        services, job_id, attempt, record, log, premarked=first_step if premarked else None, finish_writes=finish_writes
+    )
 
     kind: Kind = plan.kind
     flow_id: str | None = None
@@ -378,9 +388,11 @@ class _Run:
         log: Any,
         *,
         premarked: str | None = None,
+        finish_writes: dict[str, tuple[str, dict[str | bytes, bytes]]] | None = None,
     ) -> None:
         self.services = services
         self.premarked = premarked
+        self.finish_writes = finish_writes
         self.job_id = job_id
         self.attempt = attempt
         self.record = record
@@ -412,7 +424,13 @@ class _Run:
         if final is not None:
             final = msgspec.structs.replace(final, possible_duplicate=self.possible_duplicate, timestamp=_now())
             self.result = final
-            await sends.mark(self.job_id, name, SENT, result=_result_encoder.encode(final))
+            encoded = _result_encoder.encode(final)
+            if self.finish_writes is not None:
+                # The worker writes it with arq's result; nothing can fail between here and there but the
+                # worker itself, which leaves the step ``sending`` either way.
+                self.finish_writes[self.job_id] = (sends.key(self.job_id), sent_fields(name, encoded))
+            else:
+                await sends.mark(self.job_id, name, SENT, result=encoded)
         else:
             await sends.mark(self.job_id, name, SENT)
         self.record[name.encode()] = SENT

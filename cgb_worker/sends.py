@@ -6,6 +6,11 @@ and per send step (``text``, ``file``, ``flow``): ``sending`` is written before 
 its final result from here if it already finished. A step still marked ``sending`` means an earlier
 attempt died or timed out after the request left: its outcome is unknown (see :mod:`cgb_worker.jobs`).
 An HTTP error answer from CGB proves nothing was sent, so the mark is cleared before retrying.
+
+A worker may offer to write a job's last ``sent`` mark (the one carrying the result) in the same transaction
+as arq's result: it puts a dict under ``ctx[FINISH_WRITES]``, the job leaves ``{job_id: (key, fields)}`` in
+it instead of writing, and the worker adds one ``HSET`` to its finish transaction (:class:`CGBWorker` does).
+That saves a round trip per message, and the mark and arq's result then land together or not at all.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from redis.asyncio import Redis
 SENDING = b"sending"
 SENT = b"sent"
 RESULT = b"result"
+FINISH_WRITES = "cgb_finish_writes"
 TTL = 7 * 24 * 3600
 """Longer than any retry horizon plus arq's result lifetime: a re-run always finds its record."""
 
@@ -65,10 +71,15 @@ class SendLog:
         if state == SENDING:
             await self._mark_sending(keys=[self.key(job_id)], args=[step, state, self._ttl])
             return
-        mapping: dict[str | bytes, bytes] = {step: state}
-        if result is not None:
-            mapping[RESULT] = result
-        await self._redis.hset(self.key(job_id), mapping=mapping)  # type: ignore[misc]
+        await self._redis.hset(self.key(job_id), mapping=sent_fields(step, result))  # type: ignore[misc]
 
     async def clear(self, job_id: str, step: str) -> None:
         await self._redis.hdel(self.key(job_id), step)  # type: ignore[misc]
+
+
+def sent_fields(step: str, result: bytes | None = None) -> dict[str | bytes, bytes]:
+    """The hash fields that record ``step`` as sent (and the job's encoded result with its last step)."""
+    fields: dict[str | bytes, bytes] = {step: SENT}
+    if result is not None:
+        fields[RESULT] = result
+    return fields

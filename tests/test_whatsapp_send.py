@@ -561,3 +561,81 @@ async def test_jobs_run_the_same_on_cgb_worker(harness: Harness) -> None:
     assert sorted(t for _, _, t in sends(harness)) == sorted(
         [f"a{i}" for i in range(20)] + ["after a 503", "Hello Ana, your  visa is approved."]
     )
+
+
+async def test_cgb_worker_writes_the_last_send_mark_with_arqs_result(
+    harness: Harness, redis_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CGBWorker the last ``sent`` mark rides in arq's finish transaction; the record is the same."""
+    from cgb_worker.sends import SENT, SendLog
+    from cgb_worker.worker import CGBWorker
+
+    marked_sent: list[str] = []
+    mark = SendLog.mark
+
+    async def spy(self: SendLog, job_id: str, step: str, state: bytes, **kwargs: Any) -> None:
+        if state == SENT:
+            marked_sent.append(step)
+        await mark(self, job_id, step, state, **kwargs)
+
+    monkeypatch.setattr(SendLog, "mark", spy)
+
+    jobs = await harness.enqueue(
+        {"to": A, "message": "text"},
+        {"to": B, "fileUrl": "https://files.example.com/a.pdf", "fileType": "document", "message": "after"},
+        {"to": US, "template": "visa_approved", "variables": {"first_name": "Ana"}},
+    )
+    [worker] = await harness.run(worker_class=CGBWorker)
+    assert marked_sent == ["file"]  # only a step that is not the job's last is marked on its own
+    assert worker._finish_writes == {}  # every pending write was taken by a finish
+    for job, steps in zip(jobs, ({b"text"}, {b"file", b"text"}, {b"flow"}), strict=True):
+        result = await harness.outcome(job)
+        record = await redis_client.hgetall(f"cgb:sends:{job.job_id}")
+        assert set(record) == steps | {b"result"}
+        assert all(record[s] == b"sent" for s in steps)
+        assert msgspec.to_builtins(msgspec.msgpack.decode(record[b"result"])) == result
+        assert 0 < await redis_client.ttl(f"cgb:sends:{job.job_id}") <= 7 * 24 * 3600
+
+    # The same job id again, once arq's result is gone: the record answers, CGB hears nothing.
+    before = len(harness.sim.state.outbox)
+    await redis_client.delete(f"arq:result:{jobs[0].job_id}")
+    pool = await harness.pool()
+    again = await pool.enqueue_job("whatsapp_send", {"to": A, "message": "text"}, _job_id=jobs[0].job_id)
+    await harness.run(worker_class=CGBWorker)
+    assert await harness.outcome(again) == await harness.outcome(jobs[0])
+    assert len(harness.sim.state.outbox) == before
+
+
+@pytest.mark.parametrize("finish", [True, False], ids=["finished", "cancelled-after-send"])
+async def test_cgb_worker_finish_writes_the_mark_and_does_what_arq_does(
+    harness: Harness, redis_client: Any, finish: bool
+) -> None:
+    """The pending mark is written even when the try is not finishing (a try cancelled right after its send
+    is run again and must find the step sent); the rest of the transaction is arq's own finish."""
+    from arq.connections import RedisSettings
+
+    from cgb_worker.jobs import whatsapp_send
+    from cgb_worker.worker import CGBWorker
+
+    worker = CGBWorker(
+        functions=[whatsapp_send], redis_settings=RedisSettings.from_dsn(harness.redis_url), handle_signals=False
+    )
+    worker._pool = await harness.pool()
+    for key in ("arq:in-progress:j1", "arq:job:j1", "arq:retry:j1"):
+        await redis_client.set(key, b"1")
+    await redis_client.zadd("arq:queue", {"j1": 1000})
+    worker.ctx["cgb_finish_writes"]["j1"] = ("cgb:sends:j1", {"text": b"sent", b"result": b"encoded"})
+    await worker.finish_job("j1", finish, b"result-data", 60, False, None if finish else 5000, None)
+
+    assert await redis_client.hgetall("cgb:sends:j1") == {b"text": b"sent", b"result": b"encoded"}
+    assert worker.ctx["cgb_finish_writes"] == {}
+    assert await redis_client.exists("arq:in-progress:j1") == 0
+    if finish:
+        assert await redis_client.get("arq:result:j1") == b"result-data"
+        assert 0 < await redis_client.pttl("arq:result:j1") <= 60_000
+        assert await redis_client.exists("arq:job:j1", "arq:retry:j1") == 0
+        assert await redis_client.zscore("arq:queue", "j1") is None
+    else:
+        assert await redis_client.exists("arq:result:j1") == 0
+        assert await redis_client.exists("arq:job:j1", "arq:retry:j1") == 2
+        assert await redis_client.zscore("arq:queue", "j1") == 6000
