@@ -251,7 +251,7 @@ async def whatsapp_send(ctx: dict[str, Any], payload: Any = None, **fields: Any)
             "failed after {} attempt{}: {}: {}", attempt, "" if attempt == 1 else "s", error_class, exc
         )
         if services.metrics is not None:
-            services.metrics.jobs.labels(event.kind, "failed").inc()
+            services.metrics.job_done(event.kind, "failed")
         raise
     event.finish(log, started, "sent", None).info(
         "sent {} to {}{}",
@@ -260,7 +260,7 @@ async def whatsapp_send(ctx: dict[str, Any], payload: Any = None, **fields: Any)
         " (possible duplicate)" if result.possible_duplicate else "",
     )
     if services.metrics is not None:
-        services.metrics.jobs.labels(result.kind or event.kind, "sent").inc()
+        services.metrics.job_done(result.kind or event.kind, "sent")
     return result
 
 

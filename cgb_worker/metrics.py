@@ -38,6 +38,8 @@ class Metrics:
         self.cache = Counter("cgb_contact_cache", "Contact cache lookups", ["result"], registry=self.registry)
         self.dead_letters = Gauge("cgb_dead_letters", "Entries in the dead-letter store", registry=self.registry)
         self._request_children: dict[tuple[str, int | None], Any] = {}
+        self._job_children: dict[tuple[str, str], Any] = {}
+        self._cache_hit, self._cache_miss = self.cache.labels("hit"), self.cache.labels("miss")
         self._server: Any = None
         self._thread: threading.Thread | None = None
 
@@ -49,7 +51,13 @@ class Metrics:
         child.observe(seconds)
 
     def on_cache(self, hit: bool) -> None:
-        self.cache.labels("hit" if hit else "miss").inc()
+        (self._cache_hit if hit else self._cache_miss).inc()
+
+    def job_done(self, kind: str, outcome: str) -> None:
+        child = self._job_children.get((kind, outcome))
+        if child is None:
+            child = self._job_children[(kind, outcome)] = self.jobs.labels(kind, outcome)
+        child.inc()
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:  # noqa: S104 - scraped from outside the container
         self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)

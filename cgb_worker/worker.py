@@ -22,6 +22,7 @@ from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix,
 from arq.utils import timestamp_ms, to_ms
 from arq.worker import Worker, func, get_kwargs
 from loguru import logger
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
 
 from .client import CGBClient
 from .contacts import ContactResolver
@@ -146,6 +147,34 @@ return score
 """
 
 
+class CheckOutsideLockPool(ConnectionPool):
+    """redis-py's pool, with each handed-out connection checked outside the pool's lock.
+
+    redis-py 5.3 checks a connection it hands out (a read with a zero timeout, which takes an event-loop turn)
+    while holding a pool-wide ``asyncio.Lock``, so every Redis command in the process waits in line behind
+    the check of the one before (redis-py issue #3692). Here the lock covers only picking the connection, and
+    the caller checks the connection it now owns, as redis-py's own ``BlockingConnectionPool`` does. In the
+    benchmark's profile this took about a fifth off the worker's CPU per job.
+    """
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> AbstractConnection:
+        async with self._lock:
+            connection: AbstractConnection = self.get_available_connection()  # type: ignore[no-untyped-call]
+        try:
+            await self.ensure_connection(connection)
+        except BaseException:
+            await self.release(connection)
+            raise
+        return connection
+
+
+def check_outside_lock(redis: ArqRedis) -> None:
+    """Switch a plain redis-py pool to :class:`CheckOutsideLockPool` (same state, one method differs);
+    Sentinel and blocking pools are left as they are."""
+    if type(redis.connection_pool) is ConnectionPool:
+        redis.connection_pool.__class__ = CheckOutsideLockPool
+
+
 class CGBWorker(Worker):
     """arq's Worker with fewer Redis round trips per job; which jobs run, and when, is unchanged.
 
@@ -154,6 +183,8 @@ class CGBWorker(Worker):
       the job is free and claims it. Here the jobs this worker is already running are dropped from the list
       without asking, and the claim is one atomic script (one round trip) that does the same checks and sets
       the same ``arq:in-progress`` key with the same TTL.
+    * Redis connections: the pool hands out connections without queueing every command behind one lock
+      (:class:`CheckOutsideLockPool`).
     * Finishing: a job's last send-log mark (see :mod:`cgb_worker.sends`) is written in arq's own finish
       transaction, beside the result, instead of in a round trip of its own.
 
@@ -161,6 +192,18 @@ class CGBWorker(Worker):
     """
 
     _claim: Any = None
+
+    async def main(self) -> None:
+        if self._pool is None:
+            self._pool = await arq_create_pool(
+                self.redis_settings,
+                job_deserializer=self.job_deserializer,
+                job_serializer=self.job_serializer,
+                default_queue_name=self.queue_name,
+                expires_extra_ms=self.expires_extra_ms,
+            )
+        check_outside_lock(self._pool)
+        await super().main()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -151,6 +151,66 @@ def test_make_demo_runs_the_whole_product() -> None:
     assert "972500000001" not in out  # phones are masked in the report too
 
 
+async def test_pool_checks_connections_outside_its_lock(harness: Harness) -> None:
+    """Each command's connection check runs beside the others', not one after another under the pool lock;
+    the connections handed out are distinct and work."""
+    from redis.asyncio.connection import ConnectionPool
+
+    from cgb_worker import create_pool
+    from cgb_worker.worker import CheckOutsideLockPool, check_outside_lock
+
+    pool = await create_pool(harness.redis_url)
+    try:
+        check_outside_lock(pool)
+        assert type(pool.connection_pool) is CheckOutsideLockPool
+        in_check, most = 0, 0
+        ensure = ConnectionPool.ensure_connection
+
+        async def slow_check(self: ConnectionPool, connection: Any) -> None:
+            nonlocal in_check, most
+            in_check += 1
+            most = max(most, in_check)
+            await asyncio.sleep(0.01)
+            await ensure(self, connection)
+            in_check -= 1
+
+        harness.monkeypatch.setattr(ConnectionPool, "ensure_connection", slow_check)
+        await asyncio.gather(*(pool.set(f"k{i}", i) for i in range(10)))
+        assert most == 10  # redis-py's own pool lets one check run at a time
+        assert await pool.mget([f"k{i}" for i in range(10)]) == [str(i).encode() for i in range(10)]
+        assert len(pool.connection_pool._available_connections) == 10
+    finally:
+        await pool.aclose()
+
+
+def test_only_a_plain_pool_is_switched() -> None:
+    from redis.asyncio.connection import BlockingConnectionPool
+
+    from cgb_worker.worker import check_outside_lock
+
+    redis = cast(Any, type("R", (), {"connection_pool": BlockingConnectionPool()})())
+    check_outside_lock(redis)
+    assert type(redis.connection_pool) is BlockingConnectionPool
+
+
+async def test_cgb_worker_runs_on_the_switched_pool(harness: Harness) -> None:
+    from cgb_worker.worker import CGBWorker, CheckOutsideLockPool
+
+    handed_out = 0
+    get_connection = CheckOutsideLockPool.get_connection
+
+    async def counting(self: CheckOutsideLockPool, *args: Any, **kwargs: Any) -> Any:
+        nonlocal handed_out
+        handed_out += 1
+        return await get_connection(self, *args, **kwargs)
+
+    harness.monkeypatch.setattr(CheckOutsideLockPool, "get_connection", counting)
+    [job] = await harness.enqueue({"to": "+972500000001", "message": "on the switched pool"})
+    await harness.run(worker_class=CGBWorker)
+    assert (await harness.outcome(job))["success"] is True
+    assert handed_out >= 4  # the claim, arq's job read, the send log, arq's finish: all on this pool
+
+
 async def test_cgb_worker_claims_jobs_like_arq(harness: Harness, redis_client: Any) -> None:
     """CGBWorker's one-script claim: the same checks and the same in-progress key as arq's start_jobs."""
     from cgb_worker.jobs import whatsapp_send
