@@ -50,6 +50,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def pin(pid: int, cpu: int) -> None:
+    """Keep a process on one core (a no-op on a machine with one core)."""
+    if (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(pid, {cpu})
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -63,6 +69,7 @@ class Stack:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     redis_url: str = ""
     sim_url: str = ""
+    alone: set[int] = field(default_factory=set)
 
     def start_redis(self) -> None:
         port = free_port()
@@ -119,12 +126,16 @@ class Stack:
             "CGB_API_KEY": DEFAULT_TOKEN,
             "REDIS_URL": self.redis_url,
             "CGB_RATE_LIMIT": "0",
-            "LOG_LEVEL": "INFO",
+            "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "INFO"),
             **extra,
         }
 
-    def start_worker(self, module: str = "cgb_worker.worker", **extra: str) -> subprocess.Popen[bytes]:
-        """``python -m cgb_worker.worker`` (what ``cgb-worker run`` starts); ``arq`` for arq's own Worker."""
+    def start_worker(
+        self, module: str = "cgb_worker.worker", *, alone: bool = False, **extra: str
+    ) -> subprocess.Popen[bytes]:
+        """``python -m cgb_worker.worker`` (what ``cgb-worker run`` starts); ``arq`` for arq's own Worker.
+        ``alone``: the worker gets the last core to itself, and Redis, the simulator and this driver share
+        the others, so that what is measured is the worker, not who else got the core."""
         if module == "arq":
             args = [sys.executable, "-m", "arq", "cgb_worker.WorkerSettings"]
         else:
@@ -132,7 +143,20 @@ class Stack:
         with (self.workdir / f"worker{len(self.procs)}.log").open("wb") as log:
             proc = subprocess.Popen(args, env=self.env(**extra), stdout=log, stderr=log, cwd=ROOT)
         self.procs.append(proc)
+        if alone:
+            self.alone.add(proc.pid)
+            last = (os.cpu_count() or 1) - 1
+            pin(proc.pid, last)
+            for other in [os.getpid(), *(p.pid for p in self.procs if p.pid not in self.alone and p.poll() is None)]:
+                if last > 0:
+                    os.sched_setaffinity(other, set(range(last)))
         return proc
+
+    def unpin(self) -> None:
+        self.alone.clear()
+        if (os.cpu_count() or 1) > 1:
+            for pid in [os.getpid(), *(p.pid for p in self.procs if p.poll() is None)]:
+                os.sched_setaffinity(pid, set(range(os.cpu_count() or 1)))
 
     def stop(self, proc: subprocess.Popen[bytes]) -> None:
         if proc.poll() is None:
@@ -228,24 +252,30 @@ async def flush(stack: Stack) -> None:
 # -- the measurements ------------------------------------------------------------------------------------
 
 
-async def overhead(stack: Stack, n: int, rounds: int = 3) -> dict[str, Any]:
-    """Both workers run side by side on their own queues and are measured in turns; medians of ``rounds``."""
+async def overhead(stack: Stack, n: int, rounds: int = 5) -> dict[str, Any]:
+    """Both workers run side by side on their own queues, on the same core, and are measured in turns;
+    medians of ``rounds``."""
     await flush(stack)
-    noop = stack.start_worker("benchmarks.noop")
-    worker = stack.start_worker()
+    noop = stack.start_worker("benchmarks.noop", alone=True)
+    worker = stack.start_worker(alone=True)
     await wait_ready(stack, worker)
     await wait_ready(stack, noop, key="bench:noop:health-check")
     await run_batch(stack, texts(100, 100, "warm"))  # create and cache the 100 contacts
     await run_batch(stack, texts(100, 100, "warm"), queue="bench:noop")
-    noop_rates, send_rates = [], []
+    noop_rates, send_rates, noop_cpu, send_cpu = [], [], [], []
     before = (await sim_stats(stack))["counts"]
     for _ in range(rounds):
+        cpu = cpu_seconds(noop.pid)
         noop_rates.append((await run_batch(stack, texts(n, 100, "noop"), queue="bench:noop"))[0])
+        noop_cpu.append((cpu_seconds(noop.pid) - cpu) / n)
+        cpu = cpu_seconds(worker.pid)
         send_rates.append((await run_batch(stack, texts(n, 100, "send")))[0])
+        send_cpu.append((cpu_seconds(worker.pid) - cpu) / n)
         await flush_results(stack)
     after = (await sim_stats(stack))["counts"]
     stack.stop(worker)
     stack.stop(noop)
+    stack.unpin()
     calls = after.get("total", 0) - before.get("total", 0)
     noop_rate, send_rate = statistics.median(noop_rates), statistics.median(send_rates)
     return {
@@ -253,6 +283,9 @@ async def overhead(stack: Stack, n: int, rounds: int = 3) -> dict[str, Any]:
         "send": send_rate,
         "ratio": send_rate / noop_rate,
         "ratios": [s / n for s, n in zip(send_rates, noop_rates, strict=True)],
+        "noop_rates": noop_rates,
+        "noop_cpu_ms": statistics.median(noop_cpu) * 1000,
+        "send_cpu_ms": statistics.median(send_cpu) * 1000,
         "calls_per_message": calls / (n * rounds),
     }
 
@@ -272,7 +305,7 @@ async def latency_bound(
     stack: Stack, max_jobs: int, latency: float, seconds: float, module: str = "cgb_worker.worker"
 ) -> dict[str, float]:
     await flush(stack)
-    worker = stack.start_worker(module, WORKER_MAX_JOBS=str(max_jobs))
+    worker = stack.start_worker(module, alone=True, WORKER_MAX_JOBS=str(max_jobs))
     await wait_ready(stack, worker)
     await run_batch(stack, texts(200, 200, "warm"))
     bound = max_jobs / latency
@@ -286,15 +319,45 @@ async def latency_bound(
         for p, before in zip((worker.pid, sim.pid, stack.procs[0].pid), cpu, strict=True)
     ]
     stack.stop(worker)
+    http_only = await bare_http(stack, max_jobs, int(bound * seconds))
+    stack.unpin()
     return {
         "max_jobs": max_jobs,
         "rate": rate,
         "bound": bound,
         "ratio": rate / bound,
+        "http_only": http_only,
         "cpu_worker": used[0],
         "cpu_sim": used[1],
         "cpu_redis": used[2],
     }
+
+
+async def bare_http(stack: Stack, concurrency: int, n: int) -> float:
+    """The same sends as the worker makes, from a bare aiohttp client on the worker's core: ``concurrency``
+    loops of requests and nothing else (no arq, no Redis). What the simulator and HTTP alone allow."""
+    pin(os.getpid(), (os.cpu_count() or 1) - 1)
+    url = stack.sim_url + "/api/contacts/{}/send/text"
+    headers = {"X-ACCESS-TOKEN": DEFAULT_TOKEN, "Content-Type": "application/json"}
+    body = b'{"text":"bare","channel":"whatsapp"}'
+    ids = [f"1202555{i:04d}" for i in range(200)]  # the contacts the worker's batch went to
+    left = [0]
+
+    async def loop(http: aiohttp.ClientSession, k: int) -> None:
+        while left[0] > 0:
+            left[0] -= 1
+            async with http.post(url.format(ids[(k + left[0]) % len(ids)]), data=body, headers=headers) as r:
+                await r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"the simulator answered {r.status}")
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
+        left[0] = concurrency  # open the connections first, as the worker's warm-up does
+        await asyncio.gather(*(loop(http, k) for k in range(concurrency)))
+        left[0] = n
+        started = time.monotonic()
+        await asyncio.gather(*(loop(http, k) for k in range(concurrency)))
+        return n / (time.monotonic() - started)
 
 
 async def fleet(stack: Stack, workers: int, n: int) -> float:

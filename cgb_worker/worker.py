@@ -11,6 +11,8 @@ closes the session.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from typing import Any
 
@@ -209,6 +211,28 @@ class CGBWorker(Worker):
         super().__init__(*args, **kwargs)
         self._finish_writes: dict[str, tuple[str, dict[str | bytes, bytes]]] = {}
         self.ctx[FINISH_WRITES] = self._finish_writes
+        # arq's loop sleeps poll_delay between polls; here the wait is in _poll_iteration and ends early when
+        # a job finishes, so that a freed slot does not sit empty for the rest of the interval.
+        self._poll_wait = self.poll_delay_s
+        self.poll_delay_s = 0
+        self._slot_freed = asyncio.Event()
+
+    def _release_sem_dec_counter_on_complete(self) -> None:
+        super()._release_sem_dec_counter_on_complete()
+        self._slot_freed.set()
+
+    async def _poll_iteration(self) -> None:
+        started = self.loop.time()
+        await super()._poll_iteration()
+        # At least a fifth of the interval between polls, so that jobs finishing together share one poll.
+        elapsed = self.loop.time() - started
+        if elapsed < self._poll_wait / 5:
+            await asyncio.sleep(self._poll_wait / 5 - elapsed)
+        if not self._slot_freed.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, self._poll_wait - (self.loop.time() - started))):
+                    await self._slot_freed.wait()
+        self._slot_freed.clear()
 
     async def finish_job(
         self,

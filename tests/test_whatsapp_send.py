@@ -606,6 +606,20 @@ async def test_cgb_worker_writes_the_last_send_mark_with_arqs_result(
     assert len(harness.sim.state.outbox) == before
 
 
+async def test_cgb_worker_fills_a_freed_slot_without_waiting_out_the_poll(harness: Harness) -> None:
+    """With one slot and a 2 s poll interval, the second job starts once the first has finished and a fifth
+    of the interval has passed (jobs finishing together share a poll), not after the whole interval."""
+    from cgb_worker.worker import CGBWorker
+
+    jobs = await harness.enqueue({"to": A, "message": "one"}, {"to": A, "message": "two"})
+    await harness.run(worker_class=CGBWorker, max_jobs=1, poll_delay=2)
+    earlier, later = sorted([await j.result_info() for j in jobs], key=lambda info: info.start_time)
+    assert earlier.success
+    assert later.success
+    gap = (later.start_time - earlier.finish_time).total_seconds()
+    assert 0.3 < gap < 1.0  # arq's own loop waits out the 2 s interval here
+
+
 @pytest.mark.parametrize("finish", [True, False], ids=["finished", "cancelled-after-send"])
 async def test_cgb_worker_finish_writes_the_mark_and_does_what_arq_does(
     harness: Harness, redis_client: Any, finish: bool
