@@ -66,6 +66,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         raise SystemExit(2) from None
     setup_logging(settings.log_level, json_lines=settings.log_json, diagnose=os.environ.get("LOG_DIAGNOSE") == "true")
     redis: ArqRedis = ctx["redis"]
+    check_outside_lock(redis)  # arq's own Worker too (``arq cgb_worker.WorkerSettings``)
     await redis.ping()
     connector = aiohttp.TCPConnector(limit=max(100, settings.worker.max_jobs), ttl_dns_cache=300)
     session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=settings.timeout))

@@ -193,7 +193,9 @@ def test_only_a_plain_pool_is_switched() -> None:
     assert type(redis.connection_pool) is BlockingConnectionPool
 
 
-async def test_cgb_worker_runs_on_the_switched_pool(harness: Harness) -> None:
+@pytest.mark.parametrize("worker_class", ["arq", "CGBWorker"])
+async def test_workers_run_on_the_switched_pool(harness: Harness, worker_class: str) -> None:
+    """``on_startup`` switches arq's own Worker's pool too; CGBWorker switches it before its first poll."""
     from cgb_worker.worker import CGBWorker, CheckOutsideLockPool
 
     handed_out = 0
@@ -206,7 +208,7 @@ async def test_cgb_worker_runs_on_the_switched_pool(harness: Harness) -> None:
 
     harness.monkeypatch.setattr(CheckOutsideLockPool, "get_connection", counting)
     [job] = await harness.enqueue({"to": "+972500000001", "message": "on the switched pool"})
-    await harness.run(worker_class=CGBWorker)
+    await harness.run(worker_class=CGBWorker if worker_class == "CGBWorker" else None)
     assert (await harness.outcome(job))["success"] is True
     assert handed_out >= 4  # the claim, arq's job read, the send log, arq's finish: all on this pool
 
