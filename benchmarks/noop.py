@@ -1,10 +1,15 @@
-"""The baseline: an arq job that does nothing, with exactly the worker settings cgb-worker uses."""
+"""The baseline: an arq job that does nothing, with exactly the worker settings cgb-worker uses.
+
+``python -m benchmarks.noop`` runs it on :class:`CGBWorker` (queue ``bench:noop``); with ``--stock``, on arq's
+own ``Worker`` (queue ``bench:noop-stock``), as ``arq cgb_worker.WorkerSettings`` would.
+"""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
-from arq.worker import func
+from arq.worker import Worker, func
 
 from cgb_worker.worker import CGBWorker, WorkerSettings
 
@@ -26,4 +31,8 @@ settings: dict[str, Any] = {
 
 
 if __name__ == "__main__":
-    CGBWorker(**settings).run()
+    if "--stock" in sys.argv:
+        queue = {"queue_name": "bench:noop-stock", "health_check_key": "bench:noop-stock:health-check"}
+        Worker(**{**settings, **queue}).run()
+    else:
+        CGBWorker(**settings).run()
