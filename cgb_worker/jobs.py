@@ -223,11 +223,15 @@ async def whatsapp_send(ctx: dict[str, Any], payload: Any = None, **fields: Any)
         except RedisError as exc:
             raise StoreUnavailableError(f"Redis failed during the job: {type(exc).__name__}") from exc
     except ThrottledError as exc:
-        # Our own rate limit, not a failure: wait for the slot, without using up a retry.
-        async with services.redis.pipeline(transaction=False) as pipe:
-            pipe.incr(_throttle_key(job_id))
-            pipe.expire(_throttle_key(job_id), 86400)
-            await pipe.execute()
+        # Our own rate limit, not a failure: wait for the slot, without using up a retry. If Redis cannot
+        # count the deferral, the job is deferred all the same and this try counts as an attempt.
+        try:
+            async with services.redis.pipeline(transaction=False) as pipe:
+                pipe.incr(_throttle_key(job_id))
+                pipe.expire(_throttle_key(job_id), 86400)
+                await pipe.execute()
+        except RedisError as store_error:
+            log.warning("could not count a rate-limit deferral: {}", type(store_error).__name__)
         delay = (exc.retry_after or 1.0) * (1 + random.random() * 0.5)  # noqa: S311 - jitter
         event.finish(log, started, "throttled", "ThrottledError").info("throttled; deferred {:.1f}s", delay)
         raise Retry(defer=delay) from exc

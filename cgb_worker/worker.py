@@ -186,15 +186,28 @@ class CGBWorker(Worker):
       the job is free and claims it. Here the jobs this worker is already running are dropped from the list
       without asking, and the claim is one atomic script (one round trip) that does the same checks and sets
       the same ``arq:in-progress`` key with the same TTL.
+    * Polling: arq sleeps ``poll_delay`` between polls, so a slot freed just after a poll stays empty until
+      the next one. Here a finishing job ends the wait early (no sooner than a fifth of the interval after
+      the last poll began, so that jobs finishing together share a poll).
     * Redis connections: the pool hands out connections without queueing every command behind one lock
       (:class:`CheckOutsideLockPool`).
     * Finishing: a job's last send-log mark (see :mod:`cgb_worker.sends`) is written in arq's own finish
       transaction, beside the result, instead of in a round trip of its own.
 
-    Written against arq 0.28's ``Worker.start_jobs`` and ``Worker.finish_job``.
+    Written against arq 0.28's ``Worker.main``, ``_poll_iteration``, ``start_jobs`` and ``finish_job``.
     """
 
     _claim: Any = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._finish_writes: dict[str, tuple[str, dict[str | bytes, bytes]]] = {}
+        self.ctx[FINISH_WRITES] = self._finish_writes
+        # arq's loop sleeps poll_delay between polls; here the wait is in _poll_iteration and ends early when
+        # a job finishes, so that a freed slot does not sit empty for the rest of the interval.
+        self._poll_wait = self.poll_delay_s
+        self.poll_delay_s = 0
+        self._slot_freed = asyncio.Event()
 
     async def main(self) -> None:
         if self._pool is None:
@@ -207,16 +220,6 @@ class CGBWorker(Worker):
             )
         check_outside_lock(self._pool)
         await super().main()
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._finish_writes: dict[str, tuple[str, dict[str | bytes, bytes]]] = {}
-        self.ctx[FINISH_WRITES] = self._finish_writes
-        # arq's loop sleeps poll_delay between polls; here the wait is in _poll_iteration and ends early when
-        # a job finishes, so that a freed slot does not sit empty for the rest of the interval.
-        self._poll_wait = self.poll_delay_s
-        self.poll_delay_s = 0
-        self._slot_freed = asyncio.Event()
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -12,7 +12,7 @@ from cgb_worker import errors as E
 from cgb_worker.ratelimit import PAUSE_KEY, PENALTY_KEY, RateLimiter
 from cgb_worker.simulator import FaultRule
 
-from .conftest import Harness
+from .conftest import Harness, free_port
 
 
 def busiest_second(times: list[float]) -> int:
@@ -88,3 +88,28 @@ async def test_a_cgb_429_slows_the_fleet(harness: Harness) -> None:
     sends = sorted(r["at"] for r in harness.sim.requests("send_text"))
     # After the 429 nobody called CGB for a second, not only the job that saw it.
     assert sends[1] - sends[0] >= 0.95
+
+
+async def test_a_throttled_job_is_deferred_even_when_redis_cannot_count_it(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    """Counting the deferral is bookkeeping: a Redis error there still ends in arq's Retry, not a raw error."""
+    import redis.asyncio
+    from arq import Retry
+
+    from cgb_worker import jobs
+    from cgb_worker.settings import load_settings
+
+    async def throttled(*args: Any, **kwargs: Any) -> Any:
+        raise E.ThrottledError("over the fleet's rate", retry_after=2.0)
+
+    monkeypatch.setattr(jobs, "_send", throttled)
+    dead = redis.asyncio.Redis(port=free_port(), socket_connect_timeout=0.5)  # nothing listens there
+    services = cast(Any, type("S", (), {"settings": load_settings({"CGB_API_KEY": "k"}), "redis": dead})())
+    services.metrics = None
+    try:
+        with pytest.raises(Retry) as info:
+            await jobs.whatsapp_send({"cgb": services, "job_id": "j1", "job_try": 1}, {"to": "+12025550100"})
+    finally:
+        await dead.aclose()
+    assert 2000 <= (info.value.defer_score or 0) <= 3000  # Retry-After 2 s, plus up to half again of jitter
