@@ -219,6 +219,29 @@ async def test_quick_checkout_reads_nothing_and_drops_leftovers(harness: Harness
         await pool.aclose()
 
 
+async def test_quick_checkout_reconnects_when_redis_closed_the_connection(harness: Harness, redis_client: Any) -> None:
+    """A connection the server has closed (as after a Redis restart) is replaced before it is handed out."""
+    from cgb_worker import create_pool
+    from cgb_worker.worker import quick_checkout
+
+    pool = await create_pool(harness.redis_url)
+    try:
+        quick_checkout(pool)
+        await pool.set("k", "kept")
+        [connection] = pool.connection_pool._available_connections
+        writer = connection._writer
+        client_id = await pool.client_id()
+        await redis_client.client_kill_filter(_id=client_id)
+        for _ in range(100):  # until the event loop has seen the end of the stream
+            if connection._reader is not None and connection._reader.at_eof():
+                break
+            await asyncio.sleep(0.01)
+        assert await pool.get("k") == b"kept"
+        assert connection._writer is not writer
+    finally:
+        await pool.aclose()
+
+
 def test_only_a_plain_pool_is_switched() -> None:
     from redis.asyncio.connection import BlockingConnectionPool
 
