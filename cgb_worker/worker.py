@@ -163,8 +163,8 @@ class QuickCheckoutPool(ConnectionPool):
       command was interrupted, so leftovers are a last line of defence. Here the check looks at what has
       arrived without waiting (the stream's buffer and hiredis's, and whether the server has closed the
       socket), as later redis-py releases do (redis-py pull request #4063), and such a connection is
-      reconnected as before. Without hiredis, or
-      on a connection that is not connected, redis-py's own check runs.
+      reconnected as before. Without hiredis, or on a connection that is not connected, redis-py's own
+      check runs.
 
     Together, in the benchmark's profile, a fifth and then about a tenth off the worker's CPU per job, and
     Redis round trips at ``max_jobs=200`` down from 10 to 20 ms to 1 to 3 ms.
@@ -217,7 +217,7 @@ class CGBWorker(Worker):
     * Finishing: a job's last send-log mark (see :mod:`cgb_worker.sends`) is written in arq's own finish
       transaction, beside the result, instead of in a round trip of its own.
 
-    Written against arq 0.28's ``Worker.main``, ``_poll_iteration``, ``start_jobs`` and ``finish_job``.
+    Written against arq 0.28's ``Worker._poll_iteration``, ``start_jobs`` and ``finish_job``.
     """
 
     _claim: Any = None
@@ -231,18 +231,15 @@ class CGBWorker(Worker):
         self._poll_wait = self.poll_delay_s
         self.poll_delay_s = 0
         self._slot_freed = asyncio.Event()
+        # The pool is switched before the first poll, whatever on_startup the settings bring (or none).
+        on_startup = self.on_startup
 
-    async def main(self) -> None:
-        if self._pool is None:
-            self._pool = await arq_create_pool(
-                self.redis_settings,
-                job_deserializer=self.job_deserializer,
-                job_serializer=self.job_serializer,
-                default_queue_name=self.queue_name,
-                expires_extra_ms=self.expires_extra_ms,
-            )
-        quick_checkout(self._pool)
-        await super().main()
+        async def switch_pool(ctx: dict[str, Any]) -> None:
+            quick_checkout(ctx["redis"])
+            if on_startup is not None:
+                await on_startup(ctx)
+
+        self.on_startup = switch_pool
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
