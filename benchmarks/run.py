@@ -50,10 +50,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def pin(pid: int, cpu: int) -> None:
-    """Keep a process on one core (a no-op on a machine with one core)."""
-    if (os.cpu_count() or 1) > 1:
-        os.sched_setaffinity(pid, {cpu})
+CORES = os.cpu_count() or 1
+LAST = CORES - 1
+"""The core a measured worker gets to itself; the others are for everything else."""
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Keep a process on these cores (a no-op on a machine with one core)."""
+    if CORES > 1:
+        os.sched_setaffinity(pid, cpus)
 
 
 def rss_mb(pid: int) -> float:
@@ -145,18 +150,15 @@ class Stack:
         self.procs.append(proc)
         if alone:
             self.alone.add(proc.pid)
-            last = (os.cpu_count() or 1) - 1
-            pin(proc.pid, last)
+            pin(proc.pid, {LAST})
             for other in [os.getpid(), *(p.pid for p in self.procs if p.pid not in self.alone and p.poll() is None)]:
-                if last > 0:
-                    os.sched_setaffinity(other, set(range(last)))
+                pin(other, set(range(LAST)))
         return proc
 
     def unpin(self) -> None:
         self.alone.clear()
-        if (os.cpu_count() or 1) > 1:
-            for pid in [os.getpid(), *(p.pid for p in self.procs if p.poll() is None)]:
-                os.sched_setaffinity(pid, set(range(os.cpu_count() or 1)))
+        for pid in [os.getpid(), *(p.pid for p in self.procs if p.poll() is None)]:
+            pin(pid, set(range(CORES)))
 
     def stop(self, proc: subprocess.Popen[bytes]) -> None:
         if proc.poll() is None:
@@ -359,7 +361,7 @@ async def latency_bound(
 async def bare_http(stack: Stack, concurrency: int, n: int) -> float:
     """The same sends as the worker makes, from a bare aiohttp client on the worker's core: ``concurrency``
     loops of requests and nothing else (no arq, no Redis). What the simulator and HTTP alone allow."""
-    pin(os.getpid(), (os.cpu_count() or 1) - 1)
+    pin(os.getpid(), {LAST})
     url = stack.sim_url + "/api/contacts/{}/send/text"
     headers = {"X-ACCESS-TOKEN": DEFAULT_TOKEN, "Content-Type": "application/json"}
     body = b'{"text":"bare","channel":"whatsapp"}'
