@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import aiohttp
+import hiredis
 from arq import ArqRedis
 from arq import create_pool as arq_create_pool
 from arq.connections import RedisSettings
@@ -26,6 +28,8 @@ from arq.worker import Worker, func, get_kwargs
 from loguru import logger
 from redis._parsers.hiredis import _AsyncHiredisParser
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.exceptions import DataError
+from redis.typing import EncodableT
 
 from .client import CGBClient
 from .contacts import ContactResolver
@@ -152,7 +156,7 @@ return score
 
 
 class QuickCheckoutPool(ConnectionPool):
-    """redis-py's pool, handing out connections without two costs that redis-py 5.3 adds to every command.
+    """redis-py's pool, handing out connections without three costs that redis-py 5.3 adds to every command.
 
     * redis-py checks each connection it hands out while holding a pool-wide ``asyncio.Lock``, so every
       Redis command in the process waits in line behind the check of the one before (redis-py issue
@@ -165,10 +169,18 @@ class QuickCheckoutPool(ConnectionPool):
       socket), as later redis-py releases do (redis-py pull request #4063), and such a connection is
       reconnected as before. Without hiredis, or on a connection that is not connected, redis-py's own
       check runs.
+    * redis-py's asyncio connections build every command in Python, argument by argument; its synchronous
+      client has hiredis do it in C. Here the asyncio connections do the same (:func:`pack_command`,
+      :func:`pack_commands`; the bytes are identical), unless the pool was given an encoding other than strict UTF-8.
 
     Together, in the benchmark's profile, a fifth and then about a tenth off the worker's CPU per job, and
     Redis round trips at ``max_jobs=200`` down from 10 to 20 ms to 1 to 3 ms.
     """
+
+    def make_connection(self) -> AbstractConnection:
+        connection: AbstractConnection = super().make_connection()  # type: ignore[no-untyped-call]
+        _pack_in_c(connection)
+        return connection
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> AbstractConnection:
         async with self._lock:
@@ -194,11 +206,41 @@ class QuickCheckoutPool(ConnectionPool):
         await connection.connect()
 
 
+def pack_command(*args: EncodableT) -> list[bytes]:
+    """A Redis command in the wire protocol, built by hiredis: what redis-py's synchronous client does
+    (``HiredisRespSerializer``), for the asyncio connections that build it in Python. A value of a type
+    Redis cannot take (``bool``, ``None``, a list) raises ``DataError``, as redis-py does."""
+    first = args[0]
+    if isinstance(first, str):
+        args = (*first.encode().split(), *args[1:])
+    elif isinstance(first, bytes) and b" " in first:
+        args = (*first.split(), *args[1:])
+    try:
+        return [hiredis.pack_command(args)]  # type: ignore[arg-type]  # the stub types a 1-tuple
+    except TypeError as exc:
+        raise DataError(f"{exc} Convert to a bytes, string, int or float first.") from None
+
+
+def pack_commands(commands: Iterable[Iterable[EncodableT]]) -> list[bytes]:
+    """A pipeline's commands, each built by :func:`pack_command`, in one buffer."""
+    return [b"".join([pack_command(*command)[0] for command in commands])]
+
+
+def _pack_in_c(connection: AbstractConnection) -> None:
+    encoder = connection.encoder
+    if encoder.encoding.lower().replace("-", "").replace("_", "") == "utf8" and encoder.encoding_errors == "strict":
+        connection.pack_command = pack_command  # type: ignore[method-assign]
+        connection.pack_commands = pack_commands  # type: ignore[method-assign]
+
+
 def quick_checkout(redis: ArqRedis) -> None:
-    """Switch a plain redis-py pool to :class:`QuickCheckoutPool` (same state, two methods differ);
+    """Switch a plain redis-py pool to :class:`QuickCheckoutPool` (same state, three methods differ);
     Sentinel and blocking pools are left as they are."""
-    if type(redis.connection_pool) is ConnectionPool:
-        redis.connection_pool.__class__ = QuickCheckoutPool
+    pool = redis.connection_pool
+    if type(pool) is ConnectionPool:
+        pool.__class__ = QuickCheckoutPool
+        for connection in [*pool._available_connections, *pool._in_use_connections]:
+            _pack_in_c(connection)
 
 
 class CGBWorker(Worker):

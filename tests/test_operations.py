@@ -242,6 +242,92 @@ async def test_quick_checkout_reconnects_when_redis_closed_the_connection(harnes
         await pool.aclose()
 
 
+_PACK_CASES: list[tuple[Any, ...]] = [
+    ("SET", "k", "v"),
+    ("SET", b"k", b"\xff\x00\r\n"),  # binary, with the protocol's own delimiters inside
+    ("EVALSHA", "a" * 40, 2, "arq:in-progress:x", "arq:queue", "x", 1764170000000, 60000),
+    ("SET", "k", 0.1),
+    ("SET", "k", 1e20),
+    ("SET", "k", -0.0),
+    ("SET", "k", float("inf")),
+    ("SET", "k", 2**70),
+    ("SET", "k", -3),
+    ("SET", "\u00fc\u20ac\U0001f600", ""),  # UTF-8 of several widths, and an empty value
+    ("SET", "k", memoryview(b"view")),
+    ("SET", "k", "x" * 100_000),  # past redis-py's 6,000-byte chunking
+    ("CONFIG GET", "maxmemory"),  # a two-word command name, as str and as bytes
+    (b"CONFIG GET", "maxmemory"),
+]
+
+
+@pytest.mark.parametrize("args", _PACK_CASES, ids=lambda a: repr(a)[:40])
+def test_pack_command_is_byte_identical_to_redis_py(args: tuple[Any, ...]) -> None:
+    from redis.asyncio.connection import Connection
+
+    from cgb_worker.worker import pack_command
+
+    assert pack_command(*args) == [b"".join(bytes(part) for part in Connection().pack_command(*args))]
+
+
+def test_pack_commands_is_byte_identical_to_redis_py() -> None:
+    from redis.asyncio.connection import Connection
+
+    from cgb_worker.worker import pack_commands
+
+    commands: list[tuple[Any, ...]] = [("MULTI",), *_PACK_CASES, ("EXEC",)]
+    assert pack_commands(commands) == [b"".join(bytes(part) for part in Connection().pack_commands(commands))]
+
+
+@pytest.mark.parametrize("bad", [True, None, [1], {"a": 1}, bytearray(b"x")], ids=repr)
+def test_pack_command_rejects_what_redis_py_rejects(bad: Any) -> None:
+    from redis.asyncio.connection import Connection
+    from redis.exceptions import DataError
+
+    from cgb_worker.worker import pack_command
+
+    with pytest.raises(DataError):
+        Connection().pack_command("SET", "k", bad)
+    with pytest.raises(DataError, match="Convert to a bytes, string, int or float"):
+        pack_command("SET", "k", bad)
+    with pytest.raises(UnicodeEncodeError):  # a lone surrogate: redis-py's strict UTF-8 refuses it too
+        pack_command("SET", "k", "\ud800")
+
+
+async def test_switched_pool_packs_in_c_unless_its_encoding_differs(harness: Harness) -> None:
+    """Connections made before and after the switch both pack with hiredis, and Redis understands them;
+    a pool with another encoding keeps redis-py's packing, which honours it."""
+    import redis.asyncio
+
+    from cgb_worker import create_pool
+    from cgb_worker.worker import pack_command, pack_commands, quick_checkout
+
+    pool = await create_pool(harness.redis_url)
+    try:
+        [before] = pool.connection_pool._available_connections  # create_pool's ping
+        quick_checkout(pool)
+        assert before.pack_command is pack_command
+        assert before.pack_commands is pack_commands
+        await asyncio.gather(*(pool.set(f"k{i}", f"\u20ac{i}") for i in range(3)))  # new connections too
+        assert all(c.pack_command is pack_command for c in pool.connection_pool._available_connections)
+        async with pool.pipeline(transaction=True) as tr:
+            tr.get("k0")
+            tr.incr("n")
+            tr.expire("n", 60)
+            assert await tr.execute() == ["\u20ac0".encode(), 1, True]
+    finally:
+        await pool.aclose()
+
+    latin = redis.asyncio.Redis.from_url(harness.redis_url, encoding="latin-1")
+    try:
+        quick_checkout(latin)
+        await latin.set("latin", "\u00e9")
+        [connection] = latin.connection_pool._available_connections
+        assert connection.pack_command is not pack_command
+        assert await latin.get("latin") == b"\xe9"  # latin-1, not UTF-8
+    finally:
+        await latin.aclose()
+
+
 def test_only_a_plain_pool_is_switched() -> None:
     from redis.asyncio.connection import BlockingConnectionPool
 
