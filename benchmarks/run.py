@@ -651,22 +651,35 @@ time each job spent before, in and after its function logged. What it showed, an
   1 to 3 ms, and CPU per job at `max_jobs=200` from about 1.06 to about 0.82 ms;
 - a freed slot waited for the next poll (up to 10 ms): `CGBWorker` polls again when a job finishes (at most
   every 2 ms);
+- redis-py's asyncio connections build every command in Python, argument by argument (about 8% of the
+  worker's CPU in the profile); the worker's pool has hiredis build them in C, as redis-py's synchronous
+  client does, with the same bytes;
 - arq wrote two INFO lines per job (with its argument list) besides our own job event: they now show only at
   DEBUG;
 - phone parsing and masking (`phonenumbers`) ran on every job: both are cached (8,192 numbers);
 - Prometheus `.labels()` ran on every request and job: the children are kept;
 - arq's poll asked Redis about each running job at the head of the queue, and claimed each job in three
   round trips (WATCH, EXISTS, ZSCORE, then MULTI/PSETEX/EXEC): `CGBWorker` skips the jobs it is running
-  itself and claims a job with one script, and the worker polls every 10 ms.
+  itself and claims a job with one script, and the worker polls every 10 ms;
+- even so, the claims were one chain, each waiting for the answer to the one before: timing each job's
+  path at `max_jobs=200` showed a freed slot waiting 10 to 40 ms (median and mean) for its next claim,
+  and a sixth of the slots empty at any moment. Each claim now runs in its job's own task, up to 8 at once:
+  the empty share fell to about 7%.
 
 Tried and left out, because the numbers did not move or got worse: claiming every free slot's job in one
-script (it made jobs start and finish in waves, and at `max_jobs=200` throughput fell), uvloop, and
-aiohttp session options (no cookie jar, no automatic headers, pre-parsed URLs).
+script, or with no limit on the claims in flight (jobs freed together then start together and stay in
+step, finishing in waves; at `max_jobs=200` throughput fell to about 0.8), uvloop, and aiohttp session
+options (no cookie jar, no automatic headers, pre-parsed URLs).
 
 Most of these made arq's own per-job cost smaller as well, so the no-op baseline on the same Worker class
 got faster too, and the overhead ratio against it moved much less than the absolute throughput. What the
-profile shows now is aiohttp's request machinery, redis-py's per-command work, and loguru's per-record work
-(the job's one log line is about a twelfth of a send's CPU).
+profile shows now is aiohttp's request machinery, redis-py's per-command work, and loguru's per-record work.
+The row "what a cached send must do beyond a no-op" puts a number on that: the CGB request, the send log's
+script and the job's log line, each measured through its library alone, against the no-op's whole cost per
+job on `CGBWorker`. Those three alone leave little room under a ratio of 0.5, and inside a worker they
+cost more than alone (in a profile of the job run in one process, the log line cost about twice as much
+as in a loop of its own); the rest of a send's extra cost is the job's own work (validation, the
+contact, the result, metrics) and its larger result in arq's finish transaction.
 
 ## How each figure is measured
 
@@ -675,15 +688,21 @@ profile shows now is aiohttp's request machinery, redis-py's per-command work, a
   decided the figure more than the code did (ratios moved by ±0.07 between runs without pinning).
 - **Throughput** is jobs divided by the time from the first job's start to the last job's finish, as arq
   records them in the results: enqueueing and process start-up are outside it.
-- **Overhead**: five rounds, each 5,000 no-op jobs on `CGBWorker`, 5,000 no-op jobs on arq's own Worker,
-  then 5,000 sends, medians reported; each batch is enqueued in full before its jobs fall due (earlier
-  reports did not do this, and the no-op worker then ran at the pace of the enqueueing, about 2,200 jobs/s,
-  which made the ratio look better than it was); the sends go to 100 contacts already in the contact cache, against
-  the simulator with no added latency in its own process, one worker process (`python -m cgb_worker.worker`,
-  as `cgb-worker run` starts it) with the default settings (`max_jobs=100`, `poll_delay=0.01`, logs at
+- **Overhead**: five rounds, each 5,000 jobs on each of four workers in turn: the no-op on `CGBWorker`, the
+  no-op on arq's own Worker, sends on `CGBWorker` (`python -m cgb_worker.worker`, as `cgb-worker run`
+  starts it) and sends on arq's own Worker (`arq cgb_worker.WorkerSettings`); medians reported. The two
+  send workers share the job queue, so the one not being measured is held with SIGSTOP while idle. Each
+  batch is enqueued in full before its jobs fall due (earlier reports did not do this, and the no-op worker
+  then ran at the pace of the enqueueing, about 2,200 jobs/s, which made the ratio look better than it
+  was). The sends go to 100 contacts already in the contact cache, against the simulator with no added
+  latency in its own process, with the default settings (`max_jobs=100`, `poll_delay=0.01`, logs at
   INFO). The baseline is `benchmarks/noop.py`, an arq job that returns at once, with the same settings and
-  serializer, run by the same Worker class; the second no-op row runs it on arq's own Worker. CPU per job is
-  the worker process's CPU time over the batch (from `/proc`) divided by the jobs.
+  serializer, and each send row is set against the no-op on its own Worker class. CPU per job is the worker
+  process's CPU time over the batch (from `/proc`) divided by the jobs.
+- **What a send must do beyond a no-op**: in the benchmark's own process, on the measured workers' core,
+  5,000 of each at a concurrency of 100: the worker's CGB request to the simulator with bare aiohttp,
+  `SendLog.load_with` on a `QuickCheckoutPool`, and the job's log line through the worker's loguru
+  set-up into a file. CPU time per operation.
 - **Latency-bound**: the simulator adds 200 ms to every call; one worker with the given `max_jobs` sends to
   known contacts for about six seconds' worth of the bound, three times; the median run is reported, with
   all three beside it, and the CPU shares below are from the median run. "Bare HTTP" is the same number of the same

@@ -248,9 +248,11 @@ class CGBWorker(Worker):
 
     * Claiming: arq reads the head of the queue on every poll, and jobs stay there while they run. For each
       id it then asks Redis, with WATCH, EXISTS, ZSCORE and a MULTI/PSETEX/EXEC (three round trips), whether
-      the job is free and claims it. Here the jobs this worker is already running are dropped from the list
-      without asking, and the claim is one atomic script (one round trip) that does the same checks and sets
-      the same ``arq:in-progress`` key with the same TTL.
+      the job is free and claims it, one job after another. Here the jobs this worker is already running are
+      dropped from the list without asking, and the claim is one atomic script (one round trip) that does
+      the same checks and sets the same ``arq:in-progress`` key with the same TTL. It runs in the job's own
+      task, up to :attr:`claims_in_flight` at once: a chain of claims one round trip apart held a worker
+      at ``max_jobs=200`` to about 0.85 of its bound.
     * Polling: arq sleeps ``poll_delay`` between polls, so a slot freed just after a poll stays empty until
       the next one. Here a finishing job ends the wait early (no sooner than a fifth of the interval after
       the last poll began, so that jobs finishing together share a poll).
@@ -262,7 +264,11 @@ class CGBWorker(Worker):
     Written against arq 0.28's ``Worker._poll_iteration``, ``start_jobs`` and ``finish_job``.
     """
 
+    claims_in_flight = 8
+    """Claims sent before the first of them is answered. One at a time, claiming was what limited a
+    worker at ``max_jobs=200``; all at once, jobs freed together restart together and stay in step."""
     _claim: Any = None
+    _claims: asyncio.Semaphore | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -352,17 +358,26 @@ class CGBWorker(Worker):
                 self.sem.release()
                 return
             self.job_counter += 1
+            if self._claims is None:
+                self._claims = asyncio.Semaphore(self.claims_in_flight)
+            # The claim runs in the job's task, so the next one need not wait for its round trip. (A task
+            # cancelled before it starts, which happens only when the worker stops, keeps its permit.)
+            await self._claims.acquire()
+            task = self.loop.create_task(self._claim_and_run(job_id))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
+
+    async def _claim_and_run(self, job_id: str) -> None:
+        try:
             score = await self._claim(
                 keys=[in_progress_key_prefix + job_id, self.queue_name],
                 args=[job_id, timestamp_ms(), int(self.in_progress_timeout_s * 1000)],
             )
-            if score is None:  # running elsewhere, finished, or deferred by another worker meanwhile
-                self.job_counter -= 1
-                self.sem.release()
-                continue
-            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
-            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-            self.tasks[job_id] = task
+        finally:
+            assert self._claims is not None
+            self._claims.release()
+        if score is not None:  # None: running elsewhere, finished, or deferred by another worker meanwhile
+            await self.run_job(job_id, int(float(score)))
 
 
 def main() -> None:

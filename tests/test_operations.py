@@ -384,12 +384,66 @@ async def test_cgb_worker_claims_jobs_like_arq(harness: Harness, redis_client: A
     worker.tasks["running-here"] = cast(Any, asyncio.get_running_loop().create_future())
     ids = [b"running-here", queued.job_id.encode(), elsewhere.job_id.encode(), deferred.job_id.encode()]
     await worker.start_jobs([*ids, later.job_id.encode()])
-    await asyncio.sleep(0)
+    # Each claim runs in its job's task; one was started per id not running here, none for "running-here".
+    assert set(worker.tasks) == {"running-here", queued.job_id, elsewhere.job_id, deferred.job_id, later.job_id}
+    await asyncio.gather(*(task for job_id, task in worker.tasks.items() if job_id != "running-here"))
     score = await redis_client.zscore("arq:queue", queued.job_id)
-    assert started == [(queued.job_id, int(score))]
+    assert started == [(queued.job_id, int(score))]  # the others' claims found them taken, gone or not due
     ttl = await redis_client.pttl(f"arq:in-progress:{queued.job_id}")
     assert 30_000 < ttl <= 40_000  # arq's in_progress_timeout: job_timeout + 10 s
     assert await redis_client.exists(f"arq:in-progress:{later.job_id}") == 0
+    assert await redis_client.exists(f"arq:in-progress:{deferred.job_id}") == 0
     assert await redis_client.exists("arq:in-progress:running-here") == 0
-    assert set(worker.tasks) == {"running-here", queued.job_id}
+    await asyncio.sleep(0)  # the tasks' done callbacks
+    assert worker.job_counter == 0  # every slot given back: the four claims' tasks have ended
+    assert worker._claims is not None
+    assert worker._claims._value == worker.claims_in_flight
     worker.tasks["running-here"].cancel()
+
+
+async def test_cgb_worker_keeps_claims_in_flight_within_its_limit(harness: Harness) -> None:
+    """Claims go out without waiting for each other's answers, but never more than ``claims_in_flight``
+    at once; every job is still claimed once and run once."""
+    from cgb_worker.jobs import whatsapp_send
+    from cgb_worker.worker import _CLAIM, CGBWorker
+
+    jobs = await harness.enqueue(*({"to": "+972500000001", "message": f"m{i}"} for i in range(12)))
+    pool = await harness.pool()
+    worker = CGBWorker(
+        functions=[whatsapp_send],
+        redis_settings=RedisSettings.from_dsn(harness.redis_url),
+        handle_signals=False,
+        max_jobs=20,
+    )
+    worker.claims_in_flight = 3
+    worker._pool = pool
+    in_flight, most = 0, 0
+    release = asyncio.Event()
+    started: list[str] = []
+
+    async def run_job(job_id: str, score: int) -> None:
+        started.append(job_id)
+        await release.wait()
+
+    worker.run_job = run_job  # type: ignore[method-assign]
+    worker._claim = pool.register_script(_CLAIM)
+    claim = worker._claim
+
+    async def slow_claim(*args: Any, **kwargs: Any) -> Any:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.02)
+        try:
+            return await claim(*args, **kwargs)
+        finally:
+            in_flight -= 1
+
+    worker._claim = slow_claim
+    await worker.start_jobs([job.job_id.encode() for job in jobs])
+    await asyncio.sleep(0.3)
+    assert most == 3  # side by side, up to the limit and no further
+    assert sorted(started) == sorted(job.job_id for job in jobs)  # each claimed and run once
+    release.set()
+    await asyncio.gather(*worker.tasks.values())
+    assert worker.job_counter == 0
