@@ -31,7 +31,7 @@ HEALTHCHECK --interval=15s --timeout=10s --start-period=20s --retries=2 \
     CMD ["arq", "--check", "cgb_worker.WorkerSettings"]
 # SIGTERM lets running sends finish for WORKER_JOB_COMPLETION_WAIT (40 s): give the container longer to stop.
 STOPSIGNAL SIGTERM
-# arq's own command, as the contract says; the compose file's restart policy brings back a worker that exits
-# when it loses Redis. ["cgb-worker", "run"] is the alternative: it restarts the worker itself and runs it on
-# CGBWorker, whose polls are cheaper with many jobs in flight (see BENCHMARKS.md).
+# arq's own command, as the contract says (it runs on CGBWorker too); the compose file's restart policy brings
+# back a worker that exits when it loses Redis. ["cgb-worker", "run"] is the alternative that restarts the
+# worker itself.
 CMD ["arq", "cgb_worker.WorkerSettings"]

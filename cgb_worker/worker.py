@@ -1,7 +1,8 @@
 """The arq worker: ``arq cgb_worker.WorkerSettings``, and :func:`create_pool` for producers.
 
-``python -m cgb_worker.worker`` (what ``cgb-worker run`` starts) runs the same settings on
-:class:`CGBWorker`, an arq ``Worker`` that takes jobs off the queue with fewer Redis round trips.
+``python -m cgb_worker.worker`` (what ``cgb-worker run`` starts) runs the same settings. Both run on
+:class:`CGBWorker`, an arq ``Worker`` that takes jobs off the queue with fewer Redis round trips: arq's
+command line builds arq's own Worker, which ``on_startup`` turns into one before its first poll.
 
 ``on_startup`` reads the settings (a bad configuration stops the worker at once with one message listing
 every problem), sets up logging, opens the one ``aiohttp.ClientSession`` the worker has, checks Redis and
@@ -14,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import hiredis
@@ -71,7 +73,10 @@ async def startup(ctx: dict[str, Any]) -> None:
         raise SystemExit(2) from None
     setup_logging(settings.log_level, json_lines=settings.log_json, diagnose=os.environ.get("LOG_DIAGNOSE") == "true")
     redis: ArqRedis = ctx["redis"]
-    quick_checkout(redis)  # arq's own Worker too (``arq cgb_worker.WorkerSettings``)
+    quick_checkout(redis)
+    worker = _calling_worker(ctx)
+    if worker is not None and type(worker) is Worker:  # arq's own: ``arq cgb_worker.WorkerSettings``
+        CGBWorker.adopt(worker)
     await redis.ping()
     connector = aiohttp.TCPConnector(limit=max(100, settings.worker.max_jobs), ttl_dns_cache=300)
     session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=settings.timeout))
@@ -112,6 +117,24 @@ async def startup(ctx: dict[str, Any]) -> None:
         len(settings.templates),
         settings.worker.max_jobs,
     )
+
+
+def _calling_worker(ctx: dict[str, Any]) -> Worker | None:
+    """The Worker whose ``main`` is running ``on_startup`` with this ``ctx``, found among the frames that
+    await it; None when there is none (``startup`` called some other way).
+
+    arq's command line builds a plain ``Worker`` and has no setting for the class, and ``on_startup`` is
+    the first code of ours it runs, with only ``ctx``: this is how ``arq cgb_worker.WorkerSettings`` gets
+    :class:`CGBWorker` too. A Worker is taken only if its ``ctx`` is this very dict."""
+    frame = sys._getframe(1)
+    for _ in range(8):
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Worker) and candidate.ctx is ctx:
+            return candidate
+        if frame.f_back is None:
+            break
+        frame = frame.f_back
+    return None
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
@@ -272,13 +295,7 @@ class CGBWorker(Worker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._finish_writes: dict[str, tuple[str, dict[str | bytes, bytes]]] = {}
-        self.ctx[FINISH_WRITES] = self._finish_writes
-        # arq's loop sleeps poll_delay between polls; here the wait is in _poll_iteration and ends early when
-        # a job finishes, so that a freed slot does not sit empty for the rest of the interval.
-        self._poll_wait = self.poll_delay_s
-        self.poll_delay_s = 0
-        self._slot_freed = asyncio.Event()
+        self._set_up()
         # The pool is switched before the first poll, whatever on_startup the settings bring (or none).
         on_startup = self.on_startup
 
@@ -288,6 +305,24 @@ class CGBWorker(Worker):
                 await on_startup(ctx)
 
         self.on_startup = switch_pool
+
+    def _set_up(self) -> None:
+        self._finish_writes: dict[str, tuple[str, dict[str | bytes, bytes]]] = {}
+        self.ctx[FINISH_WRITES] = self._finish_writes
+        # arq's loop sleeps poll_delay between polls; here the wait is in _poll_iteration and ends early when
+        # a job finishes, so that a freed slot does not sit empty for the rest of the interval.
+        self._poll_wait = self.poll_delay_s
+        self.poll_delay_s = 0
+        self._slot_freed = asyncio.Event()
+
+    @classmethod
+    def adopt(cls, worker: Worker) -> CGBWorker:
+        """Turn a Worker that arq built (``arq cgb_worker.WorkerSettings``) into a CGBWorker, from its
+        ``on_startup``: before its first poll, which is the last moment that works."""
+        worker.__class__ = cls
+        adopted = cast(CGBWorker, worker)
+        adopted._set_up()
+        return adopted
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()

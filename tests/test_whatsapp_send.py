@@ -606,6 +606,87 @@ async def test_cgb_worker_writes_the_last_send_mark_with_arqs_result(
     assert len(harness.sim.state.outbox) == before
 
 
+def _spy_sent_marks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The steps the job marks ``sent`` by itself (not in arq's finish transaction)."""
+    from cgb_worker.sends import SENT, SendLog
+
+    marked_sent: list[str] = []
+    mark = SendLog.mark
+
+    async def spy(self: SendLog, job_id: str, step: str, state: bytes, **kwargs: Any) -> None:
+        if state == SENT:
+            marked_sent.append(step)
+        await mark(self, job_id, step, state, **kwargs)
+
+    monkeypatch.setattr(SendLog, "mark", spy)
+    return marked_sent
+
+
+async def test_arq_command_runs_on_cgb_worker(
+    harness: Harness, redis_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``arq cgb_worker.WorkerSettings`` builds arq's own Worker (``create_worker``, as arq's command line
+    does); ``on_startup`` turns it into a CGBWorker before its first poll."""
+    from arq.worker import Worker
+
+    from cgb_worker.worker import CGBWorker
+
+    marked_sent = _spy_sent_marks(monkeypatch)
+    jobs = await harness.enqueue(*({"to": A, "message": f"m{i}"} for i in range(5)))
+    [worker] = await harness.run()
+    assert type(worker) is CGBWorker
+    assert isinstance(worker, Worker)
+    assert worker.poll_delay_s == 0  # CGBWorker waits in its own poll, up to the configured delay
+    assert worker._poll_wait == 0.01
+    assert worker._claims is not None  # its claims were the ones used
+    assert marked_sent == []  # every last mark rode in arq's finish transaction
+    for job in jobs:
+        result = await harness.outcome(job)
+        assert result["success"] is True
+        record = await redis_client.hgetall(f"cgb:sends:{job.job_id}")
+        assert record[b"text"] == b"sent"
+        assert msgspec.to_builtins(msgspec.msgpack.decode(record[b"result"])) == result
+    assert sorted(t for _, _, t in sends(harness)) == [f"m{i}" for i in range(5)]
+
+
+async def test_a_worker_of_another_class_is_left_as_it_is(
+    harness: Harness, redis_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Worker subclass of someone else's runs as it is, and the job writes its last mark itself, with the
+    same record as on CGBWorker."""
+    from arq.worker import Worker
+
+    class OwnWorker(Worker):
+        pass
+
+    marked_sent = _spy_sent_marks(monkeypatch)
+    [job] = await harness.enqueue({"to": A, "message": "own worker"})
+    [worker] = await harness.run(worker_class=OwnWorker)
+    assert type(worker) is OwnWorker
+    assert marked_sent == ["text"]
+    result = await harness.outcome(job)
+    assert result["success"] is True
+    record = await redis_client.hgetall(f"cgb:sends:{job.job_id}")
+    assert record[b"text"] == b"sent"
+    assert msgspec.to_builtins(msgspec.msgpack.decode(record[b"result"])) == result
+
+
+async def test_startup_takes_only_the_worker_that_runs_it() -> None:
+    """The Worker found among the calling frames must hold this very ctx; otherwise none is taken."""
+    from arq.worker import Worker
+
+    from cgb_worker.jobs import whatsapp_send
+    from cgb_worker.worker import _calling_worker
+
+    async def main(self: Worker, ctx: dict[str, Any]) -> Worker | None:  # stands for Worker.main
+        return _calling_worker(ctx)
+
+    worker = Worker(functions=[whatsapp_send], handle_signals=False)
+    assert await main(worker, worker.ctx) is worker
+    assert await main(worker, {}) is None  # an equal but other dict
+    assert _calling_worker(worker.ctx) is None  # no worker among the callers
+
+
 async def test_cgb_worker_fills_a_freed_slot_without_waiting_out_the_poll(harness: Harness) -> None:
     """With one slot and a 2 s poll interval, the second job starts once the first has finished and a fifth
     of the interval has passed (jobs finishing together share a poll), not after the whole interval."""
