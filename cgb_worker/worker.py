@@ -284,7 +284,8 @@ class CGBWorker(Worker):
     * Finishing: a job's last send-log mark (see :mod:`cgb_worker.sends`) is written in arq's own finish
       transaction, beside the result, instead of in a round trip of its own.
 
-    Written against arq 0.28's ``Worker._poll_iteration``, ``start_jobs`` and ``finish_job``.
+    Written against arq 0.28's ``Worker._poll_iteration``, ``start_jobs`` and ``finish_job``, and, for
+    :meth:`adopt`, its ``Worker.main``, which runs ``on_startup`` before it reads ``poll_delay``.
     """
 
     claims_in_flight = 8

@@ -340,7 +340,8 @@ def test_only_a_plain_pool_is_switched() -> None:
 
 @pytest.mark.parametrize("worker_class", ["arq", "CGBWorker"])
 async def test_workers_run_on_the_switched_pool(harness: Harness, worker_class: str) -> None:
-    """``on_startup`` switches arq's own Worker's pool too; CGBWorker switches it before its first poll."""
+    """Started the arq way (``on_startup`` switches the pool, and the Worker becomes a CGBWorker) or as a CGBWorker
+    (which switches it before its first poll), the worker's commands all go through the switched pool."""
     from cgb_worker.worker import CGBWorker, QuickCheckoutPool
 
     handed_out = 0
