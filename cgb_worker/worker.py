@@ -278,7 +278,8 @@ class CGBWorker(Worker):
       at ``max_jobs=200`` to about 0.85 of its bound.
     * Polling: arq sleeps ``poll_delay`` between polls, so a slot freed just after a poll stays empty until
       the next one. Here a finishing job ends the wait early (no sooner than a fifth of the interval after
-      the last poll began, so that jobs finishing together share a poll).
+      the last poll began, so that jobs finishing together share a poll). And while the ids the last poll
+      read are younger than the interval, a freed slot takes the next of them at once, without a poll.
     * Redis connections: the pool hands out connections without queueing every command behind one lock
       (:class:`QuickCheckoutPool`).
     * Finishing: a job's last send-log mark (see :mod:`cgb_worker.sends`) is written in arq's own finish
@@ -385,10 +386,20 @@ class CGBWorker(Worker):
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         if self._claim is None:
             self._claim = self.pool.register_script(_CLAIM)
+        fresh_until = self.loop.time() + self._poll_wait
         for job_id_b in job_ids:
             job_id = job_id_b.decode()
             if job_id in self.tasks:
                 continue  # running here
+            # Every slot busy: wait for one on this list while it is younger than a poll interval, rather
+            # than return and read the head of the queue again once a slot frees.
+            while self.job_counter >= self.max_jobs:
+                self._slot_freed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, fresh_until - self.loop.time())):
+                        await self._slot_freed.wait()
+                if not self._slot_freed.is_set():
+                    return
             await self.sem.acquire()
             if self.job_counter >= self.max_jobs:
                 self.sem.release()

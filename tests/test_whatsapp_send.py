@@ -688,17 +688,28 @@ async def test_startup_takes_only_the_worker_that_runs_it() -> None:
 
 
 async def test_cgb_worker_fills_a_freed_slot_without_waiting_out_the_poll(harness: Harness) -> None:
-    """With one slot and a 2 s poll interval, the second job starts once the first has finished and a fifth
-    of the interval has passed (jobs finishing together share a poll), not after the whole interval."""
+    """One slot, a 2 s poll interval. A job the last poll already read starts as soon as the slot frees;
+    one enqueued after that poll starts once a fifth of the interval has passed (jobs finishing together
+    share a poll), not after the whole interval, which is what arq's own loop waits here."""
     from cgb_worker.worker import CGBWorker
 
-    jobs = await harness.enqueue({"to": A, "message": "one"}, {"to": A, "message": "two"})
-    await harness.run(worker_class=CGBWorker, max_jobs=1, poll_delay=2)
-    earlier, later = sorted([await j.result_info() for j in jobs], key=lambda info: info.start_time)
-    assert earlier.success
-    assert later.success
-    gap = (later.start_time - earlier.finish_time).total_seconds()
-    assert 0.3 < gap < 1.0  # arq's own loop waits out the 2 s interval here
+    harness.sim.state.faults.append(FaultRule(delay=0.5, path="/send/text$", count=1))  # the first send
+    pool = await harness.pool()
+    first, read_with_it = await harness.enqueue({"to": A, "message": "one"}, {"to": A, "message": "two"})
+
+    async def enqueue_during_the_first() -> Any:
+        await asyncio.sleep(0.25)
+        return await pool.enqueue_job("whatsapp_send", {"to": A, "message": "three"})
+
+    later, _ = await asyncio.gather(
+        enqueue_during_the_first(), harness.run(worker_class=CGBWorker, max_jobs=1, poll_delay=2)
+    )
+    one, two, three = [await j.result_info() for j in (first, read_with_it, later)]
+    assert one.success
+    assert two.success
+    assert three.success
+    assert 0 <= (two.start_time - one.finish_time).total_seconds() < 0.3
+    assert 0.3 < (three.start_time - two.finish_time).total_seconds() < 1.0
 
 
 @pytest.mark.parametrize("finish", [True, False], ids=["finished", "cancelled-after-send"])
