@@ -644,7 +644,13 @@ time each job spent before, in and after its function logged. What it showed, an
 - even so, the claims were one chain, each waiting for the answer to the one before: timing each job's
   path at `max_jobs=200` showed a freed slot waiting 10 to 40 ms (median and mean) for its next claim,
   and a sixth of the slots empty at any moment. Each claim now runs in its job's own task, up to 8 at once:
-  the empty share fell to about 7%.
+  the empty share fell to about 7 to 10%;
+- with every slot busy, a freed slot waited for the next poll (at least a fifth of the interval, then a
+  read of up to 1,000 ids): it now takes the next id the last poll read, while that read is younger than
+  the poll interval, and the worker read the queue half as often;
+- `arq cgb_worker.WorkerSettings` (the container's command) ran arq's own Worker, which reached about 0.6
+  of the bound at `max_jobs=200`: the worker's `on_startup` now turns that Worker into a `CGBWorker`
+  before its first poll, so both commands run the same code.
 
 Tried and left out, because the numbers did not move or got worse: claiming every free slot's job in one
 script, or with no limit on the claims in flight (jobs freed together then start together and stay in
