@@ -662,10 +662,12 @@ got faster too, and the overhead ratio against it moved much less than the absol
 profile shows now is aiohttp's request machinery, redis-py's per-command work, and loguru's per-record work.
 The row "what a cached send must do beyond a no-op" puts a number on that: the CGB request, the send log's
 script and the job's log line, each measured through its library alone, against the no-op's whole cost per
-job on `CGBWorker`. Those three alone leave little room under a ratio of 0.5, and inside a worker they
-cost more than alone (in a profile of the job run in one process, the log line cost about twice as much
-as in a loop of its own); the rest of a send's extra cost is the job's own work (validation, the
-contact, the result, metrics) and its larger result in arq's finish transaction.
+job on `CGBWorker`: no-op / (no-op + their sum) is the most the ratio could reach with these libraries.
+It moves from run to run on a shared machine (between 0.47 and 0.60 in four runs on 2026-11-26, the day
+it was added), and inside a worker the three cost more than alone (in a profile of the job run in one process,
+the log line cost about twice as much as in a loop of its own). The rest of a send's extra cost is the
+job's own work (validation, the contact, the result, metrics) and its larger result in arq's finish
+transaction.
 
 ## How each figure is measured
 

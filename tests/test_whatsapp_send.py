@@ -563,12 +563,9 @@ async def test_jobs_run_the_same_on_cgb_worker(harness: Harness) -> None:
     )
 
 
-async def test_cgb_worker_writes_the_last_send_mark_with_arqs_result(
-    harness: Harness, redis_client: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """On CGBWorker the last ``sent`` mark rides in arq's finish transaction; the record is the same."""
+def _spy_sent_marks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The steps the job marks ``sent`` by itself (not in arq's finish transaction)."""
     from cgb_worker.sends import SENT, SendLog
-    from cgb_worker.worker import CGBWorker
 
     marked_sent: list[str] = []
     mark = SendLog.mark
@@ -579,7 +576,16 @@ async def test_cgb_worker_writes_the_last_send_mark_with_arqs_result(
         await mark(self, job_id, step, state, **kwargs)
 
     monkeypatch.setattr(SendLog, "mark", spy)
+    return marked_sent
 
+
+async def test_cgb_worker_writes_the_last_send_mark_with_arqs_result(
+    harness: Harness, redis_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CGBWorker the last ``sent`` mark rides in arq's finish transaction; the record is the same."""
+    from cgb_worker.worker import CGBWorker
+
+    marked_sent = _spy_sent_marks(monkeypatch)
     jobs = await harness.enqueue(
         {"to": A, "message": "text"},
         {"to": B, "fileUrl": "https://files.example.com/a.pdf", "fileType": "document", "message": "after"},
@@ -604,22 +610,6 @@ async def test_cgb_worker_writes_the_last_send_mark_with_arqs_result(
     await harness.run(worker_class=CGBWorker)
     assert await harness.outcome(again) == await harness.outcome(jobs[0])
     assert len(harness.sim.state.outbox) == before
-
-
-def _spy_sent_marks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The steps the job marks ``sent`` by itself (not in arq's finish transaction)."""
-    from cgb_worker.sends import SENT, SendLog
-
-    marked_sent: list[str] = []
-    mark = SendLog.mark
-
-    async def spy(self: SendLog, job_id: str, step: str, state: bytes, **kwargs: Any) -> None:
-        if state == SENT:
-            marked_sent.append(step)
-        await mark(self, job_id, step, state, **kwargs)
-
-    monkeypatch.setattr(SendLog, "mark", spy)
-    return marked_sent
 
 
 async def test_arq_command_runs_on_cgb_worker(
