@@ -428,7 +428,7 @@ class CGBWorker(Worker):
 
 
 def main() -> None:
-    """Run the worker on :class:`CGBWorker` (``arq cgb_worker.WorkerSettings`` runs it on arq's own)."""
+    """What ``cgb-worker run`` starts: the worker on :class:`CGBWorker`, built directly."""
     setup_logging(os.environ.get("LOG_LEVEL", "INFO"), json_lines=os.environ.get("LOG_JSON", "").lower() == "true")
     CGBWorker(**get_kwargs(WorkerSettings)).run()  # type: ignore[arg-type]
 
