@@ -293,7 +293,6 @@ class CGBWorker(Worker):
     """Claims sent before the first of them is answered. One at a time, claiming was what limited a
     worker at ``max_jobs=200``; all at once, jobs freed together restart together and stay in step."""
     _claim: Any = None
-    _claims: asyncio.Semaphore | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -316,6 +315,7 @@ class CGBWorker(Worker):
         self._poll_wait = self.poll_delay_s
         self.poll_delay_s = 0
         self._slot_freed = asyncio.Event()
+        self._claims = asyncio.Semaphore(self.claims_in_flight)
 
     @classmethod
     def adopt(cls, worker: Worker) -> CGBWorker:
@@ -400,13 +400,8 @@ class CGBWorker(Worker):
                         await self._slot_freed.wait()
                 if not self._slot_freed.is_set():
                     return
-            await self.sem.acquire()
-            if self.job_counter >= self.max_jobs:
-                self.sem.release()
-                return
+            await self.sem.acquire()  # a permit per running job, as arq's own start_jobs takes
             self.job_counter += 1
-            if self._claims is None:
-                self._claims = asyncio.Semaphore(self.claims_in_flight)
             # The claim runs in the job's task, so the next one need not wait for its round trip. (A task
             # cancelled before it starts, which happens only when the worker stops, keeps its permit.)
             await self._claims.acquire()
@@ -421,7 +416,6 @@ class CGBWorker(Worker):
                 args=[job_id, timestamp_ms(), int(self.in_progress_timeout_s * 1000)],
             )
         finally:
-            assert self._claims is not None
             self._claims.release()
         if score is not None:  # None: running elsewhere, finished, or deferred by another worker meanwhile
             await self.run_job(job_id, int(float(score)))

@@ -397,7 +397,6 @@ async def test_cgb_worker_claims_jobs_like_arq(harness: Harness, redis_client: A
     assert await redis_client.exists("arq:in-progress:running-here") == 0
     await asyncio.sleep(0)  # the tasks' done callbacks
     assert worker.job_counter == 0  # every slot given back: the four claims' tasks have ended
-    assert worker._claims is not None
     assert worker._claims._value == worker.claims_in_flight
     worker.tasks["running-here"].cancel()
 
@@ -410,13 +409,13 @@ async def test_cgb_worker_keeps_claims_in_flight_within_its_limit(harness: Harne
 
     jobs = await harness.enqueue(*({"to": "+972500000001", "message": f"m{i}"} for i in range(12)))
     pool = await harness.pool()
+    harness.monkeypatch.setattr(CGBWorker, "claims_in_flight", 3)
     worker = CGBWorker(
         functions=[whatsapp_send],
         redis_settings=RedisSettings.from_dsn(harness.redis_url),
         handle_signals=False,
         max_jobs=20,
     )
-    worker.claims_in_flight = 3
     worker._pool = pool
     in_flight, most = 0, 0
     release = asyncio.Event()

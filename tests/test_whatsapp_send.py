@@ -628,7 +628,8 @@ async def test_arq_command_runs_on_cgb_worker(
     assert isinstance(worker, Worker)
     assert worker.poll_delay_s == 0  # CGBWorker waits in its own poll, up to the configured delay
     assert worker._poll_wait == 0.01
-    assert worker._claims is not None  # its claims were the ones used
+    assert worker._claim is not None  # its claim script was the one used
+    assert worker._claims._value == worker.claims_in_flight  # and every claim gave its permit back
     assert marked_sent == []  # every last mark rode in arq's finish transaction
     for job in jobs:
         result = await harness.outcome(job)
