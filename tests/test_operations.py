@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 import pytest
@@ -19,6 +19,9 @@ from cgb_worker import WorkerSettings
 from cgb_worker.simulator import FaultRule
 
 from .conftest import Harness, free_port
+
+if TYPE_CHECKING:
+    from cgb_worker.worker import CGBWorker
 
 BIN = Path(sys.executable).parent
 
@@ -359,23 +362,29 @@ async def test_workers_run_on_the_switched_pool(harness: Harness, worker_class: 
     assert handed_out >= 4  # the claim, arq's job read, the send log, arq's finish: all on this pool
 
 
-async def test_cgb_worker_claims_jobs_like_arq(harness: Harness, redis_client: Any) -> None:
-    """CGBWorker's one-script claim: the same checks and the same in-progress key as arq's start_jobs."""
+async def _cgb_worker_on(harness: Harness, **options: Any) -> CGBWorker:
+    """A CGBWorker for ``whatsapp_send`` on the harness's pool, not started: the test drives it."""
     from cgb_worker.jobs import whatsapp_send
     from cgb_worker.worker import CGBWorker
 
+    worker = CGBWorker(
+        functions=[whatsapp_send],
+        redis_settings=RedisSettings.from_dsn(harness.redis_url),
+        handle_signals=False,
+        **options,
+    )
+    worker._pool = await harness.pool()
+    return worker
+
+
+async def test_cgb_worker_claims_jobs_like_arq(harness: Harness, redis_client: Any) -> None:
+    """CGBWorker's one-script claim: the same checks and the same in-progress key as arq's start_jobs."""
     queued, elsewhere, deferred = await harness.enqueue({"to": "+972500000001", "message": "a"}, {}, {})
     pool = await harness.pool()
     later = await pool.enqueue_job("whatsapp_send", {}, _defer_by=60)
     await redis_client.set(f"arq:in-progress:{elsewhere.job_id}", b"1")  # another worker runs it
     await redis_client.zrem("arq:queue", deferred.job_id)  # finished meanwhile
-    worker = CGBWorker(
-        functions=[whatsapp_send],
-        redis_settings=RedisSettings.from_dsn(harness.redis_url),
-        handle_signals=False,
-        job_timeout=30,
-    )
-    worker._pool = pool
+    worker = await _cgb_worker_on(harness, job_timeout=30)
     started: list[tuple[str, int]] = []
 
     async def run_job(job_id: str, score: int) -> None:
@@ -404,19 +413,12 @@ async def test_cgb_worker_claims_jobs_like_arq(harness: Harness, redis_client: A
 async def test_cgb_worker_keeps_claims_in_flight_within_its_limit(harness: Harness) -> None:
     """Claims go out without waiting for each other's answers, but never more than ``claims_in_flight``
     at once; every job is still claimed once and run once."""
-    from cgb_worker.jobs import whatsapp_send
     from cgb_worker.worker import _CLAIM, CGBWorker
 
     jobs = await harness.enqueue(*({"to": "+972500000001", "message": f"m{i}"} for i in range(12)))
     pool = await harness.pool()
     harness.monkeypatch.setattr(CGBWorker, "claims_in_flight", 3)
-    worker = CGBWorker(
-        functions=[whatsapp_send],
-        redis_settings=RedisSettings.from_dsn(harness.redis_url),
-        handle_signals=False,
-        max_jobs=20,
-    )
-    worker._pool = pool
+    worker = await _cgb_worker_on(harness, max_jobs=20)
     in_flight, most = 0, 0
     release = asyncio.Event()
     started: list[str] = []
