@@ -11,7 +11,11 @@ from typing import Any
 
 from arq.worker import Worker, func
 
-from cgb_worker.worker import CGBWorker, WorkerSettings
+from cgb_worker.worker import CGBWorker, WorkerSettings, settle_gc
+
+
+async def settle(ctx: dict[str, Any]) -> None:
+    settle_gc()  # what cgb-worker's own start-up ends with
 
 
 async def whatsapp_send(ctx: dict[str, Any], payload: Any = None, **fields: Any) -> dict[str, Any]:
@@ -25,7 +29,7 @@ settings: dict[str, Any] = {
     # Its own queue, so that it can run beside the real worker and the two be measured in turns.
     "queue_name": "bench:noop",
     "health_check_key": "bench:noop:health-check",
-    "on_startup": None,
+    "on_startup": settle,
     "on_shutdown": None,
 }
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import sys
 from collections.abc import Iterable
@@ -117,6 +118,26 @@ async def startup(ctx: dict[str, Any]) -> None:
         len(settings.templates),
         settings.worker.max_jobs,
     )
+    settle_gc()
+
+
+GC_YOUNG_THRESHOLD = 7000
+"""Allocations between collections of the young generation (CPython's default is 700)."""
+
+
+def settle_gc() -> None:
+    """Tune the cyclic garbage collector for a long-lived worker, once its start-up is done.
+
+    What exists by now (modules, phone metadata, sessions, services) lives as long as the process, yet every
+    full collection walked it again: :func:`gc.freeze` moves it out of the collector's sight. And with a
+    hundred jobs in flight, more than 700 young objects are alive at any moment, so CPython's default
+    collected the young generation every dozen jobs and promoted what was in flight; every 7,000
+    allocations it runs about fifty times less often. Objects are still freed the moment their last
+    reference goes, as always; only reference cycles wait for the collector. Measured in BENCHMARKS.md."""
+    gc.collect()
+    gc.freeze()
+    young, middle, old = gc.get_threshold()
+    gc.set_threshold(max(GC_YOUNG_THRESHOLD, young), middle, old)
 
 
 def _calling_worker(ctx: dict[str, Any]) -> Worker | None:

@@ -7,6 +7,7 @@ throwaway ``redis-server`` is started on a free port for the session and stopped
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import socket
@@ -26,6 +27,16 @@ from cgb_worker.simulator import Listener, SimConfig, SimState, create_app
 
 TOKEN = "1000001.TestTokenNotARealOneAbcdefghijklmnop"
 """A fake API key shaped like CGB's (``<digits>.<alphanumerics>``) so leak checks mean something."""
+
+
+@pytest.fixture(autouse=True)
+def _gc_as_it_was() -> Iterator[None]:
+    """A worker's start-up tunes the process's garbage collector (``settle_gc``); in the tests many workers
+    share one process, so each test gets the collector back as it was."""
+    threshold = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
 
 
 def free_port() -> int:

@@ -662,6 +662,33 @@ async def test_a_worker_of_another_class_is_left_as_it_is(
     assert msgspec.to_builtins(msgspec.msgpack.decode(record[b"result"])) == result
 
 
+async def test_startup_settles_the_garbage_collector(harness: Harness) -> None:
+    """What start-up made is frozen out of the collector's sight, and the young generation is collected
+    every 7,000 allocations; the older generations keep their thresholds."""
+    import gc
+
+    from cgb_worker.worker import GC_YOUNG_THRESHOLD
+
+    gc.set_threshold(700, 11, 12)
+    assert gc.get_freeze_count() == 0
+    [job] = await harness.enqueue({"to": A, "message": "gc"})
+    await harness.run()
+    assert (await harness.outcome(job))["success"] is True
+    assert gc.get_freeze_count() > 10_000  # modules, phone metadata, the worker's services
+    assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, 11, 12)
+
+
+def test_settle_gc_keeps_a_higher_threshold() -> None:
+    import gc
+
+    from cgb_worker.worker import settle_gc
+
+    gc.set_threshold(50_000, 10, 10)
+    settle_gc()
+    assert gc.get_threshold() == (50_000, 10, 10)
+    assert gc.get_freeze_count() > 0
+
+
 async def test_startup_takes_only_the_worker_that_runs_it() -> None:
     """The Worker found among the calling frames must hold this very ctx; otherwise none is taken."""
     from arq.worker import Worker
