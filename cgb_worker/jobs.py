@@ -36,6 +36,7 @@ to repeat and are simply repeated.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -488,13 +489,14 @@ async def _deliver(
             await run.step("flow", lambda: client.send_flow(cid, flow), result)
 
 
-_second: list[Any] = [-1, ""]
-
-
 def _now() -> str:
-    """UTC now as ``2026-11-26T14:32:20.123Z``; the part up to the second is kept, as most calls share it."""
+    """UTC now as ``2026-11-26T14:32:20.123Z``."""
     now = time.time()
     second = int(now)
-    if second != _second[0]:
-        _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
-    return f"{_second[1]}.{int((now - second) * 1000):03d}Z"
+    return f"{_utc_second(second)}.{int((now - second) * 1000):03d}Z"
+
+
+@functools.lru_cache(maxsize=2)
+def _utc_second(second: int) -> str:
+    # Kept: most calls in a busy second share it, and strftime is the costly part.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))

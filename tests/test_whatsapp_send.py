@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Any
 
@@ -660,6 +661,19 @@ async def test_a_worker_of_another_class_is_left_as_it_is(
     record = await redis_client.hgetall(f"cgb:sends:{job.job_id}")
     assert record[b"text"] == b"sent"
     assert msgspec.to_builtins(msgspec.msgpack.decode(record[b"result"])) == result
+
+
+def test_result_timestamps_are_utc_with_milliseconds() -> None:
+    from datetime import UTC, datetime
+
+    from cgb_worker.jobs import _now
+
+    for _ in range(3):
+        before = datetime.now(UTC).replace(microsecond=0)
+        stamp = _now()
+        after = datetime.now(UTC)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp), stamp
+        assert before <= datetime.fromisoformat(stamp.replace("Z", "+00:00")) <= after
 
 
 async def test_startup_settles_the_garbage_collector(harness: Harness) -> None:
