@@ -50,7 +50,7 @@ format: install
 demo: install redis-bin
 	$(VENV)/python -m cgb_worker.demo
 
-# Writes BENCHMARKS.md (about eleven minutes; the machine should be otherwise idle).
+# Writes BENCHMARKS.md (five to eleven minutes, as busy as the machine is; it should be otherwise idle).
 bench: install redis-bin
 	$(VENV)/python -m benchmarks.run
 

@@ -737,7 +737,7 @@ send's CPU.
 - **Fleet**: 1, 2 and 4 worker processes on one queue against a simulator adding 50 ms, not pinned. The
   machine has 2 cores shared by the workers, Redis, the simulator and the benchmark itself.
 
-Reproduce with `make bench` (about eleven minutes); `python -m benchmarks.run --quick` is a smaller smoke run.
+Reproduce with `make bench` (five to eleven minutes); `python -m benchmarks.run --quick` is a smaller smoke run.
 """
 
 
