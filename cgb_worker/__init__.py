@@ -1,5 +1,7 @@
 """cgb-worker: an arq worker that delivers WhatsApp messages through the ChatGPT Builder (CGB) API."""
 
+from typing import Any
+
 from .client import CGBClient
 from .errors import (
     CGBAPIError,
@@ -25,9 +27,26 @@ from .errors import (
 from .models import Account, Contact, CustomField, Flow, SendJob, SendResult
 from .phones import normalize_phone
 from .settings import Settings, load_settings
-from .worker import WorkerSettings, create_pool
+from .worker import create_pool, worker_settings
 
 __version__ = "0.1.0"
+
+_worker_settings: Any = None
+
+
+def __getattr__(name: str) -> Any:
+    """``cgb_worker.WorkerSettings``, what ``arq cgb_worker.WorkerSettings`` loads: built on first use from the
+    process environment (see :func:`cgb_worker.worker.worker_settings`), so that importing the package, as
+    producers do, reads no worker configuration. A bad configuration exits with status 2 and the list of
+    problems."""
+    global _worker_settings
+    if name == "WorkerSettings":
+        if _worker_settings is None:
+            from .worker import worker_settings_or_exit
+
+            _worker_settings = worker_settings_or_exit()
+        return _worker_settings
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "Account",
@@ -61,4 +80,5 @@ __all__ = [
     "create_pool",
     "load_settings",
     "normalize_phone",
+    "worker_settings",
 ]

@@ -10,10 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, NoReturn, TypeVar
@@ -25,7 +22,7 @@ import msgspec
 from .client import CGBClient
 from .deadletters import DeadLetters
 from .errors import CGBWorkerError, ConfigError
-from .settings import Settings, load_settings, redact_url
+from .settings import DEFAULT_REDIS_URL, Settings, load_settings, redact_url
 from .templates import normalize_name
 
 _T = TypeVar("_T")
@@ -55,10 +52,12 @@ async def _with_cgb(settings: Settings, use: Callable[[CGBClient], Awaitable[_T]
 
 async def _pool() -> Any:
     """The queue. Sending and dead letters need only ``REDIS_URL``, not the CGB key: producers run them too."""
-    from .worker import DEFAULT_REDIS_URL, create_pool
+    from .worker import create_pool
 
     try:
         return await create_pool(os.environ.get("REDIS_URL", DEFAULT_REDIS_URL), conn_retries=0)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
     except Exception as exc:
         _fail(f"cannot reach Redis: {type(exc).__name__}: {exc}")
 
@@ -66,6 +65,15 @@ async def _pool() -> Any:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Operate the cgb-worker WhatsApp sender: check, send, inspect and replay."""
+
+
+def entry() -> None:
+    """The ``cgb-worker`` command: :func:`main`, with any error it did not expect told in one line (exit 1)
+    instead of a traceback."""
+    try:
+        main()
+    except Exception as exc:
+        _fail(f"{type(exc).__name__}: {exc}")
 
 
 # -- check and flows --------------------------------------------------------------------------------------
@@ -310,52 +318,19 @@ def dl_purge(yes: bool) -> None:
     click.echo(f"purged {_run(go)} dead letter(s)")
 
 
-# -- run: a supervised worker -----------------------------------------------------------------------------
+# -- run: the worker ------------------------------------------------------------------------------------
 
 
 @main.command()
-@click.option("--max-restarts", default=0, show_default=True, help="give up after this many restarts (0: never)")
-def run(max_restarts: int) -> None:
-    """Run the worker, and start it again when it dies.
+def run() -> None:
+    """Run the worker: arq's own, as ``arq cgb_worker.WorkerSettings`` runs it.
 
-    arq's worker exits when it loses Redis (arq issues #435 and #498) or crashes; this restarts it with a
-    backoff of 1 s doubling to 30 s (reset after a minute of good running). SIGTERM and SIGINT are passed to
-    the worker, which lets running sends finish, and then this exits too. A worker that refuses to start
-    because of its configuration is not restarted.
-    """
-    _settings()  # refuse at once, with every problem listed
-    child: subprocess.Popen[bytes] | None = None
-    stopping = False
+    It rides out a Redis restart (every Redis command is retried for about two minutes) and exits only when
+    Redis stays away longer, or on SIGTERM/SIGINT, which let running sends finish first. A bad configuration
+    exits at once with status 2 and every problem listed."""
+    from .worker import main as run_worker
 
-    def forward(signum: int, _frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-        if child is not None and child.poll() is None:
-            child.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    delay, restarts = 1.0, 0
-    while True:
-        started = time.monotonic()
-        child = subprocess.Popen([sys.executable, "-m", "arq", "cgb_worker.WorkerSettings"])
-        code = child.wait()
-        if stopping:
-            sys.exit(0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code)
-        if code == 2:
-            _fail("the worker refused to start", 2)
-        if time.monotonic() - started > 60:
-            delay = 1.0
-        restarts += 1
-        if max_restarts and restarts > max_restarts:
-            _fail(f"the worker exited with {code}; gave up after {max_restarts} restart(s)")
-        click.echo(f"cgb-worker: the worker exited with {code}; restarting it in {delay:g} s", err=True)
-        deadline = time.monotonic() + delay
-        while not stopping and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if stopping:
-            sys.exit(0)
-        delay = min(delay * 2, 30.0)
+    run_worker()
 
 
 # -- the simulator ----------------------------------------------------------------------------------------

@@ -9,13 +9,19 @@ is retryable, and the job decides. CGB's quirks are handled here and nowhere els
 * a contact that comes back with empty fields is "not found";
 * ids are strings, whatever CGB sends;
 * a phone is looked up as ``+E164`` first, then as bare digits (CGB matches the stored string exactly);
-* the id of a created contact is read from ``data.id``, else ``id``, else found again by phone.
+* the id of a created contact is read from ``data.id``, else ``id`` (None when neither is there);
+* objects are parsed leniently (:func:`~cgb_worker.models.from_cgb`): a field the worker does not use never
+  fails a call, and one it needs, missing or mistyped, is a :class:`CGBResponseError` naming the endpoint.
+
+Before every request the client asks the fleet-wide rate limiter for a slot, waiting at most what is left of
+the current try (:func:`~cgb_worker.ratelimit.try_budget`), then runs the request's ``before_send`` hook (the
+job marks a send step there, so that the mark is the last thing before the request leaves).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal, Protocol
@@ -38,6 +44,7 @@ from .errors import (
 )
 from .models import Account, Contact, ContactAction, CustomField, Flow, from_cgb
 from .phones import contact_id_for
+from .ratelimit import try_budget
 from .settings import Secret
 
 __all__ = ["CGBClient", "error_for_response"]
@@ -52,13 +59,16 @@ FILE_TYPES: Mapping[str, str] = {"image": "image", "document": "file", "video": 
 class Limiter(Protocol):
     """What the client asks before every request (see :mod:`cgb_worker.ratelimit`)."""
 
-    async def acquire(self) -> None: ...
+    async def acquire(self, max_wait: float | None = None) -> None: ...
 
     async def penalize(self, retry_after: float | None) -> None: ...
 
 
 RequestHook = Callable[[str, int | None, float], None]
 """Called after every request with (endpoint, HTTP status or None on transport failure, seconds)."""
+
+BeforeSend = Callable[[], Awaitable[None]]
+"""Run after the request's rate-limit slot, immediately before it leaves."""
 
 _json_encoder = msgspec.json.Encoder()
 
@@ -86,6 +96,7 @@ class CGBClient:
         }
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
         self._form_headers = {**self._headers, "Content-Type": "application/x-www-form-urlencoded"}
+        self.timeout = timeout
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._on_request = on_request
 
@@ -104,7 +115,7 @@ class CGBClient:
             return []
         if not isinstance(data, list):
             raise CGBResponseError("expected {'data': [...]}", status=200, endpoint="find_contacts")
-        contacts = [from_cgb(c, Contact) for c in data if isinstance(c, dict)]
+        contacts = [from_cgb(c, Contact, endpoint="find_contacts") for c in data if isinstance(c, dict)]
         return [c for c in contacts if not c.is_blank]
 
     async def find_contact_by_phone(self, e164: str) -> Contact | None:
@@ -118,7 +129,7 @@ class CGBClient:
     async def get_contact(self, contact_id: str) -> Contact:
         """``GET /contacts/{id}``; a 404 or a blank object raises :class:`CGBNotFoundError`."""
         body = await self.request("GET", f"/contacts/{_seg(contact_id)}", "get_contact")
-        contact = from_cgb(body, Contact) if isinstance(body, dict) else None
+        contact = from_cgb(body, Contact, endpoint="get_contact") if isinstance(body, dict) else None
         if contact is None or contact.is_blank:
             raise CGBNotFoundError("contact not found", status=200, endpoint="get_contact")
         return contact
@@ -131,8 +142,9 @@ class CGBClient:
         last_name: str | None = None,
         email: str | None = None,
         actions: Sequence[ContactAction] = (),
-    ) -> str:
-        """``POST /contacts`` (CGB upserts by phone) and run ``actions`` in order; return the contact id."""
+    ) -> str | None:
+        """``POST /contacts`` (CGB upserts by phone) and run ``actions`` in order; return the contact id, or
+        None when CGB's answer carries none (for a WhatsApp contact it is the phone's digits)."""
         payload: dict[str, Any] = {"phone": phone}
         if first_name:
             payload["first_name"] = first_name
@@ -143,17 +155,7 @@ class CGBClient:
         if actions:
             payload["actions"] = list(actions)
         body = await self.request("POST", "/contacts", "create_contact", json=payload, expect_json=False)
-        contact_id = _created_id(body)
-        if contact_id:
-            return contact_id
-        found = await self.find_contact_by_phone(phone)
-        if found is None:
-            raise CGBResponseError(
-                "contact was created but neither its id nor the contact could be found",
-                status=200,
-                endpoint="create_contact",
-            )
-        return found.id
+        return _created_id(body)
 
     async def set_custom_field(self, contact_id: str, field_id: str, value: str | int | float) -> None:
         """``POST /contacts/{id}/custom_fields/{field}``, form-encoded ``value``."""
@@ -167,13 +169,16 @@ class CGBClient:
 
     # -- sending ------------------------------------------------------------------------------------
 
-    async def send_text(self, contact_id: str, text: str, *, channel: str = WHATSAPP) -> None:
+    async def send_text(
+        self, contact_id: str, text: str, *, channel: str = WHATSAPP, before_send: BeforeSend | None = None
+    ) -> None:
         await self.request(
             "POST",
             f"/contacts/{_seg(contact_id)}/send/text",
             "send_text",
             json={"text": text, "channel": channel},
             expect_json=False,
+            before_send=before_send,
         )
 
     async def send_file(
@@ -183,6 +188,7 @@ class CGBClient:
         file_type: Literal["image", "document", "video", "audio"],
         *,
         channel: str = WHATSAPP,
+        before_send: BeforeSend | None = None,
     ) -> None:
         await self.request(
             "POST",
@@ -190,11 +196,18 @@ class CGBClient:
             "send_file",
             json={"url": url, "type": FILE_TYPES[file_type], "channel": channel},
             expect_json=False,
+            before_send=before_send,
         )
 
-    async def send_flow(self, contact_id: str, flow_id: str) -> None:
+    async def send_flow(self, contact_id: str, flow_id: str, *, before_send: BeforeSend | None = None) -> None:
         """``POST /contacts/{id}/send/{flow_id}``, no body (the spec declares a form with no fields)."""
-        await self.request("POST", f"/contacts/{_seg(contact_id)}/send/{_seg(flow_id)}", "send_flow", expect_json=False)
+        await self.request(
+            "POST",
+            f"/contacts/{_seg(contact_id)}/send/{_seg(flow_id)}",
+            "send_flow",
+            expect_json=False,
+            before_send=before_send,
+        )
 
     # -- account ------------------------------------------------------------------------------------
 
@@ -207,10 +220,7 @@ class CGBClient:
 
     async def account(self) -> Account:
         """``GET /accounts/me``: the cheapest call that proves the API key works."""
-        body = await self.request("GET", "/accounts/me", "account")
-        if not isinstance(body, dict):
-            raise CGBResponseError("expected an object", status=200, endpoint="account")
-        return from_cgb(body, Account)
+        return from_cgb(await self.request("GET", "/accounts/me", "account"), Account, endpoint="account")
 
     # -- the one place that does HTTP ---------------------------------------------------------------
 
@@ -224,6 +234,7 @@ class CGBClient:
         json: Any = None,
         form: Mapping[str, str] | None = None,
         expect_json: bool = True,
+        before_send: BeforeSend | None = None,
     ) -> Any:
         """Send one request and return its decoded body (None when empty), or raise a :class:`CGBError`.
 
@@ -240,7 +251,9 @@ class CGBClient:
             data = urlencode(dict(form)).encode()
             headers = self._form_headers
         if self._limiter is not None:
-            await self._limiter.acquire()
+            await self._limiter.acquire(try_budget(self.timeout))
+        if before_send is not None:
+            await before_send()
         started = time.perf_counter()
         status: int | None = None
         try:
@@ -405,7 +418,7 @@ def _list_of(body: Any, type_: type[Any], endpoint: str) -> list[Any]:
     items = body.get("data") if isinstance(body, dict) else body
     if not isinstance(items, list):
         raise CGBResponseError("expected a JSON array", status=200, endpoint=endpoint)
-    return [from_cgb(item, type_) for item in items if isinstance(item, dict)]
+    return [from_cgb(item, type_, endpoint=endpoint) for item in items if isinstance(item, dict)]
 
 
 def _seg(value: str) -> str:

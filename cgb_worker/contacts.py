@@ -1,9 +1,17 @@
-"""Phone to CGB contact: the Redis cache, else find by phone, else create, exactly once across the fleet.
+"""Phone to CGB contact: the Redis cache, else the contact by its id, else create, exactly once across the fleet.
 
-A cached contact costs no CGB call. For a new number, concurrent jobs in one process share one lookup
-(single-flight), and jobs in other processes wait on a Redis lock and then read the cache the winner
-wrote, so 50 jobs for one new number create one contact. Cache keys hold a hash of the phone, not the
-phone, so Redis monitoring and key listings show no numbers.
+A WhatsApp contact's id in CGB is its E.164 digits (the contract, C2), so a number that is not cached is
+first asked for by that id (``GET /contacts/{digits}``, one call, which also tells a deleted contact from a
+live one), and created only when CGB does not know it. So a send to a cached contact costs no extra call,
+to a known number whose cache expired one, and to a new number two (the create, and nothing more: when
+CGB's answer carries no id, the digits are the id). Finding by phone (two more calls, ``+E164`` then
+digits) is kept for the one case this misses: a send to the id those steps gave is answered 404
+(:meth:`ContactResolver.resolve` with ``by_phone=True``).
+
+For a new number, concurrent jobs in one process share one lookup (single-flight), and jobs in other
+processes wait on a Redis lock and then read the cache the winner wrote, so 50 jobs for one new number
+create one contact. Cache keys hold a hash of the phone, not the phone, so Redis monitoring and key
+listings show no numbers.
 """
 
 from __future__ import annotations
@@ -16,8 +24,10 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from .client import CGBClient
+from .errors import CGBNotFoundError
 from .locks import redis_lock
 from .models import ContactAction
+from .phones import contact_id_for
 
 _NOT_READ = object()
 
@@ -50,13 +60,13 @@ class ContactResolver:
         redis: Redis,
         *,
         cache_ttl: int,
-        lock_ttl: float,
         on_cache: CacheHook | None = None,
     ) -> None:
         self._client = client
         self._redis = redis
         self._cache_ttl = cache_ttl
-        self._lock_ttl = lock_ttl
+        # Long enough for the two or three calls of a lookup, each at most the client's timeout.
+        self._lock_ttl = client.timeout * 4 + 5
         self._on_cache = on_cache
         self._inflight: dict[str, asyncio.Future[ResolvedContact]] = {}
 
@@ -79,9 +89,13 @@ class ContactResolver:
         email: str | None = None,
         actions: Sequence[ContactAction] = (),
         cached: str | object | None = _NOT_READ,
+        by_phone: bool = False,
     ) -> ResolvedContact:
         """The contact for ``e164``. ``cached`` is the cache's value when the caller already read it
-        (the job reads it in the same round trip as its send log)."""
+        (the job reads it in the same round trip as its send log); ``by_phone`` skips the cache and the
+        id and finds the contact by its phone (a send to the id was answered 404)."""
+        if by_phone:
+            cached = None
         if cached is _NOT_READ:
             cached = await self.cached(e164)
         assert cached is None or isinstance(cached, str)
@@ -96,7 +110,7 @@ class ContactResolver:
         future: asyncio.Future[ResolvedContact] = asyncio.get_running_loop().create_future()
         self._inflight[e164] = future
         try:
-            resolved = await self._find_or_create(e164, first_name, last_name, email, actions)
+            resolved = await self._find_or_create(e164, first_name, last_name, email, actions, by_phone)
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # followers re-raise it; mark it retrieved for the leader's sake
@@ -114,22 +128,34 @@ class ContactResolver:
         last_name: str | None,
         email: str | None,
         actions: Sequence[ContactAction],
+        by_phone: bool,
     ) -> ResolvedContact:
         lock_key = f"cgb:lock:contact:{phone_key(e164)}"
         async with redis_lock(
-            self._redis, lock_key, ttl=self._lock_ttl, wait=self._lock_ttl, done=lambda: self.cached(e164)
+            self._redis,
+            lock_key,
+            ttl=self._lock_ttl,
+            wait=self._lock_ttl,
+            done=lambda: self.cached(e164),
+            request_timeout=self._client.timeout,
         ) as winner:
-            if winner:
+            if winner and not by_phone:
                 return ResolvedContact(winner, created=False, cached=False)
-            if (again := await self.cached(e164)) is not None:
+            if not by_phone and (again := await self.cached(e164)) is not None:
                 return ResolvedContact(again, created=False, cached=False)
-            found = await self._client.find_contact_by_phone(e164)
-            if found is not None:
-                contact_id, created = found.id, False
+            contact_id: str | None = None
+            if by_phone:
+                found = await self._client.find_contact_by_phone(e164)
+                contact_id = found.id if found is not None else None
             else:
+                try:
+                    contact_id = (await self._client.get_contact(contact_id_for(e164))).id
+                except CGBNotFoundError:
+                    contact_id = None
+            created = contact_id is None
+            if contact_id is None:
                 contact_id = await self._client.create_contact(
                     e164, first_name=first_name, last_name=last_name, email=email, actions=actions
-                )
-                created = True
+                ) or contact_id_for(e164)
             await self._redis.set(self.cache_key(e164), contact_id, ex=self._cache_ttl)
             return ResolvedContact(contact_id, created=created, cached=False)

@@ -2,7 +2,15 @@
 
 Entries hold the payload with the phone and email masked (for listing and showing), the error's class and
 message, the attempts and timestamps; the original payload is kept apart, only for replay. The store is
-capped at ``DEAD_LETTER_MAX`` entries, dropping the oldest, so a long outage cannot fill Redis.
+capped at ``DEAD_LETTER_MAX`` entries, dropping the oldest, so a long outage cannot fill Redis: the trim
+drops at most :data:`TRIM_CHUNK` entries per script call and calls again until the store fits, so lowering
+the cap by any amount leaves nothing behind, and a trim that fails is logged, never raised from ``add``
+(the entry is stored by then).
+
+A dead-lettered job's send record (:mod:`cgb_worker.sends`) is kept for as long as its entry, and a replay
+continues it: :meth:`DeadLetters.replay` claims the entry atomically (two replays of one entry at once
+enqueue it once) and enqueues the payload with ``replay_of``, the id whose record the new job reads and
+writes, so a step CGB acknowledged is never sent again.
 """
 
 from __future__ import annotations
@@ -12,22 +20,53 @@ from typing import Any
 
 import msgspec
 from arq import ArqRedis
+from loguru import logger
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from .phones import mask_phone
+from .sends import TTL as SEND_LOG_TTL
+from .sends import key as send_log_key
 
 INDEX = "cgb:dead:index"
 ENTRIES = "cgb:dead:entries"
 PAYLOADS = "cgb:dead:payloads"
+ORIGINS = PAYLOADS + ":origin"
+"""Entry id to the id of the job whose send record it continues (itself, unless it was a replay)."""
 
+TRIM_CHUNK = 500
+"""Entries one trim call drops at most: Lua's ``unpack`` cannot take many thousands of values at once."""
+
+# KEYS: index, entries, payloads. ARGV: the cap, the chunk. Drops up to a chunk of the oldest entries past the
+# cap, with their send records; returns how many are still past it.
 _TRIM = """
-local excess = redis.call('zcard', KEYS[1]) - tonumber(ARGV[1])
+local excess = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[1])
 if excess <= 0 then return 0 end
-local old = redis.call('zrange', KEYS[1], 0, excess - 1)
-redis.call('zremrangebyrank', KEYS[1], 0, excess - 1)
-redis.call('hdel', KEYS[2], unpack(old))
-redis.call('hdel', KEYS[3], unpack(old))
-return excess
+local n = math.min(excess, tonumber(ARGV[2]))
+local old = redis.call('ZRANGE', KEYS[1], 0, n - 1)
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - 1)
+redis.call('HDEL', KEYS[2], unpack(old))
+for i, id in ipairs(old) do
+    local origin = redis.call('HGET', KEYS[3] .. ':origin', id)
+    if origin then redis.call('DEL', 'cgb:sends:' .. origin) end
+end
+redis.call('HDEL', KEYS[3], unpack(old))
+redis.call('HDEL', KEYS[3] .. ':origin', unpack(old))
+return excess - n
+"""
+
+# KEYS: index, entries, payloads, origins. ARGV: the id. Takes the entry out and returns {entry, payload, origin},
+# or nil when there is none (never, or another replay took it first).
+_CLAIM = """
+local entry = redis.call('HGET', KEYS[2], ARGV[1])
+local payload = redis.call('HGET', KEYS[3], ARGV[1])
+if not entry or not payload then return false end
+local origin = redis.call('HGET', KEYS[4], ARGV[1]) or ARGV[1]
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
+return {entry, payload, origin}
 """
 
 
@@ -60,6 +99,8 @@ class DeadLetters:
     def __init__(self, redis: Redis, *, max_entries: int = 10000) -> None:
         self._redis = redis
         self._max = max_entries
+        self._trim = redis.register_script(_TRIM)
+        self._claim = redis.register_script(_CLAIM)
 
     async def add(
         self,
@@ -70,7 +111,9 @@ class DeadLetters:
         error: BaseException,
         attempts: int,
         enqueued_at: float | None,
+        origin: str | None = None,
     ) -> DeadLetter:
+        """Store a failed job; ``origin`` is the job whose send record it wrote (itself unless a replay)."""
         entry = DeadLetter(
             job_id=job_id,
             function=function,
@@ -81,13 +124,24 @@ class DeadLetters:
             enqueued_at=enqueued_at,
             failed_at=time.time(),
         )
+        origin = origin or job_id
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(ENTRIES, mapping={job_id: msgspec.msgpack.encode(entry)})
             pipe.hset(PAYLOADS, mapping={job_id: msgspec.msgpack.encode(payload)})
+            pipe.hset(ORIGINS, mapping={job_id: origin})
             pipe.zadd(INDEX, {job_id: entry.failed_at})
-            pipe.eval(_TRIM, 3, INDEX, ENTRIES, PAYLOADS, str(self._max))
+            pipe.persist(send_log_key(origin))  # kept as long as the entry, for a replay to continue
             await pipe.execute()
+        try:
+            await self.trim()
+        except RedisError as exc:
+            logger.warning("could not trim the dead-letter store: {}", type(exc).__name__)
         return entry
+
+    async def trim(self) -> None:
+        """Drop the oldest entries past ``DEAD_LETTER_MAX``, a chunk per call, until the store fits."""
+        while int(await self._trim(keys=[INDEX, ENTRIES, PAYLOADS], args=[self._max, TRIM_CHUNK])) > 0:
+            pass
 
     async def count(self) -> int:
         return int(await self._redis.zcard(INDEX))
@@ -109,18 +163,30 @@ class DeadLetters:
         return msgspec.msgpack.decode(raw) if raw else None
 
     async def replay(self, pool: ArqRedis, job_id: str) -> str | None:
-        """Enqueue the original payload again under a new job id and drop the entry; None if there is none.
+        """Claim the entry (atomically: of two replays at once, one gets it) and enqueue its payload again,
+        continuing the original job's send record; return the new job's id, or None if there was no entry.
 
-        A new id on purpose: the old one's send log would otherwise make the worker skip the send.
-        """
-        payload = await self.original_payload(job_id)
-        entry = await self.get(job_id)
-        if payload is None or entry is None:
+        The new job has an id of its own (arq refuses an id whose result it still holds) and carries
+        ``replay_of``. Should the enqueue fail, the entry is put back."""
+        claimed = await self._claim(keys=[INDEX, ENTRIES, PAYLOADS, ORIGINS], args=[job_id])
+        if not claimed:
             return None
-        job = await pool.enqueue_job(entry.function, payload)
-        if job is None:  # pragma: no cover - a fresh uuid cannot collide
-            return None
-        await self.remove(job_id)
+        raw_entry, raw_payload, raw_origin = claimed
+        entry = msgspec.msgpack.decode(raw_entry, type=DeadLetter)
+        origin = raw_origin.decode() if isinstance(raw_origin, bytes) else str(raw_origin)
+        try:
+            job = await pool.enqueue_job(entry.function, msgspec.msgpack.decode(raw_payload), replay_of=origin)
+            if job is None:  # pragma: no cover - a fresh uuid cannot collide
+                raise RuntimeError("arq refused the replay's job id")
+        except BaseException:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(ENTRIES, mapping={job_id: raw_entry})
+                pipe.hset(PAYLOADS, mapping={job_id: raw_payload})
+                pipe.hset(ORIGINS, mapping={job_id: origin})
+                pipe.zadd(INDEX, {job_id: entry.failed_at})
+                await pipe.execute()
+            raise
+        await self._redis.expire(send_log_key(origin), SEND_LOG_TTL)
         return job.job_id
 
     async def remove(self, job_id: str) -> bool:
@@ -128,10 +194,14 @@ class DeadLetters:
             pipe.zrem(INDEX, job_id)
             pipe.hdel(ENTRIES, job_id)
             pipe.hdel(PAYLOADS, job_id)
-            removed, _, _ = await pipe.execute()
+            pipe.hdel(ORIGINS, job_id)
+            removed, *_ = await pipe.execute()
         return bool(removed)
 
     async def purge(self) -> int:
         count = await self.count()
-        await self._redis.delete(INDEX, ENTRIES, PAYLOADS)
+        origins = await self._redis.hvals(ORIGINS)  # type: ignore[misc]
+        for start in range(0, len(origins), TRIM_CHUNK):
+            await self._redis.delete(*[send_log_key(o.decode()) for o in origins[start : start + TRIM_CHUNK]])
+        await self._redis.delete(INDEX, ENTRIES, PAYLOADS, ORIGINS)
         return count

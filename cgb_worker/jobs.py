@@ -51,12 +51,10 @@ from loguru import logger
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from .client import CGBClient
-from .contacts import ContactResolver, ResolvedContact, decode_cached
+from .client import BeforeSend, CGBClient
+from .contacts import ContactResolver, ResolvedContact, decode_cached, phone_key
 from .deadletters import DeadLetters
 from .errors import (
-    CGBAPIError,
-    CGBConnectError,
     CGBNotFoundError,
     CGBRateLimitError,
     CGBTimeoutError,
@@ -70,7 +68,9 @@ from .locks import redis_lock
 from .metrics import Metrics
 from .models import FileType, Scalar, SendJob, SendResult, SetFieldValue
 from .phones import mask_phone, normalize_phone
-from .sends import FINISH_WRITES, RESULT, SENDING, SENT, SendLog, sent_fields
+from .ratelimit import reset_deadline, set_deadline
+from .sends import RESULT, SENDING, SENT, SendLog, nothing_sent
+from .sends import key as sends_key
 from .settings import Settings, job_deadline
 from .templates import TemplateResolver
 
@@ -199,8 +199,12 @@ class Services:
     metrics: Metrics | None = None
 
 
-async def whatsapp_send(ctx: dict[str, Any], payload: Any = None, **fields: Any) -> SendResult:
-    """Send one WhatsApp message. ``payload`` is a dict or a :class:`SendJob`; keyword fields work too."""
+async def whatsapp_send(
+    ctx: dict[str, Any], payload: Any = None, *, replay_of: str | None = None, **fields: Any
+) -> SendResult:
+    """Send one WhatsApp message. ``payload`` is a dict or a :class:`SendJob`; keyword fields work too.
+
+    ``replay_of`` is set by a dead-letter replay: the id of the job whose send record this one continues."""
     services: Services = ctx["cgb"]
     settings = services.settings
     job_id: str = ctx["job_id"]
@@ -211,21 +215,24 @@ async def whatsapp_send(ctx: dict[str, Any], payload: Any = None, **fields: Any)
     event = _Event()
     attempt = job_try  # arq's try count, less the rate-limit deferrals (read only when there were tries)
     log = logger.bind(job_id=job_id, job_try=job_try)
+    token = set_deadline(started + deadline)
     try:
         if job_try > 1:
             attempt -= await _throttled(services, job_id)
         if payload is not None and fields:
             raise InvalidJobError("give the payload as one mapping or as keyword fields, not both")
+        if replay_of is not None and (not isinstance(replay_of, str) or not 0 < len(replay_of) <= MAX_NAME):
+            raise InvalidJobError("replay_of must be the id of the job being replayed")
         try:
             async with asyncio.timeout(deadline):
-                result = await _send(services, job_id, attempt, raw, log, event, ctx.get(FINISH_WRITES))
+                result = await _send(services, replay_of or job_id, attempt, raw, log, event, replay=bool(replay_of))
         except TimeoutError:
             raise CGBTimeoutError(f"the job did not finish within {deadline:.0f} s") from None
         except RedisError as exc:
             raise StoreUnavailableError(f"Redis failed during the job: {type(exc).__name__}") from exc
     except ThrottledError as exc:
-        # Our own rate limit, not a failure: wait for the slot, without using up a retry. If Redis cannot
-        # count the deferral, the job is deferred all the same and this try counts as an attempt.
+        # Our own rate limit had no slot within this try: not a failure, and no retry is used up. If Redis
+        # cannot count the deferral, the job is deferred all the same and this try counts as an attempt.
         try:
             async with services.redis.pipeline(transaction=False) as pipe:
                 pipe.incr(_throttle_key(job_id))
@@ -233,7 +240,7 @@ async def whatsapp_send(ctx: dict[str, Any], payload: Any = None, **fields: Any)
                 await pipe.execute()
         except RedisError as store_error:
             log.warning("could not count a rate-limit deferral: {}", type(store_error).__name__)
-        delay = (exc.retry_after or 1.0) * (1 + random.random() * 0.5)  # noqa: S311 - jitter
+        delay = exc.retry_after or 1.0
         event.finish(log, started, "throttled", "ThrottledError").info("throttled; deferred {:.1f}s", delay)
         raise Retry(defer=delay) from exc
     except Exception as exc:
@@ -251,13 +258,15 @@ async def whatsapp_send(ctx: dict[str, Any], payload: Any = None, **fields: Any)
             if services.metrics is not None:
                 services.metrics.retries.labels(error_class).inc()
             raise Retry(defer=delay) from exc
-        await _dead_letter(services, ctx, raw, exc, attempt)
+        await _dead_letter(services, ctx, raw, exc, attempt, origin=replay_of or job_id)
         event.finish(log, started, "failed", error_class).error(
             "failed after {} attempt{}: {}: {}", attempt, "" if attempt == 1 else "s", error_class, exc
         )
         if services.metrics is not None:
             services.metrics.job_done(event.kind, "failed")
         raise
+    finally:
+        reset_deadline(token)
     event.finish(log, started, "sent", None).info(
         "sent {} to {}{}",
         result.kind,
@@ -297,7 +306,9 @@ class _Event:
         )
 
 
-async def _dead_letter(services: Services, ctx: dict[str, Any], raw: Any, exc: BaseException, attempts: int) -> None:
+async def _dead_letter(
+    services: Services, ctx: dict[str, Any], raw: Any, exc: BaseException, attempts: int, *, origin: str
+) -> None:
     enqueued = ctx.get("enqueue_time")
     try:
         await services.dead_letters.add(
@@ -307,6 +318,7 @@ async def _dead_letter(services: Services, ctx: dict[str, Any], raw: Any, exc: B
             error=exc,
             attempts=attempts,
             enqueued_at=enqueued.timestamp() if isinstance(enqueued, datetime) else None,
+            origin=origin,
         )
         if services.metrics is not None:
             services.metrics.dead_letters.set(await services.dead_letters.count())
@@ -315,34 +327,24 @@ async def _dead_letter(services: Services, ctx: dict[str, Any], raw: Any, exc: B
 
 
 async def _send(
-    services: Services,
-    job_id: str,
-    attempt: int,
-    raw: Any,
-    log: Any,
-    event: _Event,
-    finish_writes: dict[str, tuple[str, dict[str | bytes, bytes]]] | None = None,
+    services: Services, log_id: str, attempt: int, raw: Any, log: Any, event: _Event, *, replay: bool = False
 ) -> SendResult:
     settings = services.settings
     plan = validate(raw, default_region=settings.default_region)
     event.kind = plan.kind
-    # One command for the send log and the contact cache; for a text or a file to a cached contact it also
-    # marks the send ``sending`` (a template first reads the catalog and may write fields, so it marks later).
-    first_step = plan.kind if plan.kind in ("text", "file") else ""
-    record, cached_contact, premarked = await services.sends.load_with(
-        job_id, services.contacts.cache_key(plan.to), first_step
-    )
+    # The send log and the contact cache in one round trip.
+    async with services.redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(sends_key(log_id))
+        pipe.get(services.contacts.cache_key(plan.to))
+        record, cached_contact = await pipe.execute()
     if RESULT in record:
         # This job already finished (the worker died before arq stored the result): no CGB call at all.
         return msgspec.msgpack.decode(record[RESULT], type=SendResult)
-    run = _Run(
-        services, job_id, attempt, record, log, premarked=first_step if premarked else None, finish_writes=finish_writes
-    )
+    run = _Run(services, log_id, attempt, record, log, replay=replay)
 
     kind: Kind = plan.kind
     flow_id: str | None = None
-    writes: list[SetFieldValue] = []
-    field_ids: list[tuple[str, str | int | float]] = []
+    fields = _Fields()
     if plan.kind == "template":
         assert plan.template is not None
         flow_id = await services.templates.flow_id(plan.template)
@@ -353,91 +355,124 @@ async def _send(
             kind = "text"
         else:
             for custom_field, value in await services.templates.fields_for(plan.variables):
-                writes.append(SetFieldValue(custom_field.name, value))
-                field_ids.append((custom_field.id, value))
+                fields.writes.append(SetFieldValue(custom_field.name, value))
+                fields.ids.append((custom_field.id, value))
 
-    known: str | object | None = decode_cached(cached_contact)
+    if kind == "template" and fields.ids and record.get(b"flow") != SENT:
+        # Hold the phone's field lock from before the contact is resolved (or created, with the fields as
+        # its actions) until the flow is sent, so that no other job's variables land in between: CGB
+        # templates read the contact's fields when the flow runs.
+        ttl = services.client.timeout * (len(fields.ids) + 4) + 5
+        async with redis_lock(
+            services.redis,
+            f"cgb:lock:fields:{phone_key(plan.to)}",
+            ttl=ttl,
+            wait=ttl,
+            request_timeout=services.client.timeout,
+        ):
+            await _resolve_and_deliver(services, run, plan, kind, decode_cached(cached_contact), flow_id, fields)
+    else:
+        await _resolve_and_deliver(services, run, plan, kind, decode_cached(cached_contact), flow_id, fields)
+    assert run.result is not None, "the last send step sets the result"
+    return run.result
+
+
+async def _resolve_and_deliver(
+    services: Services,
+    run: _Run,
+    plan: Plan,
+    kind: Kind,
+    cached: str | None,
+    flow_id: str | None,
+    fields: _Fields,
+) -> None:
+    by_phone = False
     for pass_ in (1, 2):
         contact = await services.contacts.resolve(
             plan.to,
             first_name=plan.first_name,
             last_name=plan.last_name,
             email=plan.email,
-            actions=writes,
-            cached=known,
+            actions=fields.writes,
+            cached=cached,
+            by_phone=by_phone,
         )
         try:
-            await _deliver(services, run, plan, kind, contact, flow_id, field_ids)
-            break
+            await _deliver(services, run, plan, kind, contact, flow_id, fields)
+            return
         except CGBNotFoundError:
-            if pass_ == 2 or not contact.cached:
+            if pass_ == 2 or contact.created:
                 raise
-            # The cached id is gone from CGB (deleted or merged): look the phone up again, once.
-            log.warning("cached contact not found in CGB: resolving the phone again")
+            # The id from the cache or from the phone's digits is not a contact CGB knows (deleted, merged,
+            # or not a WhatsApp id): find the phone itself, once.
+            run.log.warning("contact id not found in CGB: finding the phone instead")
             await services.contacts.forget(plan.to)
-            known = None
+            cached, by_phone = None, True
 
-    assert run.result is not None, "the last send step sets the result"
-    return run.result
+
+@dataclass(slots=True)
+class _Fields:
+    """A template's variables: as ``set_field_value`` actions for a contact being created, and as
+    (field id, value) writes for one that exists."""
+
+    writes: list[SetFieldValue] = field(default_factory=list)
+    ids: list[tuple[str, str | int | float]] = field(default_factory=list)
 
 
 class _Run:
-    """One try of one job: records each send step before and after it, and builds the result."""
+    """One try of one job: marks each send step immediately before its request leaves, records what
+    CGB acknowledged, and builds the result."""
 
     def __init__(
-        self,
-        services: Services,
-        job_id: str,
-        attempt: int,
-        record: dict[bytes, bytes],
-        log: Any,
-        *,
-        premarked: str | None = None,
-        finish_writes: dict[str, tuple[str, dict[str | bytes, bytes]]] | None = None,
+        self, services: Services, log_id: str, attempt: int, record: dict[bytes, bytes], log: Any, *, replay: bool
     ) -> None:
         self.services = services
-        self.premarked = premarked
-        self.finish_writes = finish_writes
-        self.job_id = job_id
+        self.log_id = log_id
         self.attempt = attempt
         self.record = record
         self.log = log
+        self.replay = replay
         self.possible_duplicate = False
         self.result: SendResult | None = None
 
-    async def step(self, name: str, call: Callable[[], Awaitable[None]], final: SendResult | None) -> None:
+    def sent(self, name: str) -> bool:
+        return self.record.get(name.encode()) == SENT
+
+    async def step(self, name: str, call: Callable[[BeforeSend], Awaitable[None]], final: SendResult | None) -> None:
         state = self.record.get(name.encode())
         if state == SENT:
             return
         if state == SENDING:
-            if self.services.settings.unknown_outcome == "fail":
+            # An earlier try may have sent this step. A replay is a person's decision to send it anyway.
+            if self.services.settings.unknown_outcome == "fail" and not self.replay:
                 raise SendOutcomeUnknownError(
                     f"an earlier try may have sent the {name} already (outcome unknown); not sending it again"
                 )
             self.possible_duplicate = True
             self.log.warning("an earlier try may have sent the {} already: sending it again", name)
         sends = self.services.sends
-        if self.premarked == name:
-            self.premarked = None  # marked by the first read already
-        else:
-            await sends.mark(self.job_id, name, SENDING)
+        marked = False
+
+        async def mark() -> None:
+            nonlocal marked
+            await sends.mark_sending(self.log_id, name)
+            marked = True
+
         try:
-            await call()
-        except (CGBAPIError, CGBConnectError):
-            await sends.clear(self.job_id, name)  # CGB answered, or was never reached: nothing went out
+            await call(mark)
+        except Exception as exc:
+            # Cleared only when the failure proves nothing went out, and no earlier try left it unknown.
+            if marked and state != SENDING and nothing_sent(exc):
+                await sends.clear(self.log_id, name)
             raise
+        encoded: bytes | None = None
         if final is not None:
             final = msgspec.structs.replace(final, possible_duplicate=self.possible_duplicate, timestamp=_now())
             self.result = final
             encoded = _result_encoder.encode(final)
-            if self.finish_writes is not None:
-                # The worker writes it with arq's result; nothing can fail between here and there but the
-                # worker itself, which leaves the step ``sending`` either way.
-                self.finish_writes[self.job_id] = (sends.key(self.job_id), sent_fields(name, encoded))
-            else:
-                await sends.mark(self.job_id, name, SENT, result=encoded)
-        else:
-            await sends.mark(self.job_id, name, SENT)
+        # Shielded: once CGB has acknowledged the step, the record is written even if the try's deadline
+        # falls now, so that the next try finds the step sent.
+        await asyncio.shield(sends.mark_sent(self.log_id, name, result=encoded))
         self.record[name.encode()] = SENT
 
 
@@ -448,7 +483,7 @@ async def _deliver(
     kind: Kind,
     contact: ResolvedContact,
     flow_id: str | None,
-    field_ids: list[tuple[str, str | int | float]],
+    fields: _Fields,
 ) -> None:
     client = services.client
     cid = contact.id
@@ -465,28 +500,27 @@ async def _deliver(
     if kind == "text":
         assert plan.message is not None
         message = plan.message
-        await run.step("text", lambda: client.send_text(cid, message), result)
+        await run.step("text", lambda mark: client.send_text(cid, message, before_send=mark), result)
     elif kind == "file":
         assert plan.file_url is not None
         assert plan.file_type is not None
         url, file_type, message_after = plan.file_url, plan.file_type, plan.message
-        await run.step("file", lambda: client.send_file(cid, url, file_type), None if message_after else result)
+        await run.step(
+            "file",
+            lambda mark: client.send_file(cid, url, file_type, before_send=mark),
+            None if message_after else result,
+        )
         if message_after:
-            await run.step("text", lambda: client.send_text(cid, message_after), result)
+            await run.step("text", lambda mark: client.send_text(cid, message_after, before_send=mark), result)
     else:
         assert flow_id is not None
         flow = flow_id
-        if field_ids and not contact.created and run.record.get(b"flow") != SENT:
-            # Hold the contact while its fields and flow go out, so another job's variables cannot land
-            # between our writes and our flow (CGB templates read the contact's fields when they run).
-            timeout = services.settings.timeout
-            ttl = timeout * (len(field_ids) + 2) + 5
-            async with redis_lock(services.redis, f"cgb:lock:fields:{cid}", ttl=ttl, wait=ttl):
-                for fid, value in field_ids:
-                    await client.set_custom_field(cid, fid, value)
-                await run.step("flow", lambda: client.send_flow(cid, flow), result)
-        else:
-            await run.step("flow", lambda: client.send_flow(cid, flow), result)
+        if not run.sent("flow") and not contact.created:
+            # A new contact got its fields as the actions of its creation; any other is written here, under
+            # the field lock its caller holds.
+            for fid, value in fields.ids:
+                await client.set_custom_field(cid, fid, value)
+        await run.step("flow", lambda mark: client.send_flow(cid, flow, before_send=mark), result)
 
 
 def _now() -> str:

@@ -7,7 +7,10 @@
   job event line we write says the same.
 * ``diagnose`` (loguru's variable values in tracebacks) is off unless ``LOG_DIAGNOSE=true`` in development:
   values in frames can be tokens or phones.
-* ``LOG_JSON=true`` writes one JSON object per line for log pipelines.
+* ``LOG_JSON=true`` writes one JSON object per line for log pipelines, from the first line: arq's loggers get a
+  filter that hands every record to loguru and stops it there. Filters sit on the loggers themselves, which
+  the ``logging.config.dictConfig`` that ``arq``'s command runs after importing the settings leaves alone,
+  so the plain-text handler it adds never sees a record.
 """
 
 from __future__ import annotations
@@ -47,20 +50,35 @@ def _patch(record: Any) -> None:
             record["extra"][key] = mask_text(value)
 
 
+ARQ_LOGGERS = ("arq.worker", "arq.connections", "arq.jobs", "arq.utils")
+
+
 class _InterceptHandler(logging.Handler):
-    """Sends stdlib records (arq's) to loguru."""
+    """Sends stdlib records (aiohttp's, and any other library's) to loguru."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.msg == _ARQ_JOB_START and isinstance(record.args, tuple) and len(record.args) == 4:
-            record.args = (record.args[0], record.args[1], "…", record.args[3])
-        exc_info = record.exc_info
-        if exc_info and isinstance(exc_info[1], CGBWorkerError):
-            exc_info = None  # an expected failure, fully told by its message: no traceback
-        try:
-            level: str | int = logger.level(record.levelname).name
-        except ValueError:
-            level = record.levelno
-        logger.opt(depth=6, exception=exc_info).bind(logger_name=record.name).log(level, record.getMessage())
+        _to_loguru(record)
+
+
+class _ArqToLoguru(logging.Filter):
+    """On each of arq's loggers: the record goes to loguru, and no stdlib handler sees it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        _to_loguru(record)
+        return False
+
+
+def _to_loguru(record: logging.LogRecord) -> None:
+    if record.msg == _ARQ_JOB_START and isinstance(record.args, tuple) and len(record.args) == 4:
+        record.args = (record.args[0], record.args[1], "…", record.args[3])
+    exc_info = record.exc_info
+    if exc_info and isinstance(exc_info[1], CGBWorkerError):
+        exc_info = None  # an expected failure, fully told by its message: no traceback
+    try:
+        level: str | int = logger.level(record.levelname).name
+    except ValueError:
+        level = record.levelno
+    logger.opt(exception=exc_info).bind(logger_name=record.name).log(level, record.getMessage())
 
 
 def _stderr(message: str) -> None:
@@ -100,9 +118,12 @@ def setup_logging(level: str = "INFO", *, json_lines: bool = False, diagnose: bo
             diagnose=diagnose,
         )
     logging.basicConfig(handlers=[_InterceptHandler()], level=logging.getLevelName(level), force=True)
-    for name in ("arq", "arq.worker", "arq.jobs", "arq.connections"):
-        logging.getLogger(name).handlers = []
-        logging.getLogger(name).propagate = True
+    for name in ARQ_LOGGERS:
+        arq_logger = logging.getLogger(name)
+        for old in [f for f in arq_logger.filters if isinstance(f, _ArqToLoguru)]:
+            arq_logger.removeFilter(old)
+        arq_logger.addFilter(_ArqToLoguru())
+    logging.getLogger("arq").handlers = []
     # arq's worker logs two INFO lines per job that repeat our own job event (and cost a tenth of a cached
     # send's CPU); below DEBUG only its warnings and errors come through.
     verbose = logging.getLevelName(level) <= logging.DEBUG

@@ -16,6 +16,8 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
+from .errors import CGBResponseError
+
 Scalar = str | int | float | bool | None
 FileType = Literal["image", "document", "video", "audio"]
 
@@ -71,10 +73,13 @@ class CustomField(msgspec.Struct, frozen=True):
 
 
 class Account(msgspec.Struct, frozen=True):
+    """``GET /accounts/me``. The vendor's Swagger gives ``created`` as an integer in one place and a string in
+    another; it is only shown, so either is kept as it came."""
+
     page_id: str = ""
     name: str = ""
-    active: bool | None = None
-    created: int | None = None
+    active: bool | int | None = None
+    created: int | str | None = None
     total_users: int | None = None
 
 
@@ -143,6 +148,34 @@ def ids_to_str(obj: Any) -> Any:
     return obj
 
 
-def from_cgb(obj: Any, type: type[_T]) -> _T:
-    """Convert a decoded CGB body to ``type``, leniently (``"5"`` for 5 is fine, unknown fields ignored)."""
-    return msgspec.convert(ids_to_str(obj), type, strict=False)
+def from_cgb(obj: Any, type: type[_T], *, endpoint: str) -> _T:
+    """Convert a decoded CGB object to ``type``, leniently: ``"5"`` for 5 is fine, unknown fields are ignored,
+    and a field the worker does not need (one with a default) that is missing or of a type it cannot take
+    is left at its default. A needed field (no default) missing or unusable, or a body that is not an
+    object, is a :class:`CGBResponseError` naming ``endpoint``."""
+    if not isinstance(obj, dict):
+        raise CGBResponseError(f"expected an object, got {_kind(obj)}", status=200, endpoint=endpoint)
+    obj = ids_to_str(obj)
+    try:
+        return msgspec.convert(obj, type, strict=False)
+    except msgspec.ValidationError:
+        pass
+    kept: dict[str, Any] = {}
+    for field in msgspec.structs.fields(type):  # type: ignore[arg-type]
+        needed = field.required
+        if field.encode_name not in obj:
+            if needed:
+                raise CGBResponseError(f"{field.encode_name!r} is missing", status=200, endpoint=endpoint)
+            continue
+        try:
+            kept[field.encode_name] = msgspec.convert(obj[field.encode_name], field.type, strict=False)
+        except msgspec.ValidationError:
+            if needed:
+                raise CGBResponseError(
+                    f"{field.encode_name!r} is {_kind(obj[field.encode_name])}", status=200, endpoint=endpoint
+                ) from None
+    return msgspec.convert(kept, type, strict=False)
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else f"a {type(value).__name__}"

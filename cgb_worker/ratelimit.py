@@ -1,86 +1,102 @@
 """A fleet-wide limit on requests to CGB, kept in Redis so that every worker process shares it.
 
-``CGB_RATE_LIMIT`` requests per second (0 turns it off): a sliding window of admissions in a sorted set,
-checked and updated by one Lua script with Redis's own clock, so no two workers disagree on the time. The
-window is 1.1 s, not 1 s: requests reach CGB a little after they are admitted, by a delay that varies, and
-the extra 100 ms keeps that variation from packing more than the limit into any one second at CGB's end
-(at the cost of a tenth of the throughput). Every CGB call asks first (``CGBClient`` calls
-:meth:`RateLimiter.acquire`):
+``CGB_RATE_LIMIT`` requests per second (0 turns it off), as a generic cell rate algorithm (GCRA) on Redis's
+own clock: one key holds the time the next request may leave. Each request makes one script call, which
+reserves the next free slot and moves that time on by one interval, and the caller sleeps until its slot.
+So a backlog is spread evenly over time, in the order the requests asked, and no job is re-queued just
+to wait its turn: waiting in place costs a worker slot, not Redis round trips.
 
-* a wait of up to ``max_wait`` seconds happens in place (with jitter, so waiters do not stampede);
-* a longer one raises :class:`ThrottledError`, which the job turns into an arq deferral, so no worker slot
-  is held idle; such deferrals do not count against ``CGB_RETRY_ATTEMPTS``.
-
-A 429 from CGB slows the whole fleet: :meth:`RateLimiter.penalize` pauses every worker for the
-``Retry-After`` CGB gave (2 s when it gave none) and halves the limit for the next 30 s.
+* Slots are spaced ``1 / (CGB_RATE_LIMIT * 0.97)`` apart: the 3 % is what absorbs the variation between a
+  request's slot and its arrival at CGB (an event loop that wakes a little late, a network that delays one
+  request and not the next), so that no second at CGB's end ever holds more than the limit.
+* A slot further away than the caller can wait (the try's own deadline, see :func:`try_budget`) is not
+  reserved; :class:`ThrottledError` says when to come back, and the job turns that into an arq deferral,
+  which uses up no retry.
+* A 429 from CGB slows the whole fleet: :meth:`RateLimiter.penalize` moves the next slot past CGB's
+  ``Retry-After`` (2 s when it gave none) and doubles the interval for the next 30 s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
-import secrets
+import contextvars
+import time
 
 from redis.asyncio import Redis
 
 from .errors import ThrottledError
 
-KEY = "cgb:ratelimit"
-PAUSE_KEY = "cgb:ratelimit:pause"
+KEY = "cgb:ratelimit:next"
 PENALTY_KEY = "cgb:ratelimit:penalty"
 PENALTY_SECONDS = 30
 DEFAULT_PAUSE = 2.0
-WINDOW_MS = 1100
+SPACING = 0.97
+"""The share of ``CGB_RATE_LIMIT`` that slots are spaced for (see the module docstring)."""
 
-# Returns 0 when admitted, else the milliseconds until a slot may be free.
-_ACQUIRE = """
+# KEYS: next-slot time, penalty flag. ARGV: interval (ms), the longest wait the caller accepts (ms), a pause
+# to add (ms, 0 for none). Returns {reserved (1/0), wait in ms as a string} on Redis's clock.
+_RESERVE = """
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local pause = redis.call('PTTL', KEYS[2])
-if pause > 0 then return pause end
-local limit = tonumber(ARGV[1])
-if redis.call('EXISTS', KEYS[3]) == 1 then limit = math.max(1, math.floor(limit / 2)) end
-local window = tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-if redis.call('ZCARD', KEYS[1]) < limit then
-    redis.call('ZADD', KEYS[1], now, ARGV[2])
-    redis.call('PEXPIRE', KEYS[1], window * 2)
-    return 0
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local interval = tonumber(ARGV[1])
+if redis.call('EXISTS', KEYS[2]) == 1 then interval = interval * 2 end
+local slot = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
+local pause = tonumber(ARGV[3])
+if pause > 0 then
+    slot = math.max(slot, now + pause)
+    redis.call('SET', KEYS[1], string.format('%.3f', slot), 'PX', math.ceil(slot - now) + 60000)
+    redis.call('SET', KEYS[2], '1', 'EX', ARGV[4])
+    return {0, string.format('%.3f', slot - now)}
 end
-local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return math.max(1, tonumber(oldest[2]) + window - now)
+local wait = slot - now
+if wait > tonumber(ARGV[2]) then return {0, string.format('%.3f', wait)} end
+redis.call('SET', KEYS[1], string.format('%.3f', slot + interval), 'PX', math.ceil(slot + interval - now) + 60000)
+return {1, string.format('%.3f', wait)}
 """
+
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("cgb_try_deadline", default=None)
+
+
+def set_deadline(monotonic_deadline: float | None) -> contextvars.Token[float | None]:
+    """Record when the current try must be done (``time.monotonic()`` seconds), for :func:`try_budget`.
+
+    A context variable, so it travels with the job's task and its children and with nothing else."""
+    return _deadline.set(monotonic_deadline)
+
+
+def reset_deadline(token: contextvars.Token[float | None]) -> None:
+    _deadline.reset(token)
+
+
+def try_budget(request_timeout: float) -> float | None:
+    """Seconds the current try can still wait before a request and have the request finish inside the
+    try (its whole ``request_timeout``, plus half a second); None outside a job."""
+    deadline = _deadline.get()
+    if deadline is None:
+        return None
+    return deadline - time.monotonic() - request_timeout - 0.5
 
 
 class RateLimiter:
-    def __init__(self, redis: Redis, *, rate: float, max_wait: float = 1.0) -> None:
+    def __init__(self, redis: Redis, *, rate: float) -> None:
         self._redis = redis
-        self._rate = rate
-        self._max_wait = max_wait
-        self._script = redis.register_script(_ACQUIRE)
+        self._interval_ms = 1000.0 / (rate * SPACING)
+        self._script = redis.register_script(_RESERVE)
 
-    async def acquire(self) -> None:
-        """Return when a request may go out; :class:`ThrottledError` when that is more than ``max_wait`` away."""
-        waited = 0.0
-        while True:
-            wait_ms = int(
-                await self._script(
-                    keys=[KEY, PAUSE_KEY, PENALTY_KEY], args=[self._rate, secrets.token_hex(6), WINDOW_MS]
-                )
-            )
-            if wait_ms <= 0:
-                return
-            wait = wait_ms / 1000
-            if waited + wait > self._max_wait:
-                raise ThrottledError(f"CGB rate limit: next slot in {wait:.2f} s", retry_after=wait)
-            sleep = wait * (1 + random.random() * 0.2)  # noqa: S311 - jitter, not security
-            await asyncio.sleep(sleep)
-            waited += sleep
+    async def acquire(self, max_wait: float | None = None) -> None:
+        """Reserve the next slot and sleep until it. :class:`ThrottledError` (nothing reserved) when that
+        slot is more than ``max_wait`` seconds away; None waits as long as it takes."""
+        limit_ms = 10**12 if max_wait is None else max(0.0, max_wait) * 1000
+        reserved, wait_ms = await self._script(
+            keys=[KEY, PENALTY_KEY], args=[f"{self._interval_ms:.3f}", f"{limit_ms:.3f}", 0, 0]
+        )
+        wait = float(wait_ms) / 1000
+        if not int(reserved):
+            raise ThrottledError(f"CGB rate limit: next slot in {wait:.2f} s", retry_after=wait)
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     async def penalize(self, retry_after: float | None) -> None:
-        """CGB said 429: pause every worker and halve the limit for a while."""
+        """CGB said 429: no request from any worker before ``retry_after``, and half the rate for a while."""
         pause_ms = max(1, int((retry_after if retry_after is not None else DEFAULT_PAUSE) * 1000))
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.set(PAUSE_KEY, 1, px=pause_ms)
-            pipe.set(PENALTY_KEY, 1, ex=PENALTY_SECONDS)
-            await pipe.execute()
+        await self._script(keys=[KEY, PENALTY_KEY], args=[f"{self._interval_ms:.3f}", 0, pause_ms, PENALTY_SECONDS])

@@ -1,11 +1,13 @@
-"""Configuration: read once from the environment into a frozen :class:`Settings`.
+"""Configuration: read once from a mapping of variables (the process environment) into a frozen :class:`Settings`.
 
 Every bad or missing variable is collected and reported together in one :class:`ConfigError`, so an
-operator fixes a deployment in one round. Nothing else in the package reads ``os.environ``.
+operator fixes a deployment in one round. The mapping is read as given: ``os.environ`` is never replaced
+or written, so a caller reading another mapping leaves the process, and its threads, alone.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -20,6 +22,7 @@ from marshmallow.validate import OneOf, Range
 from .errors import ConfigError
 
 DEFAULT_API_URL = "https://app.chatgptbuilder.io/api"
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 TEMPLATE_PREFIX = "CGB_TEMPLATE_"
 _NOT_TEMPLATES = frozenset({"CGB_TEMPLATE_CACHE_TIMEOUT"})
 
@@ -71,28 +74,37 @@ def job_deadline(job_timeout: float) -> float:
 
 @dataclass(frozen=True, slots=True)
 class WorkerOptions:
-    """arq's own knobs. Tuned for a network-bound job; each one is a ``WORKER_*`` variable.
+    """arq's own knobs, for a network-bound job under a fleet-wide rate limit; each is a ``WORKER_*`` variable.
 
-    * ``max_jobs`` 100: sends wait on CGB, not on the CPU, so many run at once (arq's 10 caps a worker at
-      about 20 sends a second on a 100 ms API).
-    * ``poll_delay`` 0.01 s: arq fills a free slot only on its next poll, so with 200 ms sends a 50 ms poll
-      would leave each slot idle a tenth of the time. An idle worker pays one small Redis read per poll.
-    * ``job_timeout`` 120 s: each try stops itself 30 s earlier and is retried, so arq's own timeout is not
-      reached. It also bounds how long a killed worker's jobs stay locked: arq re-runs them after
-      ``job_timeout + 10`` s.
+    * ``max_jobs``: jobs at once per worker. With the rate limit on, a job waits in its slot for its turn,
+      so more slots than the rate can use only wait, and arq's every poll re-checks each running job in
+      Redis (four commands apiece): the default is twice ``CGB_RATE_LIMIT`` (two seconds of turns), from 10
+      to 100; 100 with the limit off (arq's 10 caps a worker at about 20 sends a second on a 100 ms API).
+    * ``poll_delay`` 0.02 s: arq fills a free slot only on its next poll, so this bounds the wait from
+      enqueue to start on an idle queue. An idle worker pays one small Redis read per poll.
+    * ``job_timeout`` 15 s: arq locks a running job for this plus 10 s and never renews the lock, so a
+      killed worker's jobs run again elsewhere within 25 s. Each try stops itself earlier (its deadline,
+      :func:`job_deadline`) and is retried, so arq's own timeout, which arq never retries, is not reached.
     * ``health_check_interval`` 10 s: ``arq --check`` notices a dead worker within that (plus one).
-    * ``job_completion_wait`` 40 s: on SIGTERM, running sends get this long to finish before being
-      cancelled (and re-run elsewhere); above ``CGB_TIMEOUT``, below a container's stop grace period.
+    * ``job_completion_wait`` 20 s: on SIGTERM, running jobs get this long to finish before being
+      cancelled (and re-run elsewhere); above ``job_timeout``, below a container's stop grace period.
     * ``keep_result`` 86400 s: how long ``Job.result()`` can be read, and how long an enqueue with the
       same ``_job_id`` is refused.
     """
 
     max_jobs: int = 100
-    poll_delay: float = 0.01
-    job_timeout: int = 120
+    poll_delay: float = 0.02
+    job_timeout: int = 15
     health_check_interval: int = 10
-    job_completion_wait: int = 40
+    job_completion_wait: int = 20
     keep_result: int = 86400
+
+
+def default_max_jobs(rate_limit: float) -> int:
+    """``WORKER_MAX_JOBS`` when it is not set: two seconds of the rate limit's turns, from 10 to 100."""
+    if rate_limit <= 0:
+        return 100
+    return max(10, min(100, math.ceil(rate_limit * 2)))
 
 
 WORKER_VARIABLES: dict[str, tuple[str, type, float, float | None]] = {
@@ -112,7 +124,7 @@ class Settings:
 
     api_key: Secret
     api_url: str = DEFAULT_API_URL
-    timeout: float = 30.0
+    timeout: float = 5.0
     """Per-request timeout to CGB in seconds (``CGB_TIMEOUT`` is in milliseconds)."""
     retry_attempts: int = 10
     retry_base_delay: float = 2.0
@@ -122,12 +134,13 @@ class Settings:
     templates: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     """Template name (lower case) to CGB flow id, from ``CGB_TEMPLATE_<NAME>``."""
     default_region: str | None = None
-    redis_url: str = "redis://localhost:6379/0"
+    redis_url: str = DEFAULT_REDIS_URL
     unknown_outcome: str = "resend"
     """What a retry does when an earlier attempt's send may have gone out: ``resend`` or ``fail``."""
     dead_letter_max: int = 10000
     log_level: str = "INFO"
     log_json: bool = False
+    log_diagnose: bool = False
     rate_limit: float = 10.0
     """Requests per second to CGB across every worker on this Redis; 0: no limit."""
     metrics_port: int | None = None
@@ -141,44 +154,66 @@ class Settings:
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
 
-def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
-    """Read and check every variable; raise one :class:`ConfigError` listing all problems.
+class _MappingEnv(environs.Env):
+    """environs, reading the given mapping instead of ``os.environ`` (its one lookup, ``_get_value``; a
+    test pins that nothing else is read)."""
 
-    ``environ`` defaults to ``os.environ``; tests and the CLI pass their own mapping.
-    """
-    if environ is None:
-        return _read(os.environ)
-    source = dict(environ)
-    saved = dict(os.environ)
-    # environs reads os.environ only, so lend it the mapping for the duration of the read.
-    os.environ.clear()
-    os.environ.update(source)
+    def __init__(self, source: Mapping[str, str]) -> None:
+        super().__init__(eager=False)
+        self._source = source
+
+    def _get_value(self, env_key: str, default: Any) -> Any:
+        return self._source.get(env_key, default)
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and check every variable in ``environ`` (default: ``os.environ``, read, never changed); raise
+    one :class:`ConfigError` listing all problems."""
+    return _read(os.environ if environ is None else environ)
+
+
+def parse_redis_url(url: str) -> str | None:
+    """What is wrong with a Redis URL, or None: arq and redis-py fall back to localhost on some malformed
+    URLs (``redis://host:63790x/0``) instead of refusing them."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        return "must be a redis://, rediss:// or unix:// URL."
     try:
-        return _read(source)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        port = parts.port
+    except ValueError:
+        return f"the port in {redact_url(url)!r} is not a number from 0 to 65535."
+    if parts.scheme == "unix":
+        return None if parts.path else "a unix:// URL needs the socket's path."
+    if not parts.hostname:
+        return f"{redact_url(url)!r} names no host."
+    if port == 0:
+        return "the port must not be 0."
+    database = parts.path.lstrip("/")
+    if database and not database.isdigit():
+        return f"the database in {redact_url(url)!r} must be a number (redis://host:6379/0)."
+    return None
 
 
 def _read(source: Mapping[str, str]) -> Settings:
-    env = environs.Env(eager=False)
+    env = _MappingEnv(source)
     positive = Range(min=0, min_inclusive=False)
     non_negative = Range(min=0)
 
     api_url = env.str("CGB_API_URL", DEFAULT_API_URL)
     api_key = env.str("CGB_API_KEY")
-    timeout_ms = env.float("CGB_TIMEOUT", 30000.0, validate=positive)
+    timeout_ms = env.float("CGB_TIMEOUT", 5000.0, validate=positive)
     retry_attempts = env.int("CGB_RETRY_ATTEMPTS", 10, validate=Range(min=0, max=MAX_RETRY_ATTEMPTS))
     base_delay = env.float("CGB_RETRY_BASE_DELAY", 2.0, validate=positive)
     max_delay = env.float("CGB_RETRY_MAX_DELAY", 300.0, validate=positive)
     cache_timeout = env.int("CGB_CACHE_TIMEOUT", 3600, validate=positive)
     template_cache_timeout = env.int("CGB_TEMPLATE_CACHE_TIMEOUT", 86400, validate=positive)
     default_region = env.str("CGB_DEFAULT_REGION", None)
-    redis_url = env.str("REDIS_URL", "redis://localhost:6379/0")
+    redis_url = env.str("REDIS_URL", DEFAULT_REDIS_URL)
     unknown_outcome = env.str("CGB_UNKNOWN_OUTCOME", "resend", validate=OneOf(["resend", "fail"]))
     dead_letter_max = env.int("DEAD_LETTER_MAX", 10000, validate=positive)
     log_level = env.str("LOG_LEVEL", "INFO", validate=OneOf(["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"]))
     log_json = env.bool("LOG_JSON", False)
+    log_diagnose = env.bool("LOG_DIAGNOSE", False)
     metrics_port = env.int("METRICS_PORT", None, validate=Range(min=1, max=65535))
     rate_limit = env.float("CGB_RATE_LIMIT", 10.0, validate=non_negative)
     d = WorkerOptions()
@@ -186,6 +221,8 @@ def _read(source: Mapping[str, str]) -> Settings:
         name: (env.int if cast is int else env.float)(var, getattr(d, name), validate=Range(min=low, max=high))
         for name, (var, cast, low, high) in WORKER_VARIABLES.items()
     }
+    if "WORKER_MAX_JOBS" not in source and rate_limit is not None:
+        worker_values["max_jobs"] = default_max_jobs(rate_limit)
 
     problems: list[str] = []
     try:
@@ -199,8 +236,8 @@ def _read(source: Mapping[str, str]) -> Settings:
         problems.append("CGB_API_KEY: must not be empty.")
     if api_url is not None and urlsplit(api_url).scheme not in ("http", "https"):
         problems.append("CGB_API_URL: must be an http:// or https:// URL.")
-    if redis_url is not None and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
-        problems.append("REDIS_URL: must be a redis://, rediss:// or unix:// URL.")
+    if redis_url is not None and (problem := parse_redis_url(redis_url)):
+        problems.append(f"REDIS_URL: {problem}")
     if default_region is not None:
         default_region = default_region.strip().upper()
         if default_region not in phonenumbers.SUPPORTED_REGIONS:
@@ -250,11 +287,12 @@ def _read(source: Mapping[str, str]) -> Settings:
         template_cache_timeout=template_cache_timeout,
         templates=MappingProxyType(templates),
         default_region=default_region or None,
-        redis_url=redis_url,
+        redis_url=redis_url.strip(),
         unknown_outcome=str(unknown_outcome),
         dead_letter_max=int(dead_letter_max or 0),
         log_level=str(log_level),
         log_json=bool(log_json),
+        log_diagnose=bool(log_diagnose),
         metrics_port=metrics_port,
         rate_limit=float(rate_limit or 0.0),
         worker=WorkerOptions(**worker_values),
@@ -267,22 +305,3 @@ def _flatten(messages: Any) -> list[str]:
     if isinstance(messages, Mapping):
         return [m for v in messages.values() for m in _flatten(v)]
     return [m for v in messages for m in _flatten(v)]
-
-
-def peek_worker_options(environ: Mapping[str, str] | None = None) -> tuple[str, WorkerOptions]:
-    """``REDIS_URL`` and the ``WORKER_*`` knobs, read leniently when the worker module is imported.
-
-    arq takes these from class attributes before ``on_startup`` runs, so they are read at import, with a
-    default for anything missing or malformed; :func:`load_settings` at start-up reports those problems
-    and refuses to start. A producer importing the package needs no worker configuration at all.
-    """
-    source = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
-    for name, (var, cast, low, high) in WORKER_VARIABLES.items():
-        try:
-            value = cast(source[var])
-        except (KeyError, ValueError):
-            continue
-        if low <= value and (high is None or value <= high):
-            values[name] = value
-    return source.get("REDIS_URL", "redis://localhost:6379/0"), WorkerOptions(**values)

@@ -7,7 +7,6 @@ throwaway ``redis-server`` is started on a free port for the session and stopped
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import shutil
 import socket
@@ -27,16 +26,6 @@ from cgb_worker.simulator import Listener, SimConfig, SimState, create_app
 
 TOKEN = "1000001.TestTokenNotARealOneAbcdefghijklmnop"
 """A fake API key shaped like CGB's (``<digits>.<alphanumerics>``) so leak checks mean something."""
-
-
-@pytest.fixture(autouse=True)
-def _gc_as_it_was() -> Iterator[None]:
-    """A worker's start-up tunes the process's garbage collector (``settle_gc``); in the tests many workers
-    share one process, so each test gets the collector back as it was."""
-    threshold = gc.get_threshold()
-    yield
-    gc.unfreeze()
-    gc.set_threshold(*threshold)
 
 
 def free_port() -> int:
@@ -149,7 +138,7 @@ class Harness:
             "CGB_RETRY_MAX_DELAY": "0.05",
             "CGB_TIMEOUT": "2000",
             "CGB_TEMPLATE_VISA_APPROVED": "1752250957765",
-            "CGB_RATE_LIMIT": "0",
+            "CGB_RATE_LIMIT": "50",  # on, as in production: the limiter is on every job's path
             "LOG_LEVEL": "DEBUG",
         }
 
@@ -174,34 +163,40 @@ class Harness:
         if self._pool is not None:
             await self._pool.aclose()
 
+    async def known(self, *phones: str, cached: bool = True) -> None:
+        """Make each phone a contact CGB already has and, with ``cached``, one the worker has in its cache;
+        the simulator's request log is cleared afterwards."""
+        from cgb_worker.contacts import phone_key
+
+        async with aiohttp.ClientSession() as http:
+            for phone in phones:
+                async with http.post(
+                    self.sim.api_url + "/contacts", json={"phone": phone}, headers={"X-ACCESS-TOKEN": TOKEN}
+                ) as resp:
+                    assert resp.status == 200
+        if cached:
+            client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(self.redis_url)
+            try:
+                for phone in phones:
+                    await client.set(f"cgb:contact:{phone_key(phone)}", phone.lstrip("+"), ex=3600)
+            finally:
+                await client.aclose()
+        self.sim.state.requests.clear()
+
     async def enqueue(self, *payloads: Any, **kwargs: Any) -> list[Any]:
         pool = await self.pool()
         return [await pool.enqueue_job("whatsapp_send", p, **kwargs) for p in payloads]
 
-    async def run(self, workers: int = 1, worker_class: Any = None, **worker_kwargs: Any) -> list[Any]:
-        """Run ``workers`` arq Workers (each with its own ctx, as separate processes would be) in burst mode."""
-        from arq.connections import RedisSettings
+    async def run(self, workers: int = 1, **worker_kwargs: Any) -> list[Any]:
+        """Run ``workers`` arq Workers (each with its own ctx, as separate processes would be) in burst mode,
+        from the settings class both commands use, built from the harness's environment."""
         from arq.worker import create_worker
 
-        from cgb_worker import WorkerSettings
+        from cgb_worker import worker_settings
 
-        for key in [k for k in os.environ if k.startswith(("CGB_", "WORKER_", "LOG_", "DEAD_LETTER"))]:
-            self.monkeypatch.delenv(key)
-        for key, value in self.env.items():
-            self.monkeypatch.setenv(key, value)
+        settings = worker_settings(self.env)
         options = {"burst": True, "poll_delay": 0.01, "handle_signals": False, **worker_kwargs}
-        if worker_class is None:
-            made = [
-                create_worker(
-                    cast(Any, WorkerSettings), redis_settings=RedisSettings.from_dsn(self.redis_url), **options
-                )
-                for _ in range(workers)
-            ]
-        else:
-            from arq.worker import get_kwargs
-
-            kwargs = {**get_kwargs(cast(Any, WorkerSettings)), "redis_settings": RedisSettings.from_dsn(self.redis_url)}
-            made = [worker_class(**{**kwargs, **options}) for _ in range(workers)]
+        made = [create_worker(cast(Any, settings), **options) for _ in range(workers)]
         try:
             await asyncio.gather(*(w.main() for w in made))
         finally:

@@ -37,7 +37,6 @@ class Fleet:
             "CGB_API_KEY": TOKEN,
             "REDIS_URL": self.redis_url,
             "CGB_TIMEOUT": "2000",
-            "CGB_RATE_LIMIT": "0",
             "LOG_LEVEL": "INFO",
             **overrides,
         }
@@ -80,9 +79,10 @@ class Fleet:
             return await resp.json()
 
     async def start_worker(
-        self, env: dict[str, str] | None = None, *, supervised: bool = False
+        self, env: dict[str, str] | None = None, *, command: str = "arq"
     ) -> asyncio.subprocess.Process:
-        args = [str(BIN / "cgb-worker"), "run"] if supervised else [str(BIN / "arq"), "cgb_worker.WorkerSettings"]
+        """A worker process, started as ``arq cgb_worker.WorkerSettings`` or (``command="run"``) ``cgb-worker run``."""
+        args = [str(BIN / "cgb-worker"), "run"] if command == "run" else [str(BIN / "arq"), "cgb_worker.WorkerSettings"]
         proc = await self._spawn(*args, env=self.env(**(env or {})))
         await self._wait_for_log(proc, b"cgb-worker ready")
         return proc
