@@ -55,7 +55,7 @@ async def _pool() -> Any:
     from .worker import create_pool
 
     try:
-        return await create_pool(os.environ.get("REDIS_URL", DEFAULT_REDIS_URL), conn_retries=0)
+        return await create_pool(os.environ.get("REDIS_URL", DEFAULT_REDIS_URL), conn_retries=0, ride_out_outages=False)
     except ConfigError as exc:
         _fail(str(exc), 2)
     except Exception as exc:
@@ -90,7 +90,7 @@ def check() -> None:
 
         ok = True
         try:
-            redis = await create_pool(settings.redis_url, conn_retries=0)
+            redis = await create_pool(settings.redis_url, conn_retries=0, ride_out_outages=False)
             info = await redis.info("server")
             await redis.aclose()
             click.echo(f"redis          ok ({redact_url(settings.redis_url)}, Redis {info.get('redis_version')})")

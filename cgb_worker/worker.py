@@ -64,25 +64,30 @@ REDIS_RETRY = Retry(
 """About two minutes of retries per command (backoff doubling from 50 ms, at most 1 s apart)."""
 
 
-def redis_settings(url: str) -> RedisSettings:
+def redis_settings(url: str, *, ride_out_outages: bool = True) -> RedisSettings:
     """arq's settings for ``url`` (already checked by :func:`parse_redis_url`), with every command retried
-    through an outage."""
+    through an outage (``ride_out_outages``; a command line that should fail fast passes False)."""
     settings = RedisSettings.from_dsn(url)
+    if not ride_out_outages:
+        return settings
     settings.retry = REDIS_RETRY
     settings.retry_on_error = list(REDIS_ERRORS)
     settings.retry_on_timeout = True
     return settings
 
 
-async def create_pool(redis_url: str | None = None, *, conn_retries: int = 5, **kwargs: Any) -> ArqRedis:
+async def create_pool(
+    redis_url: str | None = None, *, conn_retries: int = 5, ride_out_outages: bool = True, **kwargs: Any
+) -> ArqRedis:
     """An arq Redis pool that speaks the worker's serializer. ``redis_url`` defaults to ``REDIS_URL``;
-    ``conn_retries`` is how many times a failed first connection is retried, a second apart. A malformed
+    ``conn_retries`` is how many times a failed first connection is retried, a second apart, and
+    ``ride_out_outages`` retries every command through a Redis restart (:data:`REDIS_RETRY`). A malformed
     URL raises :class:`ConfigError` naming it."""
     url = redis_url or os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
     problem = parse_redis_url(url)
     if problem:
         raise ConfigError([f"REDIS_URL: {problem}"])
-    settings = redis_settings(url)
+    settings = redis_settings(url, ride_out_outages=ride_out_outages)
     settings.conn_retries = conn_retries
     return await arq_create_pool(settings, job_serializer=serialize, job_deserializer=deserialize, **kwargs)
 

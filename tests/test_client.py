@@ -13,6 +13,7 @@ import pytest
 from aioresponses import aioresponses
 from aioresponses import core as aioresponses_core
 from yarl import URL
+from yarl import URL
 
 from cgb_worker import errors
 from cgb_worker.client import CGBClient, error_for_response, parse_retry_after
@@ -185,18 +186,11 @@ async def test_create_contact_minimal_body(client: CGBClient, mock: Any) -> None
     assert_json_call(only_call(mock, "POST", f"{BASE}/contacts"), {"phone": "+12025550100"})
 
 
-async def test_create_contact_without_id_finds_it_again(client: CGBClient, mock: Any) -> None:
-    mock.post(f"{BASE}/contacts", payload={"success": True})
-    mock.get(f"{BASE}/contacts/find_by_custom_field?field_id=phone&value=%2B12025550100", payload={"data": [CONTACT]})
-    assert await client.create_contact("+12025550100") == "972500000001"
-
-
-async def test_create_contact_without_id_or_match_is_a_response_error(client: CGBClient, mock: Any) -> None:
+async def test_create_contact_without_id_returns_none_and_calls_nothing_more(client: CGBClient, mock: Any) -> None:
+    """The caller takes the phone's digits as the id (a WhatsApp contact's id), instead of two more finds."""
     mock.post(f"{BASE}/contacts", payload={"success": True, "data": {}})
-    mock.get(f"{BASE}/contacts/find_by_custom_field?field_id=phone&value=%2B12025550100", payload={"data": []})
-    mock.get(f"{BASE}/contacts/find_by_custom_field?field_id=phone&value=12025550100", payload={"data": []})
-    with pytest.raises(errors.CGBResponseError, match="neither its id nor the contact"):
-        await client.create_contact("+12025550100")
+    assert await client.create_contact("+12025550100") is None
+    assert [key for key in mock.requests] == [("POST", URL(f"{BASE}/contacts"))]
 
 
 @pytest.mark.parametrize(
@@ -282,10 +276,39 @@ async def test_a_non_json_2xx_is_an_error_where_an_answer_is_needed(client: CGBC
         await getattr(client, method)()
 
 
-async def test_a_non_json_2xx_from_create_finds_the_contact(client: CGBClient, mock: Any) -> None:
+async def test_a_non_json_2xx_from_create_is_a_success_without_an_id(client: CGBClient, mock: Any) -> None:
     mock.post(f"{BASE}/contacts", body=b"created")
-    mock.get(f"{BASE}/contacts/find_by_custom_field?field_id=phone&value=%2B12025550100", payload={"data": [CONTACT]})
-    assert await client.create_contact("+12025550100") == "972500000001"
+    assert await client.create_contact("+12025550100") is None
+
+
+ACCOUNTS = [
+    ("created as a date string", {"page_id": 1, "name": "Visa desk", "created": "2024-05-01 10:00:00"}),
+    ("created as an integer", {"page_id": 1, "name": "Visa desk", "created": 1714557600}),
+    ("created as an object", {"page_id": 1, "name": "Visa desk", "created": {"at": 1}}),
+    ("total_users as text", {"page_id": 1, "name": "Visa desk", "total_users": "many"}),
+    ("active as a string", {"page_id": 1, "name": "Visa desk", "active": "yes"}),
+    ("fields missing", {"page_id": 1}),
+]
+
+
+@pytest.mark.parametrize("body", [a[1] for a in ACCOUNTS], ids=[a[0] for a in ACCOUNTS])
+async def test_account_fields_the_worker_does_not_use_never_fail(client: CGBClient, mock: Any, body: Any) -> None:
+    """Symptom 10: ``created`` as a date string ended ``cgb-worker check`` in a msgspec traceback."""
+    mock.get(f"{BASE}/accounts/me", payload=body)
+    account = await client.account()
+    assert account.page_id == "1"
+
+
+async def test_a_needed_field_missing_or_mistyped_names_the_endpoint(client: CGBClient, mock: Any) -> None:
+    mock.get(f"{BASE}/accounts/flows", payload=[{"id": 1752250957765, "name": "ok"}, {"name": "no id"}])
+    with pytest.raises(errors.CGBResponseError) as info:
+        await client.list_flows()
+    assert info.value.endpoint == "list_flows"
+    assert "'id' is missing" in str(info.value)
+    mock.get(f"{BASE}/accounts/custom_fields", payload=[{"id": {"nested": 1}, "name": "x"}])
+    with pytest.raises(errors.CGBResponseError, match="'id' is a dict") as info:
+        await client.list_custom_fields()
+    assert info.value.endpoint == "list_custom_fields"
 
 
 async def test_account_rejects_a_non_object(client: CGBClient, mock: Any) -> None:

@@ -125,10 +125,10 @@ async def test_find_falls_back_to_digits_when_cgb_stores_digits(client: CGBClien
     assert [r["query"].get("value") for r in sim.requests("find_contacts")] == [PHONE, CID]
 
 
-async def test_created_id_missing_is_found_again(client: CGBClient, sim: Sim) -> None:
+async def test_created_id_missing_is_none(client: CGBClient, sim: Sim) -> None:
     sim.configure(created_id="none")
-    assert await client.create_contact(PHONE) == CID
-    assert [r["endpoint"] for r in sim.state.requests] == ["create_contact", "find_contacts"]
+    assert await client.create_contact(PHONE) is None
+    assert [r["endpoint"] for r in sim.state.requests] == ["create_contact"]
 
 
 async def test_created_id_top_level(client: CGBClient, sim: Sim) -> None:

@@ -14,17 +14,24 @@ from cgb_worker.models import Contact
 
 
 class SlowClient:
-    """Counts calls; finds nothing at first, creates after a delay (a wide race window)."""
+    """Counts calls; knows no contact at first, creates after a delay (a wide race window)."""
+
+    timeout = 1.0
 
     def __init__(self) -> None:
         self.finds = 0
         self.creates = 0
         self.fail = False
 
-    async def find_contact_by_phone(self, e164: str) -> Contact | None:
+    async def get_contact(self, contact_id: str) -> Contact:
         self.finds += 1
         await asyncio.sleep(0.02)
-        return Contact(id=e164[1:], page_id="1", channel=5) if self.creates else None
+        if not self.creates:
+            raise E.CGBNotFoundError("User not found", status=404, endpoint="get_contact")
+        return Contact(id=contact_id, page_id="1", channel=5)
+
+    async def find_contact_by_phone(self, e164: str) -> Contact | None:
+        raise AssertionError("a phone is found by its id first")
 
     async def create_contact(self, phone: str, **kwargs: Any) -> str:
         await asyncio.sleep(0.05)
@@ -35,7 +42,7 @@ class SlowClient:
 
 
 def resolver(client: SlowClient, redis: Any) -> ContactResolver:
-    return ContactResolver(client, redis, cache_ttl=60, lock_ttl=5)  # type: ignore[arg-type]
+    return ContactResolver(client, redis, cache_ttl=60)  # type: ignore[arg-type]
 
 
 async def test_one_create_across_processes_and_tasks(redis_client: Any) -> None:
@@ -58,7 +65,7 @@ async def test_one_create_across_processes_and_tasks(redis_client: Any) -> None:
 
 async def test_hits_and_misses_are_reported(redis_client: Any) -> None:
     seen: list[bool] = []
-    r = ContactResolver(SlowClient(), redis_client, cache_ttl=60, lock_ttl=5, on_cache=seen.append)  # type: ignore[arg-type]
+    r = ContactResolver(SlowClient(), redis_client, cache_ttl=60, on_cache=seen.append)  # type: ignore[arg-type]
     await r.resolve("+12025550100")
     await r.resolve("+12025550100")
     assert seen == [False, True]
@@ -90,3 +97,22 @@ async def test_lock_is_released_only_by_its_owner(redis_client: Any) -> None:
         await asyncio.sleep(0.15)  # expired: someone else takes it
         await redis_client.set("cgb:lock:test:y", "other")
     assert await redis_client.get("cgb:lock:test:y") == b"other"
+
+
+async def test_lock_wait_ends_inside_the_try(redis_client: Any) -> None:
+    """Symptom 7: the field lock waited 155 s for 3 fields, past the try's own deadline. Inside a job, a wait
+    ends by the deadline less one request."""
+    import time
+
+    from cgb_worker.ratelimit import reset_deadline, set_deadline
+
+    token = set_deadline(time.monotonic() + 2.0)
+    try:
+        async with redis_lock(redis_client, "cgb:lock:test:z", ttl=60, wait=60):
+            started = time.monotonic()
+            with pytest.raises(E.BusyError):
+                async with redis_lock(redis_client, "cgb:lock:test:z", ttl=60, wait=60, request_timeout=1.0):
+                    pass
+            assert time.monotonic() - started < 0.7  # 2 s left, less the request's 1 s and half a second
+    finally:
+        reset_deadline(token)

@@ -16,7 +16,14 @@ def test_defaults_with_only_the_key() -> None:
     s = load_settings({"CGB_API_KEY": KEY})
     assert s.api_key.get_secret_value() == KEY
     assert s.api_url == DEFAULT_API_URL == "https://app.chatgptbuilder.io/api"
-    assert s.timeout == 30.0
+    assert s.timeout == 5.0
+    assert s.rate_limit == 10.0
+    assert (s.worker.max_jobs, s.worker.poll_delay, s.worker.job_timeout, s.worker.job_completion_wait) == (
+        20,
+        0.02,
+        15,
+        20,
+    )
     assert (s.retry_attempts, s.retry_base_delay, s.retry_max_delay) == (10, 2.0, 300.0)
     assert (s.cache_timeout, s.template_cache_timeout) == (3600, 86400)
     assert dict(s.templates) == {}
@@ -147,15 +154,11 @@ def test_secret_equality_and_redact_url() -> None:
     assert dict(Settings(api_key=Secret("k")).templates) == {}
 
 
-def test_worker_variables_strictly_at_start_and_leniently_at_import() -> None:
-    from cgb_worker.settings import WorkerOptions, peek_worker_options
-
-    env = {"CGB_API_KEY": KEY, "WORKER_MAX_JOBS": "250", "WORKER_POLL_DELAY": "0.02", "WORKER_JOB_TIMEOUT": "60"}
+def test_worker_variables_are_checked_with_the_rest() -> None:
+    env = {"CGB_API_KEY": KEY, "WORKER_MAX_JOBS": "250", "WORKER_POLL_DELAY": "0.05", "WORKER_JOB_TIMEOUT": "60"}
     s = load_settings(env)
-    assert (s.worker.max_jobs, s.worker.poll_delay, s.worker.job_timeout) == (250, 0.02, 60)
-    assert peek_worker_options(env) == ("redis://localhost:6379/0", s.worker)
+    assert (s.worker.max_jobs, s.worker.poll_delay, s.worker.job_timeout) == (250, 0.05, 60)
     bad = {"WORKER_MAX_JOBS": "lots", "WORKER_HEALTH_CHECK_INTERVAL": "300", "WORKER_KEEP_RESULT": "-1"}
-    assert peek_worker_options({**bad, "REDIS_URL": "redis://r:1/2"}) == ("redis://r:1/2", WorkerOptions())
     with pytest.raises(ConfigError) as info:
         load_settings({"CGB_API_KEY": KEY, **bad})
     assert [p.split(":")[0] for p in info.value.problems] == [
@@ -163,6 +166,48 @@ def test_worker_variables_strictly_at_start_and_leniently_at_import() -> None:
         "WORKER_HEALTH_CHECK_INTERVAL",
         "WORKER_KEEP_RESULT",
     ]
+
+
+@pytest.mark.parametrize(("rate", "max_jobs"), [("0", 100), ("2", 10), ("10", 20), ("20", 40), ("80", 100)])
+def test_max_jobs_follows_the_rate_limit_unless_set(rate: str, max_jobs: int) -> None:
+    assert load_settings({"CGB_API_KEY": KEY, "CGB_RATE_LIMIT": rate}).worker.max_jobs == max_jobs
+    assert load_settings({"CGB_API_KEY": KEY, "CGB_RATE_LIMIT": rate, "WORKER_MAX_JOBS": "7"}).worker.max_jobs == 7
+
+
+BAD_REDIS_URLS = [
+    ("port not a number", "redis://cache.internal:63790x/0", "port"),
+    ("port out of range", "redis://cache.internal:99999/0", "port"),
+    ("no host", "redis:///0", "names no host"),
+    ("database not a number", "redis://cache.internal:6379/zero", "database"),
+    ("wrong scheme", "http://cache.internal:6379/0", "redis://"),
+    ("unix without a path", "unix://", "path"),
+]
+
+
+@pytest.mark.parametrize(("url", "why"), [b[1:] for b in BAD_REDIS_URLS], ids=[b[0] for b in BAD_REDIS_URLS])
+def test_a_malformed_redis_url_is_a_configuration_error(url: str, why: str) -> None:
+    """Symptom 6: ``redis://cache.internal:63790x/0`` started a worker on localhost:6379/0, silently."""
+    with pytest.raises(ConfigError) as info:
+        load_settings({"CGB_API_KEY": KEY, "REDIS_URL": url})
+    [problem] = info.value.problems
+    assert problem.startswith("REDIS_URL: ")
+    assert why in problem
+
+
+def test_settings_come_from_the_mapping_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Symptom 9: load_settings swapped os.environ for the whole process. The mapping is read as it is, and
+    a variable set only in the process environment is not seen."""
+    import os
+
+    monkeypatch.setenv("CGB_TIMEOUT", "1234")
+    monkeypatch.setenv("CGB_TEMPLATE_FROM_PROCESS", "1")
+    before = dict(os.environ)
+    environ_id = id(os.environ)
+    s = load_settings({"CGB_API_KEY": KEY})
+    assert s.timeout == 5.0
+    assert dict(s.templates) == {}
+    assert dict(os.environ) == before
+    assert id(os.environ) == environ_id
 
 
 def test_cgb_timeout_must_fit_inside_the_job_deadline() -> None:

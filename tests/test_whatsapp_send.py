@@ -49,7 +49,9 @@ async def test_text_to_a_new_then_a_cached_contact(harness: Harness) -> None:
     assert result["attempts"] == 1
     assert result["error"] is None
     assert result["timestamp"].endswith("Z")
-    assert calls(harness) == ["find_contacts", "find_contacts", "create_contact", "send_text"]
+    # A new number: asked for by its id (the phone's digits), created, sent to: three calls.
+    assert calls(harness) == ["get_contact", "create_contact", "send_text"]
+    assert harness.sim.requests("get_contact")[0]["path"] == "/api/contacts/972500000001"
     create = harness.sim.requests("create_contact")[0]
     assert create["body"] == {"phone": A}
 
@@ -74,7 +76,7 @@ async def test_existing_contact_is_found_not_created(harness: Harness, http: Any
     [job] = await harness.enqueue({"to": A, "message": "hi", "firstName": "Dana"})
     await harness.run()
     assert (await harness.outcome(job))["contactId"] == "972500000001"
-    assert calls(harness) == ["find_contacts", "find_contacts", "send_text"]
+    assert calls(harness) == ["get_contact", "send_text"]  # a known number whose cache expired: two calls
 
 
 async def test_new_contact_gets_names_and_email(harness: Harness) -> None:
@@ -124,13 +126,7 @@ async def test_template_by_env_mapping_with_variables_on_a_new_contact(harness: 
     result = await harness.outcome(job)
     assert (result["kind"], result["flowId"], result["fallback"]) == ("template", "1752250957765", False)
     # New contact: the variables ride in the create call, by name, before the flow is triggered.
-    assert calls(harness) == [
-        "list_custom_fields",
-        "find_contacts",
-        "find_contacts",
-        "create_contact",
-        "send_flow",
-    ]
+    assert calls(harness) == ["list_custom_fields", "get_contact", "create_contact", "send_flow"]
     assert harness.sim.requests("create_contact")[0]["body"]["actions"] == [
         {"action": "set_field_value", "field_name": "first_name", "value": "Dana"},
         {"action": "set_field_value", "field_name": "visa_type", "value": "work"},
@@ -407,14 +403,14 @@ async def test_a_sent_step_is_not_resent_when_a_later_step_fails(harness: Harnes
 
 async def test_a_rerun_of_a_finished_job_sends_nothing(harness: Harness, redis_client: Any) -> None:
     from cgb_worker.jobs import whatsapp_send
-    from cgb_worker.worker import shutdown, startup
+    from cgb_worker.worker import shutdown, worker_settings
 
     [job] = await harness.enqueue({"to": A, "message": "once"})
     await harness.run()
     first = await harness.outcome(job)
     # Run the same job id again, as arq would after the worker died before storing the result.
     ctx: dict[str, Any] = {"redis": redis_client, "job_id": job.job_id, "job_try": 2}
-    await startup(ctx)
+    await worker_settings(harness.env).on_startup(ctx)
     try:
         again = await whatsapp_send(ctx, {"to": A, "message": "once"})
     finally:
@@ -458,24 +454,17 @@ async def test_stale_cached_contact_is_resolved_again(harness: Harness) -> None:
 # -- configuration ----------------------------------------------------------------------------------------
 
 
-async def test_bad_configuration_stops_startup_with_one_message(
-    harness: Harness, redis_client: Any, capfd: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from cgb_worker.worker import startup
+def test_bad_configuration_stops_the_worker_before_it_connects() -> None:
+    from cgb_worker import ConfigError, worker_settings
 
-    monkeypatch.delenv("CGB_API_KEY", raising=False)
-    monkeypatch.setenv("CGB_TIMEOUT", "fast")
-    monkeypatch.setenv("CGB_DEFAULT_REGION", "Atlantis")
-    ctx: dict[str, Any] = {"redis": redis_client}
-    with pytest.raises(SystemExit) as info:
-        await startup(ctx)
-    assert info.value.code == 2
-    err = capfd.readouterr().err
-    assert "cgb-worker cannot start: invalid configuration:" in err
-    for name in ("CGB_API_KEY", "CGB_TIMEOUT", "CGB_DEFAULT_REGION"):
-        assert f"  - {name}" in err
-    assert "session" not in ctx  # nothing was opened
-    assert "Traceback" not in err
+    with pytest.raises(ConfigError) as info:
+        worker_settings({"CGB_TIMEOUT": "fast", "CGB_DEFAULT_REGION": "Atlantis", "REDIS_URL": "redis://r:63790x/0"})
+    assert [p.split(":")[0] for p in info.value.problems] == [
+        "CGB_API_KEY",
+        "CGB_TIMEOUT",
+        "REDIS_URL",
+        "CGB_DEFAULT_REGION",
+    ]
 
 
 def test_arq_cli_refuses_to_start_on_bad_configuration(redis_url: str) -> None:
@@ -485,15 +474,21 @@ def test_arq_cli_refuses_to_start_on_bad_configuration(redis_url: str) -> None:
     from pathlib import Path
 
     arq = Path(sys.executable).parent / "arq"
-    env = {"PATH": os.environ["PATH"], "REDIS_URL": redis_url, "CGB_TIMEOUT": "-5", "CGB_RETRY_ATTEMPTS": "many"}
+    env = {
+        "PATH": os.environ["PATH"],
+        "REDIS_URL": "redis://cache.internal:63790x/0",
+        "CGB_TIMEOUT": "-5",
+        "CGB_RETRY_ATTEMPTS": "many",
+    }
     proc = subprocess.run(
         [str(arq), "cgb_worker.WorkerSettings"], env=env, capture_output=True, text=True, timeout=60, check=False
     )
     assert proc.returncode == 2
     assert "cgb-worker cannot start: invalid configuration:" in proc.stderr
-    for name in ("CGB_API_KEY", "CGB_TIMEOUT", "CGB_RETRY_ATTEMPTS"):
+    for name in ("CGB_API_KEY", "CGB_TIMEOUT", "CGB_RETRY_ATTEMPTS", "REDIS_URL"):
         assert f"  - {name}" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert "Starting worker" not in proc.stderr  # it stopped before arq connected anywhere
 
 
 async def test_keyword_fields_work_and_mixing_styles_is_refused(harness: Harness) -> None:
@@ -513,19 +508,20 @@ async def test_redis_failure_mid_job_is_retried(harness: Harness, monkeypatch: p
 
     from cgb_worker.sends import SendLog
 
-    real_mark = SendLog.mark
+    real_mark = SendLog.mark_sending
     failures = iter([True])
 
-    async def flaky_mark(self: SendLog, job_id: str, step: str, state: bytes, **kwargs: Any) -> None:
+    async def flaky_mark(self: SendLog, job_id: str, step: str) -> None:
         if next(failures, False):
             raise RedisConnectionError("Connection reset by peer")
-        await real_mark(self, job_id, step, state, **kwargs)
+        await real_mark(self, job_id, step)
 
-    monkeypatch.setattr(SendLog, "mark", flaky_mark)
+    monkeypatch.setattr(SendLog, "mark_sending", flaky_mark)
     [job] = await harness.enqueue({"to": A, "message": "after a Redis blip"})
     await harness.run()
     result = await harness.outcome(job)
     assert result["attempts"] == 2
+    assert result["possibleDuplicate"] is False  # the mark failed, so the request never left
     assert [t for _, _, t in sends(harness)] == ["after a Redis blip"]
 
 
