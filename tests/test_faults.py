@@ -46,16 +46,18 @@ async def test_rate_limit_holds_across_the_fleet(fleet: Fleet) -> None:
     await fleet.start_sim(latency=0.01)
     for _ in range(3):
         await fleet.start_worker({"CGB_RATE_LIMIT": str(limit)})
-    # 8 new numbers (4 calls each to create) and 32 texts to them once known: 64 calls at 10 a second.
+    # 8 new numbers (3 calls each) and 32 texts to them once known: 56 calls at 10 a second.
     jobs = await fleet.enqueue([{"to": f"+1202555{i % 8:04d}", "message": f"m{i}"} for i in range(40)])
     outcomes = await fleet.outcomes(jobs, within=60)
     assert all(isinstance(o, dict) and o["success"] for o in outcomes), outcomes
     requests = await fleet.sim("GET", "/_sim/requests")
-    busiest = busiest_second([r["at"] for r in requests])
-    print(f"\nrate limit {limit}/s: {len(requests)} CGB calls, busiest second at the simulator: {busiest}")
-    # The limiter's 1.1 s window absorbs up to 100 ms of variation between admission (Redis's clock) and
-    # arrival here; one more request is allowed for a longer stall of a process on a loaded 2-core machine.
-    assert busiest <= limit + 1
+    times = sorted(r["at"] for r in requests)
+    busiest = busiest_second(times)
+    rate = (len(times) - 1) / (times[-1] - times[0])
+    print(f"\nrate limit {limit}/s: {len(requests)} CGB calls at {rate:.2f}/s, busiest second at CGB: {busiest}")
+    assert len(requests) == 8 * 3 + 32
+    assert busiest <= limit  # slots are spaced for 0.97 of the limit: the 3 % absorbs arrival jitter
+    assert rate >= 0.9 * limit  # the backlog keeps the limit busy (the benchmark measures it exactly)
     assert texts(await fleet.outbox()) == Counter(f"m{i}" for i in range(40))
 
 
@@ -108,25 +110,35 @@ async def test_outage_beyond_the_retry_horizon_dead_letters_then_replays_once(fl
     assert await store.count() == 0
 
 
-async def test_a_killed_worker_loses_nothing(fleet: Fleet) -> None:
+async def test_a_killed_worker_loses_nothing_and_its_jobs_run_again_within_30_s(fleet: Fleet) -> None:
+    """At the default rate limit (10/s) and job timeout (15 s): arq locks a running job for the job timeout
+    plus 10 s, so a killed worker's jobs run again on a live worker within 25 s (plus a poll)."""
     await fleet.start_sim(latency=0.3)
-    settings = {"WORKER_JOB_TIMEOUT": "8", "CGB_TIMEOUT": "2000", "WORKER_MAX_JOBS": "10"}
-    victim = await fleet.start_worker(settings)
-    await fleet.start_worker(settings)
-    jobs = await fleet.enqueue([{"to": f"+97250000{i:04d}", "message": f"m{i}"} for i in range(60)])
-    while (await fleet.sim("GET", "/_sim/stats"))["outbox"] < 10:
+    victim = await fleet.start_worker()
+    await fleet.start_worker()
+    jobs = await fleet.enqueue([{"to": f"+97250000{i % 10:04d}", "message": f"m{i}"} for i in range(80)])
+    while (await fleet.sim("GET", "/_sim/stats"))["outbox"] < 15:
         await asyncio.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)  # mid-batch, mid-send for some of its jobs
+    victim.send_signal(signal.SIGKILL)  # mid-batch, with sends in flight and jobs waiting for their slots
+    killed = time.time()
     await victim.wait()
-    await fleet.start_worker(settings)
-    # A killed worker's jobs stay locked for job_timeout + 10 s (18 s here), then run again.
     outcomes = await fleet.outcomes(jobs, within=90)
     assert all(isinstance(o, dict) and o["success"] for o in outcomes), outcomes
     sent = texts(await fleet.outbox())
-    assert set(sent) == {f"m{i}" for i in range(60)}
+    assert set(sent) == {f"m{i}" for i in range(80)}
+    infos = [await j.result_info() for j in jobs]
+    rerun = [i for i in infos if i.job_try > 1]
+    finished = max(i.finish_time.timestamp() for i in infos)
+    started_again = sorted(i.start_time.timestamp() - killed for i in rerun)
     twice = sorted(t for t, n in sent.items() if n > 1)
     flagged = sorted(f"m{i}" for i, o in enumerate(outcomes) if o["possibleDuplicate"])
-    print(f"\nSIGKILL mid-batch: 60 of 60 sent; {len(twice)} sent twice, all in the unknown-outcome window: {twice}")
+    print(
+        f"\nSIGKILL mid-batch: 80 of 80 sent; {len(rerun)} run again, "
+        f"{started_again[0] if started_again else 0:.1f}..{started_again[-1] if started_again else 0:.1f} s "
+        f"after the kill; all done {finished - killed:.1f} s after it; sent twice: {twice}"
+    )
+    assert rerun  # the victim held jobs
+    assert started_again[-1] <= 30
     assert all(n <= 2 for n in sent.values())
     assert set(twice) <= set(flagged)  # a duplicate only where the result admits the outcome was unknown
 
@@ -152,31 +164,32 @@ async def test_sigterm_lets_in_flight_sends_finish(fleet: Fleet) -> None:
     print(f"\nSIGTERM with 5 sends in flight: {finished} finished before the worker exited, none re-sent")
 
 
-async def test_redis_restart_mid_batch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", ["arq", "run"])
+async def test_redis_restart_mid_batch_is_ridden_out(tmp_path: Path, command: str) -> None:
+    """Symptom 3: Redis restarted under ``cgb-worker run`` made the worker exit, and what it had in flight
+    stayed locked for the job timeout plus 10 s. Now neither command exits: every command waits for Redis."""
     own = OwnRedis(tmp_path)
     await own.start()
     fleet = Fleet(own.url, tmp_path)
     try:
         await fleet.start_sim(latency=0.2)
-        settings = {"WORKER_JOB_TIMEOUT": "8", "WORKER_MAX_JOBS": "10"}
-        for _ in range(2):
-            await fleet.start_worker(settings, supervised=True)
-        jobs = await fleet.enqueue([{"to": f"+97250000{i:04d}", "message": f"m{i}"} for i in range(40)])
-        while (await fleet.sim("GET", "/_sim/stats"))["outbox"] < 8:
+        workers = [await fleet.start_worker(command=command) for _ in range(2)]
+        jobs = await fleet.enqueue([{"to": f"+97250000{i % 10:04d}", "message": f"m{i}"} for i in range(120)])
+        while (await fleet.sim("GET", "/_sim/stats"))["outbox"] < 20:
             await asyncio.sleep(0.05)
         await own.stop()  # Redis goes away mid-batch (its append-only file keeps the queue)...
-        await asyncio.sleep(5)
+        await asyncio.sleep(2)
         await own.start()  # ...and comes back on the same port.
-        outcomes = await fleet.outcomes(jobs, within=120)
+        back = time.time()
+        outcomes = await fleet.outcomes(jobs, within=90)
         assert all(isinstance(o, dict) and o["success"] for o in outcomes), (outcomes, fleet.logs())
         sent = texts(await fleet.outbox())
-        assert set(sent) == {f"m{i}" for i in range(40)}
-        twice = sorted(t for t, n in sent.items() if n > 1)
-        flagged = {f"m{i}" for i, o in enumerate(outcomes) if o["possibleDuplicate"]}
-        assert set(twice) <= flagged
-        restarts = sum(p.read_text(errors="replace").count("restarting it in") for p in tmp_path.glob("proc*.log"))
-        assert restarts >= 1  # arq's worker died with Redis, and cgb-worker run brought it back
-        print(f"\nRedis restart: 40 of 40 sent; worker restarts by cgb-worker run: {restarts}; sent twice: {twice}")
+        assert sent == Counter(f"m{i}" for i in range(120))  # every one, none twice
+        assert not any(o["possibleDuplicate"] for o in outcomes)
+        assert all(w.returncode is None for w in workers), fleet.logs()  # neither worker exited
+        finished = max([(await j.result_info()).finish_time.timestamp() for j in jobs])
+        print(f"\nRedis restart ({command}): 120 of 120 sent once, all done {finished - back:.1f} s after Redis was back")
+        assert finished - back <= 30
     finally:
         await fleet.stop()
         await own.stop()
@@ -223,4 +236,4 @@ async def test_bad_input_at_volume(fleet: Fleet) -> None:
     assert all(str(o) and len(str(o)) < 300 for o in bad_outcomes)  # clear, and never echoes a huge input
     assert texts(await fleet.outbox()) == Counter(f"ok {i} ✓ שלום" for i in range(100))
     requests = await fleet.sim("GET", "/_sim/requests")
-    assert len(requests) == 10 * 3 + 100  # ten new numbers, then one send each: the bad ones cost nothing
+    assert len(requests) == 10 * 2 + 100  # ten new numbers (found by id, created), one send each; bad: nothing
