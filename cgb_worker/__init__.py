@@ -48,6 +48,7 @@ def __getattr__(name: str) -> Any:
         return _worker_settings
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 __all__ = [
     "Account",
     "CGBAPIError",

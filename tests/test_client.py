@@ -13,7 +13,6 @@ import pytest
 from aioresponses import aioresponses
 from aioresponses import core as aioresponses_core
 from yarl import URL
-from yarl import URL
 
 from cgb_worker import errors
 from cgb_worker.client import CGBClient, error_for_response, parse_retry_after
@@ -190,7 +189,7 @@ async def test_create_contact_without_id_returns_none_and_calls_nothing_more(cli
     """The caller takes the phone's digits as the id (a WhatsApp contact's id), instead of two more finds."""
     mock.post(f"{BASE}/contacts", payload={"success": True, "data": {}})
     assert await client.create_contact("+12025550100") is None
-    assert [key for key in mock.requests] == [("POST", URL(f"{BASE}/contacts"))]
+    assert list(mock.requests) == [("POST", URL(f"{BASE}/contacts"))]
 
 
 @pytest.mark.parametrize(

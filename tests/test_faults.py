@@ -188,7 +188,9 @@ async def test_redis_restart_mid_batch_is_ridden_out(tmp_path: Path, command: st
         assert not any(o["possibleDuplicate"] for o in outcomes)
         assert all(w.returncode is None for w in workers), fleet.logs()  # neither worker exited
         finished = max([(await j.result_info()).finish_time.timestamp() for j in jobs])
-        print(f"\nRedis restart ({command}): 120 of 120 sent once, all done {finished - back:.1f} s after Redis was back")
+        print(
+            f"\nRedis restart ({command}): 120 of 120 sent once, all done {finished - back:.1f} s after Redis was back"
+        )
         assert finished - back <= 30
     finally:
         await fleet.stop()

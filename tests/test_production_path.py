@@ -96,7 +96,7 @@ async def test_a_replay_continues_the_original_send_record(harness: Harness, red
     assert len(harness.sim.requests("send_file")) == 1
     record = await redis_client.hgetall(sends_key(job.job_id))
     assert (record[b"file"], record[b"text"]) == (b"sent", b"sent")
-    assert 0 < await redis_client.ttl(sends_key(job.job_id))
+    assert await redis_client.ttl(sends_key(job.job_id)) > 0
 
 
 async def test_a_replay_that_fails_again_replays_the_same_record(harness: Harness, redis_client: Any) -> None:
@@ -145,7 +145,11 @@ async def test_lowering_the_dead_letter_cap_by_thousands_orphans_nothing(redis_c
         await pipe.execute()
     store = DeadLetters(redis_client, max_entries=100)
     await store.add(
-        job_id="new", function="whatsapp_send", payload={"to": A}, error=E.CGBAuthError("no"), attempts=1,
+        job_id="new",
+        function="whatsapp_send",
+        payload={"to": A},
+        error=E.CGBAuthError("no"),
+        attempts=1,
         enqueued_at=None,
     )
     assert old // TRIM_CHUNK > 1  # the trim took many chunks
@@ -155,3 +159,34 @@ async def test_lowering_the_dead_letter_cap_by_thousands_orphans_nothing(redis_c
     assert await redis_client.hexists(ENTRIES, "new")
     assert len(await redis_client.keys("cgb:sends:*")) == 99  # the trimmed entries' send records went too
     assert (await store.list(limit=1))[0].job_id == "new"
+
+
+CONTRACT_SIDES = [
+    {"missing_contact": missing, "created_id": created, "stored_phone": stored, "upsert": upsert}
+    for missing in ("404", "blank")
+    for created in ("data_id", "top_id", "none")
+    for stored in ("plus", "digits")
+    for upsert in (True, False)
+]
+
+
+async def test_calls_for_a_new_and_an_expired_number_on_every_side_of_the_contract(harness: Harness) -> None:
+    """At most 3 CGB calls for a new number and 2 for a known one whose cache expired, with one contact per
+    number, whichever way the simulator plays what the contract leaves open."""
+    for i, side in enumerate(CONTRACT_SIDES):
+        harness.sim.configure(**side)
+        phone = f"+1202555{i:04d}"
+        harness.sim.state.requests.clear()
+        [new] = await harness.enqueue({"to": phone, "message": "new"})
+        await harness.run()
+        assert (await harness.outcome(new))["contactId"] == phone[1:], side
+        new_calls = [r["endpoint"] for r in harness.sim.state.requests]
+        assert new_calls == ["get_contact", "create_contact", "send_text"], (side, new_calls)
+        harness.sim.state.requests.clear()
+        pool = await harness.pool()
+        await pool.delete(f"cgb:contact:{phone_key(phone)}")  # the cache expired
+        [known] = await harness.enqueue({"to": phone, "message": "known"})
+        await harness.run()
+        assert (await harness.outcome(known))["success"] is True
+        assert [r["endpoint"] for r in harness.sim.state.requests] == ["get_contact", "send_text"], side
+    assert len(harness.sim.state.contacts) == len(CONTRACT_SIDES)  # no duplicates

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import pytest
@@ -410,7 +410,7 @@ async def test_a_rerun_of_a_finished_job_sends_nothing(harness: Harness, redis_c
     first = await harness.outcome(job)
     # Run the same job id again, as arq would after the worker died before storing the result.
     ctx: dict[str, Any] = {"redis": redis_client, "job_id": job.job_id, "job_try": 2}
-    await worker_settings(harness.env).on_startup(ctx)
+    await cast(Any, worker_settings(harness.env)).on_startup(ctx)
     try:
         again = await whatsapp_send(ctx, {"to": A, "message": "once"})
     finally:

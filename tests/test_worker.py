@@ -47,8 +47,7 @@ def _worker() -> Worker:
     async def job(ctx: dict[str, Any]) -> None:
         return None
 
-    worker = Worker(functions=[job], max_jobs=3, handle_signals=False, redis_pool=_Pool())  # type: ignore[arg-type]
-    return worker
+    return Worker(functions=[job], max_jobs=3, handle_signals=False, redis_pool=_Pool())  # type: ignore[arg-type]
 
 
 async def test_arq_loses_a_slot_when_redis_goes_away_mid_claim(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -99,9 +98,7 @@ async def test_both_commands_write_json_from_the_first_line(harness: Harness) ->
     env.update(harness.env)
     env.update(LOG_JSON="true", LOG_LEVEL="DEBUG")  # DEBUG: arq's own start-up lines are shown too
     for command in ([str(BIN / "arq"), "cgb_worker.WorkerSettings", "--burst"], [str(BIN / "cgb-worker"), "run"]):
-        proc = await asyncio.create_subprocess_exec(
-            *command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
+        proc = await asyncio.create_subprocess_exec(*command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             lines: list[bytes] = []
             while not any(b"cgb-worker ready" in line for line in lines):
