@@ -29,9 +29,8 @@ USER 10001:10001
 # a worker that stopped working is reported unhealthy within about 11 s.
 HEALTHCHECK --interval=15s --timeout=10s --start-period=20s --retries=2 \
     CMD ["arq", "--check", "cgb_worker.WorkerSettings"]
-# SIGTERM lets running sends finish for WORKER_JOB_COMPLETION_WAIT (40 s): give the container longer to stop.
+# SIGTERM lets running jobs finish for WORKER_JOB_COMPLETION_WAIT (20 s): give the container longer to stop.
 STOPSIGNAL SIGTERM
-# arq's own command, as the contract says (it runs on CGBWorker too); the compose file's restart policy brings
-# back a worker that exits when it loses Redis. ["cgb-worker", "run"] is the alternative that restarts the
-# worker itself.
+# arq's own command and its own Worker; it rides out a Redis restart, and the restart policy covers an
+# outage longer than the two minutes its commands retry.
 CMD ["arq", "cgb_worker.WorkerSettings"]

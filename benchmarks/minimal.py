@@ -2,7 +2,8 @@
 
 No send log, no contact lookup, no rate limit, no retries: one aiohttp POST per job, on arq's own Worker with
 the knobs the benchmark gives it (``WORKER_MAX_JOBS``, ``WORKER_POLL_DELAY``, as cgb-worker resolved them)
-and cgb-worker's serializer, so that both read the same queue. ``arq benchmarks.minimal.Settings``.
+and cgb-worker's serializer, so that both read the same queue. ``arq benchmarks.minimal.Settings``; with
+``MINIMAL_WITH_OVERRIDE=1`` it runs on arq with cgb-worker's one override installed, as cgb-worker does.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from cgb_worker.serialization import deserialize, serialize
 
 
 async def startup(ctx: dict[str, Any]) -> None:
+    if os.environ.get("MINIMAL_WITH_OVERRIDE") == "1":  # the second baseline: arq with cgb-worker's override
+        from cgb_worker.worker import survive_lost_claims
+
+        survive_lost_claims()
     ctx["session"] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
     ctx["url"] = os.environ["CGB_API_URL"]
     ctx["headers"] = {

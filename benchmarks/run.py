@@ -227,7 +227,15 @@ def knobs(rate: float) -> dict[str, str]:
 
 
 async def batch(
-    stack: Stack, command: list[str], n: int, *, rate: float, latency: float, workers: int = 1, record: bool = True
+    stack: Stack,
+    command: list[str],
+    n: int,
+    *,
+    rate: float,
+    latency: float,
+    workers: int = 1,
+    record: bool = True,
+    **extra_env: str,
 ) -> Batch:
     """``n`` texts to known, cached contacts, queued before the workers start; runs until all are sent."""
     await stack.fresh(latency, record=record)
@@ -235,7 +243,7 @@ async def batch(
     await stack.sim("POST", "/_sim/config", {"record_requests": record})
     await stack.enqueue(texts(n))
     await stack.redis.config_resetstat()
-    env = stack.env(CGB_RATE_LIMIT=str(rate), **knobs(rate))
+    env = stack.env(CGB_RATE_LIMIT=str(rate), **knobs(rate), **extra_env)
     procs = [await stack.start_worker(command, env) for _ in range(workers)]
     started = time.monotonic()
     while await stack.outbox_count() < n:
@@ -345,6 +353,9 @@ async def main(quick: bool) -> None:
             n = int(200 * scale) if quick else 200
             report["ours_20"] = await batch(stack, OURS, n, rate=20, latency=0.3)
             report["minimal_20"] = await batch(stack, MINIMAL, n, rate=20, latency=0.3)
+            report["minimal_20_override"] = await batch(
+                stack, MINIMAL, n, rate=20, latency=0.3, MINIMAL_WITH_OVERRIDE="1"
+            )
             # 2. Rate reached with a backlog.
             report["rates"] = {}
             for rate in (10, 20, 80):
@@ -359,6 +370,9 @@ async def main(quick: bool) -> None:
             n = int(3000 * scale)
             report["ours_fast"] = await batch(stack, OURS, n, rate=0, latency=0.0)
             report["minimal_fast"] = await batch(stack, MINIMAL, n, rate=0, latency=0.0)
+            report["minimal_fast_override"] = await batch(
+                stack, MINIMAL, n, rate=0, latency=0.0, MINIMAL_WITH_OVERRIDE="1"
+            )
             # 6. Latency-bound, 200 ms, default max_jobs.
             report["bound"] = await batch(stack, OURS, int(2000 * scale), rate=0, latency=0.2)
             # 7. Calls, lookups, memory.
@@ -372,9 +386,11 @@ async def main(quick: bool) -> None:
 
 
 def write(r: dict[str, Any], quick: bool) -> None:
-    ours, base = r["ours_20"], r["minimal_20"]
+    ours, base, base_o = r["ours_20"], r["minimal_20"], r["minimal_20_override"]
     cmd_ratio = ours.commands_per_message / base.commands_per_message
+    cmd_ratio_o = ours.commands_per_message / base_o.commands_per_message
     fast_ratio = r["ours_fast"].rate / r["minimal_fast"].rate
+    fast_ratio_o = r["ours_fast"].rate / r["minimal_fast_override"].rate
     max_jobs = int(knobs(0)["WORKER_MAX_JOBS"])
     bound = r["bound"].rate / (max_jobs / 0.2)
     idle_p99 = percentile(r["idle_ms"], 0.99)
@@ -404,7 +420,8 @@ def write(r: dict[str, Any], quick: bool) -> None:
         "| --- | --- | --- | --- |",
         f"| Redis commands per message: `CGB_RATE_LIMIT=20`, {ours.messages} texts queued, CGB at 300 ms | "
         f"≤ 1.5× the minimal arq job's | {ours.commands_per_message:.1f} against {base.commands_per_message:.1f}: "
-        f"**{cmd_ratio:.2f}×** | {'yes' if cmd_ratio <= 1.5 else 'no'} |",
+        f"**{cmd_ratio:.2f}×**; against the minimal job on arq with cgb-worker's one override, "
+        f"{base_o.commands_per_message:.1f}: {cmd_ratio_o:.2f}× | {'yes' if cmd_ratio <= 1.5 else 'no'} |",
         f"| delivered per second ÷ `CGB_RATE_LIMIT`, backlog, 10/20/80 per s, 1 and 3 workers | ≥ 0.95; peak in "
         f"any 1 s ≤ the limit | lowest **{worst:.3f}**; peaks {'all within' if peak_ok else 'NOT all within'} "
         f"the limit (table below) | {'yes' if worst >= 0.95 and peak_ok else 'no'} |",
@@ -413,7 +430,8 @@ def write(r: dict[str, Any], quick: bool) -> None:
         f"| worker CPU per message at the operating point (the first row's run) | report | "
         f"**{ours.cpu_ms_per_message:.2f} ms** (the minimal job: {base.cpu_ms_per_message:.2f} ms) | — |",
         f"| no rate limit, zero-latency CGB: sends per second ÷ the minimal arq job's | ≥ 0.7 | "
-        f"{r['ours_fast'].rate:.0f}/s against {r['minimal_fast'].rate:.0f}/s: **{fast_ratio:.2f}** | "
+        f"{r['ours_fast'].rate:.0f}/s against {r['minimal_fast'].rate:.0f}/s: **{fast_ratio:.2f}**; against the "
+        f"minimal job with the override, {r['minimal_fast_override'].rate:.0f}/s: {fast_ratio_o:.2f} | "
         f"{'yes' if fast_ratio >= 0.7 else 'no'} |",
         f"| latency-bound, CGB at 200 ms, default `max_jobs` ({max_jobs}) | ≥ 0.85 of `max_jobs / latency` "
         f"({max_jobs / 0.2:.0f}/s) | {r['bound'].rate:.0f}/s: **{bound:.2f}** | {'yes' if bound >= 0.85 else 'no'} |",
@@ -437,7 +455,10 @@ def write(r: dict[str, Any], quick: bool) -> None:
         "resolves from `CGB_RATE_LIMIT` (`WORKER_MAX_JOBS` is twice the limit, from 10 to 100; `WORKER_POLL_DELAY` "
         "0.02 s); the minimal job (`benchmarks/minimal.py`) runs on the same stock arq Worker with the same "
         "knobs and serializer, posting the request a cached text posts, with no send log, contact lookup, "
-        "rate limit or retries.",
+        "rate limit or retries. It runs twice: on arq as it is (the target's baseline) and on arq with "
+        "cgb-worker's one override of `Worker.start_jobs` installed (`survive_lost_claims`: a poll skips the "
+        "jobs its own worker runs instead of asking Redis about each), so that what the override saves is "
+        "shown apart from what the job costs.",
         "- A batch is queued before its workers start; Redis's command counts are reset then, and read once "
         "the simulator has every message, so they hold the workers' commands only (start-up included). The "
         "driver watches the simulator, not Redis.",
@@ -447,10 +468,11 @@ def write(r: dict[str, Any], quick: bool) -> None:
         "`enqueue_job` to the request's arrival at the simulator.",
         "- Where the Redis commands of a rate-limited message go: arq's own claim, read and finish (about "
         "17), cgb-worker's send log and cache read (one round trip, two commands), the rate-limit slot (one "
-        "script: five commands in Redis's count), the `sending` and `sent` marks (three); and arq's poll "
-        "re-checking every running job in Redis (four commands each) whenever a slot is free, which is why "
-        "`WORKER_MAX_JOBS` follows the rate limit: slots beyond what the limit can use would only wait, and "
-        "be re-checked.",
+        "script: five commands in Redis's count), the `sending` and `sent` marks (three). On arq as it is, "
+        "every poll that finds a free slot also checks each running job in Redis (four commands each), "
+        "which came to 216 commands per message here before the override; other workers' running jobs are "
+        "still checked, which is what the 3-worker rows pay, and why `WORKER_MAX_JOBS` follows the rate "
+        "limit (twice it): slots beyond what the limit can use would only wait, and be checked.",
     ]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -10,7 +10,8 @@ the worker has and builds the CGB client, contact resolver and template services
 Redis outages. Every Redis command, arq's own included, is retried by redis-py through a lost connection or
 a Redis that is restarting (:data:`REDIS_RETRY`: backoff from 50 ms to 1 s, about two minutes in all), so
 a worker rides out a Redis restart instead of exiting (arq issues #435, #498); past that it exits and its
-supervisor (the container's restart policy) brings it back. One gap is closed by :func:`survive_lost_claims`.
+supervisor (the container's restart policy) brings it back. The one gap left, and arq's re-checking of its
+own running jobs at every poll, are closed by the worker's one override of arq, :func:`survive_lost_claims`.
 
 A killed worker. arq locks a running job for ``job_timeout + 10`` s and never renews the lock; a worker
 killed outright (SIGKILL, out of memory) leaves its jobs locked that long. ``WORKER_JOB_TIMEOUT`` is
@@ -93,22 +94,32 @@ async def create_pool(
 
 
 def survive_lost_claims() -> None:
-    """Keep arq's Worker polling when Redis goes away while it claims a job.
+    """arq's ``Worker.start_jobs``, with two guarantees it lacks; the worker's one override of arq.
 
-    arq 0.28's ``Worker.start_jobs`` reads a job's lock under WATCH. When the connection dies right then,
-    redis-py cannot retry (the WATCH died with it) and raises ``WatchError``; arq catches that around its
-    EXEC but not around the two reads before it, so the error ends the worker's main loop, after arq has
-    counted the job as started and taken its semaphore permit. This wrapper gives both back and lets the
-    next poll claim the job again (it is still in the queue, unclaimed). Installed once, by the worker's
-    start-up; a test pins arq's behaviour it relies on (``tests/test_worker.py``)."""
+    * **It rides out a Redis restart.** arq 0.28 reads a job's lock under WATCH. When the connection dies
+      right then, redis-py cannot retry (the WATCH died with it) and raises ``WatchError``; arq catches that
+      around its EXEC but not around the two reads before it, so the error ends the worker's main loop,
+      after arq has counted the job as started and taken a semaphore permit for it. Here both are given
+      back and the next poll claims the job again (it is still in the queue, unclaimed).
+    * **It does not ask Redis about its own running jobs.** Running jobs stay at the head of arq's queue,
+      and every poll that finds a free slot checks each of them in Redis (WATCH, EXISTS, ZSCORE, UNWATCH)
+      before it reaches a new one: four commands per running job per freed slot, which, with jobs waiting in
+      place for rate-limit slots, came to 216 commands per message, and at ``max_jobs=100`` held a
+      latency-bound worker to 0.8 of its bound. arq's own answer for such a job is "running, skip it"; here
+      the ids this worker runs are skipped without asking. Other workers' jobs are checked as before.
+
+    Installed once, by the worker's start-up (so a producer's process is untouched); ``tests/test_worker.py``
+    pins both behaviours of arq's that it relies on, and ``pyproject.toml`` admits only the arq tested."""
     if getattr(Worker.start_jobs, "_cgb_survives_lost_claims", False):
         return
     original = Worker.start_jobs
 
     @functools.wraps(original)
     async def start_jobs(self: Worker, job_ids: list[bytes]) -> None:
+        running = self.tasks
+        fresh = [job_id for job_id in job_ids if job_id.decode() not in running]
         try:
-            await original(self, job_ids)
+            await original(self, fresh)
         except WatchError:
             self._release_sem_dec_counter_on_complete()  # what arq took for the job it was checking
             logger.warning("Redis went away while a job was being claimed; the next poll claims it")

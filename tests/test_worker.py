@@ -39,7 +39,11 @@ class _LostWatch:
 
 
 class _Pool:
+    def __init__(self) -> None:
+        self.pipelines = 0
+
     def pipeline(self, transaction: bool = True) -> _LostWatch:
+        self.pipelines += 1
         return _LostWatch()
 
 
@@ -72,6 +76,23 @@ async def test_the_override_gives_the_slot_back_and_keeps_polling(monkeypatch: p
     await worker.start_jobs([b"job-1"])  # no exception: the next poll claims the job
     assert worker.job_counter == 0
     assert worker.sem._value == 4
+
+
+async def test_arq_asks_redis_about_its_own_running_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the override's second part relies on: arq's ``start_jobs`` opens a pipeline (WATCH, EXISTS, ...)
+    for an id the worker itself is running, and the override does not."""
+    monkeypatch.setattr(Worker, "start_jobs", getattr(Worker.start_jobs, "__wrapped__", Worker.start_jobs))
+    worker = _worker()
+    worker.tasks["running-here"] = asyncio.get_running_loop().create_future()  # type: ignore[assignment]
+    with pytest.raises(WatchError):  # the fake pool's reads fail: arq did go to Redis
+        await worker.start_jobs([b"running-here"])
+    assert worker._pool.pipelines == 1  # type: ignore[union-attr]
+    survive_lost_claims()
+    worker = _worker()
+    worker.tasks["running-here"] = asyncio.get_running_loop().create_future()  # type: ignore[assignment]
+    await worker.start_jobs([b"running-here"])
+    assert worker._pool.pipelines == 0  # type: ignore[union-attr]
+    assert (worker.job_counter, worker.sem._value) == (0, 4)
 
 
 def test_every_redis_command_rides_out_an_outage() -> None:
