@@ -225,7 +225,16 @@ async def whatsapp_send(
             raise InvalidJobError("replay_of must be the id of the job being replayed")
         try:
             async with asyncio.timeout(deadline):
-                result = await _send(services, replay_of or job_id, attempt, raw, log, event, replay=bool(replay_of))
+                result = await _send(
+                    services,
+                    replay_of or job_id,
+                    attempt,
+                    raw,
+                    log,
+                    event,
+                    replay=bool(replay_of),
+                    first_try=job_try == 1,
+                )
         except TimeoutError:
             raise CGBTimeoutError(f"the job did not finish within {deadline:.0f} s") from None
         except RedisError as exc:
@@ -327,16 +336,29 @@ async def _dead_letter(
 
 
 async def _send(
-    services: Services, log_id: str, attempt: int, raw: Any, log: Any, event: _Event, *, replay: bool = False
+    services: Services,
+    log_id: str,
+    attempt: int,
+    raw: Any,
+    log: Any,
+    event: _Event,
+    *,
+    replay: bool = False,
+    first_try: bool = False,
 ) -> SendResult:
     settings = services.settings
     plan = validate(raw, default_region=settings.default_region)
     event.kind = plan.kind
-    # The send log and the contact cache in one round trip.
-    async with services.redis.pipeline(transaction=False) as pipe:
-        pipe.hgetall(sends_key(log_id))
-        pipe.get(services.contacts.cache_key(plan.to))
-        record, cached_contact = await pipe.execute()
+    if attempt == 1 and not replay and first_try:
+        # arq counts every run of a job, a re-run after a crash included, so a first try has no record yet.
+        record: dict[bytes, bytes] = {}
+        cached_contact = await services.redis.get(services.contacts.cache_key(plan.to))
+    else:
+        # The send log and the contact cache in one round trip.
+        async with services.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(sends_key(log_id))
+            pipe.get(services.contacts.cache_key(plan.to))
+            record, cached_contact = await pipe.execute()
     if RESULT in record:
         # This job already finished (the worker died before arq stored the result): no CGB call at all.
         return msgspec.msgpack.decode(record[RESULT], type=SendResult)
