@@ -246,14 +246,17 @@ async def batch(
     env = stack.env(CGB_RATE_LIMIT=str(rate), **knobs(rate), **extra_env)
     procs = [await stack.start_worker(command, env) for _ in range(workers)]
     started = time.monotonic()
-    while await stack.outbox_count() < n:
+    cpu_from, counted_from = 0.0, -1  # CPU is counted from the first send on: start-up is not a message's
+    while (count := await stack.outbox_count()) < n:
         if any(p.poll() is not None for p in procs):
             raise RuntimeError(f"a worker exited: see {stack.workdir}")
+        if counted_from < 0 and count > 0:
+            cpu_from, counted_from = sum(cpu_seconds(p.pid) for p in procs), count
         await asyncio.sleep(0.05)
     seconds = time.monotonic() - started
     await asyncio.sleep(0.3)  # the last results are written
     commands = await stack.commands()
-    cpu = sum(cpu_seconds(p.pid) for p in procs)
+    cpu = (sum(cpu_seconds(p.pid) for p in procs) - cpu_from) * n / max(1, n - counted_from)
     for p in procs:
         await stack.stop_worker(p)
     if record:
@@ -305,7 +308,11 @@ async def calls_per_message(stack: Stack) -> dict[str, int]:
 
     await one("new", "+12025550900")
     await one("known", "+12025550900")
+    # Expired everywhere: in Redis, and in the worker's own minute-long memory of ids (a new worker).
+    await stack.stop_worker(proc)
     await stack.redis.delete(f"cgb:contact:{phone_key('+12025550900')}")
+    proc = await stack.start_worker(OURS, stack.env())
+    await asyncio.sleep(2)
     await one("known, cache expired", "+12025550900")
     await stack.stop_worker(proc)
     return out
@@ -427,7 +434,7 @@ def write(r: dict[str, Any], quick: bool) -> None:
         f"the limit (table below) | {'yes' if worst >= 0.95 and peak_ok else 'no'} |",
         f"| enqueue → request at CGB, idle queue | p99 ≤ 50 ms | p50 {statistics.median(r['idle_ms']):.1f} ms, "
         f"**p99 {idle_p99:.1f} ms** ({len(r['idle_ms'])} jobs) | {'yes' if idle_p99 <= 50 else 'no'} |",
-        f"| worker CPU per message at the operating point (the first row's run) | report | "
+        f"| worker CPU per message at the operating point (the first row's run, from its first send) | report | "
         f"**{ours.cpu_ms_per_message:.2f} ms** (the minimal job: {base.cpu_ms_per_message:.2f} ms) | — |",
         f"| no rate limit, zero-latency CGB: sends per second ÷ the minimal arq job's | ≥ 0.7 | "
         f"{r['ours_fast'].rate:.0f}/s against {r['minimal_fast'].rate:.0f}/s: **{fast_ratio:.2f}**; against the "

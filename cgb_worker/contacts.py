@@ -8,6 +8,11 @@ CGB's answer carries no id, the digits are the id). Finding by phone (two more c
 digits) is kept for the one case this misses: a send to the id those steps gave is answered 404
 (:meth:`ContactResolver.resolve` with ``by_phone=True``).
 
+Each process also keeps the ids it has seen for a minute (:data:`LOCAL_TTL`, at most :data:`LOCAL_MAX` of
+them), so a text to a number it sent to moments ago reads nothing from Redis before its send. That is safe
+because a stale id is caught where it matters: a send to an id CGB no longer knows is answered 404, and the
+job then forgets the phone, here and in Redis, and finds it again.
+
 For a new number, concurrent jobs in one process share one lookup (single-flight), and jobs in other
 processes wait on a Redis lock and then read the cache the winner wrote, so 50 jobs for one new number
 create one contact. Cache keys hold a hash of the phone, not the phone, so Redis monitoring and key
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +36,9 @@ from .models import ContactAction
 from .phones import contact_id_for
 
 _NOT_READ = object()
+LOCAL_TTL = 60.0
+"""Seconds a process trusts an id it saw, without asking Redis (never longer than ``CGB_CACHE_TIMEOUT``)."""
+LOCAL_MAX = 10_000
 
 CacheHook = Callable[[bool], None]
 """Called with True on a cache hit and False on a miss."""
@@ -69,6 +78,23 @@ class ContactResolver:
         self._lock_ttl = client.timeout * 4 + 5
         self._on_cache = on_cache
         self._inflight: dict[str, asyncio.Future[ResolvedContact]] = {}
+        self._local: dict[str, tuple[str, float]] = {}
+        self._local_ttl = min(LOCAL_TTL, float(cache_ttl))
+
+    def seen(self, e164: str) -> str | None:
+        """The id this process saw for ``e164`` within the last :data:`LOCAL_TTL` seconds, if any."""
+        entry = self._local.get(e164)
+        if entry is None:
+            return None
+        if entry[1] < time.monotonic():
+            del self._local[e164]
+            return None
+        return entry[0]
+
+    def remember(self, e164: str, contact_id: str) -> None:
+        if e164 not in self._local and len(self._local) >= LOCAL_MAX:
+            del self._local[next(iter(self._local))]  # the oldest
+        self._local[e164] = (contact_id, time.monotonic() + self._local_ttl)
 
     def cache_key(self, e164: str) -> str:
         return f"cgb:contact:{phone_key(e164)}"
@@ -78,6 +104,7 @@ class ContactResolver:
 
     async def forget(self, e164: str) -> None:
         """Drop a cached id that CGB no longer knows (a send answered 404)."""
+        self._local.pop(e164, None)
         await self._redis.delete(self.cache_key(e164))
 
     async def resolve(
@@ -102,6 +129,7 @@ class ContactResolver:
         if self._on_cache is not None:
             self._on_cache(cached is not None)
         if cached is not None:
+            self.remember(e164, cached)
             return ResolvedContact(cached, created=False, cached=True)
         pending = self._inflight.get(e164)
         if pending is not None:
@@ -158,4 +186,5 @@ class ContactResolver:
                     e164, first_name=first_name, last_name=last_name, email=email, actions=actions
                 ) or contact_id_for(e164)
             await self._redis.set(self.cache_key(e164), contact_id, ex=self._cache_ttl)
+            self.remember(e164, contact_id)
             return ResolvedContact(contact_id, created=created, cached=False)

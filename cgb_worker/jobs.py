@@ -352,7 +352,9 @@ async def _send(
     if attempt == 1 and not replay and first_try:
         # arq counts every run of a job, a re-run after a crash included, so a first try has no record yet.
         record: dict[bytes, bytes] = {}
-        cached_contact = await services.redis.get(services.contacts.cache_key(plan.to))
+        cached_contact = services.contacts.seen(plan.to) or await services.redis.get(
+            services.contacts.cache_key(plan.to)
+        )
     else:
         # The send log and the contact cache in one round trip.
         async with services.redis.pipeline(transaction=False) as pipe:

@@ -116,3 +116,24 @@ async def test_lock_wait_ends_inside_the_try(redis_client: Any) -> None:
             assert time.monotonic() - started < 0.7  # 2 s left, less the request's 1 s and half a second
     finally:
         reset_deadline(token)
+
+
+async def test_a_process_remembers_ids_for_a_minute_and_forgets_on_404(
+    redis_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cgb_worker import contacts
+
+    r = resolver(SlowClient(), redis_client)
+    assert r.seen("+12025550100") is None
+    await r.resolve("+12025550100")  # created: remembered
+    assert r.seen("+12025550100") == "12025550100"
+    await r.forget("+12025550100")
+    assert r.seen("+12025550100") is None
+    assert await r.cached("+12025550100") is None
+    r.remember("+12025550101", "12025550101")
+    monkeypatch.setattr(contacts.time, "monotonic", lambda: 10**9)  # a minute and more later
+    assert r.seen("+12025550101") is None
+    monkeypatch.setattr(contacts, "LOCAL_MAX", 2)
+    for i in range(3):
+        r.remember(f"+1202555020{i}", str(i))
+    assert [r.seen(f"+1202555020{i}") for i in range(3)] == [None, "1", "2"]  # the oldest made room
