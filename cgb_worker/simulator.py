@@ -111,6 +111,8 @@ class SimConfig(msgspec.Struct, kw_only=True):
     """POST /contacts for an existing phone updates it; when false it is a 400."""
     inbound_on_create: bool = False
     """Treat a new contact as having just written, so its 24-hour window is open."""
+    account_created: Literal["int", "string"] = "int"
+    """``created`` on ``/accounts/me``: the vendor's Swagger gives it as an integer in one place, a string in another."""
     record_requests: bool = True
     """Keep every request in ``/_sim/requests`` (turn off for long benchmarks; counts are always kept)."""
 
@@ -493,7 +495,7 @@ async def account(request: web.Request) -> web.Response:
             "page_id": PAGE_ID,
             "name": "cgb-worker simulator",
             "active": True,
-            "created": 1700000000,
+            "created": 1700000000 if state.config.account_created == "int" else "2023-11-14 22:13:20",
             "total_users": len(state.contacts),
         }
     )

@@ -255,3 +255,24 @@ async def test_simulator_command(harness: Harness) -> None:
     finally:
         proc.terminate()
         await proc.wait()
+
+
+async def test_check_takes_the_account_created_as_a_date_string(harness: Harness) -> None:
+    """Symptom 10: ``created`` as a date string ended ``cgb-worker check`` in a msgspec traceback."""
+    harness.sim.configure(account_created="string")
+    code, out, err = await cli(harness, "check")
+    assert code == 0, out + err
+    assert "cgb            ok" in out
+    assert "Traceback" not in err
+
+
+async def test_an_unexpected_error_is_one_line_not_a_traceback(harness: Harness, redis_client: Any) -> None:
+    from cgb_worker.deadletters import ENTRIES, INDEX
+
+    await redis_client.zadd(INDEX, {"broken": 1})
+    await redis_client.hset(ENTRIES, "broken", b"\xc1 not msgpack")  # a corrupt entry
+    code, out, err = await cli(harness, "dead-letters", "list")
+    assert code == 1
+    assert err.startswith("cgb-worker: ")
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
