@@ -112,7 +112,8 @@ class SimConfig(msgspec.Struct, kw_only=True):
     inbound_on_create: bool = False
     """Treat a new contact as having just written, so its 24-hour window is open."""
     account_created: Literal["int", "string"] = "int"
-    """``created`` on ``/accounts/me``: the vendor's Swagger gives it as an integer in one place, a string in another."""
+    """``created`` on ``/accounts/me``: the vendor's Swagger gives it as an integer in one place, a string in
+    another."""
     record_requests: bool = True
     """Keep every request in ``/_sim/requests`` (turn off for long benchmarks; counts are always kept)."""
 

@@ -271,7 +271,7 @@ async def test_an_unexpected_error_is_one_line_not_a_traceback(harness: Harness,
 
     await redis_client.zadd(INDEX, {"broken": 1})
     await redis_client.hset(ENTRIES, "broken", b"\xc1 not msgpack")  # a corrupt entry
-    code, out, err = await cli(harness, "dead-letters", "list")
+    code, _out, err = await cli(harness, "dead-letters", "list")
     assert code == 1
     assert err.startswith("cgb-worker: ")
     assert len(err.strip().splitlines()) == 1
