@@ -6,9 +6,10 @@ reserves the next free slot and moves that time on by one interval, and the call
 So a backlog is spread evenly over time, in the order the requests asked, and no job is re-queued just
 to wait its turn: waiting in place costs a worker slot, not Redis round trips.
 
-* Slots are spaced ``1 / (CGB_RATE_LIMIT * 0.97)`` apart: the 3 % is what absorbs the variation between a
-  request's slot and its arrival at CGB (an event loop that wakes a little late, a network that delays one
-  request and not the next), so that no second at CGB's end ever holds more than the limit.
+* Slots are spaced ``1 / (CGB_RATE_LIMIT * 0.97)`` apart, so any ``CGB_RATE_LIMIT + 1`` slots span 1.03 s:
+  the 30 ms is what absorbs the variation between a request's slot and its arrival at CGB, so that no
+  second at CGB's end ever holds more than the limit. A request that wakes more than :data:`LATE` after its
+  slot (a busy event loop) would spend most of that alone, so it gives the slot up and takes the next one.
 * A slot further away than the caller can wait (the try's own deadline, see :func:`try_budget`) is not
   reserved; :class:`ThrottledError` says when to come back, and the job turns that into an arq deferral,
   which uses up no retry.
@@ -32,6 +33,8 @@ PENALTY_SECONDS = 30
 DEFAULT_PAUSE = 2.0
 SPACING = 0.97
 """The share of ``CGB_RATE_LIMIT`` that slots are spaced for (see the module docstring)."""
+LATE = 0.015
+"""Seconds past its slot a request may wake and still use it; later, it takes a new slot."""
 
 # KEYS: next-slot time, penalty flag. ARGV: interval (ms), the longest wait the caller accepts (ms), a pause
 # to add (ms, 0 for none). Returns {reserved (1/0), wait in ms as a string} on Redis's clock.
@@ -86,15 +89,21 @@ class RateLimiter:
     async def acquire(self, max_wait: float | None = None) -> None:
         """Reserve the next slot and sleep until it. :class:`ThrottledError` (nothing reserved) when that
         slot is more than ``max_wait`` seconds away; None waits as long as it takes."""
-        limit_ms = 10**12 if max_wait is None else max(0.0, max_wait) * 1000
-        reserved, wait_ms = await self._script(
-            keys=[KEY, PENALTY_KEY], args=[f"{self._interval_ms:.3f}", f"{limit_ms:.3f}", 0, 0]
-        )
-        wait = float(wait_ms) / 1000
-        if not int(reserved):
-            raise ThrottledError(f"CGB rate limit: next slot in {wait:.2f} s", retry_after=wait)
-        if wait > 0:
+        deadline = None if max_wait is None else time.monotonic() + max(0.0, max_wait)
+        while True:
+            limit_ms = 10**12 if deadline is None else max(0.0, deadline - time.monotonic()) * 1000
+            reserved, wait_ms = await self._script(
+                keys=[KEY, PENALTY_KEY], args=[f"{self._interval_ms:.3f}", f"{limit_ms:.3f}", 0, 0]
+            )
+            wait = float(wait_ms) / 1000
+            if not int(reserved):
+                raise ThrottledError(f"CGB rate limit: next slot in {wait:.2f} s", retry_after=wait)
+            if wait <= 0:
+                return
+            slot = time.monotonic() + wait
             await asyncio.sleep(wait)
+            if time.monotonic() - slot <= LATE:
+                return
 
     async def penalize(self, retry_after: float | None) -> None:
         """CGB said 429: no request from any worker before ``retry_after``, and half the rate for a while."""

@@ -148,3 +148,26 @@ async def test_a_throttled_job_is_deferred_even_when_redis_cannot_count_it(
     finally:
         await dead.aclose()
     assert info.value.defer_score == 2000  # the slot's own wait: Retry-After 2 s
+
+
+async def test_a_request_that_wakes_late_takes_a_new_slot(redis_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A busy loop that wakes a request long after its slot would let it arrive beside the next second's
+    requests; it takes the next slot instead."""
+    from cgb_worker import ratelimit
+
+    real_sleep = asyncio.sleep
+    sleeps: list[float] = []
+
+    async def oversleep_once(seconds: float) -> None:
+        sleeps.append(seconds)
+        await real_sleep(seconds + (0.05 if len(sleeps) == 1 else 0))
+
+    limiter = RateLimiter(redis_client, rate=10)
+    await limiter.acquire()  # slot 0, now; the next is one interval on
+    monkeypatch.setattr(ratelimit.asyncio, "sleep", oversleep_once)
+    before = float(await redis_client.get(KEY))
+    await limiter.acquire()
+    after = float(await redis_client.get(KEY))
+    assert len(sleeps) == 2  # woke 50 ms late, went back for another slot, and slept again
+    interval_ms = 1000 / (10 * SPACING)
+    assert after - before == pytest.approx(2 * interval_ms, abs=60)  # two slots taken, not one
