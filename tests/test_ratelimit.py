@@ -153,8 +153,6 @@ async def test_a_throttled_job_is_deferred_even_when_redis_cannot_count_it(
 async def test_a_request_that_wakes_late_takes_a_new_slot(redis_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A busy loop that wakes a request long after its slot would let it arrive beside the next second's
     requests; it takes the next slot instead."""
-    from cgb_worker import ratelimit
-
     real_sleep = asyncio.sleep
     sleeps: list[float] = []
 
@@ -164,7 +162,7 @@ async def test_a_request_that_wakes_late_takes_a_new_slot(redis_client: Any, mon
 
     limiter = RateLimiter(redis_client, rate=10)
     await limiter.acquire()  # slot 0, now; the next is one interval on
-    monkeypatch.setattr(ratelimit.asyncio, "sleep", oversleep_once)
+    monkeypatch.setattr(asyncio, "sleep", oversleep_once)
     before = float(await redis_client.get(KEY))
     await limiter.acquire()
     after = float(await redis_client.get(KEY))
