@@ -71,6 +71,8 @@ def redis_settings(url: str, *, ride_out_outages: bool = True) -> RedisSettings:
     settings = RedisSettings.from_dsn(url)
     if not ride_out_outages:
         return settings
+    # arq's own retries of the first connection would come on top of redis-py's two minutes.
+    settings.conn_retries = 0
     settings.retry = REDIS_RETRY
     settings.retry_on_error = list(REDIS_ERRORS)
     settings.retry_on_timeout = True
@@ -78,12 +80,12 @@ def redis_settings(url: str, *, ride_out_outages: bool = True) -> RedisSettings:
 
 
 async def create_pool(
-    redis_url: str | None = None, *, conn_retries: int = 5, ride_out_outages: bool = True, **kwargs: Any
+    redis_url: str | None = None, *, conn_retries: int = 0, ride_out_outages: bool = True, **kwargs: Any
 ) -> ArqRedis:
     """An arq Redis pool that speaks the worker's serializer. ``redis_url`` defaults to ``REDIS_URL``;
-    ``conn_retries`` is how many times a failed first connection is retried, a second apart, and
-    ``ride_out_outages`` retries every command through a Redis restart (:data:`REDIS_RETRY`). A malformed
-    URL raises :class:`ConfigError` naming it."""
+    ``ride_out_outages`` retries every command, the first connection included, through a Redis restart
+    (:data:`REDIS_RETRY`, about two minutes), and ``conn_retries`` adds arq's own retries of the first
+    connection, a second apart, on top. A malformed URL raises :class:`ConfigError` naming it."""
     url = redis_url or os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
     problem = parse_redis_url(url)
     if problem:

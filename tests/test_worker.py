@@ -100,6 +100,7 @@ def test_every_redis_command_rides_out_an_outage() -> None:
     redis = settings.redis_settings  # type: ignore[attr-defined]
     assert (redis.host, redis.port, redis.database) == ("127.0.0.1", 6399, 3)
     assert redis.retry is REDIS_RETRY
+    assert redis.conn_retries == 0  # arq's own retries of the first connection would add to redis-py's
     assert ConnectionRefusedError in redis.retry_on_error or OSError in redis.retry_on_error
     total = sum(REDIS_RETRY._backoff.compute(n) for n in range(1, REDIS_RETRY._retries + 1))
     assert 100 < total < 150  # about two minutes of retries per command
