@@ -6,10 +6,12 @@ reserves the next free slot and moves that time on by one interval, and the call
 So a backlog is spread evenly over time, in the order the requests asked, and no job is re-queued just
 to wait its turn: waiting in place costs a worker slot, not Redis round trips.
 
-* Slots are spaced ``1 / (CGB_RATE_LIMIT * 0.97)`` apart, so any ``CGB_RATE_LIMIT + 1`` slots span 1.03 s:
-  the 30 ms is what absorbs the variation between a request's slot and its arrival at CGB, so that no
-  second at CGB's end ever holds more than the limit. A request that wakes more than :data:`LATE` after its
-  slot (a busy event loop) would spend most of that alone, so it gives the slot up and takes the next one.
+* Slots are spaced ``1 / (CGB_RATE_LIMIT * 0.96)`` apart, so any ``CGB_RATE_LIMIT + 1`` slots span 1.04 s:
+  the 40 ms is what absorbs the variation between a request's slot and its arrival at CGB, so that no
+  second at CGB's end ever holds more than the limit. A request still in its process more than
+  :data:`LATE` after its slot (a busy event loop, a slow Redis reply to the send-log mark) would spend most
+  of that alone, so it gives the slot up and takes the next one (the client checks again right before the
+  request leaves).
 * A slot further away than the caller can wait (the try's own deadline, see :func:`try_budget`) is not
   reserved; :class:`ThrottledError` says when to come back, and the job turns that into an arq deferral,
   which uses up no retry.
@@ -31,9 +33,9 @@ KEY = "cgb:ratelimit:next"
 PENALTY_KEY = "cgb:ratelimit:penalty"
 PENALTY_SECONDS = 30
 DEFAULT_PAUSE = 2.0
-SPACING = 0.97
+SPACING = 0.96
 """The share of ``CGB_RATE_LIMIT`` that slots are spaced for (see the module docstring)."""
-LATE = 0.015
+LATE = 0.02
 """Seconds past its slot a request may wake and still use it; later, it takes a new slot."""
 
 # KEYS: next-slot time, penalty flag. ARGV: interval (ms), the longest wait the caller accepts (ms), a pause
@@ -86,9 +88,10 @@ class RateLimiter:
         self._interval_ms = 1000.0 / (rate * SPACING)
         self._script = redis.register_script(_RESERVE)
 
-    async def acquire(self, max_wait: float | None = None) -> None:
-        """Reserve the next slot and sleep until it. :class:`ThrottledError` (nothing reserved) when that
-        slot is more than ``max_wait`` seconds away; None waits as long as it takes."""
+    async def acquire(self, max_wait: float | None = None) -> float:
+        """Reserve the next slot and sleep until it; return when it was (``time.monotonic()``).
+        :class:`ThrottledError` (nothing reserved) when the slot is more than ``max_wait`` seconds away; None
+        waits as long as it takes."""
         deadline = None if max_wait is None else time.monotonic() + max(0.0, max_wait)
         while True:
             limit_ms = 10**12 if deadline is None else max(0.0, deadline - time.monotonic()) * 1000
@@ -98,12 +101,11 @@ class RateLimiter:
             wait = float(wait_ms) / 1000
             if not int(reserved):
                 raise ThrottledError(f"CGB rate limit: next slot in {wait:.2f} s", retry_after=wait)
-            if wait <= 0:
-                return
             slot = time.monotonic() + wait
-            await asyncio.sleep(wait)
+            if wait > 0:
+                await asyncio.sleep(wait)
             if time.monotonic() - slot <= LATE:
-                return
+                return slot
 
     async def penalize(self, retry_after: float | None) -> None:
         """CGB said 429: no request from any worker before ``retry_after``, and half the rate for a while."""

@@ -56,7 +56,7 @@ async def test_rate_limit_holds_across_the_fleet(fleet: Fleet) -> None:
     rate = (len(times) - 1) / (times[-1] - times[0])
     print(f"\nrate limit {limit}/s: {len(requests)} CGB calls at {rate:.2f}/s, busiest second at CGB: {busiest}")
     assert len(requests) == 8 * 3 + 32
-    assert busiest <= limit  # slots are spaced for 0.97 of the limit: the 3 % absorbs arrival jitter
+    assert busiest <= limit  # slots are spaced for 0.96 of the limit: the 4 % absorbs arrival jitter
     assert rate >= 0.9 * limit  # the backlog keeps the limit busy (the benchmark measures it exactly)
     assert texts(await fleet.outbox()) == Counter(f"m{i}" for i in range(40))
 
