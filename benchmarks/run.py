@@ -168,7 +168,6 @@ class Stack:
             "CGB_API_URL": self.sim_url + "/api",
             "CGB_API_KEY": DEFAULT_TOKEN,
             "REDIS_URL": self.redis_url,
-            "LOG_LEVEL": "WARNING",
             **extra,
         }
 
@@ -466,6 +465,7 @@ def write(r: dict[str, Any], quick: bool) -> None:
         "cgb-worker's one override of `Worker.start_jobs` installed (`survive_lost_claims`: a poll skips the "
         "jobs its own worker runs instead of asking Redis about each), so that what the override saves is "
         "shown apart from what the job costs.",
+        "- Both log as they do by default: cgb-worker one line per job at INFO, the minimal job arq's own two.",
         "- A batch is queued before its workers start; Redis's command counts are reset then, and read once "
         "the simulator has every message, so they hold the workers' commands only (start-up included). The "
         "driver watches the simulator, not Redis.",

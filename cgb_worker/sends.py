@@ -53,19 +53,24 @@ def key(job_id: str) -> str:
     return f"cgb:sends:{job_id}"
 
 
+_MARK_SENDING = """
+redis.call('HSET', KEYS[1], ARGV[1], 'sending')
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+"""
+
+
 class SendLog:
     def __init__(self, redis: Redis, *, ttl: int = TTL) -> None:
         self._redis = redis
         self._ttl = ttl
+        self._mark_sending = redis.register_script(_MARK_SENDING)
 
     async def load(self, job_id: str) -> dict[bytes, bytes]:
         return await self._redis.hgetall(key(job_id))  # type: ignore[no-any-return,misc]
 
     async def mark_sending(self, job_id: str, step: str) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hset(key(job_id), mapping={step: SENDING})
-            pipe.expire(key(job_id), self._ttl)
-            await pipe.execute()
+        """One command on the way to CGB: the mark, and the record's TTL (which ``sent`` then keeps)."""
+        await self._mark_sending(keys=[key(job_id)], args=[step, self._ttl])
 
     async def mark_sent(self, job_id: str, step: str, *, result: bytes | None = None) -> None:
         fields: dict[str | bytes, bytes] = {step: SENT}
