@@ -190,6 +190,10 @@ class DeadLetters:
         return job.job_id
 
     async def remove(self, job_id: str) -> bool:
+        """Drop an entry; its send record gets its usual lifetime back (it was kept for a replay)."""
+        origin = await self._redis.hget(ORIGINS, job_id)  # type: ignore[misc]
+        if origin is not None:
+            await self._redis.expire(send_log_key(origin.decode()), SEND_LOG_TTL)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.zrem(INDEX, job_id)
             pipe.hdel(ENTRIES, job_id)

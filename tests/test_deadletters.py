@@ -50,3 +50,24 @@ def test_mask_payload() -> None:
     assert mask_payload(["not", "a", "dict"]) == "<not a mapping>"
     assert mask_payload({"to": 5}) == {"to": 5}
     assert mask_payload({"email": "nobody"}) == {"email": "nobody"}
+
+
+async def test_removing_an_entry_gives_its_send_record_its_lifetime_back(redis_client: Any) -> None:
+    from cgb_worker import errors as E
+    from cgb_worker.sends import TTL
+    from cgb_worker.sends import key as sends_key
+
+    store = DeadLetters(redis_client)
+    await redis_client.hset(sends_key("job-9"), "text", "sending")
+    await redis_client.expire(sends_key("job-9"), 60)
+    await store.add(
+        job_id="job-9",
+        function="whatsapp_send",
+        payload={"to": "+12025550100"},
+        error=E.CGBAuthError("no"),
+        attempts=1,
+        enqueued_at=None,
+    )
+    assert await redis_client.ttl(sends_key("job-9")) == -1  # kept while the entry lives
+    assert await store.remove("job-9") is True
+    assert TTL - 5 < await redis_client.ttl(sends_key("job-9")) <= TTL
