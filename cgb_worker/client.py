@@ -199,6 +199,19 @@ class CGBClient:
             before_send=before_send,
         )
 
+    async def send_content(
+        self, contact_id: str, messages: Sequence[Mapping[str, Any]], *, before_send: BeforeSend | None = None
+    ) -> None:
+        """``POST /contacts/{id}/send_content`` with ``{"messages": [...]}`` (Cloud API template objects, for one)."""
+        await self.request(
+            "POST",
+            f"/contacts/{_seg(contact_id)}/send_content",
+            "send_content",
+            json={"messages": list(messages)},
+            expect_json=False,
+            before_send=before_send,
+        )
+
     async def send_flow(self, contact_id: str, flow_id: str, *, before_send: BeforeSend | None = None) -> None:
         """``POST /contacts/{id}/send/{flow_id}``, no body (the spec declares a form with no fields)."""
         await self.request(

@@ -10,6 +10,7 @@ fields given                   what is sent
   [+ ``message``]              first. ``message`` is the fallback text if the template maps to no flow
 ``fileUrl`` + ``fileType``     a file (``image``, ``document``, ``video``, ``audio``; http(s) URL only)
   [+ ``message``]              then the text, as a second message (CGB's send/file has no caption)
+``whatsappTemplate``           a Meta-approved template through CGB's ``send_content`` (:func:`template_message`)
 =============================  ==========================================================================
 
 ``to`` is always required; ``firstName``, ``lastName`` and ``email`` are used only when the contact has
@@ -66,7 +67,7 @@ from .errors import (
 )
 from .locks import redis_lock
 from .metrics import Metrics
-from .models import FileType, Scalar, SendJob, SendResult, SetFieldValue
+from .models import FileType, Scalar, SendJob, SendResult, SetFieldValue, TemplateMedia, WhatsAppTemplate
 from .phones import mask_phone, normalize_phone
 from .ratelimit import reset_deadline, set_deadline
 from .sends import RESULT, SENDING, SENT, SendLog, nothing_sent
@@ -82,7 +83,7 @@ ARQ_MAX_TRIES = 1000
 """arq's own limit, kept far above ``CGB_RETRY_ATTEMPTS`` (at most 100) so that the job, not arq, decides
 when to stop: arq's "max retries exceeded" would hide the real error."""
 
-Kind = Literal["text", "template", "file"]
+Kind = Literal["text", "template", "file", "whatsapp_template"]
 _result_encoder = msgspec.msgpack.Encoder()
 
 
@@ -100,6 +101,7 @@ class Plan:
     first_name: str | None = None
     last_name: str | None = None
     email: str | None = None
+    whatsapp_template: WhatsAppTemplate | None = None
 
 
 def validate(raw: Any, *, default_region: str | None = None) -> Plan:
@@ -144,6 +146,15 @@ def validate(raw: Any, *, default_region: str | None = None) -> Plan:
 
     has_file = job.file_url is not None or job.file_type is not None
     common = {"to": to, "first_name": job.first_name, "last_name": job.last_name, "email": job.email}
+    if job.whatsapp_template is not None:
+        if job.template is not None or vars_ or has_file:
+            raise InvalidJobError("whatsappTemplate cannot be combined with template, variables or fileUrl")
+        if message is not None:
+            raise InvalidJobError(
+                "message beside whatsappTemplate is reserved for the 24-hour window rules; send one or the other"
+            )
+        _check_wa_template(job.whatsapp_template)
+        return Plan("whatsapp_template", whatsapp_template=job.whatsapp_template, **common)  # type: ignore[arg-type]
     if job.template is not None:
         if has_file:
             raise InvalidJobError("a template cannot be combined with a file")
@@ -164,12 +175,83 @@ def validate(raw: Any, *, default_region: str | None = None) -> Plan:
     return Plan("text", message=message, **common)  # type: ignore[arg-type]
 
 
-def _check_url(url: str) -> None:
+MAX_BUTTONS = 10
+
+
+def _check_wa_template(t: WhatsAppTemplate) -> None:
+    """The shape of a native template, as far as it can be checked without the account's catalog."""
+    if not t.name.strip() or len(t.name) > 512:
+        raise InvalidJobError("whatsappTemplate.name must be a template name of 1 to 512 characters")
+    if not t.language.strip() or len(t.language) > 16:
+        raise InvalidJobError(f"whatsappTemplate {t.name!r}: language must be a code such as 'he' or 'en_US'")
+    if t.header is not None:
+        kinds = [k for k in ("text", "image", "video", "document") if getattr(t.header, k) is not None]
+        if len(kinds) != 1:
+            raise InvalidJobError(
+                f"whatsappTemplate {t.name!r}: header must be exactly one of text, image, video or document"
+            )
+        for kind in ("image", "video", "document"):
+            media: TemplateMedia | None = getattr(t.header, kind)
+            if media is not None:
+                _check_url(media.url, f"whatsappTemplate {t.name!r}: the {kind} header's url")
+                if media.filename is not None and kind != "document":
+                    raise InvalidJobError(f"whatsappTemplate {t.name!r}: only a document header takes a filename")
+    seen: set[int] = set()
+    for button in t.buttons or []:
+        if not 0 <= button.index < MAX_BUTTONS or button.index in seen:
+            raise InvalidJobError(f"whatsappTemplate {t.name!r}: button indexes must be distinct, from 0 to 9")
+        seen.add(button.index)
+        if (button.url is None) == (button.payload is None):
+            raise InvalidJobError(
+                f"whatsappTemplate {t.name!r}: button {button.index} needs a url suffix or a payload, not both"
+            )
+
+
+def template_message(to: str, t: WhatsAppTemplate) -> dict[str, Any]:
+    """The Cloud API template object CGB's ``send_content`` takes, for E.164 ``to``; empty components are left
+    out."""
+    components: list[dict[str, Any]] = []
+    if t.header is not None:
+        if t.header.text is not None:
+            components.append({"type": "header", "parameters": [{"type": "text", "text": t.header.text}]})
+        for kind in ("image", "video", "document"):
+            media: TemplateMedia | None = getattr(t.header, kind)
+            if media is not None:
+                obj: dict[str, str] = {"link": media.url}
+                if media.filename is not None:
+                    obj["filename"] = media.filename
+                components.append({"type": "header", "parameters": [{"type": kind, kind: obj}]})
+    if isinstance(t.body, dict) and t.body:
+        parameters = [{"type": "text", "parameter_name": k, "text": v} for k, v in t.body.items()]
+        components.append({"type": "body", "parameters": parameters})
+    elif isinstance(t.body, list) and t.body:
+        components.append({"type": "body", "parameters": [{"type": "text", "text": v} for v in t.body]})
+    for button in sorted(t.buttons or [], key=lambda b: b.index):
+        if button.url is not None:
+            sub_type, parameter = "url", {"type": "text", "text": button.url}
+        else:
+            sub_type, parameter = "quick_reply", {"type": "payload", "payload": str(button.payload)}
+        components.append(
+            {"type": "button", "sub_type": sub_type, "index": str(button.index), "parameters": [parameter]}
+        )
+    template: dict[str, Any] = {"name": t.name, "language": {"code": t.language}}
+    if components:
+        template["components"] = components
+    return {
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": to.lstrip("+"),
+        "type": "template",
+        "template": template,
+    }
+
+
+def _check_url(url: str, what: str = "fileUrl") -> None:
     if len(url) > MAX_URL:
-        raise InvalidJobError(f"fileUrl is longer than {MAX_URL} characters")
+        raise InvalidJobError(f"{what} is longer than {MAX_URL} characters")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
-        raise InvalidJobError("fileUrl must be an http:// or https:// URL")
+        raise InvalidJobError(f"{what} must be an http:// or https:// URL")
 
 
 def retry_delay(
@@ -511,6 +593,7 @@ async def _deliver(
 ) -> None:
     client = services.client
     cid = contact.id
+    native = plan.whatsapp_template
     result = SendResult(
         success=True,
         contact_id=cid,
@@ -520,8 +603,13 @@ async def _deliver(
         flow_id=flow_id,
         fallback=kind == "text" and plan.kind == "template",
         attempts=run.attempt,
+        template_name=native.name if native is not None else None,
+        language=native.language if native is not None else None,
     )
-    if kind == "text":
+    if native is not None:
+        content = template_message(plan.to, native)
+        await run.step("whatsapp_template", lambda mark: client.send_content(cid, [content], before_send=mark), result)
+    elif kind == "text":
         assert plan.message is not None
         message = plan.message
         await run.step("text", lambda mark: client.send_text(cid, message, before_send=mark), result)

@@ -99,6 +99,41 @@ class SendFlow(msgspec.Struct, frozen=True, tag_field="action", tag="send_flow")
 ContactAction = AddTag | SetFieldValue | SendFlow
 
 
+class TemplateMedia(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    url: str
+    filename: str | None = None
+    """Documents only: the name the recipient sees."""
+
+
+class TemplateHeader(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Exactly one of the four kinds (checked by the job)."""
+
+    text: str | None = None
+    image: TemplateMedia | None = None
+    video: TemplateMedia | None = None
+    document: TemplateMedia | None = None
+
+
+class TemplateButton(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """A URL button's suffix (``url``) or a quick-reply button's ``payload``, for the button at ``index``."""
+
+    index: int
+    url: str | None = None
+    payload: str | None = None
+
+
+class WhatsAppTemplate(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """A Meta-approved WhatsApp template, sent through CGB's ``send_content`` as a Cloud API template object.
+
+    ``body`` is a list for positional parameters (``{{1}}``...) or a mapping for named ones."""
+
+    name: str
+    language: str
+    body: list[str] | dict[str, str] | None = None
+    header: TemplateHeader | None = None
+    buttons: list[TemplateButton] | None = None
+
+
 class SendJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="camel", omit_defaults=True):
     """The ``whatsapp_send`` payload. Which combinations are valid is checked by the job, not here."""
 
@@ -111,6 +146,7 @@ class SendJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="c
     first_name: str | None = None
     last_name: str | None = None
     email: str | None = None
+    whatsapp_template: WhatsAppTemplate | None = None
 
 
 class SendResult(msgspec.Struct, frozen=True, rename="camel"):
@@ -123,13 +159,16 @@ class SendResult(msgspec.Struct, frozen=True, rename="camel"):
     """ISO 8601, UTC, of when the send was acknowledged (or the job gave up)."""
     message_id: str | None = None
     error: str | None = None
-    kind: Literal["text", "template", "file"] | None = None
+    kind: Literal["text", "template", "file", "whatsapp_template"] | None = None
     flow_id: str | None = None
     fallback: bool = False
     """A template that maps to no flow was replaced by the job's ``message``."""
     attempts: int = 1
     possible_duplicate: bool = False
     """An earlier try may have sent this message too (its outcome was unknown); see ``CGB_UNKNOWN_OUTCOME``."""
+    template_name: str | None = None
+    """A ``whatsapp_template``'s name (and, in ``language``, its language code)."""
+    language: str | None = None
 
 
 _T = TypeVar("_T")

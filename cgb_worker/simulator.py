@@ -222,7 +222,7 @@ class SimState:
     def deliver(self, contact: dict[str, Any], kind: str, **details: Any) -> dict[str, Any]:
         """Record a send; free-form content outside the 24-hour window is accepted but fails."""
         now = self.now_ms()
-        needs_window = kind in ("text", "file") or details.get("flow_kind") == "session"
+        needs_window = kind in ("text", "file", "content") or details.get("flow_kind") == "session"
         window_open = contact["last_inbound"] is not None and now - contact["last_inbound"] < WINDOW_MS
         failed = needs_window and not window_open
         entry = {
@@ -427,6 +427,31 @@ async def send_text(request: web.Request) -> web.Response:
     if not isinstance(text, str) or not text or channel not in TEXT_CHANNELS:
         raise _Bad(400, "Invalid parameters")
     state.deliver(contact, "text", text=text, channel=channel)
+    return _ok({"success": True})
+
+
+async def send_content(request: web.Request) -> web.Response:
+    """Cloud API template objects in ``messages`` go out as WhatsApp templates, inside the 24-hour window or
+    not; any other message is free-form content, which needs the window."""
+    state = request.app[STATE]
+    contact = _contact_or_404(state, request)
+    body = await _json_body(request)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise _Bad(400, "Invalid parameters")
+    for message in messages:
+        if message.get("type") == "template":
+            template = message.get("template")
+            if (
+                not isinstance(template, dict)
+                or not isinstance(template.get("name"), str)
+                or not isinstance(template.get("language"), dict)
+            ):
+                raise _Bad(400, "Invalid parameters")
+            state.deliver(contact, "whatsapp_template", template=template, to=message.get("to"))
+        else:
+            inner = message.get("message")
+            state.deliver(contact, "content", text=inner.get("text") if isinstance(inner, dict) else None)
     return _ok({"success": True})
 
 
@@ -719,6 +744,7 @@ def create_app(state: SimState | None = None, *, legacy_users: bool = True) -> w
         r.add_post(f"{prefix}/{{contact_id}}/send/text", send_text, name="send_text" + suffix)
         r.add_post(f"{prefix}/{{contact_id}}/send/file", send_file, name="send_file" + suffix)
         r.add_post(f"{prefix}/{{contact_id}}/send/{{flow_id}}", send_flow, name="send_flow" + suffix)
+        r.add_post(f"{prefix}/{{contact_id}}/send_content", send_content, name="send_content" + suffix)
         r.add_get(f"{prefix}/{{contact_id}}/custom_fields", contact_custom_fields, name="contact_fields" + suffix)
         r.add_post(
             f"{prefix}/{{contact_id}}/custom_fields/{{field_id}}", set_custom_field, name="set_custom_field" + suffix

@@ -205,6 +205,18 @@ async def test_set_custom_field_is_form_encoded(client: CGBClient, mock: Any, va
     assert call["data"] == form.encode()
 
 
+async def test_send_content(client: CGBClient, mock: Any) -> None:
+    url = f"{BASE}/contacts/972500000001/send_content"
+    mock.post(url, payload={"success": True})
+    message = {
+        "messaging_product": "whatsapp",
+        "type": "template",
+        "template": {"name": "x", "language": {"code": "he"}},
+    }
+    await client.send_content("972500000001", [message])
+    assert_json_call(only_call(mock, "POST", url), {"messages": [message]})
+
+
 async def test_send_text(client: CGBClient, mock: Any) -> None:
     url = f"{BASE}/contacts/972500000001/send/text"
     mock.post(url, payload={"success": True})
