@@ -21,6 +21,7 @@ from .errors import (
     InvalidPhoneError,
     JobFailedError,
     SendOutcomeUnknownError,
+    TemplateMismatchError,
     TemplateNotFoundError,
     UnknownVariableError,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "SendOutcomeUnknownError",
     "SendResult",
     "Settings",
+    "TemplateMismatchError",
     "TemplateNotFoundError",
     "UnknownVariableError",
     "WorkerSettings",

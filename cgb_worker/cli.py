@@ -84,6 +84,11 @@ def check() -> None:
     """Validate the configuration, ping Redis and CGB, and check every CGB_TEMPLATE_* mapping."""
     settings = _settings()
     click.echo("configuration  ok")
+    if settings.wa_templates is not None:
+        count = len(settings.wa_templates.templates)
+        click.echo(f"wa templates   ok ({count} approved template(s) in {settings.wa_templates.path})")
+    else:
+        click.echo("wa templates   not checked: WA_TEMPLATES_FILE is not set")
 
     async def probe() -> bool:
         from .worker import create_pool
@@ -118,6 +123,20 @@ def check() -> None:
 
     if not _run(probe):
         _fail("check failed")
+
+
+@main.command()
+def templates() -> None:
+    """List the approved WhatsApp templates WA_TEMPLATES_FILE holds."""
+    settings = _settings()
+    if settings.wa_templates is None:
+        _fail("WA_TEMPLATES_FILE is not set", 2)
+    click.echo(f"{'name':<32} {'languages':<16} {'body':<24} {'header':<10} buttons")
+    for t in sorted(settings.wa_templates.templates.values(), key=lambda t: t.name):
+        body = f"{t.body} positional" if isinstance(t.body, int) else ", ".join(t.body) or "none"
+        click.echo(
+            f"{t.name:<32} {','.join(t.languages):<16} {body:<24} {t.header or '-':<10} {','.join(t.buttons) or '-'}"
+        )
 
 
 @main.command()

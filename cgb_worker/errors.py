@@ -6,7 +6,8 @@ The tree (``retryable`` is a class attribute, decided by the base class, never b
     ├── ConfigError                     bad or missing settings; the worker refuses to start
     ├── InvalidJobError                 a payload we can never send (permanent)
     │   ├── InvalidPhoneError           the phone cannot be turned into E.164
-    │   ├── TemplateNotFoundError       no mapping and no flow of that name, and no fallback text
+    │   ├── TemplateNotFoundError       no such flow (and no fallback text), or no such approved WhatsApp template
+    │   ├── TemplateMismatchError       a WhatsApp template's parameters differ from the approved one
     │   └── UnknownVariableError        a variable with no custom field, or a value its type cannot take
     ├── SendOutcomeUnknownError         a send may have gone out and policy forbids sending again (permanent)
     ├── BusyError                       another job holds this contact's lock (retryable)
@@ -76,6 +77,11 @@ class InvalidPhoneError(InvalidJobError):
 
 class TemplateNotFoundError(InvalidJobError):
     """The template maps to no flow, and the job gave no fallback ``message``."""
+
+
+class TemplateMismatchError(InvalidJobError):
+    """A native WhatsApp template's parameters, header or buttons differ from the approved one
+    (``WA_TEMPLATES_FILE``): WhatsApp would reject it after CGB answered success."""
 
 
 class UnknownVariableError(InvalidJobError):
@@ -224,6 +230,7 @@ _ALL: dict[str, type[CGBWorkerError]] = {
         InvalidJobError,
         InvalidPhoneError,
         TemplateNotFoundError,
+        TemplateMismatchError,
         UnknownVariableError,
         SendOutcomeUnknownError,
         BusyError,

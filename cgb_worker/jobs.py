@@ -52,6 +52,7 @@ from loguru import logger
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from .catalog import check_template
 from .client import BeforeSend, CGBClient
 from .contacts import ContactResolver, ResolvedContact, decode_cached, phone_key
 from .deadletters import DeadLetters
@@ -431,6 +432,8 @@ async def _send(
     settings = services.settings
     plan = validate(raw, default_region=settings.default_region)
     event.kind = plan.kind
+    if plan.whatsapp_template is not None and settings.wa_templates is not None:
+        check_template(plan.whatsapp_template, settings.wa_templates)  # before any CGB call
     if attempt == 1 and not replay and first_try:
         # arq counts every run of a job, a re-run after a crash included, so a first try has no record yet.
         record: dict[bytes, bytes] = {}

@@ -19,6 +19,7 @@ import environs
 import phonenumbers
 from marshmallow.validate import OneOf, Range
 
+from .catalog import TemplateCatalog, load_catalog
 from .errors import ConfigError
 
 DEFAULT_API_URL = "https://app.chatgptbuilder.io/api"
@@ -143,6 +144,8 @@ class Settings:
     log_diagnose: bool = False
     rate_limit: float = 10.0
     """Requests per second to CGB across every worker on this Redis; 0: no limit."""
+    wa_templates: TemplateCatalog | None = None
+    """The account's approved WhatsApp templates, from ``WA_TEMPLATES_FILE``; None: sent unchecked."""
     metrics_port: int | None = None
     """Serve Prometheus metrics on this port (all interfaces); None: no metrics server."""
     worker: WorkerOptions = field(default_factory=WorkerOptions)
@@ -216,6 +219,7 @@ def _read(source: Mapping[str, str]) -> Settings:
     log_diagnose = env.bool("LOG_DIAGNOSE", False)
     metrics_port = env.int("METRICS_PORT", None, validate=Range(min=1, max=65535))
     rate_limit = env.float("CGB_RATE_LIMIT", 10.0, validate=non_negative)
+    wa_templates_file = env.str("WA_TEMPLATES_FILE", None)
     d = WorkerOptions()
     worker_values = {
         name: (env.int if cast is int else env.float)(var, getattr(d, name), validate=Range(min=low, max=high))
@@ -250,6 +254,13 @@ def _read(source: Mapping[str, str]) -> Settings:
             f"CGB_TIMEOUT: must be below {job_deadline(job_timeout):g} s (WORKER_JOB_TIMEOUT less its margin), "
             "or a slow CGB would become a job timeout that arq never retries."
         )
+
+    wa_templates: TemplateCatalog | None = None
+    if wa_templates_file:
+        try:
+            wa_templates = load_catalog(wa_templates_file)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
 
     templates: dict[str, str] = {}
     for name, value in sorted(source.items()):
@@ -295,6 +306,7 @@ def _read(source: Mapping[str, str]) -> Settings:
         log_diagnose=bool(log_diagnose),
         metrics_port=metrics_port,
         rate_limit=float(rate_limit or 0.0),
+        wa_templates=wa_templates,
         worker=WorkerOptions(**worker_values),
     )
 

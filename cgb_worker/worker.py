@@ -162,6 +162,11 @@ def _startup(settings: Settings) -> Any:
             metrics=metrics,
         )
         metrics.dead_letters.set(await dead_letters.count())
+        if settings.wa_templates is None:
+            logger.warning(
+                "WA_TEMPLATES_FILE is not set: native WhatsApp templates (whatsappTemplate) go out with their "
+                "parameters unchecked, and a mismatch shows only as WhatsApp's failure after CGB's success"
+            )
         if settings.metrics_port is not None:
             metrics.serve(settings.metrics_port)
             logger.info("metrics on :{}/metrics", settings.metrics_port)

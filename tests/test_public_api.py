@@ -33,6 +33,7 @@ def test_public_names() -> None:
             "SendOutcomeUnknownError",
             "SendResult",
             "Settings",
+            "TemplateMismatchError",
             "TemplateNotFoundError",
             "UnknownVariableError",
             "WorkerSettings",
