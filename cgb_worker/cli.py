@@ -179,6 +179,16 @@ def _parse_var(value: str) -> tuple[str, Any]:
 @click.option("--first-name")
 @click.option("--last-name")
 @click.option("--email")
+@click.option("--wa-template", help="a Meta-approved WhatsApp template's name, sent natively (send_content)")
+@click.option("--lang", help="the WhatsApp template's language code (with --wa-template)")
+@click.option("--param", "params", multiple=True, help="a body parameter, in order, or name=value (repeatable)")
+@click.option("--header-text")
+@click.option("--header-image", help="URL of the header's image")
+@click.option("--header-video", help="URL of the header's video")
+@click.option("--header-document", help="URL of the header's document")
+@click.option("--header-filename", help="the header document's file name")
+@click.option("--button-url", "button_urls", multiple=True, help="INDEX=SUFFIX for a URL button (repeatable)")
+@click.option("--button-payload", "button_payloads", multiple=True, help="INDEX=PAYLOAD for a quick reply")
 @click.option("--job-id", help="arq job id (a second enqueue with the same id is refused)")
 @click.option("--wait", is_flag=True, help="wait for the job and print its result or its error")
 @click.option("--timeout", default=60.0, show_default=True, help="seconds --wait waits")
@@ -192,6 +202,16 @@ def send(
     first_name: str | None,
     last_name: str | None,
     email: str | None,
+    wa_template: str | None,
+    lang: str | None,
+    params: tuple[str, ...],
+    header_text: str | None,
+    header_image: str | None,
+    header_video: str | None,
+    header_document: str | None,
+    header_filename: str | None,
+    button_urls: tuple[str, ...],
+    button_payloads: tuple[str, ...],
     job_id: str | None,
     wait: bool,
     timeout: float,
@@ -211,6 +231,16 @@ def send(
             payload[key] = value
     if variables:
         payload["variables"] = dict(_parse_var(v) for v in variables)
+    if wa_template is not None:
+        payload["whatsappTemplate"] = _wa_template(
+            wa_template,
+            lang,
+            params,
+            {"text": header_text, "image": header_image, "video": header_video, "document": header_document},
+            header_filename,
+            button_urls,
+            button_payloads,
+        )
 
     async def enqueue() -> tuple[str, Any, BaseException | None]:
         redis = await _pool()
@@ -235,6 +265,41 @@ def send(
         _fail(f"{type(error).__name__}: {error}")
     if result is not None:
         click.echo(json.dumps(msgspec.to_builtins(result), indent=2, ensure_ascii=False))
+
+
+def _wa_template(
+    name: str,
+    lang: str | None,
+    params: tuple[str, ...],
+    headers: dict[str, str | None],
+    filename: str | None,
+    urls: tuple[str, ...],
+    payloads: tuple[str, ...],
+) -> dict[str, Any]:
+    if not lang:
+        raise click.UsageError("--wa-template needs --lang")
+    template: dict[str, Any] = {"name": name, "language": lang}
+    named = [p for p in params if "=" in p]
+    if params:
+        template["body"] = dict(_parse_var(p) for p in params) if len(named) == len(params) else list(params)
+    given = {k: v for k, v in headers.items() if v is not None}
+    if len(given) > 1:
+        raise click.UsageError("give one --header-* option")
+    for kind, value in given.items():
+        media: Any = value if kind == "text" else {"url": value}
+        if kind == "document" and filename:
+            media["filename"] = filename
+        template["header"] = {kind: media}
+    buttons = []
+    for field, items in (("url", urls), ("payload", payloads)):
+        for item in items:
+            index, sep, value = item.partition("=")
+            if not sep or not index.strip().isdigit():
+                raise click.BadParameter(f"{item!r} is not INDEX=VALUE")
+            buttons.append({"index": int(index), field: value})
+    if buttons:
+        template["buttons"] = sorted(buttons, key=lambda b: b["index"])
+    return template
 
 
 # -- dead letters -----------------------------------------------------------------------------------------

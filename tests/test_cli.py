@@ -276,3 +276,46 @@ async def test_an_unexpected_error_is_one_line_not_a_traceback(harness: Harness,
     assert err.startswith("cgb-worker: ")
     assert len(err.strip().splitlines()) == 1
     assert "Traceback" not in err
+
+
+async def test_send_a_native_template_with_a_document_header(harness: Harness) -> None:
+    await harness.known("+972500000001")
+    code, out, err = await cli(
+        harness,
+        "send",
+        "--to",
+        "+972500000001",
+        "--wa-template",
+        "visa_approval_file_phone",
+        "--lang",
+        "he",
+        "--param",
+        "Dana",
+        "--param",
+        "Israel",
+        "--header-document",
+        "https://files.example.test/v.pdf",
+        "--header-filename",
+        "visa.pdf",
+        "--button-url",
+        "0=A1B2C3",
+    )
+    assert code == 0, err
+    assert out.startswith("enqueued ")
+    await harness.run()
+    [request] = harness.sim.requests("send_content")
+    template = request["body"]["messages"][0]["template"]
+    assert template["name"] == "visa_approval_file_phone"
+    assert template["language"] == {"code": "he"}
+    assert [c["type"] for c in template["components"]] == ["header", "body", "button"]
+    assert template["components"][0]["parameters"][0]["document"] == {
+        "link": "https://files.example.test/v.pdf",
+        "filename": "visa.pdf",
+    }
+    assert [p["text"] for p in template["components"][1]["parameters"]] == ["Dana", "Israel"]
+
+
+async def test_send_a_native_template_needs_its_language(harness: Harness) -> None:
+    code, _, err = await cli(harness, "send", "--to", "+972500000001", "--wa-template", "x")
+    assert code == 2
+    assert "--lang" in err
