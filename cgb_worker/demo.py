@@ -79,6 +79,20 @@ def cases() -> list[list[Case]]:
                 {"to": "+972500000001", "template": "visa_rejected", "message": "Please call the consulate."},
                 "sent",
             ),
+            Case(
+                "native template, document header",
+                {
+                    "to": "+972500000001",
+                    "whatsappTemplate": {
+                        "name": "visa_approval_file_phone",
+                        "language": "he",
+                        "body": ["Dana", "Israel"],
+                        "header": {"document": {"url": "https://files.example.test/v.pdf", "filename": "visa.pdf"}},
+                        "buttons": [{"index": 0, "url": "A1B2C3"}],
+                    },
+                },
+                "sent",
+            ),
         ],
     ]
 
@@ -209,7 +223,7 @@ def _report(all_cases: list[Case], outbox: list[dict[str, Any]], stats: dict[str
         print(f"{case.title:<40} {got:<34} {tries if tries is not None else '?':>5}  {'yes' if ok else 'NO'}")
     print(f"\nWhatsApp outbox (simulated), {len(outbox)} message(s):")
     for m in outbox:
-        what = m.get("text") or m.get("url")
+        what = m.get("text") or m.get("url") or (m.get("template") or {}).get("name")
         print(f"  {mask_phone(m['phone']):<16} {m['kind']:<5} {m['status']:<10} {what}")
     counts = {k: v for k, v in stats["counts"].items() if k != "total"}
     print(

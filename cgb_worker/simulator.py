@@ -43,6 +43,8 @@ from typing import Any, Literal
 import msgspec
 from aiohttp import web
 
+from .catalog import TemplateCatalog, load_catalog
+
 PAGE_ID = 1000001
 DEFAULT_TOKEN = "sim-token"  # noqa: S105 - the simulator's own, documented token
 WINDOW_MS = 24 * 3600 * 1000
@@ -111,6 +113,9 @@ class SimConfig(msgspec.Struct, kw_only=True):
     """POST /contacts for an existing phone updates it; when false it is a 400."""
     inbound_on_create: bool = False
     """Treat a new contact as having just written, so its 24-hour window is open."""
+    wa_templates_file: str | None = None
+    """A ``WA_TEMPLATES_FILE`` of the simulator's own: a ``send_content`` template that does not match it is
+    answered success and then marked failed, 132000 (132018 for a badly spaced parameter), as WhatsApp does."""
     account_created: Literal["int", "string"] = "int"
     """``created`` on ``/accounts/me``: the vendor's Swagger gives it as an integer in one place, a string in
     another."""
@@ -430,6 +435,42 @@ async def send_text(request: web.Request) -> web.Response:
     return _ok({"success": True})
 
 
+_BAD_SPACING = re.compile(r"[\n\t]| {5,}")
+
+
+def template_error(template: dict[str, Any], catalog: TemplateCatalog) -> int | None:
+    """WhatsApp's error for a Cloud API template object against the approved templates, or None: 132001 for
+    a name or language it does not know, 132018 for a badly spaced parameter, 132000 for any other mismatch."""
+    approved = catalog.templates.get(str(template.get("name")))
+    language = template.get("language")
+    if approved is None or not isinstance(language, dict) or language.get("code") not in approved.languages:
+        return 132001
+    components = [c for c in template.get("components") or [] if isinstance(c, dict)]
+    texts: list[str] = []
+    body = [c for c in components if c.get("type") == "body"]
+    params = [p for c in body for p in c.get("parameters") or [] if isinstance(p, dict)]
+    texts += [str(p.get("text", "")) for p in params]
+    if isinstance(approved.body, int):
+        if len(params) != approved.body or any("parameter_name" in p for p in params):
+            return 132000
+    elif sorted(str(p.get("parameter_name")) for p in params) != sorted(approved.body):
+        return 132000
+    headers = [c for c in components if c.get("type") == "header"]
+    header_kinds = [p.get("type") for c in headers for p in c.get("parameters") or [] if isinstance(p, dict)]
+    if header_kinds != ([approved.header] if approved.header else []):
+        return 132000
+    texts += [str(p.get("text")) for c in headers for p in c.get("parameters") or [] if p.get("type") == "text"]
+    for button in (c for c in components if c.get("type") == "button"):
+        raw_index = str(button.get("index", ""))
+        index = int(raw_index) if raw_index.isdigit() else -1
+        wanted = approved.buttons[index] if 0 <= index < len(approved.buttons) else None
+        if wanted is None or button.get("sub_type") != wanted:
+            return 132000
+    if any(_BAD_SPACING.search(t) for t in texts):
+        return 132018
+    return None
+
+
 async def send_content(request: web.Request) -> web.Response:
     """Cloud API template objects in ``messages`` go out as WhatsApp templates, inside the 24-hour window or
     not; any other message is free-form content, which needs the window."""
@@ -448,7 +489,12 @@ async def send_content(request: web.Request) -> web.Response:
                 or not isinstance(template.get("language"), dict)
             ):
                 raise _Bad(400, "Invalid parameters")
-            state.deliver(contact, "whatsapp_template", template=template, to=message.get("to"))
+            entry = state.deliver(contact, "whatsapp_template", template=template, to=message.get("to"))
+            if state.config.wa_templates_file:
+                code = template_error(template, load_catalog(state.config.wa_templates_file))
+                if code is not None:
+                    entry["status"], entry["error_code"] = "failed", code
+                    entry["reason"] = "parameter format" if code == 132018 else "template parameters mismatch"
         else:
             inner = message.get("message")
             state.deliver(contact, "content", text=inner.get("text") if isinstance(inner, dict) else None)
@@ -779,8 +825,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every API response")
     parser.add_argument("--seed", type=int, default=None, help="seed for random faults")
     parser.add_argument("--no-request-log", action="store_true", help="keep counts only (for long benchmarks)")
+    parser.add_argument("--wa-templates", help="a WA_TEMPLATES_FILE of its own: mismatched templates then fail")
     args = parser.parse_args(argv)
-    config = SimConfig(token=args.token, latency=args.latency, record_requests=not args.no_request_log)
+    config = SimConfig(
+        token=args.token,
+        latency=args.latency,
+        record_requests=not args.no_request_log,
+        wa_templates_file=args.wa_templates,
+    )
     asyncio.run(_serve(create_app(SimState(config, seed=args.seed)), args.host, args.port))
 
 

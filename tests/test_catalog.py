@@ -205,3 +205,26 @@ async def test_the_cli_checks_and_lists_the_file(harness: Harness, catalog_file:
     assert code == 2
     assert "'languages'" in err
     assert "'header'" in err
+
+
+SIM_CASES = [
+    ("matching", GOOD, "delivered", None),
+    ("wrong body count", {**GOOD, "body": ["Dana"]}, "failed", 132000),
+    ("badly spaced parameter", {**GOOD, "body": ["Dana", "Isr\tael"]}, "failed", 132018),
+    ("unknown language", {**GOOD, "language": "ar"}, "failed", 132001),
+]
+
+
+@pytest.mark.parametrize(("template", "status", "code"), [c[1:] for c in SIM_CASES], ids=[c[0] for c in SIM_CASES])
+async def test_the_simulator_fails_a_mismatch_after_answering_success(
+    harness: Harness, catalog_file: str, template: dict[str, Any], status: str, code: int | None
+) -> None:
+    """What the worker's own check saves: without it (no WA_TEMPLATES_FILE for the worker), CGB says success
+    and WhatsApp fails the template afterwards."""
+    await harness.known(A)
+    harness.sim.configure(wa_templates_file=catalog_file)
+    [job] = await harness.enqueue({"to": A, "whatsappTemplate": template})
+    await harness.run()
+    assert (await harness.outcome(job))["success"] is True  # CGB answered success
+    [entry] = harness.sim.state.outbox
+    assert (entry["status"], entry.get("error_code")) == (status, code)

@@ -136,7 +136,9 @@ def test_make_demo_runs_the_whole_product() -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
-    assert "7 of 7 jobs ended as expected" in out
+    assert "8 of 8 jobs ended as expected" in out
+    assert "native template, document header" in out
+    assert "whatsapp_template delivered  visa_approval_file_phone" in out
     assert "two CGB 503s, then success" in out
     assert "contacts created: 4 for 4 numbers" in out
     assert "Hello Dana, your B-2 visa is approved." in out
