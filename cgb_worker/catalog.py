@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, TemplateMismatchError, TemplateNotFoundError
-from .models import WhatsAppTemplate
+from .models import HEADER_KINDS, WhatsAppTemplate
 
-HEADER_KINDS = ("text", "image", "video", "document")
 BUTTON_KINDS = ("url", "quick_reply")
 MAX_PARAMETER = 1024
-_BAD_SPACING = re.compile(r"[\n\t]| {5,}")
+BAD_SPACING = re.compile(r"[\n\t]| {5,}")
+"""What WhatsApp refuses in a parameter (its error 132018): a newline, a tab, more than four spaces in a row."""
 _KEYS = {"name", "languages", "body", "header", "buttons"}
 
 
@@ -145,9 +145,7 @@ def check_template(t: WhatsAppTemplate, catalog: TemplateCatalog) -> None:
         names = list(body) if isinstance(body, dict) else None
         if names is None or set(names) != set(approved.body):
             raise bad(f"the body takes the named parameters {', '.join(approved.body) or 'none'}")
-    given_header = None
-    if t.header is not None:
-        given_header = next(k for k in HEADER_KINDS if getattr(t.header, k) is not None)
+    given_header = t.header.kinds[0] if t.header is not None else None
     if given_header != approved.header:
         if approved.header is None:
             raise bad(f"the template has no header, the job gives a {given_header} one")
@@ -169,5 +167,5 @@ def check_template(t: WhatsAppTemplate, catalog: TemplateCatalog) -> None:
             raise bad("a parameter is empty")
         if len(value) > MAX_PARAMETER:
             raise bad(f"a parameter is {len(value)} characters; WhatsApp takes {MAX_PARAMETER}")
-        if _BAD_SPACING.search(value):
+        if BAD_SPACING.search(value):
             raise bad("a parameter has a newline, a tab or more than four spaces in a row (WhatsApp's 132018)")

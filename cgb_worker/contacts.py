@@ -3,7 +3,7 @@
 A WhatsApp contact's id in CGB is its E.164 digits (the contract, C2), so a number that is not cached is
 first asked for by that id (``GET /contacts/{digits}``, one call, which also tells a deleted contact from a
 live one), and created only when CGB does not know it. So a send to a cached contact costs no extra call,
-to a known number whose cache expired one, and to a new number two (the create, and nothing more: when
+to a known number whose cache expired one (the get), and to a new number two (the get and the create; when
 CGB's answer carries no id, the digits are the id). Finding by phone (two more calls, ``+E164`` then
 digits) is kept for the one case this misses: a send to the id those steps gave is answered 404
 (:meth:`ContactResolver.resolve` with ``by_phone=True``).

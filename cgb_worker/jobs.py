@@ -68,7 +68,7 @@ from .errors import (
 )
 from .locks import redis_lock
 from .metrics import Metrics
-from .models import FileType, Scalar, SendJob, SendResult, SetFieldValue, TemplateMedia, WhatsAppTemplate
+from .models import FileType, Scalar, SendJob, SendResult, SetFieldValue, WhatsAppTemplate
 from .phones import mask_phone, normalize_phone
 from .ratelimit import reset_deadline, set_deadline
 from .sends import RESULT, SENDING, SENT, SendLog, nothing_sent
@@ -186,17 +186,16 @@ def _check_wa_template(t: WhatsAppTemplate) -> None:
     if not t.language.strip() or len(t.language) > 16:
         raise InvalidJobError(f"whatsappTemplate {t.name!r}: language must be a code such as 'he' or 'en_US'")
     if t.header is not None:
-        kinds = [k for k in ("text", "image", "video", "document") if getattr(t.header, k) is not None]
+        kinds = t.header.kinds
         if len(kinds) != 1:
             raise InvalidJobError(
                 f"whatsappTemplate {t.name!r}: header must be exactly one of text, image, video or document"
             )
-        for kind in ("image", "video", "document"):
-            media: TemplateMedia | None = getattr(t.header, kind)
-            if media is not None:
-                _check_url(media.url, f"whatsappTemplate {t.name!r}: the {kind} header's url")
-                if media.filename is not None and kind != "document":
-                    raise InvalidJobError(f"whatsappTemplate {t.name!r}: only a document header takes a filename")
+        media = t.header.media
+        if media is not None:
+            _check_url(media.url, f"whatsappTemplate {t.name!r}: the {kinds[0]} header's url")
+            if media.filename is not None and kinds[0] != "document":
+                raise InvalidJobError(f"whatsappTemplate {t.name!r}: only a document header takes a filename")
     seen: set[int] = set()
     for button in t.buttons or []:
         if not 0 <= button.index < MAX_BUTTONS or button.index in seen:
@@ -213,15 +212,15 @@ def template_message(to: str, t: WhatsAppTemplate) -> dict[str, Any]:
     out."""
     components: list[dict[str, Any]] = []
     if t.header is not None:
-        if t.header.text is not None:
+        media = t.header.media
+        if media is None:
             components.append({"type": "header", "parameters": [{"type": "text", "text": t.header.text}]})
-        for kind in ("image", "video", "document"):
-            media: TemplateMedia | None = getattr(t.header, kind)
-            if media is not None:
-                obj: dict[str, str] = {"link": media.url}
-                if media.filename is not None:
-                    obj["filename"] = media.filename
-                components.append({"type": "header", "parameters": [{"type": kind, kind: obj}]})
+        else:
+            kind = t.header.kinds[0]
+            obj: dict[str, str] = {"link": media.url}
+            if media.filename is not None:
+                obj["filename"] = media.filename
+            components.append({"type": "header", "parameters": [{"type": kind, kind: obj}]})
     if isinstance(t.body, dict) and t.body:
         parameters = [{"type": "text", "parameter_name": k, "text": v} for k, v in t.body.items()]
         components.append({"type": "body", "parameters": parameters})
@@ -434,7 +433,7 @@ async def _send(
     event.kind = plan.kind
     if plan.whatsapp_template is not None and settings.wa_templates is not None:
         check_template(plan.whatsapp_template, settings.wa_templates)  # before any CGB call
-    if attempt == 1 and not replay and first_try:
+    if first_try and not replay:
         # arq counts every run of a job, a re-run after a crash included, so a first try has no record yet.
         record: dict[bytes, bytes] = {}
         cached_contact = services.contacts.seen(plan.to) or await services.redis.get(
@@ -467,7 +466,7 @@ async def _send(
                 fields.writes.append(SetFieldValue(custom_field.name, value))
                 fields.ids.append((custom_field.id, value))
 
-    if kind == "template" and fields.ids and record.get(b"flow") != SENT:
+    if kind == "template" and fields.ids and not run.sent("flow"):
         # Hold the phone's field lock from before the contact is resolved (or created, with the fields as
         # its actions) until the flow is sent, so that no other job's variables land in between: CGB
         # templates read the contact's fields when the flow runs.

@@ -19,6 +19,8 @@ import msgspec
 from .errors import CGBResponseError
 
 Scalar = str | int | float | bool | None
+HEADER_KINDS = ("text", "image", "video", "document")
+"""A WhatsApp template header's kinds; all but ``text`` are media."""
 FileType = Literal["image", "document", "video", "audio"]
 
 
@@ -112,6 +114,15 @@ class TemplateHeader(msgspec.Struct, frozen=True, forbid_unknown_fields=True, om
     image: TemplateMedia | None = None
     video: TemplateMedia | None = None
     document: TemplateMedia | None = None
+
+    @property
+    def kinds(self) -> list[str]:
+        """The kinds given (a valid header has exactly one)."""
+        return [k for k in HEADER_KINDS if getattr(self, k) is not None]
+
+    @property
+    def media(self) -> TemplateMedia | None:
+        return self.image or self.video or self.document
 
 
 class TemplateButton(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):

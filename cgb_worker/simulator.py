@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import random
 import re
 import signal
@@ -43,7 +44,7 @@ from typing import Any, Literal
 import msgspec
 from aiohttp import web
 
-from .catalog import TemplateCatalog, load_catalog
+from .catalog import BAD_SPACING, TemplateCatalog, load_catalog
 
 PAGE_ID = 1000001
 DEFAULT_TOKEN = "sim-token"  # noqa: S105 - the simulator's own, documented token
@@ -435,7 +436,9 @@ async def send_text(request: web.Request) -> web.Response:
     return _ok({"success": True})
 
 
-_BAD_SPACING = re.compile(r"[\n\t]| {5,}")
+@functools.lru_cache(maxsize=4)
+def _catalog(path: str) -> TemplateCatalog:
+    return load_catalog(path)  # read once per file, not on every send
 
 
 def template_error(template: dict[str, Any], catalog: TemplateCatalog) -> int | None:
@@ -466,7 +469,7 @@ def template_error(template: dict[str, Any], catalog: TemplateCatalog) -> int | 
         wanted = approved.buttons[index] if 0 <= index < len(approved.buttons) else None
         if wanted is None or button.get("sub_type") != wanted:
             return 132000
-    if any(_BAD_SPACING.search(t) for t in texts):
+    if any(BAD_SPACING.search(t) for t in texts):
         return 132018
     return None
 
@@ -491,7 +494,7 @@ async def send_content(request: web.Request) -> web.Response:
                 raise _Bad(400, "Invalid parameters")
             entry = state.deliver(contact, "whatsapp_template", template=template, to=message.get("to"))
             if state.config.wa_templates_file:
-                code = template_error(template, load_catalog(state.config.wa_templates_file))
+                code = template_error(template, _catalog(state.config.wa_templates_file))
                 if code is not None:
                     entry["status"], entry["error_code"] = "failed", code
                     entry["reason"] = "parameter format" if code == 132018 else "template parameters mismatch"

@@ -197,7 +197,7 @@ def worker_settings(environ: Mapping[str, str] | None = None) -> type:
 
     Reads and checks the configuration (raising :class:`ConfigError` with every problem) and sets up
     logging, arq's own loggers included, so every line is in the configured format from the first."""
-    settings = load_settings(os.environ if environ is None else environ)
+    settings = load_settings(environ)
     setup_logging(settings.log_level, json_lines=settings.log_json, diagnose=settings.log_diagnose)
     options = settings.worker
     redis = redis_settings(settings.redis_url)
