@@ -417,6 +417,60 @@ def run() -> None:
     run_worker()
 
 
+@main.command()
+@click.option("--host", help="address to listen on (WEBHOOK_HOST, default 0.0.0.0)")
+@click.option("--port", type=int, help="port to listen on (WEBHOOK_PORT, default 8090)")
+def webhooks(host: str | None, port: int | None) -> None:
+    """Run the WhatsApp webhook receiver (POST /webhooks/whatsapp): statuses become delivery timelines.
+
+    Needs WABA_APP_SECRET (and WABA_VERIFY_TOKEN for Meta's handshake) and REDIS_URL; not the CGB key."""
+    from .logs import setup_logging
+    from .settings import load_receiver_settings
+    from .webhooks import serve
+
+    try:
+        settings = load_receiver_settings()
+    except ConfigError as exc:
+        _fail(f"the webhook receiver cannot start: {exc}", 2)
+    setup_logging(settings.log_level, json_lines=settings.log_json)
+    asyncio.run(serve(settings, host=host, port=port))
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="print the Delivery as JSON")
+def status(job_id: str, as_json: bool) -> None:
+    """What happened to a job's messages: its delivery status and timeline (exit 1 when there is none)."""
+    from .deliveries import delivery
+
+    after = float(os.environ.get("STATUS_UNCONFIRMED_AFTER", "86400") or 86400)
+
+    async def go() -> Any:
+        redis = await _pool()
+        try:
+            return await delivery(redis, job_id, unconfirmed_after=after)
+        finally:
+            await redis.aclose()
+
+    found = _run(go)
+    if found is None:
+        _fail(f"no delivery record for {job_id!r} (nothing sent yet, or older than 7 days)")
+    if as_json:
+        click.echo(msgspec.json.encode(found).decode())
+        return
+    error = f" {found.error.code} {found.error.title}" if found.error else ""
+    click.echo(f"{found.job_id}: {found.status}{error}")
+    for step in found.steps:
+        matched = f", matched by {step.matched_by}" if step.matched_by else ""
+        replaces = f", in place of the {step.fallback_for}" if step.fallback_for else ""
+        click.echo(f"  {step.step}: {step.status}{matched}{replaces}")
+        for event in step.events:
+            code = ""
+            if event.meta and event.meta.get("errors"):
+                code = f" ({event.meta['errors'][0].get('code')})"
+            click.echo(f"    {event.at}  {event.status}{code}")
+
+
 # -- the simulator ----------------------------------------------------------------------------------------
 
 

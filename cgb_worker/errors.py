@@ -10,6 +10,7 @@ The tree (``retryable`` is a class attribute, decided by the base class, never b
     │   ├── TemplateMismatchError       a WhatsApp template's parameters differ from the approved one
     │   └── UnknownVariableError        a variable with no custom field, or a value its type cannot take
     ├── SendOutcomeUnknownError         a send may have gone out and policy forbids sending again (permanent)
+    ├── OutsideWindowError              free-form content to a contact whose 24-hour window is closed (permanent)
     ├── BusyError                       another job holds this contact's lock (retryable)
     ├── ThrottledError                  our own fleet-wide rate limit says wait (retryable, not counted)
     ├── StoreUnavailableError           Redis failed in the middle of a job (retryable)
@@ -90,6 +91,11 @@ class UnknownVariableError(InvalidJobError):
 
 class SendOutcomeUnknownError(CGBWorkerError):
     """An earlier attempt may have sent this message; with ``CGB_UNKNOWN_OUTCOME=fail`` we do not resend."""
+
+
+class OutsideWindowError(CGBWorkerError):
+    """Free text or a file to a contact whose 24-hour window is known to be closed, with
+    ``CGB_OUTSIDE_WINDOW=fail``: CGB would answer success and WhatsApp would drop it (131047)."""
 
 
 class BusyError(CGBWorkerError):
@@ -233,6 +239,7 @@ _ALL: dict[str, type[CGBWorkerError]] = {
         TemplateMismatchError,
         UnknownVariableError,
         SendOutcomeUnknownError,
+        OutsideWindowError,
         BusyError,
         ThrottledError,
         StoreUnavailableError,

@@ -11,6 +11,8 @@ fields given                   what is sent
 ``fileUrl`` + ``fileType``     a file (``image``, ``document``, ``video``, ``audio``; http(s) URL only)
   [+ ``message``]              then the text, as a second message (CGB's send/file has no caption)
 ``whatsappTemplate``           a Meta-approved template through CGB's ``send_content`` (:func:`template_message`)
+  [+ ``message``]              the text instead, when the contact's 24-hour window is known to be open; if
+                               WhatsApp then fails it with 131047 the receiver sends the template (once)
 =============================  ==========================================================================
 
 ``to`` is always required; ``firstName``, ``lastName`` and ``email`` are used only when the contact has
@@ -24,6 +26,10 @@ error, the job fails with the real error (stored for ``Job.result()`` and in the
 try stops itself 30 s (or a quarter of a short timeout) before arq's ``job_timeout`` and counts as a
 retryable timeout, so arq's own timeout, which is never retried, is not reached. Deferrals by the
 fleet-wide rate limit (:mod:`cgb_worker.ratelimit`) are not failures and use up no attempt.
+
+The 24-hour window (:mod:`cgb_worker.deliveries`) is read with the contact cache, in the same command, and
+goes into the result (``window``). With ``CGB_OUTSIDE_WINDOW=fail``, free text or a file to a contact whose
+window is known to be closed fails at once with :class:`OutsideWindowError`, before any CGB call.
 
 Sends are never repeated once CGB acknowledged them (:mod:`cgb_worker.sends`). When an earlier try of
 the same job may have sent (it timed out after the request left, or the worker died between sending and
@@ -56,12 +62,14 @@ from .catalog import check_template
 from .client import BeforeSend, CGBClient
 from .contacts import ContactResolver, ResolvedContact, decode_cached, phone_key
 from .deadletters import DeadLetters
+from .deliveries import Accepted, Window, window_keys, window_state
 from .errors import (
     CGBNotFoundError,
     CGBRateLimitError,
     CGBTimeoutError,
     CGBWorkerError,
     InvalidJobError,
+    OutsideWindowError,
     SendOutcomeUnknownError,
     StoreUnavailableError,
     ThrottledError,
@@ -150,12 +158,8 @@ def validate(raw: Any, *, default_region: str | None = None) -> Plan:
     if job.whatsapp_template is not None:
         if job.template is not None or vars_ or has_file:
             raise InvalidJobError("whatsappTemplate cannot be combined with template, variables or fileUrl")
-        if message is not None:
-            raise InvalidJobError(
-                "message beside whatsappTemplate is reserved for the 24-hour window rules; send one or the other"
-            )
         _check_wa_template(job.whatsapp_template)
-        return Plan("whatsapp_template", whatsapp_template=job.whatsapp_template, **common)  # type: ignore[arg-type]
+        return Plan("whatsapp_template", message=message, whatsapp_template=job.whatsapp_template, **common)  # type: ignore[arg-type]
     if job.template is not None:
         if has_file:
             raise InvalidJobError("a template cannot be combined with a file")
@@ -282,11 +286,18 @@ class Services:
 
 
 async def whatsapp_send(
-    ctx: dict[str, Any], payload: Any = None, *, replay_of: str | None = None, **fields: Any
+    ctx: dict[str, Any],
+    payload: Any = None,
+    *,
+    replay_of: str | None = None,
+    fallback_of: str | None = None,
+    **fields: Any,
 ) -> SendResult:
     """Send one WhatsApp message. ``payload`` is a dict or a :class:`SendJob`; keyword fields work too.
 
-    ``replay_of`` is set by a dead-letter replay: the id of the job whose send record this one continues."""
+    ``replay_of`` is set by a dead-letter replay: the id of the job whose send record this one continues.
+    ``fallback_of`` is set by the webhook receiver: the id of the job whose text WhatsApp failed with 131047,
+    whose delivery record the template this job sends joins."""
     services: Services = ctx["cgb"]
     settings = services.settings
     job_id: str = ctx["job_id"]
@@ -305,6 +316,8 @@ async def whatsapp_send(
             raise InvalidJobError("give the payload as one mapping or as keyword fields, not both")
         if replay_of is not None and (not isinstance(replay_of, str) or not 0 < len(replay_of) <= MAX_NAME):
             raise InvalidJobError("replay_of must be the id of the job being replayed")
+        if fallback_of is not None and (not isinstance(fallback_of, str) or not 0 < len(fallback_of) <= MAX_NAME):
+            raise InvalidJobError("fallback_of must be the id of the job whose text failed")
         try:
             async with asyncio.timeout(deadline):
                 result = await _send(
@@ -316,6 +329,7 @@ async def whatsapp_send(
                     event,
                     replay=bool(replay_of),
                     first_try=job_try == 1,
+                    fallback_of=fallback_of,
                 )
         except TimeoutError:
             raise CGBTimeoutError(f"the job did not finish within {deadline:.0f} s") from None
@@ -427,30 +441,67 @@ async def _send(
     *,
     replay: bool = False,
     first_try: bool = False,
+    fallback_of: str | None = None,
 ) -> SendResult:
     settings = services.settings
     plan = validate(raw, default_region=settings.default_region)
     event.kind = plan.kind
+    if fallback_of is not None and (plan.kind != "whatsapp_template" or plan.message is not None):
+        raise InvalidJobError("a fallback job sends a whatsappTemplate alone")
     if plan.whatsapp_template is not None and settings.wa_templates is not None:
         check_template(plan.whatsapp_template, settings.wa_templates)  # before any CGB call
+    redis = services.redis
+    cache_key = services.contacts.cache_key(plan.to)
     if first_try and not replay:
         # arq counts every run of a job, a re-run after a crash included, so a first try has no record yet.
         record: dict[bytes, bytes] = {}
-        cached_contact = services.contacts.seen(plan.to) or await services.redis.get(
-            services.contacts.cache_key(plan.to)
-        )
+        cached_contact: Any = services.contacts.seen(plan.to)
+        if cached_contact is not None:
+            window, since, tracking = await redis.mget(window_keys(plan.to))
+        else:
+            cached_contact, window, since, tracking = await redis.mget([cache_key, *window_keys(plan.to)])
     else:
-        # The send log and the contact cache in one round trip.
-        async with services.redis.pipeline(transaction=False) as pipe:
+        # The send log, the contact cache and the window in one round trip.
+        async with redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(sends_key(log_id))
-            pipe.get(services.contacts.cache_key(plan.to))
-            record, cached_contact = await pipe.execute()
+            pipe.mget([cache_key, *window_keys(plan.to)])
+            record, (cached_contact, window, since, tracking) = await pipe.execute()
     if RESULT in record:
         # This job already finished (the worker died before arq stored the result): no CGB call at all.
         return msgspec.msgpack.decode(record[RESULT], type=SendResult)
-    run = _Run(services, log_id, attempt, record, log, replay=replay)
+    window_now = window_state(window, since)
+    run = _Run(
+        services,
+        log_id,
+        attempt,
+        record,
+        log,
+        replay=replay,
+        delivery_id=fallback_of or log_id,
+        tracking=tracking is not None,
+        window=window_now,
+    )
 
     kind: Kind = plan.kind
+    # With both a message and a whatsappTemplate: the text when the window is known to be open, the template
+    # otherwise; a retry keeps to the choice an earlier try made, so that one job never sends both.
+    if (
+        plan.kind == "whatsapp_template"
+        and plan.message is not None
+        and (b"text" in record or (b"whatsapp_template" not in record and window_now == "open"))
+    ):
+        kind = "text"
+        run.fallback = {"to": plan.to, "whatsappTemplate": msgspec.to_builtins(plan.whatsapp_template)}
+        for key, given in (("firstName", plan.first_name), ("lastName", plan.last_name), ("email", plan.email)):
+            if given is not None:
+                run.fallback[key] = given
+    if fallback_of is not None:
+        run.fallback_for = "text"
+    if kind in ("text", "file") and window_now == "closed" and settings.outside_window == "fail":
+        raise OutsideWindowError(
+            f"the contact's 24-hour window is closed: WhatsApp would drop this {kind} (131047); "
+            "send a whatsappTemplate, or set CGB_OUTSIDE_WINDOW=send"
+        )
     flow_id: str | None = None
     fields = _Fields()
     if plan.kind == "template":
@@ -532,9 +583,24 @@ class _Run:
     CGB acknowledged, and builds the result."""
 
     def __init__(
-        self, services: Services, log_id: str, attempt: int, record: dict[bytes, bytes], log: Any, *, replay: bool
+        self,
+        services: Services,
+        log_id: str,
+        attempt: int,
+        record: dict[bytes, bytes],
+        log: Any,
+        *,
+        replay: bool,
+        delivery_id: str | None = None,
+        tracking: bool = False,
+        window: Window = "unknown",
     ) -> None:
         self.services = services
+        self.delivery_id = delivery_id or log_id
+        self.tracking = tracking
+        self.window: Window = window
+        self.fallback: dict[str, Any] | None = None
+        self.fallback_for: str | None = None
         self.log_id = log_id
         self.attempt = attempt
         self.record = record
@@ -542,6 +608,7 @@ class _Run:
         self.replay = replay
         self.possible_duplicate = False
         self.result: SendResult | None = None
+        self.to = ""
 
     def sent(self, name: str) -> bool:
         return self.record.get(name.encode()) == SENT
@@ -575,12 +642,23 @@ class _Run:
             raise
         encoded: bytes | None = None
         if final is not None:
-            final = msgspec.structs.replace(final, possible_duplicate=self.possible_duplicate, timestamp=_now())
+            final = msgspec.structs.replace(
+                final, possible_duplicate=self.possible_duplicate, timestamp=_now(), window=self.window
+            )
             self.result = final
             encoded = _result_encoder.encode(final)
+        accepted = Accepted(
+            self.delivery_id,
+            name,
+            self.to,
+            int(time.time() * 1000),
+            self.tracking,
+            fallback=self.fallback if name == "text" else None,
+            fallback_for=self.fallback_for,
+        )
         # Shielded: once CGB has acknowledged the step, the record is written even if the try's deadline
         # falls now, so that the next try finds the step sent.
-        await asyncio.shield(sends.mark_sent(self.log_id, name, result=encoded))
+        await asyncio.shield(sends.mark_sent(self.log_id, name, result=encoded, accepted=accepted))
         self.record[name.encode()] = SENT
 
 
@@ -595,7 +673,8 @@ async def _deliver(
 ) -> None:
     client = services.client
     cid = contact.id
-    native = plan.whatsapp_template
+    native = plan.whatsapp_template if kind == "whatsapp_template" else None
+    run.to = plan.to
     result = SendResult(
         success=True,
         contact_id=cid,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
 _LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 2, 5, 10, 30)
 
@@ -67,3 +67,38 @@ class Metrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+_DELIVERY_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 3600, 21600, 86400)
+
+
+class ReceiverMetrics:
+    """The webhook receiver's metrics, served on its own ``/metrics``:
+
+    * ``cgb_deliveries_total{status}``: changes of a message's status (``sent``, ``delivered``, ``read``,
+      ``failed``, ``played``, ``unconfirmed``);
+    * ``cgb_webhook_requests_total{outcome}``: POSTs, ``ok``, ``bad_signature``, ``malformed``, ``too_large``,
+      or ``duplicate`` (every status in it had been seen), and ``store_failed`` (Redis down: answered 503);
+    * ``cgb_webhook_statuses_unmatched_total``: statuses that found no send to belong to;
+    * ``cgb_delivery_seconds``: from CGB's acknowledgement to WhatsApp's ``delivered``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.deliveries = Counter(
+            "cgb_deliveries", "Changes of a message's delivery status", ["status"], registry=self.registry
+        )
+        self.requests = Counter(
+            "cgb_webhook_requests", "WhatsApp webhook POSTs, by outcome", ["outcome"], registry=self.registry
+        )
+        self.unmatched = Counter(
+            "cgb_webhook_statuses_unmatched", "Statuses that matched no send", registry=self.registry
+        )
+        self.delivery_seconds = Histogram(
+            "cgb_delivery_seconds",
+            "Seconds from CGB's acknowledgement to WhatsApp's delivered",
+            buckets=_DELIVERY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -180,6 +180,9 @@ class SendResult(msgspec.Struct, frozen=True, rename="camel"):
     template_name: str | None = None
     """A ``whatsapp_template``'s name (and, in ``language``, its language code)."""
     language: str | None = None
+    window: Literal["open", "closed", "unknown"] = "unknown"
+    """The contact's 24-hour window when the job ran, as the webhook receiver knows it
+    (:func:`cgb_worker.deliveries.window_state`)."""
 
 
 _T = TypeVar("_T")

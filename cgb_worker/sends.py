@@ -23,6 +23,8 @@ and flags the result ``possibleDuplicate``; ``fail`` fails the job into the dead
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from redis.asyncio import Redis
 
 from .errors import CGBAPIError, CGBConnectError, CGBError
@@ -33,6 +35,9 @@ RESULT = b"result"
 TTL = 7 * 24 * 3600
 """Longer than any retry horizon plus arq's result lifetime: a re-run always finds its record. A job in the
 dead-letter store keeps its record for as long as the entry lives (see :mod:`cgb_worker.deadletters`)."""
+
+if TYPE_CHECKING:
+    from .deliveries import Accepted
 
 UNKNOWN_STATUSES = frozenset({500, 502, 504})
 
@@ -72,11 +77,34 @@ class SendLog:
         """One command on the way to CGB: the mark, and the record's TTL (which ``sent`` then keeps)."""
         await self._mark_sending(keys=[key(job_id)], args=[step, self._ttl])
 
-    async def mark_sent(self, job_id: str, step: str, *, result: bytes | None = None) -> None:
+    async def mark_sent(
+        self, job_id: str, step: str, *, result: bytes | None = None, accepted: Accepted | None = None
+    ) -> None:
+        """The step is sent; with ``accepted``, its delivery record too (:mod:`cgb_worker.deliveries`), in the
+        same ``HSET`` when the job is its own delivery record, and in the same round trip in any case."""
         fields: dict[str | bytes, bytes] = {step: SENT}
         if result is not None:
             fields[RESULT] = result
-        await self._redis.hset(key(job_id), mapping=fields)  # type: ignore[misc]
+        if accepted is None:
+            await self._redis.hset(key(job_id), mapping=fields)  # type: ignore[misc]
+            return
+        from .deliveries import ACCEPTED
+
+        own = accepted.delivery_id == job_id
+        if own:
+            fields.update(accepted.fields())
+        index = accepted.index()
+        if own and index is None:
+            await self._redis.hset(key(job_id), mapping=fields)  # type: ignore[misc]
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hset(key(job_id), mapping=fields)
+            if not own:
+                pipe.hset(key(accepted.delivery_id), mapping=accepted.fields())
+                pipe.expire(key(accepted.delivery_id), self._ttl, nx=True)
+            if index is not None:
+                pipe.zadd(ACCEPTED, index)
+            await pipe.execute()
 
     async def clear(self, job_id: str, step: str) -> None:
         await self._redis.hdel(key(job_id), step)  # type: ignore[misc]

@@ -138,6 +138,9 @@ class Settings:
     redis_url: str = DEFAULT_REDIS_URL
     unknown_outcome: str = "resend"
     """What a retry does when an earlier attempt's send may have gone out: ``resend`` or ``fail``."""
+    outside_window: str = "send"
+    """Free text or a file to a contact whose 24-hour window is known to be closed: ``send`` it anyway (CGB
+    says success, WhatsApp drops it with 131047), or ``fail`` at once with ``OutsideWindowError``."""
     dead_letter_max: int = 10000
     log_level: str = "INFO"
     log_json: bool = False
@@ -213,6 +216,7 @@ def _read(source: Mapping[str, str]) -> Settings:
     default_region = env.str("CGB_DEFAULT_REGION", None)
     redis_url = env.str("REDIS_URL", DEFAULT_REDIS_URL)
     unknown_outcome = env.str("CGB_UNKNOWN_OUTCOME", "resend", validate=OneOf(["resend", "fail"]))
+    outside_window = env.str("CGB_OUTSIDE_WINDOW", "send", validate=OneOf(["send", "fail"]))
     dead_letter_max = env.int("DEAD_LETTER_MAX", 10000, validate=positive)
     log_level = env.str("LOG_LEVEL", "INFO", validate=OneOf(["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"]))
     log_json = env.bool("LOG_JSON", False)
@@ -300,6 +304,7 @@ def _read(source: Mapping[str, str]) -> Settings:
         default_region=default_region or None,
         redis_url=redis_url.strip(),
         unknown_outcome=str(unknown_outcome),
+        outside_window=str(outside_window),
         dead_letter_max=int(dead_letter_max or 0),
         log_level=str(log_level),
         log_json=bool(log_json),
@@ -317,3 +322,74 @@ def _flatten(messages: Any) -> list[str]:
     if isinstance(messages, Mapping):
         return [m for v in messages.values() for m in _flatten(v)]
     return [m for v in messages for m in _flatten(v)]
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiverSettings:
+    """``cgb-worker webhooks``: what the WhatsApp webhook receiver is configured with
+    (:func:`load_receiver_settings`). It needs no CGB key: it talks only to Meta and Redis."""
+
+    app_secret: Secret
+    """``WABA_APP_SECRET``: the Meta app's secret, which signs every webhook (``X-Hub-Signature-256``)."""
+    verify_token: Secret | None = None
+    """``WABA_VERIFY_TOKEN``: what Meta's subscription handshake must present; None refuses every handshake."""
+    redis_url: str = DEFAULT_REDIS_URL
+    host: str = "0.0.0.0"  # noqa: S104 - Meta posts from outside the container
+    port: int = 8090
+    match_window: float = 600.0
+    """``STATUS_MATCH_WINDOW``: seconds after a send within which a status without a known wamid may take it."""
+    unconfirmed_after: float = 86400.0
+    """``STATUS_UNCONFIRMED_AFTER``: seconds after which a send with no status at all is ``unconfirmed``."""
+    stream_max: int = 100000
+    """``DELIVERY_STREAM_MAX``: the ``cgb:deliveries`` stream is trimmed to about this many entries."""
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    def __repr__(self) -> str:
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        shown["redis_url"] = redact_url(self.redis_url)
+        return "ReceiverSettings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
+
+def load_receiver_settings(environ: Mapping[str, str] | None = None) -> ReceiverSettings:
+    """Read and check the receiver's variables; one :class:`ConfigError` lists every problem."""
+    source = os.environ if environ is None else environ
+    env = _MappingEnv(source)
+    positive = Range(min=0, min_inclusive=False)
+    app_secret = env.str("WABA_APP_SECRET")
+    verify_token = env.str("WABA_VERIFY_TOKEN", None)
+    redis_url = env.str("REDIS_URL", DEFAULT_REDIS_URL)
+    host = env.str("WEBHOOK_HOST", "0.0.0.0")  # noqa: S104
+    port = env.int("WEBHOOK_PORT", 8090, validate=Range(min=1, max=65535))
+    match_window = env.float("STATUS_MATCH_WINDOW", 600.0, validate=positive)
+    unconfirmed_after = env.float("STATUS_UNCONFIRMED_AFTER", 86400.0, validate=positive)
+    stream_max = env.int("DELIVERY_STREAM_MAX", 100000, validate=Range(min=100))
+    log_level = env.str("LOG_LEVEL", "INFO", validate=OneOf(["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"]))
+    log_json = env.bool("LOG_JSON", False)
+    problems: list[str] = []
+    try:
+        env.seal()
+    except environs.EnvValidationError as exc:
+        errors = exc.error_messages
+        for name, messages in errors.items() if isinstance(errors, Mapping) else [("?", errors)]:
+            problems.extend(f"{name}: {m}" for m in _flatten(messages))
+    if app_secret is not None and not app_secret.strip():
+        problems.append("WABA_APP_SECRET: must not be empty.")
+    if redis_url is not None and (problem := parse_redis_url(redis_url)):
+        problems.append(f"REDIS_URL: {problem}")
+    if problems:
+        raise ConfigError(problems)
+    assert app_secret is not None
+    assert redis_url is not None
+    return ReceiverSettings(
+        app_secret=Secret(app_secret.strip()),
+        verify_token=Secret(verify_token) if verify_token else None,
+        redis_url=redis_url.strip(),
+        host=str(host),
+        port=int(port or 8090),
+        match_window=float(match_window or 600.0),
+        unconfirmed_after=float(unconfirmed_after or 86400.0),
+        stream_max=int(stream_max or 100000),
+        log_level=str(log_level),
+        log_json=bool(log_json),
+    )

@@ -161,7 +161,6 @@ REFUSED = [
         {"fileUrl": DOC, "fileType": "document", "whatsappTemplate": TEMPLATE},
         "cannot be combined",
     ),
-    ("with a message (reserved)", {"message": "hi", "whatsappTemplate": TEMPLATE}, "reserved"),
     ("an empty name", {"whatsappTemplate": {"name": " ", "language": "he"}}, "name"),
     ("an empty language", {"whatsappTemplate": {"name": "x", "language": ""}}, "language"),
     ("no language", {"whatsappTemplate": {"name": "x"}}, "language"),
