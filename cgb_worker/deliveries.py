@@ -169,7 +169,10 @@ class DeliveryEvent(msgspec.Struct, frozen=True, omit_defaults=True):
 
     status: str
     at: str
-    """ISO 8601, UTC: WhatsApp's timestamp (the worker's own for ``accepted`` and ``unconfirmed``)."""
+    """ISO 8601, UTC: WhatsApp's timestamp, in whole seconds (the worker's own for ``accepted`` and
+    ``unconfirmed``). Events are listed in the order they arrived, which WhatsApp does not keep to."""
+    received: str = ""
+    """When the receiver recorded it (the acknowledgement, for ``accepted``)."""
     step: str = ""
     wamid: str | None = None
     meta: dict[str, Any] | None = None
@@ -196,7 +199,8 @@ class Delivery(msgspec.Struct, frozen=True, rename="camel"):
     """What really happened to a job's messages; :func:`delivery` builds it.
 
     ``status`` is the least advanced of the job's messages (``failed`` when any failed and was not replaced
-    by a fallback template); ``wamid`` is its last message's; ``events`` merges every step's, oldest first."""
+    by a fallback template); ``wamid`` is its last message's; ``events`` merges every step's in the order
+    they arrived."""
 
     job_id: str
     status: str
@@ -232,6 +236,7 @@ async def delivery(redis: Redis, job_id: str, *, unconfirmed_after: float = 8640
             msgspec.convert({**e, "step": step}, DeliveryEvent)
             for e in (msgspec.json.decode(line) for line in raw.get(b"e:" + name[2:], b"").splitlines() if line)
         ]
+        accepted_at = iso(float(state.get("at", 0)))
         status = str(state.get("status", "accepted"))
         if status == "accepted" and now - float(state.get("at", now)) > unconfirmed_after * 1000:
             status = "unconfirmed"
@@ -240,14 +245,14 @@ async def delivery(redis: Redis, job_id: str, *, unconfirmed_after: float = 8640
             StepDelivery(
                 step=step,
                 status=status,
-                accepted_at=iso(float(state.get("at", 0))),
+                accepted_at=accepted_at,
                 wamid=state.get("wamid") or None,
                 error=msgspec.convert(error, DeliveryError) if isinstance(error, dict) else None,
                 matched_by=state.get("match") or None,
                 wa_id=state.get("waId") or None,
                 user_id=state.get("userId") or None,
                 fallback_for=state.get("fallbackFor") or None,
-                events=[DeliveryEvent("accepted", iso(float(state.get("at", 0))), step), *events],
+                events=[DeliveryEvent("accepted", accepted_at, accepted_at, step), *events],
             )
         )
     if not steps:
@@ -257,7 +262,7 @@ async def delivery(redis: Redis, job_id: str, *, unconfirmed_after: float = 8640
     current = [s for s in steps if s.step not in replaced] or steps
     status = _worst([s.status for s in current])
     error = next((s.error for s in current if s.status == "failed"), None)
-    events = sorted((e for s in steps for e in s.events), key=lambda e: e.at)
+    events = sorted((e for s in steps for e in s.events), key=lambda e: e.received)  # stable: a step's order
     return Delivery(job_id, status, current[-1].wamid, error, events, steps)
 
 

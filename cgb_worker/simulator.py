@@ -32,6 +32,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import hashlib
+import hmac
 import random
 import re
 import signal
@@ -41,6 +43,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import aiohttp
 import msgspec
 from aiohttp import web
 
@@ -49,6 +52,12 @@ from .catalog import BAD_SPACING, TemplateCatalog, load_catalog
 PAGE_ID = 1000001
 DEFAULT_TOKEN = "sim-token"  # noqa: S105 - the simulator's own, documented token
 WINDOW_MS = 24 * 3600 * 1000
+WA_ERRORS = {
+    131047: "Re-engagement message",
+    132000: "Number of parameters does not match the expected number of params",
+    132001: "Template name does not exist in the translation",
+    132018: "There was an issue with the parameters in your template",
+}
 TEXT_CHANNELS = {"messenger", "whatsapp", "sms", "webchat", "telegram", "instagram", "viber", "omnichannel"}
 FILE_CHANNELS = {"messenger", "sms", "whatsapp", "googleBM", "telegram", "instagram", "viber", "omnichannel"}
 FILE_TYPES = {"file", "image", "audio", "video"}
@@ -122,6 +131,25 @@ class SimConfig(msgspec.Struct, kw_only=True):
     another."""
     record_requests: bool = True
     """Keep every request in ``/_sim/requests`` (turn off for long benchmarks; counts are always kept)."""
+    webhook_url: str | None = None
+    """Post WhatsApp's status webhooks, signed, here: ``sent``, ``delivered`` and ``read`` for what the outbox
+    delivered; ``failed`` 131047 for free-form content outside the 24-hour window, and the catalog's error
+    (132000, 132018, 132001) for a mismatched template. ``/_sim/inbound`` posts an inbound message."""
+    webhook_secret: str = "sim-app-secret"  # noqa: S105 - the simulator's own, documented secret
+    webhook_delay: float = 0.02
+    """Seconds before the first status and between statuses."""
+    webhook_read: bool = True
+    """Follow ``delivered`` with ``read``."""
+    webhook_out_of_order: bool = False
+    """Post a message's statuses last first (``read`` before ``delivered`` before ``sent``)."""
+    webhook_duplicates: bool = False
+    """Post every status twice, as Meta's redeliveries do."""
+    webhook_drop: list[str] = msgspec.field(default_factory=list)
+    """Statuses never posted (``["delivered"]``: read comes without it)."""
+    webhook_user_ids: bool = False
+    """Give each recipient a business-scoped user id (``recipient_user_id``, ``contacts[].user_id``)."""
+    webhook_withhold_phone: bool = False
+    """With ``webhook_user_ids``: leave ``recipient_id`` out, as Meta does for users with usernames."""
 
 
 class FaultRule(msgspec.Struct, kw_only=True):
@@ -177,6 +205,9 @@ class SimState:
         self.tags: dict[str, int] = {}
         self.in_flight = 0
         self.max_in_flight = 0
+        self.webhooks: list[dict[str, Any]] = []
+        """Every webhook posted: what was in it and the HTTP status it got."""
+        self.webhook_tasks: set[asyncio.Task[None]] = set()
 
     def now_ms(self) -> int:
         return int(time.time() * 1000)
@@ -245,7 +276,93 @@ class SimState:
         contact["last_sent"] = now
         if not failed:
             contact["last_delivered"] = now
+        if self.config.webhook_url:
+            self._spawn(self._post_statuses(entry))
         return entry
+
+    # -- WhatsApp's webhooks, as Meta would post them --------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.webhook_tasks.add(task)
+        task.add_done_callback(self.webhook_tasks.discard)
+
+    def user_id(self, phone: str) -> str:
+        digits = re.sub(r"\D", "", phone)
+        return f"US.SIM{digits[-8:]}"
+
+    def _envelope(self, value: dict[str, Any]) -> dict[str, Any]:
+        value = {
+            "messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": "15550100000", "phone_number_id": "100000000000001"},
+            **value,
+        }
+        return {"object": "whatsapp_business_account", "entry": [{"id": "200000000000001", "changes": [
+            {"field": "messages", "value": value}]}]}  # fmt: skip
+
+    def status_objects(self, entry: dict[str, Any]) -> list[dict[str, Any]]:
+        """The statuses WhatsApp would report for an outbox entry, before the switches."""
+        digits = re.sub(r"\D", "", entry["phone"])
+        wamid = f"wamid.SIM{entry['seq']:08d}"
+        base_ts = entry["at"] // 1000
+        common: dict[str, Any] = {"id": wamid, "recipient_id": digits}
+        if self.config.webhook_user_ids:
+            common["recipient_user_id"] = self.user_id(digits)
+            if self.config.webhook_withhold_phone:
+                del common["recipient_id"]
+        if entry["status"] == "failed":
+            code = entry.get("error_code") or 131047
+            error = {"code": code, "title": WA_ERRORS.get(code, "Failed"), "message": WA_ERRORS.get(code, "Failed"),
+                     "error_data": {"details": entry.get("reason") or ""}}  # fmt: skip
+            return [{**common, "status": "failed", "timestamp": str(base_ts), "errors": [error]}]
+        pricing = {"billable": True, "pricing_model": "PMP", "category": "utility", "type": "regular"}
+        out = [
+            {**common, "status": "sent", "timestamp": str(base_ts), "pricing": pricing,
+             "conversation": {"id": f"conv{entry['seq']}", "origin": {"type": "utility"},
+                              "expiration_timestamp": str(base_ts + 86400)}},
+            {**common, "status": "delivered", "timestamp": str(base_ts + 1), "pricing": pricing},
+        ]  # fmt: skip
+        if self.config.webhook_read:
+            out.append({**common, "status": "read", "timestamp": str(base_ts + 2)})
+        return out
+
+    async def _post_statuses(self, entry: dict[str, Any]) -> None:
+        config = self.config
+        statuses = [s for s in self.status_objects(entry) if s["status"] not in config.webhook_drop]
+        if config.webhook_out_of_order:
+            statuses.reverse()
+        for status in statuses:
+            await asyncio.sleep(config.webhook_delay)
+            value: dict[str, Any] = {"statuses": [status]}
+            if config.webhook_user_ids:
+                value["contacts"] = [
+                    {"wa_id": status.get("recipient_id") or "", "user_id": status["recipient_user_id"]}
+                ]
+                if config.webhook_withhold_phone:
+                    value["contacts"] = [{"user_id": status["recipient_user_id"]}]
+            for _ in range(2 if config.webhook_duplicates else 1):
+                await self.post_webhook(self._envelope(value))
+
+    async def post_webhook(self, payload: dict[str, Any]) -> int:
+        """Post one signed webhook to ``webhook_url``; the HTTP status (0: no answer) goes in ``webhooks``."""
+        body = msgspec.json.encode(payload)
+        signature = "sha256=" + hmac.new(self.config.webhook_secret.encode(), body, hashlib.sha256).hexdigest()
+        status = 0
+        try:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    str(self.config.webhook_url),
+                    data=body,
+                    headers={"Content-Type": "application/json", "X-Hub-Signature-256": signature},
+                    timeout=aiohttp.ClientTimeout(total=10),
+                ) as response,
+            ):
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError):
+            status = 0
+        self.webhooks.append({"payload": payload, "status": status})
+        return status
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -715,6 +832,19 @@ async def sim_inbound(request: web.Request) -> web.Response:
     if contact is None:
         return _err(404, "User not found")
     contact["last_inbound"] = int(body.get("at") or state.now_ms())
+    if state.config.webhook_url:
+        digits = str(contact["id"])
+        sender: dict[str, Any] = {"profile": {"name": contact["first_name"] or "Sim"}, "wa_id": digits}
+        message: dict[str, Any] = {
+            "from": digits,
+            "id": f"wamid.SIMIN{len(state.webhooks) + 1:06d}",
+            "timestamp": str(contact["last_inbound"] // 1000),
+            "type": "text",
+            "text": {"body": str(body.get("text") or "hello")},
+        }
+        if state.config.webhook_user_ids:
+            sender["user_id"] = message["from_user_id"] = state.user_id(digits)
+        await state.post_webhook(state._envelope({"contacts": [sender], "messages": [message]}))
     return _ok({"success": True})
 
 
@@ -773,6 +903,12 @@ class Listener:
         await self.start()
 
 
+async def sim_webhooks(request: web.Request) -> web.Response:
+    """Every webhook posted so far, and how many are still to come."""
+    state = request.app[STATE]
+    return _ok({"posted": state.webhooks, "pending": len(state.webhook_tasks)})
+
+
 async def sim_reset(request: web.Request) -> web.Response:
     state = request.app[STATE]
     keep_token = state.config.token
@@ -809,6 +945,7 @@ def create_app(state: SimState | None = None, *, legacy_users: bool = True) -> w
     r.add_get("/_sim/stats", sim_stats)
     r.add_get("/_sim/contacts", sim_contacts)
     r.add_post("/_sim/inbound", sim_inbound)
+    r.add_get("/_sim/webhooks", sim_webhooks)
     r.add_route("*", "/_sim/config", sim_config)
     r.add_route("*", "/_sim/faults", sim_faults)
     r.add_post("/_sim/reset", sim_reset)

@@ -320,7 +320,15 @@ class Processor:
         ref, matched_by = (v.decode() for v in found)
         delivery_id, _, step = ref.rpartition("|")
         error = status.errors[0] if status.errors else None
-        event = msgspec.json.encode({"status": status.status, "at": iso(at), "wamid": status.id, "meta": raw})
+        event = msgspec.json.encode(
+            {
+                "status": status.status,
+                "at": iso(at),
+                "received": iso(time.time() * 1000),
+                "wamid": status.id,
+                "meta": raw,
+            }
+        )
         result = await self._apply(
             keys=[sends_key(delivery_id), STREAM, window_key(phone) if phone else "cgb:window:-", ACCEPTED],
             args=[
@@ -389,7 +397,7 @@ class Processor:
         swept = 0
         for item in await self.redis.zrangebyscore(ACCEPTED, "-inf", cutoff, start=0, num=500):
             _who, delivery_id, step = parse_member(item.decode())
-            event = msgspec.json.encode({"status": "unconfirmed", "at": iso(now)})
+            event = msgspec.json.encode({"status": "unconfirmed", "at": iso(now), "received": iso(now)})
             result = await self._apply(
                 keys=[sends_key(delivery_id), STREAM, "cgb:window:-", ACCEPTED],
                 args=[
