@@ -3,6 +3,7 @@
 from typing import Any
 
 from .client import CGBClient
+from .deliveries import Delivery, DeliveryError, DeliveryEvent, StepDelivery, delivery
 from .errors import (
     CGBAPIError,
     CGBAuthError,
@@ -20,6 +21,7 @@ from .errors import (
     InvalidJobError,
     InvalidPhoneError,
     JobFailedError,
+    OutsideWindowError,
     SendOutcomeUnknownError,
     TemplateMismatchError,
     TemplateNotFoundError,
@@ -27,7 +29,7 @@ from .errors import (
 )
 from .models import Account, Contact, CustomField, Flow, SendJob, SendResult
 from .phones import normalize_phone
-from .settings import Settings, load_settings
+from .settings import ReceiverSettings, Settings, load_receiver_settings, load_settings
 from .worker import create_pool, worker_settings
 
 __version__ = "0.1.0"
@@ -68,19 +70,27 @@ __all__ = [
     "ConfigError",
     "Contact",
     "CustomField",
+    "Delivery",
+    "DeliveryError",
+    "DeliveryEvent",
     "Flow",
     "InvalidJobError",
     "InvalidPhoneError",
     "JobFailedError",
+    "OutsideWindowError",
+    "ReceiverSettings",
     "SendJob",
     "SendOutcomeUnknownError",
     "SendResult",
     "Settings",
+    "StepDelivery",
     "TemplateMismatchError",
     "TemplateNotFoundError",
     "UnknownVariableError",
     "WorkerSettings",
     "create_pool",
+    "delivery",
+    "load_receiver_settings",
     "load_settings",
     "normalize_phone",
     "worker_settings",

@@ -50,6 +50,8 @@ async def cli(harness: Harness, *args: str, env: dict[str, str | None] | None = 
         ["dead-letters", "replay"],
         ["dead-letters", "purge"],
         ["simulator"],
+        ["webhooks"],
+        ["status"],
     ],
 )
 async def test_help(harness: Harness, args: list[str]) -> None:
@@ -319,3 +321,78 @@ async def test_send_a_native_template_needs_its_language(harness: Harness) -> No
     code, _, err = await cli(harness, "send", "--to", "+972500000001", "--wa-template", "x")
     assert code == 2
     assert "--lang" in err
+
+
+async def test_webhooks_refuses_to_start_without_the_app_secret(harness: Harness) -> None:
+    code, _, err = await cli(
+        harness, "webhooks", env={"WABA_APP_SECRET": None, "WEBHOOK_PORT": "99999", "CGB_API_KEY": None}
+    )
+    assert code == 2
+    assert "WABA_APP_SECRET: Environment variable not set." in err
+    assert "WEBHOOK_PORT:" in err  # every problem at once
+
+
+async def test_webhooks_serves_and_stores_a_signed_post(harness: Harness, redis_client: Any) -> None:
+    """The receiver as operators run it: a subprocess, configured by the environment alone (no CGB key)."""
+    import hashlib
+    import hmac
+
+    import aiohttp
+
+    from cgb_worker.webhooks import INBOX
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CGB_", "WORKER_", "LOG_", "REDIS_"))}
+    env.update(REDIS_URL=harness.redis_url, WABA_APP_SECRET="s3cret-for-tests", WEBHOOK_PORT=str(port))
+    proc = await asyncio.create_subprocess_exec(
+        CLI,
+        "webhooks",
+        "--host",
+        "127.0.0.1",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    body = b'{"object": "whatsapp_business_account", "entry": []}'
+    sig = "sha256=" + hmac.new(b"s3cret-for-tests", body, hashlib.sha256).hexdigest()
+    try:
+        async with aiohttp.ClientSession() as http:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
+                        assert (r.status, (await r.json())["status"]) == (200, "ok")
+                        break
+                except aiohttp.ClientConnectionError:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.1)
+            url = f"http://127.0.0.1:{port}/webhooks/whatsapp"
+            async with http.post(url, data=body, headers={"X-Hub-Signature-256": sig}) as r:
+                assert r.status == 200
+            async with http.post(url, data=body) as r:
+                assert r.status == 401
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+                text = await r.text()
+            assert 'cgb_webhook_requests_total{outcome="bad_signature"} 1.0' in text
+        assert await redis_client.exists(INBOX)
+    finally:
+        proc.terminate()
+        _, err = await proc.communicate()
+    assert proc.returncode == 0
+    assert b"webhook receiver stopped" in err
+
+
+async def test_status_prints_a_delivery_and_fails_without_one(harness: Harness, redis_client: Any) -> None:
+    await harness.known("+972500000001")
+    [job] = await harness.enqueue({"to": "+972500000001", "message": "hello"})
+    await harness.run()
+    code, out, _ = await cli(harness, "status", job.job_id)
+    assert code == 0
+    assert out.splitlines()[0] == f"{job.job_id}: accepted"
+    assert out.splitlines()[1] == "  text: accepted"
+    code, out, _ = await cli(harness, "status", job.job_id, "--json")
+    data = json.loads(out)
+    assert (data["jobId"], data["status"], [s["step"] for s in data["steps"]]) == (job.job_id, "accepted", ["text"])
+    code, out, err = await cli(harness, "status", "no-such-job")
+    assert code == 1
+    assert "no delivery record for 'no-such-job'" in err

@@ -214,3 +214,40 @@ def test_cgb_timeout_must_fit_inside_the_job_deadline() -> None:
     with pytest.raises(ConfigError, match="CGB_TIMEOUT: must be below 45 s"):
         load_settings({"CGB_API_KEY": KEY, "WORKER_JOB_TIMEOUT": "60", "CGB_TIMEOUT": "45000"})
     assert load_settings({"CGB_API_KEY": KEY, "WORKER_JOB_TIMEOUT": "60", "CGB_TIMEOUT": "44000"}).timeout == 44
+
+
+def test_receiver_settings_report_every_problem_at_once() -> None:
+    from cgb_worker.settings import load_receiver_settings
+
+    with pytest.raises(ConfigError) as caught:
+        load_receiver_settings(
+            {
+                "WEBHOOK_PORT": "0",
+                "STATUS_MATCH_WINDOW": "-1",
+                "STATUS_UNCONFIRMED_AFTER": "soon",
+                "DELIVERY_STREAM_MAX": "5",
+                "REDIS_URL": "redis://cache.internal:63790x/0",
+            }
+        )
+    problems = "\n".join(caught.value.problems)
+    for name in ("WABA_APP_SECRET", "WEBHOOK_PORT", "STATUS_MATCH_WINDOW", "STATUS_UNCONFIRMED_AFTER",
+                 "DELIVERY_STREAM_MAX", "REDIS_URL"):  # fmt: skip
+        assert name in problems, name
+
+
+def test_receiver_settings_defaults_and_secrets() -> None:
+    from cgb_worker.settings import load_receiver_settings
+
+    s = load_receiver_settings({"WABA_APP_SECRET": "  app-secret-xyz  ", "WABA_VERIFY_TOKEN": "tok-abc"})
+    assert (s.port, s.match_window, s.unconfirmed_after, s.stream_max) == (8090, 600.0, 86400.0, 100000)
+    assert s.app_secret.get_secret_value() == "app-secret-xyz"
+    assert "app-secret-xyz" not in repr(s)
+    assert "tok-abc" not in repr(s)
+
+
+def test_outside_window_is_send_or_fail() -> None:
+    assert load_settings({"CGB_API_KEY": "k"}).outside_window == "send"
+    assert load_settings({"CGB_API_KEY": "k", "CGB_OUTSIDE_WINDOW": "fail"}).outside_window == "fail"
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"CGB_API_KEY": "k", "CGB_OUTSIDE_WINDOW": "drop"})
+    assert "CGB_OUTSIDE_WINDOW" in str(caught.value)
