@@ -1,9 +1,10 @@
 """``make demo``: the whole product on one machine, against the CGB simulator.
 
-Starts a throwaway Redis, the simulator and a real ``arq cgb_worker.WorkerSettings`` process, enqueues a
-handful of representative jobs, waits for them, prints what happened (each job's outcome and tries, what
-the simulated WhatsApp outbox received, how many CGB calls were made), stops everything it started, and
-exits 0 only when every job ended as expected.
+Starts a throwaway Redis, the simulator, a real ``arq cgb_worker.WorkerSettings`` process and the webhook
+receiver (``cgb-worker webhooks``, to which the simulator posts signed status webhooks), enqueues a handful of
+representative jobs, waits for them, prints what happened (each job's outcome and tries, what the simulated
+WhatsApp outbox received, how many CGB calls were made, and each message's delivery status), stops
+everything it started, and exits 0 only when every job ended as expected and every sent message was read.
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ from typing import Any
 
 import aiohttp
 
+from .deliveries import TRACKING, delivery
 from .errors import CGBWorkerError
 from .phones import mask_phone
 from .worker import create_pool
 
 TOKEN = "sim-token"  # noqa: S105 - the simulator's documented token
+APP_SECRET = "demo-app-secret"  # noqa: S105 - the demo's own, shared with its simulator
 FAULTY = "+972500000005"
+VISA_TEMPLATE = {"name": "visa_approved", "language": "en", "body": ["Dana"]}
 
 
 @dataclass
@@ -93,6 +97,11 @@ def cases() -> list[list[Case]]:
                 },
                 "sent",
             ),
+            Case(
+                "text or template: window open, so text",
+                {"to": "+12025550100", "message": "Visa approved.", "whatsappTemplate": VISA_TEMPLATE},
+                "sent",
+            ),
         ],
     ]
 
@@ -112,12 +121,14 @@ class Stack:
         self.redis_url = ""
         self.sim_url = ""
         self.worker_log = workdir / "worker.log"
+        self.receiver_log = workdir / "receiver.log"
+        self.receiver_url = ""
 
     def start(self) -> None:
         redis_server = shutil.which("redis-server")
         if redis_server is None:
             raise SystemExit("demo: redis-server is not installed (make demo installs it)")
-        redis_port, sim_port = _free_port(), _free_port()
+        redis_port, sim_port, receiver_port = _free_port(), _free_port(), _free_port()
         self._spawn(
             [redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.workdir)]
         )
@@ -138,6 +149,16 @@ class Stack:
         }
         log = self.worker_log.open("wb")
         self._spawn([sys.executable, "-m", "arq", "cgb_worker.WorkerSettings"], env=env, stdout=log, stderr=log)
+        receiver_env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("CGB_", "WORKER_", "LOG_", "WABA_"))},
+            "REDIS_URL": self.redis_url,
+            "WABA_APP_SECRET": APP_SECRET,
+            "WEBHOOK_PORT": str(receiver_port),
+        }
+        log = self.receiver_log.open("wb")
+        cli = str(Path(sys.executable).parent / "cgb-worker")
+        self._spawn([cli, "webhooks", "--host", "127.0.0.1"], env=receiver_env, stdout=log, stderr=log)
+        self.receiver_url = f"http://127.0.0.1:{receiver_port}"
 
     def _spawn(self, args: list[str], **kwargs: Any) -> None:
         kwargs.setdefault("stdout", subprocess.DEVNULL)
@@ -160,8 +181,8 @@ async def _wait_ready(stack: Stack, http: aiohttp.ClientSession) -> None:
     deadline = time.monotonic() + 30
     while True:
         try:
-            async with http.get(stack.sim_url + "/_sim/stats") as resp:
-                if resp.status == 200 and b"ready" in stack.worker_log.read_bytes():
+            async with http.get(stack.sim_url + "/_sim/stats") as resp, http.get(stack.receiver_url + "/healthz") as rr:
+                if resp.status == 200 and rr.status == 200 and b"ready" in stack.worker_log.read_bytes():
                     return
         except aiohttp.ClientError:
             pass
@@ -173,8 +194,14 @@ async def _wait_ready(stack: Stack, http: aiohttp.ClientSession) -> None:
 async def _run(stack: Stack) -> int:
     async with aiohttp.ClientSession() as http:
         await _wait_ready(stack, http)
-        # The demo's contacts have just written to us, so their 24-hour window is open.
-        await http.post(stack.sim_url + "/_sim/config", json={"inbound_on_create": True})
+        # The demo's contacts have just written to us, so their 24-hour window is open; the simulator posts
+        # WhatsApp's statuses to the receiver.
+        config = {
+            "inbound_on_create": True,
+            "webhook_url": stack.receiver_url + "/webhooks/whatsapp",
+            "webhook_secret": APP_SECRET,
+        }
+        await http.post(stack.sim_url + "/_sim/config", json=config)
         await http.post(
             stack.sim_url + "/_sim/faults",
             json={"status": 503, "count": 2, "path": f"/contacts/{FAULTY[1:]}/send/text$"},
@@ -182,8 +209,14 @@ async def _run(stack: Stack) -> int:
         pool = await create_pool(stack.redis_url)
         batches = cases()
         started = time.monotonic()
+        deliveries: dict[str, Any] = {}
         try:
-            for batch in batches:
+            await _until(lambda: pool.exists(TRACKING))  # the receiver is on: the worker records sends for it
+            for number, batch in enumerate(batches):
+                if number == 1:
+                    # the document's recipient writes back (WhatsApp posts it to the receiver): window open
+                    await http.post(stack.sim_url + "/_sim/inbound", json={"phone": "+12025550100"})
+                    await asyncio.sleep(1.0)
                 for case in batch:
                     case.job = await pool.enqueue_job("whatsapp_send", case.payload)
                 for case in batch:
@@ -195,6 +228,10 @@ async def _run(stack: Stack) -> int:
                 for case in batch:
                     info = await case.job.info()
                     case.job_try = info.job_try if info is not None else None
+            await _wait_webhooks(stack, http)
+            for batch in batches:
+                for case in batch:
+                    deliveries[case.job.job_id] = await delivery(pool, case.job.job_id)
         finally:
             await pool.aclose()
         elapsed = time.monotonic() - started
@@ -202,10 +239,36 @@ async def _run(stack: Stack) -> int:
             outbox = await resp.json()
         async with http.get(stack.sim_url + "/_sim/stats") as resp:
             stats = await resp.json()
-    return _report([c for b in batches for c in b], outbox, stats, elapsed)
+    return _report([c for b in batches for c in b], outbox, stats, elapsed, deliveries)
 
 
-def _report(all_cases: list[Case], outbox: list[dict[str, Any]], stats: dict[str, Any], elapsed: float) -> int:
+async def _until(check: Any) -> None:
+    deadline = time.monotonic() + 30
+    while not await check():
+        if time.monotonic() > deadline:
+            raise SystemExit("demo: the webhook receiver did not start")
+        await asyncio.sleep(0.05)
+
+
+async def _wait_webhooks(stack: Stack, http: aiohttp.ClientSession) -> None:
+    """Until the simulator has posted every status and the receiver has taken them in (a second or two)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        async with http.get(stack.sim_url + "/_sim/webhooks") as resp:
+            state = await resp.json()
+        if state["pending"] == 0:
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.0)  # the receiver processes apart from the request
+
+
+def _report(
+    all_cases: list[Case],
+    outbox: list[dict[str, Any]],
+    stats: dict[str, Any],
+    elapsed: float,
+    deliveries: dict[str, Any],
+) -> int:
     bad = 0
     print("\ncgb-worker demo: a real worker, a real Redis, the CGB simulator\n")
     print(f"{'job':<40} {'outcome':<34} {'tries':>5}  ok")
@@ -231,6 +294,17 @@ def _report(all_cases: list[Case], outbox: list[dict[str, Any]], stats: dict[str
         + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
     )
     print(f"contacts created: {counts.get('create_contact', 0)} for {len({m['phone'] for m in outbox})} numbers")
+    print("\nDelivery, from WhatsApp's status webhooks (cgb-worker webhooks):")
+    for case in all_cases:
+        found = deliveries.get(case.job.job_id)
+        if found is None:
+            print(f"  {case.title:<40} nothing sent")
+            if case.expect == "sent":
+                bad += 1
+            continue
+        steps = ", ".join(f"{s.step} {s.status}" for s in found.steps)
+        print(f"  {case.title:<40} {found.status:<10} {steps}")
+        bad += found.status != "read"
     print(f"\n{len(all_cases) - bad} of {len(all_cases)} jobs ended as expected, in {elapsed:.1f} s")
     return 0 if bad == 0 else 1
 
@@ -245,6 +319,7 @@ def main() -> None:
         stack.stop()
     if code:
         print("\nworker log:\n" + stack.worker_log.read_text(errors="replace")[-4000:], file=sys.stderr)
+        print("\nreceiver log:\n" + stack.receiver_log.read_text(errors="replace")[-2000:], file=sys.stderr)
     shutil.rmtree(workdir, ignore_errors=True)
     raise SystemExit(code)
 
