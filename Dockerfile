@@ -31,6 +31,8 @@ HEALTHCHECK --interval=15s --timeout=10s --start-period=20s --retries=2 \
     CMD ["arq", "--check", "cgb_worker.WorkerSettings"]
 # SIGTERM lets running jobs finish for WORKER_JOB_COMPLETION_WAIT (20 s): give the container longer to stop.
 STOPSIGNAL SIGTERM
+# The webhook receiver runs from the same image: `cgb-worker webhooks` (port 8090; see docker-compose.yml).
+EXPOSE 8090
 # arq's own command and its own Worker; it rides out a Redis restart, and the restart policy covers an
 # outage longer than the two minutes its commands retry.
 CMD ["arq", "cgb_worker.WorkerSettings"]
