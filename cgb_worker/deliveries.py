@@ -113,16 +113,18 @@ def window_state(window: bytes | None, since: bytes | None, *, now_ms: int | Non
     return "unknown"
 
 
-def member(phone: str, delivery_id: str, step: str) -> str:
-    """A send in ``cgb:accepted``: recipient first (the match looks for its prefix), step last."""
-    return f"{recipient(phone)}|{delivery_id}|{step}"
+def member(phone: str, at_ms: int, delivery_id: str, step: str) -> str:
+    """A send in ``cgb:accepted``. Every score there is 0 and members sort as strings: by recipient, then by
+    time (13 digits of milliseconds), so a recipient's oldest send in a time range is one ``ZRANGEBYLEX``
+    away, however many sends are waiting."""
+    return f"{recipient(phone)}|{at_ms:013d}|{delivery_id}|{step}"
 
 
-def parse_member(value: str) -> tuple[str, str, str]:
-    """(recipient, delivery id, step) of a :func:`member`."""
-    who, _, rest = value.partition("|")
+def parse_member(value: str) -> tuple[str, int, str, str]:
+    """(recipient, time in ms, delivery id, step) of a :func:`member`."""
+    who, at, rest = value.split("|", 2)
     delivery_id, _, step = rest.rpartition("|")
-    return who, delivery_id, step
+    return who, int(at), delivery_id, step
 
 
 class Accepted(msgspec.Struct, frozen=True):
@@ -150,7 +152,7 @@ class Accepted(msgspec.Struct, frozen=True):
         return out
 
     def index(self) -> dict[str, float] | None:
-        return {member(self.to, self.delivery_id, self.step): self.at_ms} if self.tracking else None
+        return {member(self.to, self.at_ms, self.delivery_id, self.step): 0} if self.tracking else None
 
 
 # -- what a producer reads ----------------------------------------------------------------------------------
@@ -269,25 +271,17 @@ async def delivery(redis: Redis, job_id: str, *, unconfirmed_after: float = 8640
 # -- what the receiver runs: each change to one message is one script, so receivers never race ---------------
 
 MATCH = """
--- KEYS: wamid key, accepted set. ARGV: recipient ('' if unknown), lowest and highest score, wamid TTL.
+-- KEYS: wamid key, accepted set. ARGV: '' when the recipient is unknown, else the lowest member ('[who|t0')
+-- and the bound above the highest ('(who|t1+1'); the wamid's TTL.
 local ref = redis.call('GET', KEYS[1])
 if ref then return {ref, 'wamid'} end
 if ARGV[1] == '' then return false end
-local prefix = ARGV[1] .. '|'
-local offset = 0
-while true do
-  local batch = redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[2], ARGV[3], 'LIMIT', offset, 200)
-  if #batch == 0 then return false end
-  for _, m in ipairs(batch) do
-    if string.sub(m, 1, #prefix) == prefix then
-      redis.call('ZREM', KEYS[2], m)
-      local r = string.sub(m, #prefix + 1)
-      redis.call('SET', KEYS[1], r, 'EX', ARGV[4])
-      return {r, 'recipient'}
-    end
-  end
-  offset = offset + #batch
-end
+local found = redis.call('ZRANGEBYLEX', KEYS[2], ARGV[1], ARGV[2], 'LIMIT', 0, 1)[1]
+if not found then return false end
+redis.call('ZREM', KEYS[2], found)
+local r = string.match(found, '^[^|]*|%d+|(.*)$')
+redis.call('SET', KEYS[1], r, 'EX', ARGV[3])
+return {r, 'recipient'}
 """
 
 APPLY = """

@@ -308,11 +308,13 @@ class Processor:
         ``gone`` (the send's record has expired)."""
         at = int(status.timestamp) * 1000
         phone = status.recipient_id or await self._phone_of(user_id)
-        window = self.settings.match_window * 1000
-        found = await self._match(
-            keys=[wamid_key(status.id), ACCEPTED],
-            args=[recipient(phone) if phone else "", at - window, at + CLOCK_SKEW * 1000, WAMID_TTL],
-        )
+        if phone:
+            who = recipient(phone)
+            low = max(0, at - int(self.settings.match_window * 1000))
+            bounds = [f"[{who}|{low:013d}", f"({who}|{at + int(CLOCK_SKEW * 1000) + 1:013d}"]
+        else:
+            bounds = ["", ""]
+        found = await self._match(keys=[wamid_key(status.id), ACCEPTED], args=[*bounds, WAMID_TTL])
         if not found:
             if not orphan:
                 await self.redis.zadd(ORPHANS, {msgspec.json.encode([raw, user_id]): time.time()}, nx=True)
@@ -391,12 +393,19 @@ class Processor:
                 await self.redis.zrem(ORPHANS, item)
 
     async def sweep(self) -> int:
-        """Sends still without a status after ``STATUS_UNCONFIRMED_AFTER`` become ``unconfirmed``."""
+        """Sends still without a status after ``STATUS_UNCONFIRMED_AFTER`` become ``unconfirmed``. The set is
+        ordered by recipient, not time, so this walks it in pages: it holds only the sends still waiting for
+        their first status, a few seconds' worth while webhooks flow."""
         cutoff = (time.time() - self.settings.unconfirmed_after) * 1000
         now = int(time.time() * 1000)
         swept = 0
-        for item in await self.redis.zrangebyscore(ACCEPTED, "-inf", cutoff, start=0, num=500):
-            _who, delivery_id, step = parse_member(item.decode())
+        start: bytes = b"-"
+        stale: list[bytes] = []
+        while page := await self.redis.zrangebylex(ACCEPTED, start, b"+", start=0, num=500):
+            stale.extend(m for m in page if parse_member(m.decode())[1] < cutoff)
+            start = b"(" + page[-1]
+        for item in stale:
+            _who, _at, delivery_id, step = parse_member(item.decode())
             event = msgspec.json.encode({"status": "unconfirmed", "at": iso(now), "received": iso(now)})
             result = await self._apply(
                 keys=[sends_key(delivery_id), STREAM, "cgb:window:-", ACCEPTED],

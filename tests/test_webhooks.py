@@ -692,3 +692,32 @@ async def test_the_receiver_logs_no_phone_wamid_text_or_secret(
     for needle in (A.lstrip("+"), B.lstrip("+"), "wamid.", "secret visa text", SECRET):
         assert needle not in text, needle
     assert "131047" in text  # the receiver did log what happened, by code
+
+
+def test_an_index_member_sorts_by_recipient_then_time_and_parses_back() -> None:
+    from cgb_worker.deliveries import member, parse_member, recipient
+
+    m = member(A, 1764650000123, "job|with|bars", "text")
+    assert parse_member(m) == (recipient(A), 1764650000123, "job|with|bars", "text")
+    assert A.lstrip("+") not in m  # phones appear in Redis only hashed
+    ordered = sorted([member(A, 1764650000999, "b", "text"), member(A, 1764650000123, "a", "text")])
+    assert [parse_member(x)[2] for x in ordered] == ["a", "b"]
+
+
+async def test_matching_takes_the_recipients_send_among_thousands_waiting(
+    harness: Harness, receiver: Receiver, redis_client: Any
+) -> None:
+    from cgb_worker.deliveries import Accepted
+
+    now = int(time.time() * 1000)
+    others = [Accepted(f"other-{i}", "text", f"+1202555{i:04d}", now - 1000, True) for i in range(3000)]
+    mine = Accepted("mine", "text", A, now - 500, True)
+    async with redis_client.pipeline(transaction=False) as pipe:
+        for acc in [*others, mine]:
+            pipe.hset(f"cgb:sends:{acc.delivery_id}", mapping=acc.fields())
+            pipe.zadd(ACCEPTED, acc.index())
+        await pipe.execute()
+    assert (await receiver.post(status_payload("wamid.MINE", "delivered", A)))[0] == 200
+    await eventually(lambda: _status_is(harness, "mine", "delivered"))
+    assert await redis_client.zcard(ACCEPTED) == 3000
+    assert (await status_of(harness, "other-0")).status == "accepted"
