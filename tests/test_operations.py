@@ -130,13 +130,17 @@ async def test_arq_check_sees_a_dead_worker(worker_env: dict[str, str]) -> None:
 def test_make_demo_runs_the_whole_product() -> None:
     import subprocess
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CGB_", "REDIS_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CGB_", "REDIS_", "WABA_", "WEBHOOK_"))}
     proc = subprocess.run(
         [sys.executable, "-m", "cgb_worker.demo"], capture_output=True, text=True, timeout=120, env=env, check=False
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
-    assert "8 of 8 jobs ended as expected" in out
+    assert "9 of 9 jobs ended as expected" in out
+    assert "text or template: window open, so text   sent text" in out
+    delivery = out.split("Delivery, from WhatsApp's status webhooks")[1]
+    assert delivery.count(" read ") == 8  # every message sent was read, by the receiver's account
+    assert "invalid phone                            nothing sent" in delivery
     assert "native template, document header" in out
     assert "whatsapp_template delivered  visa_approval_file_phone" in out
     assert "two CGB 503s, then success" in out
