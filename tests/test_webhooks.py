@@ -721,3 +721,102 @@ async def test_matching_takes_the_recipients_send_among_thousands_waiting(
     await eventually(lambda: _status_is(harness, "mine", "delivered"))
     assert await redis_client.zcard(ACCEPTED) == 3000
     assert (await status_of(harness, "other-0")).status == "accepted"
+
+
+async def test_a_template_whatsapp_rejects_shows_failed_132000(
+    harness: Harness, receiver: Receiver, tmp_path: Any
+) -> None:
+    """The worker has no catalog here, so CGB says success; WhatsApp's webhook tells the truth."""
+    catalog = tmp_path / "templates.toml"
+    catalog.write_text('[[template]]\nname = "visa_approved"\nlanguages = ["en"]\nbody = 2\n')
+    harness.sim.configure(wa_templates_file=str(catalog))
+    await harness.known(A)
+    [job] = await harness.enqueue({"to": A, "whatsappTemplate": TEMPLATE})  # one parameter; two approved
+    await harness.run()
+    assert (await job.result())["success"] is True
+    await settled(harness)
+    found = await status_of(harness, job.job_id)
+    assert found.status == "failed"
+    assert found.error is not None
+    assert (found.error.code, found.error.title) == (
+        132000,
+        "Number of parameters does not match the expected number of params",
+    )
+    assert [e.status for e in found.events] == ["accepted", "failed"]
+
+
+async def test_the_simulators_inbound_message_opens_the_window(
+    harness: Harness, receiver: Receiver, redis_client: Any
+) -> None:
+    await harness.known(B)
+    url = harness.sim.root + "/_sim/inbound"
+    async with aiohttp.ClientSession() as http, http.post(url, json={"phone": B, "text": "hi"}) as resp:
+        assert resp.status == 200
+    [posted] = harness.sim.state.webhooks
+    assert posted["status"] == 200
+    assert posted["payload"]["entry"][0]["changes"][0]["value"]["messages"][0]["from"] == B.lstrip("+")
+    await eventually(lambda: redis_client.exists(window_key(B)))
+    [job] = await harness.enqueue({"to": B, "message": "Visa approved.", "whatsappTemplate": TEMPLATE})
+    await harness.run()
+    assert ((await job.result())["kind"], (await job.result())["window"]) == ("text", "open")
+
+
+async def test_redis_down_is_a_503_so_meta_redelivers() -> None:
+    from arq.connections import ArqRedis
+
+    pool = ArqRedis(host="127.0.0.1", port=free_port())  # nothing listens there
+    app = create_app(pool, settings(), process=False)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        rec = Receiver(f"http://127.0.0.1:{port}/webhooks/whatsapp", app, pool)
+        assert (await rec.post(status_payload("wamid.X", "sent", A)))[0] == 503
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+            assert resp.status == 503
+        from cgb_worker.webhooks import METRICS
+
+        assert app[METRICS].registry.get_sample_value("cgb_webhook_requests_total", {"outcome": "store_failed"}) == 1
+    finally:
+        await runner.cleanup()
+        await pool.aclose()
+
+
+@pytest.mark.parametrize(
+    ("payload", "kwargs", "why"),
+    [
+        ({"to": A, "message": "hi"}, {"fallback_of": "job-1"}, "a fallback job sends a whatsappTemplate alone"),
+        ({"to": A, "message": "hi", "whatsappTemplate": TEMPLATE}, {"fallback_of": "job-1"}, "alone"),
+        ({"to": A, "whatsappTemplate": TEMPLATE}, {"fallback_of": ""}, "fallback_of must be the id"),
+    ],
+    ids=["a text", "a text and a template", "an empty id"],
+)
+async def test_a_bad_fallback_job_is_refused(
+    harness: Harness, payload: dict[str, Any], kwargs: dict[str, Any], why: str
+) -> None:
+    await harness.known(A)
+    [job] = await harness.enqueue(payload, **kwargs)
+    await harness.run()
+    error = await harness.outcome(job)
+    assert isinstance(error, E.InvalidJobError), error
+    assert why in str(error)
+    assert harness.sim.requests() == []
+
+
+async def test_a_retry_keeps_to_the_choice_its_first_try_made(harness: Harness, redis_client: Any) -> None:
+    """The first try chose the text (window open) and its outcome is unknown; the window now reads closed.
+    The retry must not send the template beside a text that may have gone out."""
+    from cgb_worker.sends import key as sends_key
+
+    await harness.known(A)
+    await redis_client.set(window_key(A), f"c:{int(time.time() * 1000)}")
+    await redis_client.hset(sends_key("choice-1"), "text", "sending")
+    await redis_client.set("arq:retry:choice-1", 1)  # arq's try counter: this run is the job's second try
+    [job] = await harness.enqueue(
+        {"to": A, "message": "Visa approved.", "whatsappTemplate": TEMPLATE}, _job_id="choice-1"
+    )
+    await harness.run()
+    result = await harness.outcome(job)
+    assert (result["kind"], result["window"], result["possibleDuplicate"]) == ("text", "closed", True)
+    assert [r["endpoint"] for r in harness.sim.requests()] == ["send_text"]
