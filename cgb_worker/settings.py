@@ -232,13 +232,7 @@ def _read(source: Mapping[str, str]) -> Settings:
     if "WORKER_MAX_JOBS" not in source and rate_limit is not None:
         worker_values["max_jobs"] = default_max_jobs(rate_limit)
 
-    problems: list[str] = []
-    try:
-        env.seal()
-    except environs.EnvValidationError as exc:
-        errors = exc.error_messages
-        for name, messages in errors.items() if isinstance(errors, Mapping) else [("?", errors)]:
-            problems.extend(f"{name}: {m}" for m in _flatten(messages))
+    problems = _sealed(env)
 
     if api_key is not None and not api_key.strip():
         problems.append("CGB_API_KEY: must not be empty.")
@@ -316,6 +310,17 @@ def _read(source: Mapping[str, str]) -> Settings:
     )
 
 
+def _sealed(env: environs.Env) -> list[str]:
+    """Every problem environs found with the variables read so far, one line each."""
+    try:
+        env.seal()
+    except environs.EnvValidationError as exc:
+        errors = exc.error_messages
+        items = errors.items() if isinstance(errors, Mapping) else [("?", errors)]
+        return [f"{name}: {m}" for name, messages in items for m in _flatten(messages)]
+    return []
+
+
 def _flatten(messages: Any) -> list[str]:
     if isinstance(messages, str):
         return [messages]
@@ -366,13 +371,7 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
     stream_max = env.int("DELIVERY_STREAM_MAX", 100000, validate=Range(min=100))
     log_level = env.str("LOG_LEVEL", "INFO", validate=OneOf(["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"]))
     log_json = env.bool("LOG_JSON", False)
-    problems: list[str] = []
-    try:
-        env.seal()
-    except environs.EnvValidationError as exc:
-        errors = exc.error_messages
-        for name, messages in errors.items() if isinstance(errors, Mapping) else [("?", errors)]:
-            problems.extend(f"{name}: {m}" for m in _flatten(messages))
+    problems = _sealed(env)
     if app_secret is not None and not app_secret.strip():
         problems.append("WABA_APP_SECRET: must not be empty.")
     if redis_url is not None and (problem := parse_redis_url(redis_url)):

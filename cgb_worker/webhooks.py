@@ -261,7 +261,20 @@ class Processor:
                 entries.extend(items)
         for entry_id, fields in entries:
             if fields:  # an entry deleted while pending comes back empty
-                outcome = await self.process(fields[b"body"])
+                try:
+                    outcome = await self.process(fields[b"body"])
+                except RedisError:
+                    raise  # left pending: this consumer takes it again once Redis is back
+                except Exception as exc:
+                    # Never block the inbox on one entry: keep it with the malformed ones, for a person.
+                    logger.exception("a stored webhook could not be processed; kept in {}", MALFORMED)
+                    await self.redis.xadd(
+                        MALFORMED,
+                        {"body": fields[b"body"], "reason": f"processing failed: {type(exc).__name__}"},
+                        maxlen=MALFORMED_MAX,
+                        approximate=True,
+                    )
+                    outcome = "malformed"
                 self.metrics.requests.labels(outcome).inc()
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.xack(INBOX, GROUP, entry_id)

@@ -820,3 +820,31 @@ async def test_a_retry_keeps_to_the_choice_its_first_try_made(harness: Harness, 
     result = await harness.outcome(job)
     assert (result["kind"], result["window"], result["possibleDuplicate"]) == ("text", "closed", True)
     assert [r["endpoint"] for r in harness.sim.requests()] == ["send_text"]
+
+
+async def test_an_entry_that_fails_to_process_does_not_block_the_inbox(
+    harness: Harness, receiver: Receiver, redis_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await harness.known(A)
+    harness.sim.configure(webhook_url=None)
+    [job] = await harness.enqueue({"to": A, "message": "hello"})
+    await harness.run()
+    processor = receiver.processor
+    original = processor.process
+    calls = 0
+
+    async def flaky(body: bytes) -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug")
+        return await original(body)
+
+    monkeypatch.setattr(processor, "process", flaky)
+    assert (await receiver.post(status_payload("wamid.P1", "sent", A)))[0] == 200
+    assert (await receiver.post(status_payload("wamid.P1", "delivered", A)))[0] == 200
+    await eventually(lambda: _status_is(harness, job.job_id, "delivered"))
+    [(_id, fields)] = await redis_client.xrange(MALFORMED)
+    assert fields[b"reason"] == b"processing failed: RuntimeError"
+    assert b'"sent"' in fields[b"body"]
+    await eventually(lambda: _inbox_empty(redis_client))
