@@ -7,13 +7,15 @@ UV_VERSION := 0.13.9
 UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
 VENV := .venv/bin
 
-.PHONY: help install redis-bin test lint typecheck format unit demo bench clean
+.PHONY: help install redis-bin test lint typecheck format unit demo bench clean container-bin image container-test
 
 help:
 	@echo "make test    lint, type-check and run the tests (with a throwaway Redis)"
 	@echo "make demo    run the worker against the CGB simulator and print a report"
 	@echo "make bench   run the benchmarks and write BENCHMARKS.md"
 	@echo "make format  format the code with ruff"
+	@echo "make image   build the container image (docker or podman; a stand-in base where no registry is reachable)"
+	@echo "make container-test  build the image and test it running (podman and runc from Debian when missing)"
 
 .tools/bin/uv:
 	$(PYTHON) -m venv .tools
@@ -61,6 +63,26 @@ unit: install redis-bin
 	$(VENV)/coverage report
 
 test: lint typecheck unit
+
+# The container engine: a working Docker engine if there is one, else podman with runc (and debootstrap, for
+# the stand-in base), installed from Debian's packages when missing, as redis-bin does for Redis.
+container-bin:
+	@docker info >/dev/null 2>&1 || { \
+	  missing=""; for c in podman runc debootstrap; do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
+	  [ -z "$$missing" ] || { \
+	    if [ "$$(id -u)" != 0 ]; then \
+	      echo "$$missing missing and installing needs root: run 'sudo apt-get install podman runc debootstrap'" >&2; exit 1; fi; \
+	    echo "installing$$missing from Debian's packages"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap >/dev/null \
+	      || { echo "apt-get could not install$$missing" >&2; exit 1; }; }; }
+
+image: container-bin
+	./container/image.sh
+
+# Runs the image's containers against a throwaway Redis and the simulator on the host network (container/).
+container-test: install redis-bin image
+	$(VENV)/pytest container -p no:cacheprovider
+	@./container/image.sh --sizes
 
 clean:
 	rm -rf .venv .tools .mypy_cache .pytest_cache .ruff_cache .coverage .coverage.*
