@@ -225,14 +225,23 @@ class Processor:
     async def run(self, stop: asyncio.Event) -> None:
         """Process until ``stop`` is set; Redis errors are logged and waited out."""
         last_sweep = last_lease = 0.0
+        group = False
         while not stop.is_set():
             self.alive = time.monotonic()
             try:
                 if self.alive - last_lease > 60:
                     await self.redis.set(TRACKING, "1", ex=TRACKING_LEASE)
                     last_lease = self.alive
-                await self.ensure_group()
-                await self.turn()
+                if not group:
+                    await self.ensure_group()
+                    group = True
+                try:
+                    await self.turn()
+                except ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    group = False  # the inbox went away (a Redis without persistence restarted): make it again
+                    continue
                 if self.alive - last_sweep > SWEEP_EVERY:
                     await self.sweep()
                     last_sweep = self.alive

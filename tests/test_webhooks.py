@@ -848,3 +848,16 @@ async def test_an_entry_that_fails_to_process_does_not_block_the_inbox(
     assert fields[b"reason"] == b"processing failed: RuntimeError"
     assert b'"sent"' in fields[b"body"]
     await eventually(lambda: _inbox_empty(redis_client))
+
+
+async def test_the_receiver_makes_its_inbox_again_after_redis_lost_it(
+    harness: Harness, receiver: Receiver, redis_client: Any
+) -> None:
+    """A Redis without persistence restarted: the inbox stream and its group are gone."""
+    await redis_client.delete(INBOX)
+    await asyncio.sleep(0.5)
+    await harness.known(A)
+    [job] = await harness.enqueue({"to": A, "message": "hello"})
+    await harness.run()
+    await settled(harness)
+    assert (await status_of(harness, job.job_id)).status == "read"
