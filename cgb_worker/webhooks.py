@@ -143,20 +143,20 @@ class MalformedError(ValueError):
 
 
 _payload = msgspec.json.Decoder(MetaPayload)
-_value = msgspec.json.Decoder(MetaValue)
 
 
-def parse_payload(body: bytes) -> list[MetaValue]:
-    """The ``messages`` changes of a webhook body, checked: :class:`MalformedError` for wrong types, unknown
-    status values, missing parts, timestamps that are not Unix seconds, or more than :data:`MAX_ITEMS`
-    items. Changes to other fields (template reviews, account updates) are valid and skipped."""
+def parse_payload(body: bytes) -> list[tuple[MetaValue, dict[str, Any]]]:
+    """The ``messages`` changes of a webhook body, checked, each with its value as plain data (what Meta sent,
+    kept in the timeline): :class:`MalformedError` for wrong types, unknown status values, missing parts,
+    timestamps that are not Unix seconds, or more than :data:`MAX_ITEMS` items. Changes to other fields
+    (template reviews, account updates) are valid and skipped."""
     try:
         payload = _payload.decode(body)
     except msgspec.DecodeError as exc:
         raise MalformedError(f"not a webhook payload: {exc}") from None
     if payload.object != "whatsapp_business_account":
         raise MalformedError("object is not whatsapp_business_account")
-    values: list[MetaValue] = []
+    values: list[tuple[MetaValue, dict[str, Any]]] = []
     items = 0
     for entry in payload.entry:
         items += len(entry.changes)
@@ -166,8 +166,9 @@ def parse_payload(body: bytes) -> list[MetaValue]:
             if change.field != "messages":
                 continue
             try:
-                value = _value.decode(change.value)
-            except msgspec.DecodeError as exc:
+                raw = msgspec.json.decode(change.value)
+                value = msgspec.convert(raw, MetaValue)
+            except msgspec.DecodeError as exc:  # ValidationError included
                 raise MalformedError(f"a messages change: {exc}") from None
             items += len(value.statuses) + len(value.messages)
             if items > MAX_ITEMS:
@@ -180,7 +181,7 @@ def parse_payload(body: bytes) -> list[MetaValue]:
             for message in value.messages:
                 if not message.timestamp.isdigit() or not (message.from_ or message.from_user_id):
                     raise MalformedError("an inbound message without a sender or a Unix timestamp")
-            values.append(value)
+            values.append((value, raw))
     return values
 
 
@@ -299,10 +300,9 @@ class Processor:
             values = parse_payload(body)
         except MalformedError:
             return "malformed"  # checked before it was stored; only a change of this code could get here
-        raw = msgspec.json.decode(body)
         statuses = 0
         duplicates = 0
-        for value, raw_value in zip(values, _raw_values(raw), strict=False):
+        for value, raw_value in values:
             users: dict[str, str] = {c.wa_id: c.user_id for c in value.contacts if c.wa_id and c.user_id}
             for wa_id, uid in users.items():
                 await self.redis.set(bsuid_key(uid), wa_id, ex=BSUID_TTL)
@@ -456,13 +456,6 @@ class Processor:
                 self.metrics.deliveries.labels("unconfirmed").inc()
             swept += 1
         return swept
-
-
-def _raw_values(raw: Any) -> list[dict[str, Any]]:
-    """The ``messages`` changes' values as plain data, in the order :func:`parse_payload` gives them."""
-    return [
-        change["value"] for entry in raw["entry"] for change in entry["changes"] if change.get("field") == "messages"
-    ]
 
 
 # -- the HTTP side -------------------------------------------------------------------------------------------
