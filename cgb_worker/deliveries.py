@@ -284,43 +284,52 @@ redis.call('SET', KEYS[1], r, 'EX', ARGV[3])
 return {r, 'recipient'}
 """
 
-APPLY = """
--- KEYS: the send-log hash, the deliveries stream, the window key, the accepted set.
--- ARGV: step, status, rank, at (ms), event (JSON line), wamid, match, error code, title, details,
---       stream max, job id, wa_id, user_id, accepted-set member, ranks (JSON).
-local step, status = ARGV[1], ARGV[2]
+_LUA_RANKS = "{" + ", ".join(f"{name} = {rank}" for name, rank in RANK.items()) + "}"
+
+APPLY = (
+    """
+-- KEYS: the send-log hash, the deliveries stream, the window key ('' when the phone is unknown), the
+-- accepted set.
+-- ARGV: step, status, at (ms), event (JSON line), wamid, match, error code, title, details, stream max,
+--       job id, wa_id, user_id, accepted-set member ('' when it is out of the set already).
+local step, status, at, wamid, code = ARGV[1], ARGV[2], ARGV[3], ARGV[5], ARGV[7]
+local ranks = """
+    + _LUA_RANKS
+    + """
 local raw = redis.call('HGET', KEYS[1], 'd:' .. step)
 if not raw then return {'gone'} end
 local s = cjson.decode(raw)
-local key = status .. '/' .. ARGV[6]
+local key = status .. '/' .. wamid
 local seen = s.seen or '|'
 if string.find(seen, '|' .. key .. '|', 1, true) then return {'duplicate', s.status, tostring(s.at)} end
 s.seen = seen .. key .. '|'
 local events = redis.call('HGET', KEYS[1], 'e:' .. step) or ''
-if #events < 65536 then redis.call('HSET', KEYS[1], 'e:' .. step, events .. ARGV[5] .. '\\n') end
-if ARGV[6] ~= '' and not s.wamid then s.wamid = ARGV[6] end
-if ARGV[7] ~= '' and not s.match then s.match = ARGV[7] end
-if ARGV[13] ~= '' then s.waId = ARGV[13] end
-if ARGV[14] ~= '' then s.userId = ARGV[14] end
-if ARGV[15] ~= '' then redis.call('ZREM', KEYS[4], ARGV[15]) end
-local ranks = cjson.decode(ARGV[16])
-local changed = (ranks[s.status] or 0) < tonumber(ARGV[3])
+if #events < 65536 then redis.call('HSET', KEYS[1], 'e:' .. step, events .. ARGV[4] .. '\\n') end
+if wamid ~= '' and not s.wamid then s.wamid = wamid end
+if ARGV[6] ~= '' and not s.match then s.match = ARGV[6] end
+if ARGV[12] ~= '' then s.waId = ARGV[12] end
+if ARGV[13] ~= '' then s.userId = ARGV[13] end
+if ARGV[14] ~= '' then redis.call('ZREM', KEYS[4], ARGV[14]) end
+local changed = (ranks[s.status] or 0) < ranks[status]
 local fallback = 0
 if changed then
   s.status = status
   if status == 'failed' then
-    s.error = {code = tonumber(ARGV[8]) or 0, title = ARGV[9], details = ARGV[10]}
-    if ARGV[8] == '131047' then
-      redis.call('SET', KEYS[3], 'c:' .. ARGV[4], 'EX', 604800)
+    s.error = {code = tonumber(code) or 0, title = ARGV[8], details = ARGV[9]}
+    if code == '131047' then
+      if KEYS[3] ~= '' then redis.call('SET', KEYS[3], 'c:' .. at, 'EX', """
+    + str(WINDOW_TTL)
+    + """) end
       if redis.call('HEXISTS', KEYS[1], 'f:' .. step) == 1 then fallback = 1 end
     end
   end
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[11], '*', 'job', ARGV[12], 'step', step, 'status', status,
-    'wamid', s.wamid or '', 'error', status == 'failed' and ARGV[8] or '', 'at', ARGV[4])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[10], '*', 'job', ARGV[11], 'step', step, 'status', status,
+    'wamid', s.wamid or '', 'error', status == 'failed' and code or '', 'at', at)
 end
 redis.call('HSET', KEYS[1], 'd:' .. step, cjson.encode(s))
 return {changed and 'changed' or 'kept', s.status, tostring(s.at), fallback}
 """
+)
 
 OPEN_WINDOW = """
 -- KEYS: the window key. ARGV: inbound time (ms), TTL. A later inbound never loses to an earlier one.

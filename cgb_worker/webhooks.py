@@ -48,7 +48,6 @@ from .deliveries import (
     CLOCK_SKEW,
     MATCH,
     OPEN_WINDOW,
-    RANK,
     SINCE,
     STREAM,
     TRACKING,
@@ -210,7 +209,6 @@ class Processor:
         self._match = redis.register_script(MATCH)
         self._apply = redis.register_script(APPLY)
         self._open = redis.register_script(OPEN_WINDOW)
-        self._ranks = msgspec.json.encode(RANK)
         self.alive = 0.0
         """time.monotonic() of the processor's last turn, for ``/healthz``."""
         self.claim_idle = CLAIM_IDLE
@@ -354,11 +352,10 @@ class Processor:
             }
         )
         result = await self._apply(
-            keys=[sends_key(delivery_id), STREAM, window_key(phone) if phone else "cgb:window:-", ACCEPTED],
+            keys=[sends_key(delivery_id), STREAM, window_key(phone) if phone else "", ACCEPTED],
             args=[
                 step,
                 status.status,
-                RANK[status.status],
                 at,
                 event,
                 status.id,
@@ -371,7 +368,6 @@ class Processor:
                 status.recipient_id or "",
                 user_id or "",
                 "",
-                self._ranks,
             ],
         )
         outcome = str(result[0].decode())
@@ -430,11 +426,10 @@ class Processor:
             _who, _at, delivery_id, step = parse_member(item.decode())
             event = msgspec.json.encode({"status": "unconfirmed", "at": iso(now), "received": iso(now)})
             result = await self._apply(
-                keys=[sends_key(delivery_id), STREAM, "cgb:window:-", ACCEPTED],
+                keys=[sends_key(delivery_id), STREAM, "", ACCEPTED],
                 args=[
                     step,
                     "unconfirmed",
-                    RANK["unconfirmed"],
                     now,
                     event,
                     "",
@@ -447,7 +442,6 @@ class Processor:
                     "",
                     "",
                     item,
-                    self._ranks,
                 ],
             )
             if result[0] == b"gone":

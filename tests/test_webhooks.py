@@ -861,3 +861,21 @@ async def test_the_receiver_makes_its_inbox_again_after_redis_lost_it(
     await harness.run()
     await settled(harness)
     assert (await status_of(harness, job.job_id)).status == "read"
+
+
+async def test_a_131047_for_a_recipient_known_only_by_bsuid_writes_no_window_key(
+    harness: Harness, receiver: Receiver, redis_client: Any
+) -> None:
+    harness.sim.configure(webhook_url=None)
+    await harness.known(A)
+    [job] = await harness.enqueue({"to": A, "message": "hello"})
+    await harness.run()
+    assert (await receiver.post(status_payload("wamid.U1", "sent", A)))[0] == 200
+    await eventually(lambda: _status_is(harness, job.job_id, "sent"))
+    error = {"code": 131047, "title": "Re-engagement message"}
+    failed = {"id": "wamid.U1", "status": "failed", "timestamp": str(int(time.time())),
+              "recipient_user_id": "US.UNSEEN1", "errors": [error]}  # fmt: skip
+    assert (await receiver.post(envelope({"statuses": [failed]})))[0] == 200
+    found = await eventually(lambda: _status_is(harness, job.job_id, "failed"))
+    assert found.steps[0].user_id == "US.UNSEEN1"
+    assert await redis_client.keys("cgb:window:*") == []  # no phone to hang the closed window on
