@@ -143,7 +143,7 @@ class Accepted(msgspec.Struct, frozen=True):
     """For that template, sent automatically: the step it replaces."""
 
     def fields(self) -> dict[str | bytes, bytes]:
-        state: dict[str, Any] = {"status": "accepted", "at": self.at_ms, "seen": "|"}
+        state: dict[str, Any] = {"status": "accepted", "at": self.at_ms}
         if self.fallback_for:
             state["fallbackFor"] = self.fallback_for
         out: dict[str | bytes, bytes] = {f"d:{self.step}": msgspec.json.encode(state)}

@@ -477,6 +477,7 @@ async def _send(
         record,
         log,
         replay=replay,
+        to=plan.to,
         delivery_id=fallback_of or log_id,
         tracking=tracking is not None,
         window=window_now,
@@ -591,6 +592,7 @@ class _Run:
         log: Any,
         *,
         replay: bool,
+        to: str,
         delivery_id: str | None = None,
         tracking: bool = False,
         window: Window = "unknown",
@@ -608,7 +610,7 @@ class _Run:
         self.replay = replay
         self.possible_duplicate = False
         self.result: SendResult | None = None
-        self.to = ""
+        self.to = to
 
     def sent(self, name: str) -> bool:
         return self.record.get(name.encode()) == SENT
@@ -674,7 +676,6 @@ async def _deliver(
     client = services.client
     cid = contact.id
     native = plan.whatsapp_template if kind == "whatsapp_template" else None
-    run.to = plan.to
     result = SendResult(
         success=True,
         contact_id=cid,
