@@ -433,7 +433,7 @@ def webhooks(host: str | None, port: int | None) -> None:
     except ConfigError as exc:
         _fail(f"the webhook receiver cannot start: {exc}", 2)
     setup_logging(settings.log_level, json_lines=settings.log_json)
-    asyncio.run(serve(settings, host=host, port=port))
+    serve(settings, host=host, port=port)
 
 
 @main.command()

@@ -30,7 +30,6 @@ import asyncio
 import hashlib
 import hmac
 import os
-import signal
 import socket
 import time
 from typing import Any, Literal
@@ -552,31 +551,28 @@ async def _run_processor(app: web.Application) -> Any:
     await task
 
 
-async def serve(settings: ReceiverSettings, *, host: str | None = None, port: int | None = None) -> None:
-    """Run the receiver until SIGTERM or SIGINT."""
+def serve(settings: ReceiverSettings, *, host: str | None = None, port: int | None = None) -> None:
+    """Run the receiver until SIGTERM or SIGINT (aiohttp's ``run_app``, which stops the processor and closes
+    Redis on the way out)."""
     from .worker import create_pool
 
-    redis = await create_pool(settings.redis_url, ride_out_outages=False)
-    runner = web.AppRunner(create_app(redis, settings), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host or settings.host, port or settings.port)
-    await site.start()
-    if settings.verify_token is None:
-        logger.warning("WABA_VERIFY_TOKEN is not set: Meta's subscription handshake will be refused")
-    logger.info(
-        "webhook receiver on {}:{}{}, Redis at {}",
-        host or settings.host,
-        port or settings.port,
-        PATH,
-        redact_url(settings.redis_url),
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-        await redis.aclose()
-        logger.info("webhook receiver stopped")
+    host, port = host or settings.host, port or settings.port
+
+    async def make() -> web.Application:
+        redis = await create_pool(settings.redis_url, ride_out_outages=False)
+        app = create_app(redis, settings)
+
+        async def started(app: web.Application) -> None:
+            if settings.verify_token is None:
+                logger.warning("WABA_VERIFY_TOKEN is not set: Meta's subscription handshake will be refused")
+            logger.info("webhook receiver on {}:{}{}, Redis at {}", host, port, PATH, redact_url(settings.redis_url))
+
+        async def stopped(app: web.Application) -> None:
+            await redis.aclose()
+            logger.info("webhook receiver stopped")
+
+        app.on_startup.append(started)
+        app.on_cleanup.append(stopped)
+        return app
+
+    web.run_app(make(), host=host, port=port, access_log=None, print=None)
