@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
-import hmac
 import json
 import os
 import platform
@@ -39,6 +37,7 @@ from cgb_worker.contacts import ContactResolver, phone_key
 from cgb_worker.deliveries import TRACKING, Accepted
 from cgb_worker.settings import load_settings
 from cgb_worker.simulator import DEFAULT_TOKEN
+from cgb_worker.webhooks import signature
 
 ROOT = Path(__file__).resolve().parent.parent
 OURS = [sys.executable, "-m", "arq", "cgb_worker.WorkerSettings"]
@@ -367,7 +366,7 @@ def status_body(i: int, status: str, at: int) -> bytes:
 
 
 def signed(body: bytes) -> dict[str, str]:
-    return {"X-Hub-Signature-256": "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()}
+    return {"X-Hub-Signature-256": signature(SECRET, body)}
 
 
 async def receiver_bench(stack: Stack, n: int, rate: int, seconds: float) -> dict[str, float]:

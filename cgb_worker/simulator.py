@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import hashlib
-import hmac
 import random
 import re
 import signal
@@ -48,6 +46,7 @@ import msgspec
 from aiohttp import web
 
 from .catalog import BAD_SPACING, TemplateCatalog, load_catalog
+from .webhooks import signature
 
 PAGE_ID = 1000001
 DEFAULT_TOKEN = "sim-token"  # noqa: S105 - the simulator's own, documented token
@@ -346,7 +345,7 @@ class SimState:
     async def post_webhook(self, payload: dict[str, Any]) -> int:
         """Post one signed webhook to ``webhook_url``; the HTTP status (0: no answer) goes in ``webhooks``."""
         body = msgspec.json.encode(payload)
-        signature = "sha256=" + hmac.new(self.config.webhook_secret.encode(), body, hashlib.sha256).hexdigest()
+        signed = signature(self.config.webhook_secret, body)
         status = 0
         try:
             async with (
@@ -354,7 +353,7 @@ class SimState:
                 session.post(
                     str(self.config.webhook_url),
                     data=body,
-                    headers={"Content-Type": "application/json", "X-Hub-Signature-256": signature},
+                    headers={"Content-Type": "application/json", "X-Hub-Signature-256": signed},
                     timeout=aiohttp.ClientTimeout(total=10),
                 ) as response,
             ):
