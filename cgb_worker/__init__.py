@@ -3,7 +3,6 @@
 from typing import Any
 
 from .client import CGBClient
-from .deliveries import Delivery, DeliveryError, DeliveryEvent, StepDelivery, delivery
 from .errors import (
     CGBAPIError,
     CGBAuthError,
@@ -29,6 +28,7 @@ from .errors import (
 )
 from .models import Account, Contact, CustomField, Flow, SendJob, SendResult
 from .phones import normalize_phone
+from .receipts.timeline import Delivery, DeliveryError, DeliveryEvent, StepDelivery, delivery
 from .settings import ReceiverSettings, Settings, load_receiver_settings, load_settings
 from .worker import create_pool, worker_settings
 

@@ -425,8 +425,8 @@ def webhooks(host: str | None, port: int | None) -> None:
 
     Needs WABA_APP_SECRET (and WABA_VERIFY_TOKEN for Meta's handshake) and REDIS_URL; not the CGB key."""
     from .logs import setup_logging
+    from .receipts.app import serve
     from .settings import load_receiver_settings
-    from .webhooks import serve
 
     try:
         settings = load_receiver_settings()
@@ -441,7 +441,7 @@ def webhooks(host: str | None, port: int | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the Delivery as JSON")
 def status(job_id: str, as_json: bool) -> None:
     """What happened to a job's messages: its delivery status and timeline (exit 1 when there is none)."""
-    from .deliveries import delivery
+    from .receipts.timeline import delivery
 
     after = float(os.environ.get("STATUS_UNCONFIRMED_AFTER", "86400") or 86400)
 

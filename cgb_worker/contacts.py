@@ -22,13 +22,13 @@ listings show no numbers.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
+from . import keys
 from .client import CGBClient
 from .errors import CGBNotFoundError
 from .locks import redis_lock
@@ -56,8 +56,7 @@ def decode_cached(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def phone_key(e164: str) -> str:
-    return hashlib.blake2b(e164.encode(), digest_size=12).hexdigest()
+phone_key = keys.who
 
 
 class ContactResolver:
@@ -97,7 +96,7 @@ class ContactResolver:
         self._local[e164] = (contact_id, time.monotonic() + self._local_ttl)
 
     def cache_key(self, e164: str) -> str:
-        return f"cgb:contact:{phone_key(e164)}"
+        return keys.contact(phone_key(e164))
 
     async def cached(self, e164: str) -> str | None:
         return decode_cached(await self._redis.get(self.cache_key(e164)))
@@ -158,7 +157,7 @@ class ContactResolver:
         actions: Sequence[ContactAction],
         by_phone: bool,
     ) -> ResolvedContact:
-        lock_key = f"cgb:lock:contact:{phone_key(e164)}"
+        lock_key = keys.contact_lock(phone_key(e164))
         async with redis_lock(
             self._redis,
             lock_key,

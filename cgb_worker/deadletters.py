@@ -24,13 +24,14 @@ from loguru import logger
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from . import keys
 from .phones import mask_phone
 from .sends import TTL as SEND_LOG_TTL
 from .sends import key as send_log_key
 
-INDEX = "cgb:dead:index"
-ENTRIES = "cgb:dead:entries"
-PAYLOADS = "cgb:dead:payloads"
+INDEX = keys.DEAD_INDEX
+ENTRIES = keys.DEAD_ENTRIES
+PAYLOADS = keys.DEAD_PAYLOADS
 ORIGINS = PAYLOADS + ":origin"
 """Entry id to the id of the job whose send record it continues (itself, unless it was a replay)."""
 

@@ -24,9 +24,10 @@ from typing import Any
 
 import aiohttp
 
-from .deliveries import TRACKING, delivery
 from .errors import CGBWorkerError
+from .keys import TRACKING
 from .phones import mask_phone
+from .receipts.timeline import delivery
 from .worker import create_pool
 
 TOKEN = "sim-token"  # noqa: S105 - the simulator's documented token

@@ -13,6 +13,7 @@ The tree (``retryable`` is a class attribute, decided by the base class, never b
     ├── OutsideWindowError              free-form content to a contact whose 24-hour window is closed (permanent)
     ├── BusyError                       another job holds this contact's lock (retryable)
     ├── ThrottledError                  our own fleet-wide rate limit says wait (retryable, not counted)
+    │   └── TurnBusyError               another message to this person awaits its first status (likewise)
     ├── StoreUnavailableError           Redis failed in the middle of a job (retryable)
     ├── JobFailedError                  the job died of an exception that is not ours (``error_type`` names it)
     └── CGBError                        talking to CGB failed
@@ -118,6 +119,11 @@ class ThrottledError(CGBWorkerError):
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "retry_after": self.retry_after}
+
+
+class TurnBusyError(ThrottledError):
+    """Another send to the same person has not had its first status yet (:mod:`cgb_worker.sends`, "turns"):
+    the job waits its turn as a deferral, like a rate-limit wait, and uses up no attempt."""
 
 
 class StoreUnavailableError(CGBWorkerError):
@@ -242,6 +248,7 @@ _ALL: dict[str, type[CGBWorkerError]] = {
         OutsideWindowError,
         BusyError,
         ThrottledError,
+        TurnBusyError,
         StoreUnavailableError,
         JobFailedError,
         CGBError,

@@ -58,11 +58,11 @@ from loguru import logger
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from . import keys
 from .catalog import check_template
 from .client import BeforeSend, CGBClient
-from .contacts import ContactResolver, ResolvedContact, decode_cached, phone_key
+from .contacts import ContactResolver, ResolvedContact, decode_cached
 from .deadletters import DeadLetters
-from .deliveries import Accepted, Window, window_keys, window_state
 from .errors import (
     CGBNotFoundError,
     CGBRateLimitError,
@@ -73,16 +73,17 @@ from .errors import (
     SendOutcomeUnknownError,
     StoreUnavailableError,
     ThrottledError,
+    TurnBusyError,
 )
 from .locks import redis_lock
 from .metrics import Metrics
 from .models import FileType, Scalar, SendJob, SendResult, SetFieldValue, WhatsAppTemplate
 from .phones import mask_phone, normalize_phone
 from .ratelimit import reset_deadline, set_deadline
-from .sends import RESULT, SENDING, SENT, SendLog, nothing_sent
-from .sends import key as sends_key
+from .sends import RESULT, SENDING, SENT, SendLog, StepRecord, nothing_sent
 from .settings import Settings, job_deadline
 from .templates import TemplateResolver
+from .window import Window, job_keys, window_state
 
 MAX_TEXT = 4096
 MAX_URL = 2048
@@ -328,7 +329,6 @@ async def whatsapp_send(
                     log,
                     event,
                     replay=bool(replay_of),
-                    first_try=job_try == 1,
                     fallback_of=fallback_of,
                 )
         except TimeoutError:
@@ -346,7 +346,12 @@ async def whatsapp_send(
         except RedisError as store_error:
             log.warning("could not count a rate-limit deferral: {}", type(store_error).__name__)
         delay = exc.retry_after or 1.0
-        event.finish(log, started, "throttled", "ThrottledError").info("throttled; deferred {:.1f}s", delay)
+        waiting = isinstance(exc, TurnBusyError)
+        if waiting:
+            delay *= random.uniform(1.0, 1.25)  # noqa: S311 - spreads jobs waiting for one person
+        event.finish(log, started, "throttled", type(exc).__name__).info(
+            "{}; deferred {:.1f}s", "waiting for the person's turn" if waiting else "throttled", delay
+        )
         raise Retry(defer=delay) from exc
     except Exception as exc:
         error_class = type(exc).__name__
@@ -383,8 +388,7 @@ async def whatsapp_send(
     return result
 
 
-def _throttle_key(job_id: str) -> str:
-    return f"cgb:throttled:{job_id}"
+_throttle_key = keys.throttled
 
 
 async def _throttled(services: Services, job_id: str) -> int:
@@ -440,7 +444,6 @@ async def _send(
     event: _Event,
     *,
     replay: bool = False,
-    first_try: bool = False,
     fallback_of: str | None = None,
 ) -> SendResult:
     settings = services.settings
@@ -452,20 +455,15 @@ async def _send(
         check_template(plan.whatsapp_template, settings.wa_templates)  # before any CGB call
     redis = services.redis
     cache_key = services.contacts.cache_key(plan.to)
-    if first_try and not replay:
-        # arq counts every run of a job, a re-run after a crash included, so a first try has no record yet.
-        record: dict[bytes, bytes] = {}
-        cached_contact: Any = services.contacts.seen(plan.to)
-        if cached_contact is not None:
-            window, since, tracking = await redis.mget(window_keys(plan.to))
-        else:
-            cached_contact, window, since, tracking = await redis.mget([cache_key, *window_keys(plan.to)])
-    else:
-        # The send log, the contact cache and the window in one round trip.
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(sends_key(log_id))
-            pipe.mget([cache_key, *window_keys(plan.to)])
-            record, (cached_contact, window, since, tracking) = await pipe.execute()
+    # The send log (first try included: a producer may enqueue a job id again after arq forgot it), the contact
+    # (unless this worker has it in memory), the window, the receiver's lease and the person's turn: one round
+    # trip.
+    known: Any = services.contacts.seen(plan.to)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(keys.sends(log_id))
+        pipe.mget(job_keys(plan.to) if known is not None else [*job_keys(plan.to), cache_key])
+        record, (window, since, tracking, turn, *rest) = await pipe.execute()
+    cached_contact: Any = known if known is not None else rest[0]
     if RESULT in record:
         # This job already finished (the worker died before arq stored the result): no CGB call at all.
         return msgspec.msgpack.decode(record[RESULT], type=SendResult)
@@ -481,6 +479,7 @@ async def _send(
         delivery_id=fallback_of or log_id,
         tracking=tracking is not None,
         window=window_now,
+        turn=turn.decode() if turn else None,
     )
 
     kind: Kind = plan.kind
@@ -525,7 +524,7 @@ async def _send(
         ttl = services.client.timeout * (len(fields.ids) + 4) + 5
         async with redis_lock(
             services.redis,
-            f"cgb:lock:fields:{phone_key(plan.to)}",
+            keys.fields_lock(keys.who(plan.to)),
             ttl=ttl,
             wait=ttl,
             request_timeout=services.client.timeout,
@@ -596,10 +595,13 @@ class _Run:
         delivery_id: str | None = None,
         tracking: bool = False,
         window: Window = "unknown",
+        turn: str | None = None,
     ) -> None:
         self.services = services
         self.delivery_id = delivery_id or log_id
         self.tracking = tracking
+        self.turn = turn
+        """Who held the person's turn when the try began (:mod:`cgb_worker.sends`)."""
         self.window: Window = window
         self.fallback: dict[str, Any] | None = None
         self.fallback_for: str | None = None
@@ -619,6 +621,11 @@ class _Run:
         state = self.record.get(name.encode())
         if state == SENT:
             return
+        ref = f"{self.delivery_id}|{name}"
+        if self.tracking and self.turn is not None and self.turn != ref:
+            # Another message to this person (this job's own file, before its text) awaits its first status: wait
+            # as a deferral, before a rate-limit slot is taken.
+            raise TurnBusyError("another message to this person awaits its first status", retry_after=1.0)
         if state == SENDING:
             # An earlier try may have sent this step. A replay is a person's decision to send it anyway.
             if self.services.settings.unknown_outcome == "fail" and not self.replay:
@@ -628,20 +635,34 @@ class _Run:
             self.possible_duplicate = True
             self.log.warning("an earlier try may have sent the {} already: sending it again", name)
         sends = self.services.sends
-        marked = False
+        marked: StepRecord | None = None
+        own = self.delivery_id == self.log_id
+        new_record = (b"d:" + name.encode()) not in self.record if own else state is None
 
         async def mark() -> None:
             nonlocal marked
-            await sends.mark_sending(self.log_id, name)
-            marked = True
+            record = StepRecord(
+                self.delivery_id,
+                name,
+                self.to,
+                int(time.time() * 1000),
+                self.tracking,
+                turn_ms=int((self.services.client.timeout + self.services.settings.turn_wait) * 1000),
+                fallback=self.fallback if name == "text" else None,
+                fallback_for=self.fallback_for,
+            )
+            await sends.mark_sending(self.log_id, name, record, new_record=new_record)
+            marked = record
 
         try:
             await call(mark)
         except Exception as exc:
             # Cleared only when the failure proves nothing went out, and no earlier try left it unknown.
-            if marked and state != SENDING and nothing_sent(exc):
-                await sends.clear(self.log_id, name)
+            if marked is not None and state != SENDING and nothing_sent(exc):
+                await sends.clear(self.log_id, name, marked, new_record=new_record)
             raise
+        assert marked is not None, "the client marks a step before its request leaves"
+        self.turn = marked.ref if self.tracking else None
         encoded: bytes | None = None
         if final is not None:
             final = msgspec.structs.replace(
@@ -649,18 +670,9 @@ class _Run:
             )
             self.result = final
             encoded = _result_encoder.encode(final)
-        accepted = Accepted(
-            self.delivery_id,
-            name,
-            self.to,
-            int(time.time() * 1000),
-            self.tracking,
-            fallback=self.fallback if name == "text" else None,
-            fallback_for=self.fallback_for,
-        )
         # Shielded: once CGB has acknowledged the step, the record is written even if the try's deadline
         # falls now, so that the next try finds the step sent.
-        await asyncio.shield(sends.mark_sent(self.log_id, name, result=encoded, accepted=accepted))
+        await asyncio.shield(sends.mark_sent(self.log_id, name, result=encoded, record=marked))
         self.record[name.encode()] = SENT
 
 

@@ -79,8 +79,14 @@ class ReceiverMetrics:
       ``failed``, ``played``, ``unconfirmed``);
     * ``cgb_webhook_requests_total{outcome}``: POSTs, ``ok``, ``bad_signature``, ``malformed``, ``too_large``,
       or ``duplicate`` (every status in it had been seen), and ``store_failed`` (Redis down: answered 503);
-    * ``cgb_webhook_statuses_unmatched_total``: statuses that found no send to belong to;
-    * ``cgb_delivery_seconds``: from CGB's acknowledgement to WhatsApp's ``delivered``."""
+    * ``cgb_webhook_statuses_unmatched_total{reason}``: statuses placed on no message: ``none`` (no send of
+      ours could have produced it: another sender's message), ``ambiguous`` (several could: unresolved, never
+      guessed), ``gone`` (its message's record had expired);
+    * ``cgb_webhook_statuses_held``: statuses held now, waiting to be placed;
+    * ``cgb_webhook_items_malformed_total``: statuses, messages or changes set aside in a signed POST whose
+      other items were used;
+    * ``cgb_reactions_total{kind}``: what statuses called for, carried out (``fallback``: a 131047 template);
+    * ``cgb_delivery_seconds``: from the request to WhatsApp's ``delivered``."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -91,11 +97,16 @@ class ReceiverMetrics:
             "cgb_webhook_requests", "WhatsApp webhook POSTs, by outcome", ["outcome"], registry=self.registry
         )
         self.unmatched = Counter(
-            "cgb_webhook_statuses_unmatched", "Statuses that matched no send", registry=self.registry
+            "cgb_webhook_statuses_unmatched", "Statuses placed on no message", ["reason"], registry=self.registry
         )
+        self.held = Gauge("cgb_webhook_statuses_held", "Statuses held, waiting to be placed", registry=self.registry)
+        self.malformed_items = Counter(
+            "cgb_webhook_items_malformed", "Items set aside from signed POSTs", registry=self.registry
+        )
+        self.reactions = Counter("cgb_reactions", "Reactions carried out", ["kind"], registry=self.registry)
         self.delivery_seconds = Histogram(
             "cgb_delivery_seconds",
-            "Seconds from CGB's acknowledgement to WhatsApp's delivered",
+            "Seconds from the request to WhatsApp's delivered",
             buckets=_DELIVERY_BUCKETS,
             registry=self.registry,
         )

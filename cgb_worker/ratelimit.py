@@ -27,10 +27,11 @@ import time
 
 from redis.asyncio import Redis
 
+from . import keys
 from .errors import ThrottledError
 
-KEY = "cgb:ratelimit:next"
-PENALTY_KEY = "cgb:ratelimit:penalty"
+KEY = keys.RATE_NEXT
+PENALTY_KEY = keys.RATE_PENALTY
 PENALTY_SECONDS = 30
 DEFAULT_PAUSE = 2.0
 SPACING = 0.96

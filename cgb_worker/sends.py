@@ -17,17 +17,32 @@ When a request fails, what the failure proves decides whether the mark is cleare
   was on its way (``CGBTimeoutError``); an HTTP 500, 502, 504 or any other 5xx but 503; the worker dying
   between the request and the mark.
 
+**The delivery record and turns.** The ``sending`` mark carries the step's delivery record (``d:<step>``: when
+the request left, for the webhook receiver's timeline), in the same ``HSET``. While a receiver is deployed
+(its lease, ``cgb:webhooks:tracking``), the same round trip also takes the person's *turn*
+(``cgb:turn:<who>``, ``SET NX``) and puts the step in the awaiting set (``cgb:awaiting``), before the request
+leaves, so that no status can arrive for a send the receiver does not know of. A turn is held by one send
+step to one person until the receiver places that message's first status (or, for a flow, which may send
+several messages, until the turn runs out), and for at most ``CGB_TIMEOUT`` + ``STATUS_TURN_WAIT``. A step that
+finds another's turn is not sent: its job is deferred (:class:`~cgb_worker.errors.TurnBusyError`, like a
+rate-limit wait: no attempt used, no slot held). See the README's attribution rule for why this makes every
+match exact.
+
 A step found ``sending`` by a later try is an unknown outcome: ``CGB_UNKNOWN_OUTCOME=resend`` sends it again
 and flags the result ``possibleDuplicate``; ``fail`` fails the job into the dead-letter store instead.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import time
+from typing import Any
 
+import msgspec
 from redis.asyncio import Redis
 
-from .errors import CGBAPIError, CGBConnectError, CGBError
+from . import keys
+from .errors import CGBAPIError, CGBConnectError, CGBError, TurnBusyError
+from .scripts import UnsendScript
 
 SENDING = b"sending"
 SENT = b"sent"
@@ -35,9 +50,6 @@ RESULT = b"result"
 TTL = 7 * 24 * 3600
 """Longer than any retry horizon plus arq's result lifetime: a re-run always finds its record. A job in the
 dead-letter store keeps its record for as long as the entry lives (see :mod:`cgb_worker.deadletters`)."""
-
-if TYPE_CHECKING:
-    from .deliveries import Accepted
 
 UNKNOWN_STATUSES = frozenset({500, 502, 504})
 
@@ -54,57 +66,156 @@ def nothing_sent(error: BaseException) -> bool:
     return not isinstance(error, CGBError)  # our own errors are raised before anything leaves
 
 
-def key(job_id: str) -> str:
-    return f"cgb:sends:{job_id}"
+key = keys.sends
 
 
-_MARK_SENDING = """
-redis.call('HSET', KEYS[1], ARGV[1], 'sending')
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-"""
+def awaiting_member(who: str, request_ms: int, open_until_ms: int, ref: str) -> str:
+    """A send in ``cgb:awaiting``. Every score is 0 and members sort as strings: by person, then by the time the
+    request left (13 digits of ms), so one ``ZRANGEBYLEX`` finds a person's sends in a time range. ``open_until``
+    is 0 for a single message (open until its first wamid) and, for a flow, the end of its turn."""
+    return f"{who}|{request_ms:013d}|{open_until_ms:013d}|{ref}"
+
+
+def parse_member(value: str) -> tuple[str, int, int, str, str]:
+    """(who, request ms, open until ms, delivery id, step) of an :func:`awaiting_member`."""
+    who, at, until, rest = value.split("|", 3)
+    delivery_id, _, step = rest.rpartition("|")
+    return who, int(at), int(until), delivery_id, step
+
+
+class StepRecord(msgspec.Struct, frozen=True):
+    """A send step as the worker records it for delivery receipts, written with its ``sending`` mark."""
+
+    delivery_id: str
+    step: str
+    to: str
+    """E.164."""
+    request_ms: int
+    tracking: bool
+    turn_ms: int = 0
+    """How long the person's turn lasts at most: the request's timeout plus ``STATUS_TURN_WAIT``."""
+    fallback: dict[str, Any] | None = None
+    """For a text sent in place of a ``whatsappTemplate``: the job fields the receiver re-sends as the
+    template if WhatsApp answers 131047."""
+    fallback_for: str | None = None
+    """For that template, sent automatically: the step it replaces."""
+
+    @property
+    def who(self) -> str:
+        return keys.who(self.to)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.delivery_id}|{self.step}"
+
+    @property
+    def member(self) -> str | None:
+        if not self.tracking:
+            return None
+        until = self.request_ms + self.turn_ms if self.step == "flow" else 0
+        return awaiting_member(self.who, self.request_ms, until, self.ref)
+
+    def fields(self) -> dict[str | bytes, bytes]:
+        state: dict[str, Any] = {"status": "accepted", "at": self.request_ms}
+        if self.fallback_for:
+            state["fallbackFor"] = self.fallback_for
+        out: dict[str | bytes, bytes] = {f"d:{self.step}": msgspec.json.encode(state)}
+        if self.fallback is not None:
+            out[f"f:{self.step}"] = msgspec.json.encode(self.fallback)
+        return out
 
 
 class SendLog:
     def __init__(self, redis: Redis, *, ttl: int = TTL) -> None:
         self._redis = redis
         self._ttl = ttl
-        self._mark_sending = redis.register_script(_MARK_SENDING)
+        self._unsend = UnsendScript(redis)
 
     async def load(self, job_id: str) -> dict[bytes, bytes]:
         return await self._redis.hgetall(key(job_id))  # type: ignore[no-any-return,misc]
 
-    async def mark_sending(self, job_id: str, step: str) -> None:
-        """One command on the way to CGB: the mark, and the record's TTL (which ``sent`` then keeps)."""
-        await self._mark_sending(keys=[key(job_id)], args=[step, self._ttl])
+    async def mark_sending(
+        self, job_id: str, step: str, record: StepRecord | None = None, *, new_record: bool = True
+    ) -> None:
+        """One round trip on the way to CGB: the mark and the record's TTL (which ``sent`` then keeps); with
+        ``record``, the step's delivery record (unless an earlier try wrote it: ``new_record``), and while a
+        receiver tracks sends, the person's turn and the awaiting set. A turn held by another send takes all of
+        it back and raises :class:`TurnBusyError`."""
+        log = key(job_id)
+        fields: dict[str | bytes, bytes] = {step: SENDING}
+        own = record is not None and record.delivery_id == job_id
+        if record is not None and own and new_record:
+            fields.update(record.fields())
+        tracked = record is not None and record.tracking
+        async with self._redis.pipeline(transaction=False) as pipe:
+            if tracked:
+                assert record is not None
+                pipe.set(keys.turn(record.who), record.ref, nx=True, px=max(1, record.turn_ms))
+            pipe.hset(log, mapping=fields)
+            pipe.expire(log, self._ttl)
+            if record is not None and not own:
+                other = key(record.delivery_id)
+                for name, value in record.fields().items():
+                    pipe.hsetnx(other, name, value)  # type: ignore[arg-type]
+                pipe.expire(other, self._ttl, nx=True)
+            member = record.member if record is not None else None
+            if member is not None:
+                pipe.zadd(keys.AWAITING, {member: 0})
+            done = await pipe.execute()
+        if not tracked:
+            return
+        assert record is not None
+        if done[0]:
+            return
+        turn = keys.turn(record.who)
+        holder = await self._redis.get(turn)
+        if holder == record.ref.encode():  # this step's own turn, from a try whose outcome is unknown
+            await self._redis.pexpire(turn, max(1, record.turn_ms))
+            return
+        wrote = new_record if own else bool(done[3])
+        await self._unsend(
+            job_id,
+            record.delivery_id,
+            step,
+            member=member,
+            who=record.who,
+            keep_mark=not new_record and own,
+            wrote_record=wrote,
+        )
+        raise TurnBusyError("another message to this person awaits its first status", retry_after=1.0)
 
     async def mark_sent(
-        self, job_id: str, step: str, *, result: bytes | None = None, accepted: Accepted | None = None
+        self, job_id: str, step: str, *, result: bytes | None = None, record: StepRecord | None = None
     ) -> None:
-        """The step is sent; with ``accepted``, its delivery record too (:mod:`cgb_worker.deliveries`), in the
-        same ``HSET`` when the job is its own delivery record, and in the same round trip in any case."""
+        """The step is sent: one ``HSET`` (with the job's result when it was the last step). A record kept in
+        another job's hash (a fallback template's) is marked acknowledged there too."""
         fields: dict[str | bytes, bytes] = {step: SENT}
         if result is not None:
             fields[RESULT] = result
-        if accepted is None:
-            await self._redis.hset(key(job_id), mapping=fields)  # type: ignore[misc]
-            return
-        from .deliveries import ACCEPTED
-
-        own = accepted.delivery_id == job_id
-        if own:
-            fields.update(accepted.fields())
-        index = accepted.index()
-        if own and index is None:
+        if record is None or record.delivery_id == job_id:
             await self._redis.hset(key(job_id), mapping=fields)  # type: ignore[misc]
             return
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hset(key(job_id), mapping=fields)
-            if not own:
-                pipe.hset(key(accepted.delivery_id), mapping=accepted.fields())
-                pipe.expire(key(accepted.delivery_id), self._ttl, nx=True)
-            if index is not None:
-                pipe.zadd(ACCEPTED, index)
+            pipe.hset(key(record.delivery_id), f"a:{step}", "1")
             await pipe.execute()
 
-    async def clear(self, job_id: str, step: str) -> None:
-        await self._redis.hdel(key(job_id), step)  # type: ignore[misc]
+    async def clear(self, job_id: str, step: str, record: StepRecord | None = None, *, new_record: bool = True) -> bool:
+        """Nothing went out: the mark, and what ``mark_sending`` wrote with it, are taken back; False (nothing
+        touched) when a status already proves the message went out."""
+        if record is None:
+            await self._redis.hdel(key(job_id), step)  # type: ignore[misc]
+            return True
+        return await self._unsend(
+            job_id,
+            record.delivery_id,
+            step,
+            member=record.member,
+            who=record.who,
+            keep_mark=False,
+            wrote_record=new_record,
+        )
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)

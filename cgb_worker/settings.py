@@ -142,6 +142,9 @@ class Settings:
     """Free text or a file to a contact whose 24-hour window is known to be closed: ``send`` it anyway (CGB
     says success, WhatsApp drops it with 131047), or ``fail`` at once with ``OutsideWindowError``."""
     dead_letter_max: int = 10000
+    turn_wait: float = 10.0
+    """``STATUS_TURN_WAIT``: seconds after CGB's answer (past ``CGB_TIMEOUT`` from the request) that a send keeps
+    its person's turn when no status places it; a flow keeps it that long in any case (:mod:`cgb_worker.sends`)."""
     log_level: str = "INFO"
     log_json: bool = False
     log_diagnose: bool = False
@@ -218,6 +221,7 @@ def _read(source: Mapping[str, str]) -> Settings:
     unknown_outcome = env.str("CGB_UNKNOWN_OUTCOME", "resend", validate=OneOf(["resend", "fail"]))
     outside_window = env.str("CGB_OUTSIDE_WINDOW", "send", validate=OneOf(["send", "fail"]))
     dead_letter_max = env.int("DEAD_LETTER_MAX", 10000, validate=positive)
+    turn_wait = env.float("STATUS_TURN_WAIT", 10.0, validate=Range(min=0, max=3600))
     log_level = env.str("LOG_LEVEL", "INFO", validate=OneOf(["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"]))
     log_json = env.bool("LOG_JSON", False)
     log_diagnose = env.bool("LOG_DIAGNOSE", False)
@@ -300,6 +304,7 @@ def _read(source: Mapping[str, str]) -> Settings:
         unknown_outcome=str(unknown_outcome),
         outside_window=str(outside_window),
         dead_letter_max=int(dead_letter_max or 0),
+        turn_wait=float(turn_wait if turn_wait is not None else 10.0),
         log_level=str(log_level),
         log_json=bool(log_json),
         log_diagnose=bool(log_diagnose),
@@ -347,6 +352,15 @@ class ReceiverSettings:
     """``STATUS_UNCONFIRMED_AFTER``: seconds after which a send with no status at all is ``unconfirmed``."""
     stream_max: int = 100000
     """``DELIVERY_STREAM_MAX``: the ``cgb:deliveries`` stream is trimmed to about this many entries."""
+    clock_skew: float = 5.0
+    """``STATUS_CLOCK_SKEW``: seconds a status's own timestamp may be before the request that sent its message
+    (Meta's whole seconds, and the hosts' clocks)."""
+    hold: float = 300.0
+    """``STATUS_HOLD``: seconds a status that cannot be placed yet is held and tried again before it is kept as
+    unmatched."""
+    consumer: str = ""
+    """``WEBHOOK_CONSUMER``: this receiver's name in the inbox's consumer group; a receiver restarted under the
+    same name takes up what it had in hand at once (default: host name and process id)."""
     log_level: str = "INFO"
     log_json: bool = False
 
@@ -369,9 +383,14 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
     match_window = env.float("STATUS_MATCH_WINDOW", 600.0, validate=positive)
     unconfirmed_after = env.float("STATUS_UNCONFIRMED_AFTER", 86400.0, validate=positive)
     stream_max = env.int("DELIVERY_STREAM_MAX", 100000, validate=Range(min=100))
+    clock_skew = env.float("STATUS_CLOCK_SKEW", 5.0, validate=Range(min=0, max=600))
+    hold = env.float("STATUS_HOLD", 300.0, validate=positive)
+    consumer = env.str("WEBHOOK_CONSUMER", "")
     log_level = env.str("LOG_LEVEL", "INFO", validate=OneOf(["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"]))
     log_json = env.bool("LOG_JSON", False)
     problems = _sealed(env)
+    if consumer and (len(consumer) > 128 or not consumer.isprintable() or " " in consumer):
+        problems.append("WEBHOOK_CONSUMER: must be a name of at most 128 printable characters without spaces.")
     if app_secret is not None and not app_secret.strip():
         problems.append("WABA_APP_SECRET: must not be empty.")
     if redis_url is not None and (problem := parse_redis_url(redis_url)):
@@ -389,6 +408,9 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
         match_window=float(match_window or 600.0),
         unconfirmed_after=float(unconfirmed_after or 86400.0),
         stream_max=int(stream_max or 100000),
+        clock_skew=float(clock_skew if clock_skew is not None else 5.0),
+        hold=float(hold or 300.0),
+        consumer=str(consumer or ""),
         log_level=str(log_level),
         log_json=bool(log_json),
     )

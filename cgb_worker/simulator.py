@@ -46,7 +46,7 @@ import msgspec
 from aiohttp import web
 
 from .catalog import BAD_SPACING, TemplateCatalog, load_catalog
-from .webhooks import signature
+from .receipts.app import signature
 
 PAGE_ID = 1000001
 DEFAULT_TOKEN = "sim-token"  # noqa: S105 - the simulator's own, documented token

@@ -27,6 +27,7 @@ import msgspec
 from loguru import logger
 from redis.asyncio import Redis
 
+from . import keys
 from .client import CGBClient
 from .errors import CGBError, TemplateNotFoundError, UnknownVariableError
 from .models import CustomField, Flow, Scalar
@@ -64,7 +65,7 @@ class Catalog:
         return await self._get("custom_fields", self._client.list_custom_fields, CustomField)
 
     async def _get(self, name: str, fetch: Callable[[], Awaitable[list[_T]]], type_: type[_T]) -> list[_T]:
-        key = f"cgb:catalog:{name}"
+        key = keys.catalog(name)
         raw = await self._redis.get(key)
         stale: _Cached | None = msgspec.msgpack.decode(raw, type=_Cached) if raw else None
         if stale is not None and time.time() - stale.at < self._ttl:

@@ -1,0 +1,85 @@
+"""Every Redis key cgb-worker writes, in one place (arq's own ``arq:*`` keys excepted).
+
+Phones never appear in clear: a key or member that names a person carries :func:`who`, the phone's hash (the
+same name the contact cache uses).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+# -- the worker -----------------------------------------------------------------------------------------------
+RATE_NEXT = "cgb:ratelimit:next"
+RATE_PENALTY = "cgb:ratelimit:penalty"
+DEAD_INDEX = "cgb:dead:index"
+DEAD_ENTRIES = "cgb:dead:entries"
+DEAD_PAYLOADS = "cgb:dead:payloads"
+
+# -- delivery receipts: shared by the worker (which writes sends) and the receiver (which matches statuses) -----
+AWAITING = "cgb:awaiting"
+"""Sends still open to a status whose wamid is not known yet, one member each (:func:`awaiting_member`)."""
+TRACKING = "cgb:webhooks:tracking"
+"""The receiver's lease: while it lives, workers record sends for matching and take per-recipient turns."""
+SINCE = "cgb:webhooks:since"
+DELIVERIES = "cgb:deliveries"
+"""The stream of status changes producers read."""
+
+# -- the receiver's own ---------------------------------------------------------------------------------------
+INBOX = "cgb:webhooks:inbox"
+INBOX_GROUP = "receivers"
+MALFORMED = "cgb:webhooks:malformed"
+ORPHANS = "cgb:webhooks:orphans"
+"""Statuses held until they can be placed, scored by when each is next tried."""
+ORPHANS_SINCE = "cgb:webhooks:orphans:since"
+"""When each held status was first seen (ms)."""
+UNMATCHED = "cgb:webhooks:unmatched"
+REACTIONS = "cgb:reactions"
+"""The outbox of what statuses call for (the 131047 fallback), appended in the script that applies them."""
+REACTIONS_GROUP = "reactors"
+
+
+def who(e164: str) -> str:
+    """The name a phone goes by in Redis: a hash, never the number."""
+    return hashlib.blake2b(("+" + e164.lstrip("+")).encode(), digest_size=12).hexdigest()
+
+
+def contact(phone_hash: str) -> str:
+    return f"cgb:contact:{phone_hash}"
+
+
+def contact_lock(phone_hash: str) -> str:
+    return f"cgb:lock:contact:{phone_hash}"
+
+
+def fields_lock(phone_hash: str) -> str:
+    return f"cgb:lock:fields:{phone_hash}"
+
+
+def catalog(name: str) -> str:
+    return f"cgb:catalog:{name}"
+
+
+def sends(job_id: str) -> str:
+    """A job's send log and delivery record (a replay writes its original's)."""
+    return f"cgb:sends:{job_id}"
+
+
+def throttled(job_id: str) -> str:
+    return f"cgb:throttled:{job_id}"
+
+
+def turn(phone_hash: str) -> str:
+    """Whose turn it is to send to this person (:mod:`cgb_worker.turns`)."""
+    return f"cgb:turn:{phone_hash}"
+
+
+def window(phone_hash: str) -> str:
+    return f"cgb:window:{phone_hash}"
+
+
+def bsuid(user_id: str) -> str:
+    return f"cgb:bsuid:{user_id}"
+
+
+def wamid(value: str) -> str:
+    return f"cgb:wamid:{value}"

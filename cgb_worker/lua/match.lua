@@ -1,0 +1,41 @@
+-- Which of our sends a status belongs to (the attribution rule in the README, "Delivery receipts").
+-- KEYS[1] the status's wamid key, KEYS[2] the awaiting set, KEYS[3] the recipient's turn key.
+-- ARGV[1] the recipient's hash ('' when unknown), ARGV[2] the status's own time (ms), ARGV[3] the match window
+-- (ms), ARGV[4] the clock skew allowed (ms), ARGV[5] the wamid key's TTL (s).
+-- Returns {'wamid', ref} for a wamid already placed, {'recipient', ref} when exactly one of our sends to that
+-- person could have produced it, {'none'} when none could, {'ambiguous', ref, ref, ...} when several could.
+-- A ref is '<delivery id>|<step>'. Members: '<who>|<request ms, 13 digits>|<open until ms, 13 digits, 0 for one
+-- message>|<ref>'.
+local ref = redis.call('GET', KEYS[1])
+if ref then return {'wamid', ref} end
+local who = ARGV[1]
+if who == '' then return {'none'} end
+local t, window, skew = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local lo = math.max(0, t - window)
+local found = redis.call('ZRANGEBYLEX', KEYS[2], string.format('[%s|%013d', who, lo),
+  string.format('(%s|%013d', who, t + skew + 1), 'LIMIT', 0, 51)
+local refs, order = {}, {}
+for _, m in ipairs(found) do
+  local open_until, r = string.match(m, '^[^|]*|%d+|(%d+)|(.*)$')
+  open_until = tonumber(open_until)
+  -- a single message is a candidate until its first wamid; a flow, which may send several, until its turn ended
+  if open_until == 0 or t <= open_until + skew then
+    if not refs[r] then
+      refs[r] = {}
+      order[#order + 1] = r
+    end
+    table.insert(refs[r], {m, open_until})
+  end
+end
+if #found > 50 then return {'ambiguous', unpack(order)} end
+if #order == 0 then return {'none'} end
+if #order > 1 then return {'ambiguous', unpack(order)} end
+local r = order[1]
+redis.call('SET', KEYS[1], r, 'EX', ARGV[5])
+local flow = false
+for _, item in ipairs(refs[r]) do
+  if item[2] == 0 then redis.call('ZREM', KEYS[2], item[1]) else flow = true end
+end
+-- the person's next message may go: its status can no longer be confused with this one's
+if not flow and redis.call('GET', KEYS[3]) == r then redis.call('DEL', KEYS[3]) end
+return {'recipient', r}

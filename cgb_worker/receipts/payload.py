@@ -1,0 +1,183 @@
+"""Meta's webhook payload, as far as the receiver relies on it: the envelope strict, each item lenient.
+
+A body whose envelope is not a WhatsApp Business Account webhook is malformed as a whole. Inside it, each
+entry, change, status, inbound message and contact is read on its own: one with a shape or a value the receiver
+does not understand (a status ``deleted`` or ``warning``, a timestamp that is not Unix seconds) is set aside with
+its reason, and its neighbours are used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+MAX_ITEMS = 1000
+"""Statuses, messages and changes in one POST; Meta batches at most a few hundred."""
+STATUSES = frozenset({"sent", "delivered", "read", "failed", "played"})
+"""The status values the receiver applies; any other is set aside as a malformed item."""
+
+
+class MetaErrorData(msgspec.Struct):
+    details: str = ""
+
+
+class MetaError(msgspec.Struct):
+    code: int
+    title: str = ""
+    message: str = ""
+    error_data: MetaErrorData | None = None
+
+
+class MetaStatus(msgspec.Struct):
+    id: str
+    status: str
+    timestamp: str
+    recipient_id: str | None = None
+    recipient_user_id: str | None = None
+    errors: list[MetaError] = msgspec.field(default_factory=list)
+
+    @property
+    def at_ms(self) -> int:
+        return int(self.timestamp) * 1000
+
+
+class MetaContact(msgspec.Struct):
+    wa_id: str | None = None
+    user_id: str | None = None
+
+
+class MetaMessage(msgspec.Struct):
+    id: str
+    timestamp: str
+    from_: str | None = msgspec.field(default=None, name="from")
+    from_user_id: str | None = None
+
+
+class _Envelope(msgspec.Struct):
+    object: str
+    entry: list[msgspec.Raw]
+
+
+class _Entry(msgspec.Struct):
+    changes: list[msgspec.Raw]
+    id: str = ""
+
+
+class _Change(msgspec.Struct):
+    field: str
+    value: msgspec.Raw
+
+
+class MalformedError(ValueError):
+    """A signed body the receiver cannot use at all; the reason says why (never its content)."""
+
+
+@dataclass(slots=True)
+class Change:
+    """One ``messages`` change: what in it was understood, each status with the object Meta sent."""
+
+    statuses: list[tuple[MetaStatus, dict[str, Any]]] = field(default_factory=list)
+    messages: list[MetaMessage] = field(default_factory=list)
+    contacts: list[MetaContact] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Parsed:
+    changes: list[Change] = field(default_factory=list)
+    bad: list[tuple[str, Any]] = field(default_factory=list)
+    """Items set aside: (reason, the item as Meta sent it)."""
+
+
+_envelope = msgspec.json.Decoder(_Envelope)
+_entry = msgspec.json.Decoder(_Entry)
+_change = msgspec.json.Decoder(_Change)
+
+
+def unix_seconds(value: str) -> bool:
+    return 0 < len(value) <= 12 and value.isascii() and value.isdigit()
+
+
+def _plain(raw: msgspec.Raw) -> Any:
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return None
+
+
+def parse_payload(body: bytes) -> Parsed:
+    """The ``messages`` changes of a webhook body, item by item (the module doc). :class:`MalformedError` only for
+    an envelope that is not a WhatsApp webhook, or for more than :data:`MAX_ITEMS` items. Changes to other
+    fields (template reviews, account updates) are valid and skipped."""
+    try:
+        envelope = _envelope.decode(body)
+    except msgspec.DecodeError as exc:
+        raise MalformedError(f"not a webhook payload: {exc}") from None
+    if envelope.object != "whatsapp_business_account":
+        raise MalformedError("object is not whatsapp_business_account")
+    parsed = Parsed()
+    items = 0
+    for raw_entry in envelope.entry:
+        try:
+            entry = _entry.decode(raw_entry)
+        except msgspec.DecodeError as exc:
+            parsed.bad.append((f"an entry: {exc}", _plain(raw_entry)))
+            continue
+        items += len(entry.changes)
+        if items > MAX_ITEMS:
+            raise MalformedError(f"more than {MAX_ITEMS} items")
+        for raw_change in entry.changes:
+            try:
+                change = _change.decode(raw_change)
+                if change.field != "messages":
+                    continue
+                value = msgspec.json.decode(change.value)
+                if not isinstance(value, dict):
+                    raise msgspec.ValidationError("a messages change's value must be an object")
+                lists = {name: value.get(name) or [] for name in ("statuses", "messages", "contacts")}
+                for name, items_of in lists.items():
+                    if not isinstance(items_of, list):
+                        raise msgspec.ValidationError(f"{name} must be an array")
+            except msgspec.DecodeError as exc:
+                parsed.bad.append((f"a change: {exc}", _plain(raw_change)))
+                continue
+            items += len(lists["statuses"]) + len(lists["messages"])
+            if items > MAX_ITEMS:
+                raise MalformedError(f"more than {MAX_ITEMS} items")
+            parsed.changes.append(_read_change(lists, parsed.bad))
+    return parsed
+
+
+def _read_change(lists: dict[str, list[Any]], bad: list[tuple[str, Any]]) -> Change:
+    out = Change()
+    for item in lists["contacts"]:
+        try:
+            out.contacts.append(msgspec.convert(item, MetaContact))
+        except msgspec.ValidationError as exc:
+            bad.append((f"a contact: {exc}", item))
+    for item in lists["statuses"]:
+        try:
+            status = msgspec.convert(item, MetaStatus)
+        except msgspec.ValidationError as exc:
+            bad.append((f"a status: {exc}", item))
+            continue
+        if status.status not in STATUSES:
+            bad.append(("a status with an unknown value", item))
+        elif not status.id or not unix_seconds(status.timestamp):
+            bad.append(("a status without a wamid or a Unix timestamp", item))
+        elif not (status.recipient_id or status.recipient_user_id):
+            bad.append(("a status without a recipient", item))
+        else:
+            out.statuses.append((status, item))
+    for item in lists["messages"]:
+        try:
+            message = msgspec.convert(item, MetaMessage)
+        except msgspec.ValidationError as exc:
+            bad.append((f"an inbound message: {exc}", item))
+            continue
+        if not unix_seconds(message.timestamp) or not (message.from_ or message.from_user_id):
+            bad.append(("an inbound message without a sender or a Unix timestamp", item))
+        else:
+            out.messages.append(message)
+    return out

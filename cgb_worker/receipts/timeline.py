@@ -1,0 +1,163 @@
+"""What a producer reads: a job's delivery record, built from its send-log hash (:func:`delivery`).
+
+**Status.** Moves forward only, by :data:`RANK`: ``accepted`` → ``unconfirmed`` → ``sent`` → ``failed`` →
+``delivered`` → ``read`` → ``played``. ``failed`` ranks below ``delivered`` because, with several devices,
+WhatsApp can report a failure on one and delivery on another, in either order; a message delivered anywhere
+was delivered. Late events are kept in the events list and never move the status back. A step still
+``accepted`` after ``STATUS_UNCONFIRMED_AFTER`` reads ``unconfirmed``; ``unconfirmed`` is a status, not an end:
+a status that comes later still finds its message. A step whose request left but which CGB has not
+acknowledged (or whose outcome stayed unknown) reads ``sending`` until a status places it.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import msgspec
+from redis.asyncio import Redis
+
+from .. import keys
+
+Status = Literal["sending", "accepted", "unconfirmed", "sent", "failed", "delivered", "read", "played"]
+RANK: dict[str, int] = {
+    "sending": 0,
+    "accepted": 0,
+    "unconfirmed": 1,
+    "sent": 2,
+    "failed": 3,
+    "delivered": 4,
+    "read": 5,
+    "played": 6,
+}
+
+
+class DeliveryError(msgspec.Struct, frozen=True):
+    """WhatsApp's error on a ``failed`` status (see ``../shared/whatsapp-webhooks.md`` for the codes)."""
+
+    code: int
+    title: str = ""
+    details: str = ""
+
+
+class DeliveryEvent(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One status as it arrived: ``meta`` is the status object WhatsApp sent, as it sent it."""
+
+    status: str
+    at: str
+    """ISO 8601, UTC: WhatsApp's timestamp, in whole seconds (the worker's own for ``accepted`` and
+    ``unconfirmed``). Events are listed in the order they arrived, which WhatsApp does not keep to."""
+    received: str = ""
+    """When the receiver recorded it (the request's time, for ``accepted``)."""
+    step: str = ""
+    wamid: str | None = None
+    meta: dict[str, Any] | None = None
+
+
+class StepDelivery(msgspec.Struct, frozen=True, rename="camel"):
+    """One message of a job: its own status and events."""
+
+    step: str
+    status: str
+    accepted_at: str
+    """When the request left the worker."""
+    wamid: str | None = None
+    wamids: list[str] = msgspec.field(default_factory=list)
+    """Every WhatsApp message placed on this step, the first being ``wamid``: more than one only for a flow
+    that sent several, or a step sent again after an unknown outcome."""
+    error: DeliveryError | None = None
+    matched_by: Literal["wamid", "recipient"] | None = None
+    """How its first status was placed: ``recipient`` when it was the one send of ours to that person that
+    could have produced it (the README's attribution rule), ``wamid`` when its wamid was known already."""
+    unresolved: int = 0
+    """Statuses that may have been this message's but could not be told apart from another send's: held for
+    ``STATUS_HOLD``, then kept as unmatched rather than guessed."""
+    wa_id: str | None = None
+    user_id: str | None = None
+    fallback_for: str | None = None
+    """Set on a template sent automatically after this job's text failed with 131047."""
+    events: list[DeliveryEvent] = msgspec.field(default_factory=list)
+
+
+class Delivery(msgspec.Struct, frozen=True, rename="camel"):
+    """What really happened to a job's messages; :func:`delivery` builds it.
+
+    ``status`` is the least advanced of the job's messages (``failed`` when any failed and was not replaced
+    by a fallback template); ``wamid`` is its last message's; ``events`` merges every step's in the order
+    they arrived."""
+
+    job_id: str
+    status: str
+    wamid: str | None
+    error: DeliveryError | None
+    events: list[DeliveryEvent]
+    steps: list[StepDelivery]
+
+
+def iso(ms: float) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _worst(statuses: list[str]) -> str:
+    if "failed" in statuses:
+        return "failed"
+    return min(statuses, key=lambda s: RANK.get(s, 0))
+
+
+async def delivery(redis: Redis, job_id: str, *, unconfirmed_after: float = 86400.0) -> Delivery | None:
+    """The delivery record of ``job_id`` (a replayed job's original id), or None when there is none: the job
+    sent nothing yet, or its record is older than 7 days. A step still ``accepted`` after
+    ``unconfirmed_after`` seconds reads ``unconfirmed``."""
+    raw: dict[bytes, bytes] = await redis.hgetall(keys.sends(job_id))  # type: ignore[misc]
+    return build(job_id, raw, unconfirmed_after=unconfirmed_after)
+
+
+def build(job_id: str, raw: dict[bytes, bytes], *, unconfirmed_after: float = 86400.0) -> Delivery | None:
+    """:func:`delivery` from the hash as read."""
+    now = time.time() * 1000
+    steps: list[StepDelivery] = []
+    for name, value in raw.items():
+        if not name.startswith(b"d:"):
+            continue
+        step_b = name[2:]
+        step = step_b.decode()
+        state = msgspec.json.decode(value)
+        events = [
+            msgspec.convert({**e, "step": step}, DeliveryEvent)
+            for e in (msgspec.json.decode(line) for line in raw.get(b"e:" + step_b, b"").splitlines() if line)
+        ]
+        accepted_at = iso(float(state.get("at", 0)))
+        status = str(state.get("status", "accepted"))
+        acked = raw.get(step_b) == b"sent" or b"a:" + step_b in raw
+        if status == "accepted" and not acked:
+            status = "sending"
+        elif status == "accepted" and now - float(state.get("at", now)) > unconfirmed_after * 1000:
+            status = "unconfirmed"
+        error = state.get("error")
+        wamid = state.get("wamid") or None
+        steps.append(
+            StepDelivery(
+                step=step,
+                status=status,
+                accepted_at=accepted_at,
+                wamid=wamid,
+                wamids=[wamid, *(state.get("more") or [])] if wamid else [],
+                error=msgspec.convert(error, DeliveryError) if isinstance(error, dict) else None,
+                matched_by=state.get("match") or None,
+                unresolved=int(raw.get(b"u:" + step_b, b"0") or 0),
+                wa_id=state.get("waId") or None,
+                user_id=state.get("userId") or None,
+                fallback_for=state.get("fallbackFor") or None,
+                events=[DeliveryEvent("accepted" if acked else "sending", accepted_at, accepted_at, step), *events],
+            )
+        )
+    if not steps:
+        return None
+    steps.sort(key=lambda s: s.accepted_at)
+    replaced = {s.fallback_for for s in steps if s.fallback_for}
+    current = [s for s in steps if s.step not in replaced] or steps
+    status = _worst([s.status for s in current])
+    error = next((s.error for s in current if s.status == "failed"), None)
+    events = sorted((e for s in steps for e in s.events), key=lambda e: e.received)  # stable: a step's order
+    return Delivery(job_id, status, current[-1].wamid, error, events, steps)
