@@ -617,15 +617,17 @@ class _Run:
     def sent(self, name: str) -> bool:
         return self.record.get(name.encode()) == SENT
 
+    def check_turn(self, name: str) -> None:
+        """Another message to this person (this job's own file, before its text) awaits its first status: wait as a
+        deferral, before a rate-limit slot is taken or a flow's fields are written."""
+        if self.tracking and self.turn is not None and self.turn != f"{self.delivery_id}|{name}":
+            raise TurnBusyError("another message to this person awaits its first status", retry_after=1.0)
+
     async def step(self, name: str, call: Callable[[BeforeSend], Awaitable[None]], final: SendResult | None) -> None:
         state = self.record.get(name.encode())
         if state == SENT:
             return
-        ref = f"{self.delivery_id}|{name}"
-        if self.tracking and self.turn is not None and self.turn != ref:
-            # Another message to this person (this job's own file, before its text) awaits its first status: wait
-            # as a deferral, before a rate-limit slot is taken.
-            raise TurnBusyError("another message to this person awaits its first status", retry_after=1.0)
+        self.check_turn(name)
         if state == SENDING:
             # An earlier try may have sent this step. A replay is a person's decision to send it anyway.
             if self.services.settings.unknown_outcome == "fail" and not self.replay:
@@ -647,7 +649,8 @@ class _Run:
                 self.to,
                 int(time.time() * 1000),
                 self.tracking,
-                turn_ms=int((self.services.client.timeout + self.services.settings.turn_wait) * 1000),
+                open_ms=int((self.services.client.timeout + self.services.settings.turn_wait) * 1000),
+                skew_ms=int(self.services.settings.clock_skew * 1000),
                 fallback=self.fallback if name == "text" else None,
                 fallback_for=self.fallback_for,
             )
@@ -721,6 +724,8 @@ async def _deliver(
     else:
         assert flow_id is not None
         flow = flow_id
+        if not run.sent("flow"):
+            run.check_turn("flow")
         if not run.sent("flow") and not contact.created:
             # A new contact got its fields as the actions of its creation; any other is written here, under
             # the field lock its caller holds.

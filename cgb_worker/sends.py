@@ -92,8 +92,11 @@ class StepRecord(msgspec.Struct, frozen=True):
     """E.164."""
     request_ms: int
     tracking: bool
-    turn_ms: int = 0
-    """How long the person's turn lasts at most: the request's timeout plus ``STATUS_TURN_WAIT``."""
+    open_ms: int = 0
+    """How long after the request its statuses may be placed by the attribution rule: the request's timeout plus
+    ``STATUS_TURN_WAIT``."""
+    skew_ms: int = 0
+    """``STATUS_CLOCK_SKEW``: a flow holds the turn twice this past ``open_ms``."""
     fallback: dict[str, Any] | None = None
     """For a text sent in place of a ``whatsappTemplate``: the job fields the receiver re-sends as the
     template if WhatsApp answers 131047."""
@@ -109,10 +112,16 @@ class StepRecord(msgspec.Struct, frozen=True):
         return f"{self.delivery_id}|{self.step}"
 
     @property
+    def turn_ms(self) -> int:
+        """How long the person's turn lasts at most. One message frees it with its first status; a flow, which
+        may send several, keeps it until its statuses can no longer be told from the next message's."""
+        return max(1, self.open_ms + (2 * self.skew_ms if self.step == "flow" else 0))
+
+    @property
     def member(self) -> str | None:
         if not self.tracking:
             return None
-        until = self.request_ms + self.turn_ms if self.step == "flow" else 0
+        until = self.request_ms + self.open_ms if self.step == "flow" else 0
         return awaiting_member(self.who, self.request_ms, until, self.ref)
 
     def fields(self) -> dict[str | bytes, bytes]:
@@ -150,7 +159,7 @@ class SendLog:
         async with self._redis.pipeline(transaction=False) as pipe:
             if tracked:
                 assert record is not None
-                pipe.set(keys.turn(record.who), record.ref, nx=True, px=max(1, record.turn_ms))
+                pipe.set(keys.turn(record.who), record.ref, nx=True, px=record.turn_ms)
             pipe.hset(log, mapping=fields)
             pipe.expire(log, self._ttl)
             if record is not None and not own:
@@ -170,7 +179,7 @@ class SendLog:
         turn = keys.turn(record.who)
         holder = await self._redis.get(turn)
         if holder == record.ref.encode():  # this step's own turn, from a try whose outcome is unknown
-            await self._redis.pexpire(turn, max(1, record.turn_ms))
+            await self._redis.pexpire(turn, record.turn_ms)
             return
         wrote = new_record if own else bool(done[3])
         await self._unsend(

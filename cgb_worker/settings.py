@@ -145,6 +145,9 @@ class Settings:
     turn_wait: float = 10.0
     """``STATUS_TURN_WAIT``: seconds after CGB's answer (past ``CGB_TIMEOUT`` from the request) that a send keeps
     its person's turn when no status places it; a flow keeps it that long in any case (:mod:`cgb_worker.sends`)."""
+    clock_skew: float = 2.0
+    """``STATUS_CLOCK_SKEW``, as the receiver has it: a flow keeps its person's turn twice this long past the
+    time its messages may be matched, so that the next message's statuses cannot be confused with its own."""
     log_level: str = "INFO"
     log_json: bool = False
     log_diagnose: bool = False
@@ -222,6 +225,7 @@ def _read(source: Mapping[str, str]) -> Settings:
     outside_window = env.str("CGB_OUTSIDE_WINDOW", "send", validate=OneOf(["send", "fail"]))
     dead_letter_max = env.int("DEAD_LETTER_MAX", 10000, validate=positive)
     turn_wait = env.float("STATUS_TURN_WAIT", 10.0, validate=Range(min=0, max=3600))
+    clock_skew = env.float("STATUS_CLOCK_SKEW", 2.0, validate=Range(min=0, max=600))
     log_level = env.str("LOG_LEVEL", "INFO", validate=OneOf(["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"]))
     log_json = env.bool("LOG_JSON", False)
     log_diagnose = env.bool("LOG_DIAGNOSE", False)
@@ -305,6 +309,7 @@ def _read(source: Mapping[str, str]) -> Settings:
         outside_window=str(outside_window),
         dead_letter_max=int(dead_letter_max or 0),
         turn_wait=float(turn_wait if turn_wait is not None else 10.0),
+        clock_skew=float(clock_skew if clock_skew is not None else 2.0),
         log_level=str(log_level),
         log_json=bool(log_json),
         log_diagnose=bool(log_diagnose),
@@ -352,9 +357,9 @@ class ReceiverSettings:
     """``STATUS_UNCONFIRMED_AFTER``: seconds after which a send with no status at all is ``unconfirmed``."""
     stream_max: int = 100000
     """``DELIVERY_STREAM_MAX``: the ``cgb:deliveries`` stream is trimmed to about this many entries."""
-    clock_skew: float = 5.0
+    clock_skew: float = 2.0
     """``STATUS_CLOCK_SKEW``: seconds a status's own timestamp may be before the request that sent its message
-    (Meta's whole seconds, and the hosts' clocks)."""
+    (Meta's whole seconds, and the hosts' clocks); give workers the same value."""
     hold: float = 300.0
     """``STATUS_HOLD``: seconds a status that cannot be placed yet is held and tried again before it is kept as
     unmatched."""
@@ -383,7 +388,7 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
     match_window = env.float("STATUS_MATCH_WINDOW", 600.0, validate=positive)
     unconfirmed_after = env.float("STATUS_UNCONFIRMED_AFTER", 86400.0, validate=positive)
     stream_max = env.int("DELIVERY_STREAM_MAX", 100000, validate=Range(min=100))
-    clock_skew = env.float("STATUS_CLOCK_SKEW", 5.0, validate=Range(min=0, max=600))
+    clock_skew = env.float("STATUS_CLOCK_SKEW", 2.0, validate=Range(min=0, max=600))
     hold = env.float("STATUS_HOLD", 300.0, validate=positive)
     consumer = env.str("WEBHOOK_CONSUMER", "")
     log_level = env.str("LOG_LEVEL", "INFO", validate=OneOf(["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"]))
@@ -408,7 +413,7 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
         match_window=float(match_window or 600.0),
         unconfirmed_after=float(unconfirmed_after or 86400.0),
         stream_max=int(stream_max or 100000),
-        clock_skew=float(clock_skew if clock_skew is not None else 5.0),
+        clock_skew=float(clock_skew if clock_skew is not None else 2.0),
         hold=float(hold or 300.0),
         consumer=str(consumer or ""),
         log_level=str(log_level),

@@ -149,6 +149,15 @@ class SimConfig(msgspec.Struct, kw_only=True):
     """Give each recipient a business-scoped user id (``recipient_user_id``, ``contacts[].user_id``)."""
     webhook_withhold_phone: bool = False
     """With ``webhook_user_ids``: leave ``recipient_id`` out, as Meta does for users with usernames."""
+    webhook_jitter: float = 0.0
+    """Post each status on its own after ``webhook_delay`` plus a random delay up to this many seconds, so the
+    statuses of different messages (and of one message) arrive in any order, as Meta's do."""
+    webhook_duplicate_rate: float = 0.0
+    """The share of statuses posted twice (with ``webhook_jitter``)."""
+    webhook_drop_sent_rate: float = 0.0
+    """The share of messages whose ``sent`` is never posted, only ``delivered`` and ``read`` (with the jitter)."""
+    flow_messages: int = 1
+    """WhatsApp messages one flow sends (each its own outbox entry, wamid and statuses)."""
 
 
 class FaultRule(msgspec.Struct, kw_only=True):
@@ -328,6 +337,15 @@ class SimState:
     async def _post_statuses(self, entry: dict[str, Any]) -> None:
         config = self.config
         statuses = [s for s in self.status_objects(entry) if s["status"] not in config.webhook_drop]
+        if config.webhook_jitter > 0:
+            rng = self.random
+            if len(statuses) > 1 and rng.random() < config.webhook_drop_sent_rate:
+                statuses = [s for s in statuses if s["status"] != "sent"]
+            for status in statuses:
+                for _ in range(2 if rng.random() < config.webhook_duplicate_rate else 1):
+                    delay = config.webhook_delay + rng.random() * config.webhook_jitter
+                    self._spawn(self._post_later(delay, status))
+            return
         if config.webhook_out_of_order:
             statuses.reverse()
         for status in statuses:
@@ -341,6 +359,10 @@ class SimState:
                     value["contacts"] = [{"user_id": status["recipient_user_id"]}]
             for _ in range(2 if config.webhook_duplicates else 1):
                 await self.post_webhook(self._envelope(value))
+
+    async def _post_later(self, delay: float, status: dict[str, Any]) -> None:
+        await asyncio.sleep(delay)
+        await self.post_webhook(self._envelope({"statuses": [status]}))
 
     async def post_webhook(self, payload: dict[str, Any]) -> int:
         """Post one signed webhook to ``webhook_url``; the HTTP status (0: no answer) goes in ``webhooks``."""
@@ -360,7 +382,7 @@ class SimState:
                 status = response.status
         except (aiohttp.ClientError, TimeoutError):
             status = 0
-        self.webhooks.append({"payload": payload, "status": status})
+        self.webhooks.append({"payload": payload, "status": status, "posted_at": time.time()})
         return status
 
 
@@ -529,15 +551,16 @@ def _run_flow(state: SimState, contact: dict[str, Any], flow_id: Any) -> None:
         raise _Bad(404, "Flow not found") from None
     values = {state.fields[fid].name: v for fid, v in contact["fields"].items()}
     rendered = re.sub(r"\{(\w+)\}", lambda m: values.get(m.group(1), ""), flow.body)
-    state.deliver(
-        contact,
-        "flow",
-        flow_id=str(flow.id),
-        flow_name=flow.name,
-        flow_kind=flow.kind,
-        text=rendered,
-        fields=dict(values),
-    )
+    for _ in range(max(1, state.config.flow_messages)):
+        state.deliver(
+            contact,
+            "flow",
+            flow_id=str(flow.id),
+            flow_name=flow.name,
+            flow_kind=flow.kind,
+            text=rendered,
+            fields=dict(values),
+        )
 
 
 async def send_text(request: web.Request) -> web.Response:

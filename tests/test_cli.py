@@ -339,7 +339,7 @@ async def test_webhooks_serves_and_stores_a_signed_post(harness: Harness, redis_
 
     import aiohttp
 
-    from cgb_worker.webhooks import INBOX
+    from cgb_worker.keys import INBOX
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CGB_", "WORKER_", "LOG_", "REDIS_"))}

@@ -9,6 +9,7 @@ import hmac
 import io
 import json
 import time
+from datetime import datetime
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -18,9 +19,13 @@ from aiohttp import web
 from loguru import logger
 
 from cgb_worker import errors as E
-from cgb_worker.deliveries import ACCEPTED, SINCE, STREAM, TRACKING, Delivery, delivery, window_key
+from cgb_worker.keys import AWAITING as ACCEPTED
+from cgb_worker.keys import DELIVERIES as STREAM
+from cgb_worker.keys import INBOX, MALFORMED, ORPHANS, SINCE, TRACKING, UNMATCHED
+from cgb_worker.receipts import Delivery, Processor, create_app, delivery
+from cgb_worker.receipts.app import METRICS, PROCESSOR
+from cgb_worker.window import window_key
 from cgb_worker.settings import ReceiverSettings, Secret
-from cgb_worker.webhooks import INBOX, MALFORMED, ORPHANS, PROCESSOR, UNMATCHED, Processor, create_app
 
 from .conftest import Harness, free_port
 
@@ -253,6 +258,9 @@ MALFORMED_CASES[5] = (
 )
 
 
+ENVELOPE_CASES = {"not JSON", "not an object", "another object", "entry missing", "thousands of statuses"}
+
+
 @pytest.mark.parametrize(("case", "body"), MALFORMED_CASES, ids=[c for c, _ in MALFORMED_CASES])
 async def test_a_signed_malformed_payload_is_kept_and_touches_no_timeline(
     harness: Harness, receiver: Receiver, redis_client: Any, case: str, body: bytes
@@ -263,13 +271,41 @@ async def test_a_signed_malformed_payload_is_kept_and_touches_no_timeline(
     await harness.run()
     status, _ = await receiver.post(None, raw=body)
     assert status == 200
-    kept = await redis_client.xrange(MALFORMED)
-    assert [fields[b"body"] for _id, fields in kept] == [body]
+    if case in ENVELOPE_CASES:  # the body as a whole is not a WhatsApp webhook
+        kept = await redis_client.xrange(MALFORMED)
+        assert [fields[b"body"] for _id, fields in kept] == [body]
+        assert await redis_client.xlen(INBOX) == 0
+        assert receiver.metric("cgb_webhook_requests_total", outcome="malformed") == 1
+    else:  # one item is set aside, on its own, once the stored webhook is processed
+        kept = await eventually(lambda: redis_client.xrange(MALFORMED))
+        assert len(kept) == 1 and b"item" in kept[0][1]
+        assert receiver.metric("cgb_webhook_items_malformed_total") == 1
     assert kept[0][1][b"reason"]
-    assert await redis_client.xlen(INBOX) == 0
-    assert receiver.metric("cgb_webhook_requests_total", outcome="malformed") == 1
     found = await status_of(harness, job.job_id)
     assert (found.status, [e.status for e in found.events]) == ("accepted", ["accepted"])
+
+
+@pytest.mark.parametrize("odd", ["deleted", "warning", "payment_captured"])
+async def test_an_unknown_status_value_is_set_aside_and_its_neighbours_are_applied(
+    harness: Harness, receiver: Receiver, redis_client: Any, odd: str
+) -> None:
+    harness.sim.configure(webhook_url=None)
+    await harness.known(A)
+    [job] = await harness.enqueue({"to": A, "message": "hello"})
+    await harness.run()
+    ts = str(int(time.time()))
+    items = [
+        {"id": "wamid.ODD1", "status": odd, "timestamp": ts, "recipient_id": A.lstrip("+")},
+        {"id": "wamid.GOOD1", "status": "sent", "timestamp": ts, "recipient_id": A.lstrip("+")},
+        {"id": "wamid.ODD2", "status": "sent", "timestamp": "²", "recipient_id": A.lstrip("+")},
+    ]
+    assert (await receiver.post(envelope({"statuses": items})))[0] == 200
+    await eventually(lambda: _inbox_empty(redis_client))
+    found = await status_of(harness, job.job_id)
+    assert (found.status, found.wamid) == ("sent", "wamid.GOOD1")
+    kept = await redis_client.xrange(MALFORMED)
+    assert sorted(json.loads(f[b"item"])["id"] for _i, f in kept) == ["wamid.ODD1", "wamid.ODD2"]
+    assert receiver.metric("cgb_webhook_items_malformed_total") == 2
 
 
 async def test_other_fields_are_valid_and_ignored(receiver: Receiver, redis_client: Any) -> None:
@@ -424,25 +460,69 @@ async def test_a_status_that_matches_nothing_is_kept_as_unmatched(receiver: Rece
     [(_id, fields)] = await redis_client.xrange(UNMATCHED)
     assert json.loads(fields[b"status"])[0]["id"] == "wamid.NOBODY"
     assert await redis_client.zcard(ORPHANS) == 0
-    assert receiver.metric("cgb_webhook_statuses_unmatched_total") == 1
+    assert receiver.metric("cgb_webhook_statuses_unmatched_total", reason="none") == 1
 
 
-async def test_the_oldest_unmatched_send_takes_the_first_new_wamid(harness: Harness, receiver: Receiver) -> None:
+async def test_two_sends_to_one_person_never_swap_whichever_status_comes_first(
+    harness: Harness, redis_url: str, redis_client: Any
+) -> None:
+    """Symptom 1 of the attribution issue: B's first status arriving before A's gave A B's wamid (and B A's). Here
+    the turn is made to lapse (no status came within it), so both sends are out at once: B's status is held as
+    ambiguous, A's is A's by its time, and B's then is B's."""
+    rec, stop = await start_receiver(redis_url, clock_skew=1.0)
+    rec.processor.orphan_grace = 10.0
     harness.sim.configure(webhook_url=None)
+    harness.set_env(STATUS_TURN_WAIT="0", CGB_TIMEOUT="200")  # the turn lapses after 0.2 s
+    try:
+        await harness.known(A)
+        [first] = await harness.enqueue({"to": A, "message": "one"})
+        await harness.run()
+        await asyncio.sleep(2.5)
+        [second] = await harness.enqueue({"to": A, "message": "two"})
+        await harness.run()
+        a_sent = (await status_of(harness, first.job_id)).steps[0].accepted_at
+        a_ts = int(datetime.fromisoformat(a_sent.replace("Z", "+00:00")).timestamp())
+        assert (await rec.post(status_payload("wamid.TWO", "sent", A)))[0] == 200
+        await eventually(lambda: redis_client.zcard(ORPHANS))  # held: it could be either send's
+        assert (await status_of(harness, second.job_id)).status == "accepted"
+        assert (await rec.post(status_payload("wamid.ONE", "sent", A, ts=a_ts)))[0] == 200
+        await eventually(lambda: _status_is(harness, first.job_id, "sent"))
+        await eventually(lambda: _status_is(harness, second.job_id, "sent"), within=8)
+        one, two = await status_of(harness, first.job_id), await status_of(harness, second.job_id)
+        assert (one.wamid, one.steps[0].matched_by) == ("wamid.ONE", "recipient")
+        assert (two.wamid, two.steps[0].matched_by) == ("wamid.TWO", "recipient")
+        # A's text then fails outside the window: A is failed, B is untouched
+        failed = status_payload("wamid.ONE", "failed", A, ts=a_ts + 1, errors=[{"code": 131047, "title": "x"}])
+        assert (await rec.post(failed))[0] == 200
+        await eventually(lambda: _status_is(harness, first.job_id, "failed"))
+        assert (await status_of(harness, second.job_id)).status == "sent"
+        assert await redis_client.zcard(ORPHANS) == 0
+    finally:
+        await stop()
+
+
+async def test_a_second_message_to_one_person_waits_for_the_first_status(
+    harness: Harness, receiver: Receiver, redis_client: Any
+) -> None:
+    harness.sim.configure(webhook_delay=0.3)
     await harness.known(A)
-    [first] = await harness.enqueue({"to": A, "message": "one"})
+    first, second = await harness.enqueue({"to": A, "message": "one"}, {"to": A, "message": "two"})
     await harness.run()
-    [second] = await harness.enqueue({"to": A, "message": "two"})
-    await harness.run()
-    for wamid in ("wamid.ONE", "wamid.TWO"):
-        assert (await receiver.post(status_payload(wamid, "sent", A)))[0] == 200
-        await eventually(lambda: _inbox_empty(receiver.redis))
-    assert (await status_of(harness, first.job_id)).wamid == "wamid.ONE"
-    assert (await status_of(harness, second.job_id)).wamid == "wamid.TWO"
-    # a later status for a known wamid goes to its message, whatever its time
-    assert (await receiver.post(status_payload("wamid.TWO", "read", A, ts=int(time.time()) + 5000)))[0] == 200
-    await eventually(lambda: _status_is(harness, second.job_id, "read"))
-    assert (await status_of(harness, first.job_id)).status == "sent"
+    await settled(harness)
+    sends = harness.sim.requests("send_text")
+    assert len(sends) == 2
+    one, two = await status_of(harness, first.job_id), await status_of(harness, second.job_id)
+    assert {one.status, two.status} == {"read"}
+    assert one.wamid != two.wamid
+    # the later send left only after the earlier one's first status arrived
+    statuses = [
+        w for w in harness.sim.state.webhooks if w["payload"]["entry"][0]["changes"][0]["value"].get("statuses")
+    ]
+    first_status_at = statuses[0]["posted_at"]
+    assert sends[1]["at"] >= first_status_at
+    result = await second.result(timeout=5)
+    assert result["attempts"] == 1  # waiting for the turn used up no attempt
+    assert not await redis_client.exists("cgb:turn:" + __import__("cgb_worker").keys.who(A))
 
 
 async def test_a_send_older_than_the_match_window_is_not_taken(
@@ -643,10 +723,16 @@ async def test_a_send_without_any_status_becomes_unconfirmed(
         assert await redis_client.zcard(ACCEPTED) == 1
         await asyncio.sleep(0.4)
         assert await rec.processor.sweep() == 1
+        assert await rec.processor.sweep() == 0  # once
         assert (await status_of(harness, job.job_id, unconfirmed_after=3600)).status == "unconfirmed"
         assert [e["status"] for e in await stream(harness)] == ["unconfirmed"]
-        assert await redis_client.zcard(ACCEPTED) == 0
         assert rec.metric("cgb_deliveries_total", status="unconfirmed") == 1
+        # unconfirmed is not an end: a status that comes later (Meta redelivering after an outage) still finds it
+        assert await redis_client.zcard(ACCEPTED) == 1
+        assert (await rec.post(status_payload("wamid.LATE", "delivered", A)))[0] == 200
+        await eventually(lambda: _status_is(harness, job.job_id, "delivered"))
+        assert (await status_of(harness, job.job_id)).steps[0].matched_by == "recipient"
+        assert await redis_client.zcard(ACCEPTED) == 0
     finally:
         await stop()
 
@@ -695,27 +781,30 @@ async def test_the_receiver_logs_no_phone_wamid_text_or_secret(
 
 
 def test_an_index_member_sorts_by_recipient_then_time_and_parses_back() -> None:
-    from cgb_worker.deliveries import member, parse_member, recipient
+    from cgb_worker.keys import who
+    from cgb_worker.sends import awaiting_member, parse_member
 
-    m = member(A, 1764650000123, "job|with|bars", "text")
-    assert parse_member(m) == (recipient(A), 1764650000123, "job|with|bars", "text")
+    m = awaiting_member(who(A), 1764650000123, 0, "job|with|bars|text")
+    assert parse_member(m) == (who(A), 1764650000123, 0, "job|with|bars", "text")
     assert A.lstrip("+") not in m  # phones appear in Redis only hashed
-    ordered = sorted([member(A, 1764650000999, "b", "text"), member(A, 1764650000123, "a", "text")])
-    assert [parse_member(x)[2] for x in ordered] == ["a", "b"]
+    ordered = sorted(
+        [awaiting_member(who(A), 1764650000999, 0, "b|text"), awaiting_member(who(A), 1764650000123, 0, "a|text")]
+    )
+    assert [parse_member(x)[3] for x in ordered] == ["a", "b"]
 
 
 async def test_matching_takes_the_recipients_send_among_thousands_waiting(
     harness: Harness, receiver: Receiver, redis_client: Any
 ) -> None:
-    from cgb_worker.deliveries import Accepted
+    from cgb_worker.sends import StepRecord
 
     now = int(time.time() * 1000)
-    others = [Accepted(f"other-{i}", "text", f"+1202555{i:04d}", now - 1000, True) for i in range(3000)]
-    mine = Accepted("mine", "text", A, now - 500, True)
+    others = [StepRecord(f"other-{i}", "text", f"+1202555{i:04d}", now - 1000, True) for i in range(3000)]
+    mine = StepRecord("mine", "text", A, now - 500, True)
     async with redis_client.pipeline(transaction=False) as pipe:
-        for acc in [*others, mine]:
-            pipe.hset(f"cgb:sends:{acc.delivery_id}", mapping=acc.fields())
-            pipe.zadd(ACCEPTED, acc.index())
+        for rec in [*others, mine]:
+            pipe.hset(f"cgb:sends:{rec.delivery_id}", mapping={**rec.fields(), "text": "sent"})
+            pipe.zadd(ACCEPTED, {rec.member: 0})
         await pipe.execute()
     assert (await receiver.post(status_payload("wamid.MINE", "delivered", A)))[0] == 200
     await eventually(lambda: _status_is(harness, "mine", "delivered"))
@@ -775,7 +864,6 @@ async def test_redis_down_is_a_503_so_meta_redelivers() -> None:
         assert (await rec.post(status_payload("wamid.X", "sent", A)))[0] == 503
         async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
             assert resp.status == 503
-        from cgb_worker.webhooks import METRICS
 
         assert app[METRICS].registry.get_sample_value("cgb_webhook_requests_total", {"outcome": "store_failed"}) == 1
     finally:

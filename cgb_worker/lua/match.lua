@@ -19,7 +19,7 @@ for _, m in ipairs(found) do
   local open_until, r = string.match(m, '^[^|]*|%d+|(%d+)|(.*)$')
   open_until = tonumber(open_until)
   -- a single message is a candidate until its first wamid; a flow, which may send several, until its turn ended
-  if open_until == 0 or t <= open_until + skew then
+  if open_until == 0 or t < open_until + skew then
     if not refs[r] then
       refs[r] = {}
       order[#order + 1] = r

@@ -1,0 +1,118 @@
+"""What the delivery layer must never do twice, or lose: reactions to a status, a job id enqueued again, late
+statuses behind foreign ones. Each test here failed on the code before the attribution issue."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from cgb_worker import keys
+from cgb_worker.window import window_key
+
+from .conftest import Harness
+from .test_webhooks import TEMPLATE, Receiver, _status_is, eventually, settled, status_of, status_payload
+from .test_webhooks import receiver as receiver  # noqa: F401 - the fixture
+
+B = "+12025550100"
+A = "+972500000001"
+
+
+async def test_a_fallback_is_sent_once_after_its_enqueue_failed(
+    harness: Harness, receiver: Receiver, redis_client: Any, monkeypatch: Any
+) -> None:
+    """Symptom 2: the status was recorded as seen before the fallback was enqueued; an enqueue that failed was
+    never tried again. Now the reaction sits in the outbox until it is done."""
+    await harness.known(B)
+    harness.sim.state.contacts[int(B.lstrip("+"))]["last_inbound"] = None  # WhatsApp's window: shut
+    await redis_client.set(window_key(B), f"o:{int(time.time() * 1000)}")  # what we believed: open
+    reactor = receiver.processor.reactor
+    real = reactor.redis.enqueue_job
+    failures = 0
+
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
+        nonlocal failures
+        if failures < 2:
+            failures += 1
+            raise RedisConnectionError("Redis went away for a moment")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(reactor.redis, "enqueue_job", flaky)
+    [job] = await harness.enqueue({"to": B, "message": "Your visa is approved", "whatsappTemplate": TEMPLATE})
+    await harness.run()
+    await settled(harness)
+    pool = await harness.pool()
+    await eventually(lambda: pool.queued_jobs())
+    assert failures == 2
+    assert [j.job_id for j in await pool.queued_jobs()] == [f"{job.job_id}:fallback"]
+    assert await redis_client.xlen(keys.REACTIONS) == 0
+    await harness.run()
+    await settled(harness)
+    assert [o["kind"] for o in harness.sim.state.outbox] == ["text", "whatsapp_template"]
+    assert receiver.metric("cgb_reactions_total", kind="fallback") == 1
+
+
+async def test_a_job_id_enqueued_again_after_arqs_result_expired_is_not_sent_again(
+    harness: Harness, redis_client: Any
+) -> None:
+    """Symptom 3: a first try skipped the send log, so the same job id enqueued after ``WORKER_KEEP_RESULT``
+    (but within the send log's seven days) sent a second WhatsApp message."""
+    await harness.known(A)
+    pool = await harness.pool()
+    await pool.enqueue_job("whatsapp_send", {"to": A, "message": "visa approved"}, _job_id="visa-42")
+    await harness.run()
+    assert len(harness.sim.requests("send_text")) == 1
+    await redis_client.delete("arq:result:visa-42")  # arq's result expired: it no longer knows the id
+    job = await pool.enqueue_job("whatsapp_send", {"to": A, "message": "visa approved"}, _job_id="visa-42")
+    assert job is not None  # arq takes it: only the send log can tell it was sent
+    await harness.run()
+    assert len(harness.sim.requests("send_text")) == 1
+    result = await job.result(timeout=5)
+    assert (result["kind"], result["success"]) == ("text", True)
+
+
+async def test_a_late_status_is_not_starved_by_foreign_ones(
+    harness: Harness, receiver: Receiver, redis_client: Any
+) -> None:
+    """Symptom 5: only the first 100 held statuses were tried each turn; statuses of messages the worker did not
+    send filled those places, and a real status expired unplaced."""
+    harness.sim.configure(webhook_url=None)
+    receiver.processor.orphan_grace = 6.0
+    now = int(time.time())
+    for i in range(150):  # a CGB bot's replies to people this worker never wrote to
+        assert (await receiver.post(status_payload(f"wamid.BOT{i}", "sent", f"+1202555{i + 1000:04d}", ts=now)))[
+            0
+        ] == 200
+    await eventually(lambda: _held_at_least(redis_client, 150))
+    # a status for our coming send, stamped a little ahead (it overtook the worker's record)
+    assert (await receiver.post(status_payload("wamid.OURS", "sent", A, ts=now + 2)))[0] == 200
+    await harness.known(A)
+    [job] = await harness.enqueue({"to": A, "message": "hello"})
+    await harness.run()
+    found = await eventually(lambda: _status_is(harness, job.job_id, "sent"), within=5)
+    assert found.wamid == "wamid.OURS"
+
+
+async def _held_at_least(redis_client: Any, n: int) -> bool:
+    return int(await redis_client.zcard(keys.ORPHANS)) >= n
+
+
+async def test_a_second_job_to_one_person_with_its_own_file_waits_and_keeps_order(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """A job's file and then its text go out in that order, each after the previous one's first status."""
+    harness.sim.configure(webhook_delay=0.2)
+    await harness.known(A)
+    [job] = await harness.enqueue(
+        {"to": A, "fileUrl": "https://files.example/visa.pdf", "fileType": "document", "message": "your visa"}
+    )
+    await harness.run()
+    await settled(harness)
+    found = await status_of(harness, job.job_id)
+    assert [(s.step, s.status, s.matched_by) for s in found.steps] == [
+        ("file", "read", "recipient"),
+        ("text", "read", "recipient"),
+    ]
+    assert [o["kind"] for o in harness.sim.state.outbox] == ["file", "text"]
+    assert (await job.result(timeout=5))["attempts"] == 1

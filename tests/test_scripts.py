@@ -1,0 +1,227 @@
+"""Each Redis script on its own, against a real Redis, through its typed wrapper."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from cgb_worker import keys
+from cgb_worker.scripts import ApplyScript, MatchScript, OpenWindowScript, StatusUpdate, UnsendScript
+from cgb_worker.sends import StepRecord
+
+A = "+972500000001"
+B = "+12025550100"
+T0 = 1_764_650_000_000  # ms
+WINDOW = 600_000
+SKEW = 2_000
+
+
+async def _put(redis: Any, *records: StepRecord) -> None:
+    for r in records:
+        await redis.hset(keys.sends(r.delivery_id), mapping={**r.fields(), r.step: "sent"})
+        await redis.zadd(keys.AWAITING, {r.member: 0})
+
+
+def _match(redis: Any) -> Any:
+    script = MatchScript(redis)
+
+    async def call(wamid: str, phone: str | None, at: int) -> Any:
+        return await script(wamid, keys.who(phone) if phone else None, at, window_ms=WINDOW, skew_ms=SKEW, wamid_ttl=60)
+
+    return call
+
+
+# -- match.lua ----------------------------------------------------------------------------------------------
+
+
+async def test_match_places_the_one_open_send_and_frees_its_turn(redis_client: Any) -> None:
+    mine = StepRecord("job-1", "text", A, T0, True, open_ms=15_000, skew_ms=SKEW)
+    other = StepRecord("job-2", "text", B, T0, True, open_ms=15_000, skew_ms=SKEW)
+    await _put(redis_client, mine, other)
+    await redis_client.set(keys.turn(keys.who(A)), mine.ref)
+    found = await _match(redis_client)("wamid.1", A, T0 + 1000)
+    assert (found.by, found.ref) == ("recipient", "job-1|text")
+    assert await redis_client.get(keys.wamid("wamid.1")) == b"job-1|text"
+    assert await redis_client.zrange(keys.AWAITING, 0, -1) == [other.member.encode()]  # type: ignore[union-attr]
+    assert not await redis_client.exists(keys.turn(keys.who(A)))
+    again = await _match(redis_client)("wamid.1", A, T0 + 9000)
+    assert (again.by, again.ref) == ("wamid", "job-1|text")
+
+
+async def test_match_leaves_another_sends_turn_alone(redis_client: Any) -> None:
+    mine = StepRecord("job-1", "text", A, T0, True, open_ms=15_000)
+    await _put(redis_client, mine)
+    await redis_client.set(keys.turn(keys.who(A)), "job-9|text")
+    assert (await _match(redis_client)("wamid.1", A, T0)).by == "recipient"
+    assert await redis_client.get(keys.turn(keys.who(A))) == b"job-9|text"
+
+
+@pytest.mark.parametrize(
+    ("case", "at"),
+    [
+        ("before the request, past the skew", T0 - SKEW - 1000),
+        ("after the match window", T0 + WINDOW + 1000),
+    ],
+)
+async def test_match_finds_none_outside_the_time_bounds(redis_client: Any, case: str, at: int) -> None:
+    await _put(redis_client, StepRecord("job-1", "text", A, T0, True))
+    found = await _match(redis_client)("wamid.1", A, at)
+    assert found.by == "none"
+    assert await redis_client.zcard(keys.AWAITING) == 1
+    assert not await redis_client.exists(keys.wamid("wamid.1"))
+
+
+async def test_match_finds_none_for_an_unknown_recipient(redis_client: Any) -> None:
+    await _put(redis_client, StepRecord("job-1", "text", A, T0, True))
+    assert (await _match(redis_client)("wamid.1", None, T0)).by == "none"
+    assert (await _match(redis_client)("wamid.1", B, T0)).by == "none"
+
+
+async def test_two_open_sends_to_one_person_are_ambiguous_until_time_tells_them_apart(redis_client: Any) -> None:
+    first = StepRecord("job-1", "text", A, T0, True)
+    second = StepRecord("job-2", "text", A, T0 + 20_000, True)
+    await _put(redis_client, first, second)
+    late = await _match(redis_client)("wamid.2", A, T0 + 21_000)
+    assert (late.by, sorted(late.refs)) == ("ambiguous", ["job-1|text", "job-2|text"])
+    assert await redis_client.zcard(keys.AWAITING) == 2  # nothing taken
+    early = await _match(redis_client)("wamid.1", A, T0 + 1000)  # before the second request left: the first's
+    assert (early.by, early.ref) == ("recipient", "job-1|text")
+    now_alone = await _match(redis_client)("wamid.2", A, T0 + 21_000)
+    assert (now_alone.by, now_alone.ref) == ("recipient", "job-2|text")
+
+
+async def test_a_resent_step_is_one_candidate_not_two(redis_client: Any) -> None:
+    await _put(redis_client, StepRecord("job-1", "text", A, T0, True), StepRecord("job-1", "text", A, T0 + 3000, True))
+    found = await _match(redis_client)("wamid.1", A, T0 + 4000)
+    assert (found.by, found.ref) == ("recipient", "job-1|text")
+    assert await redis_client.zcard(keys.AWAITING) == 0
+
+
+async def test_a_flow_takes_several_wamids_until_its_time_is_over(redis_client: Any) -> None:
+    flow = StepRecord("job-1", "flow", A, T0, True, open_ms=15_000, skew_ms=SKEW)
+    await _put(redis_client, flow)
+    await redis_client.set(keys.turn(keys.who(A)), flow.ref)
+    for n, at in enumerate([T0 + 500, T0 + 900, T0 + 15_000 + SKEW - 1]):
+        found = await _match(redis_client)(f"wamid.{n}", A, at)
+        assert (found.by, found.ref) == ("recipient", "job-1|flow")
+    assert await redis_client.zcard(keys.AWAITING) == 1  # still open
+    assert await redis_client.exists(keys.turn(keys.who(A)))  # a flow keeps its turn until it runs out
+    assert (await _match(redis_client)("wamid.9", A, T0 + 15_000 + SKEW)).by == "none"
+    # the next send, once the flow's turn (open + twice the skew) ran out, is alone for its own statuses
+    nxt = StepRecord("job-2", "text", A, T0 + flow.turn_ms, True, open_ms=15_000)
+    await _put(redis_client, nxt)
+    found = await _match(redis_client)("wamid.10", A, nxt.request_ms - SKEW)
+    assert (found.by, found.ref) == ("recipient", "job-2|text")
+
+
+async def test_more_than_fifty_open_sends_are_ambiguous(redis_client: Any) -> None:
+    await _put(redis_client, *[StepRecord(f"job-{i}", "flow", A, T0 + i, True, open_ms=60_000) for i in range(51)])
+    assert (await _match(redis_client)("wamid.1", A, T0 + 100)).by == "ambiguous"
+
+
+# -- apply.lua ----------------------------------------------------------------------------------------------
+
+
+def _update(status: str, wamid: str = "wamid.1", code: str = "", at: int = T0 + 1000) -> StatusUpdate:
+    event = json.dumps({"status": status, "at": "x", "received": "x", "wamid": wamid}).encode()
+    return StatusUpdate(step="text", status=status, at_ms=at, event=event, wamid=wamid, matched_by="recipient",
+                        error_code=code, error_title="t" if code else "")  # fmt: skip
+
+
+async def test_apply_moves_forward_only_and_streams_each_change_once(redis_client: Any) -> None:
+    apply = ApplyScript(redis_client, stream_max=1000, window_ttl=60)
+    await _put(redis_client, StepRecord("job-1", "text", A, T0, True))
+    outcomes = [(await apply("job-1", _update(s), window_key=None)).outcome for s in ("read", "sent", "read")]
+    assert outcomes == ["changed", "kept", "duplicate"]
+    record = json.loads(await redis_client.hget(keys.sends("job-1"), "d:text"))
+    assert (record["status"], record["wamid"], record["match"]) == ("read", "wamid.1", "recipient")
+    assert [f[b"status"] for _i, f in await redis_client.xrange(keys.DELIVERIES)] == [b"read"]
+    assert len((await redis_client.hget(keys.sends("job-1"), "e:text")).splitlines()) == 2
+
+
+async def test_apply_to_an_expired_record_is_gone_and_writes_nothing(redis_client: Any) -> None:
+    apply = ApplyScript(redis_client, stream_max=1000, window_ttl=60)
+    assert (await apply("job-1", _update("sent"), window_key=None)).outcome == "gone"
+    assert not await redis_client.exists(keys.sends("job-1"), keys.DELIVERIES)
+
+
+async def test_a_131047_shuts_the_window_and_appends_one_reaction(redis_client: Any) -> None:
+    apply = ApplyScript(redis_client, stream_max=1000, window_ttl=60)
+    record = StepRecord("job-1", "text", A, T0, True, fallback={"to": A, "whatsappTemplate": {"name": "x"}})
+    await _put(redis_client, record)
+    window = keys.window(keys.who(A))
+    first = await apply("job-1", _update("failed", code="131047"), window_key=window)
+    assert (first.outcome, first.reacted) == ("changed", True)
+    again = await apply("job-1", _update("failed", wamid="wamid.2", code="131047"), window_key=window)
+    assert (again.outcome, again.reacted) == ("kept", False)
+    assert await redis_client.get(window) == f"c:{T0 + 1000}".encode()
+    [(_id, fields)] = await redis_client.xrange(keys.REACTIONS)
+    assert fields == {b"kind": b"fallback", b"job": b"job-1", b"step": b"text"}
+
+
+async def test_a_flow_step_keeps_every_wamid(redis_client: Any) -> None:
+    apply = ApplyScript(redis_client, stream_max=1000, window_ttl=60)
+    await _put(redis_client, StepRecord("job-1", "text", A, T0, True))
+    for wamid in ("wamid.1", "wamid.2", "wamid.2"):
+        await apply("job-1", _update("sent", wamid=wamid), window_key=None)
+    record = json.loads(await redis_client.hget(keys.sends("job-1"), "d:text"))
+    assert (record["wamid"], record["more"]) == ("wamid.1", ["wamid.2"])
+
+
+# -- open_window.lua ----------------------------------------------------------------------------------------
+
+
+async def test_open_window_never_goes_back_in_time(redis_client: Any) -> None:
+    script = OpenWindowScript(redis_client)
+    who = keys.who(A)
+    assert await script(who, T0, ttl=60)
+    assert not await script(who, T0 - 1, ttl=60)
+    await redis_client.set(keys.window(who), f"c:{T0 + 10}")
+    assert not await script(who, T0 + 5, ttl=60)
+    assert await script(who, T0 + 20, ttl=60)
+    assert await redis_client.get(keys.window(who)) == f"o:{T0 + 20}".encode()
+
+
+# -- unsend.lua ---------------------------------------------------------------------------------------------
+
+
+async def test_unsend_takes_back_the_mark_the_record_the_member_and_its_own_turn(redis_client: Any) -> None:
+    script = UnsendScript(redis_client)
+    record = StepRecord("job-1", "text", A, T0, True)
+    await redis_client.hset(keys.sends("job-1"), mapping={**record.fields(), "text": "sending", "file": "sent"})
+    await redis_client.zadd(keys.AWAITING, {record.member: 0})
+    await redis_client.set(keys.turn(record.who), record.ref)
+    done = await script(
+        "job-1", "job-1", "text", member=record.member, who=record.who, keep_mark=False, wrote_record=True
+    )
+    assert done
+    assert await redis_client.hgetall(keys.sends("job-1")) == {b"file": b"sent"}
+    assert await redis_client.zcard(keys.AWAITING) == 0
+    assert not await redis_client.exists(keys.turn(record.who))
+
+
+async def test_unsend_keeps_a_mark_from_an_unknown_outcome_and_anothers_turn(redis_client: Any) -> None:
+    script = UnsendScript(redis_client)
+    record = StepRecord("job-1", "text", A, T0, True)
+    await redis_client.hset(keys.sends("job-1"), mapping={**record.fields(), "text": "sending"})
+    await redis_client.set(keys.turn(record.who), "job-2|text")
+    await script("job-1", "job-1", "text", member=None, who=record.who, keep_mark=True, wrote_record=False)
+    assert (await redis_client.hget(keys.sends("job-1"), "text")) == b"sending"
+    assert await redis_client.hexists(keys.sends("job-1"), "d:text")
+    assert await redis_client.get(keys.turn(record.who)) == b"job-2|text"
+
+
+async def test_unsend_touches_nothing_once_a_status_proves_the_send_went_out(redis_client: Any) -> None:
+    script = UnsendScript(redis_client)
+    record = StepRecord("job-1", "text", A, T0, True)
+    await redis_client.hset(
+        keys.sends("job-1"), mapping={"d:text": json.dumps({"status": "sent", "wamid": "w"}), "text": "sending"}
+    )
+    await redis_client.zadd(keys.AWAITING, {record.member: 0})
+    assert not await script(
+        "job-1", "job-1", "text", member=record.member, who=record.who, keep_mark=False, wrote_record=True
+    )
+    assert await redis_client.hget(keys.sends("job-1"), "text") == b"sending"
+    assert await redis_client.zcard(keys.AWAITING) == 1
