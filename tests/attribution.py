@@ -10,6 +10,7 @@ parameter or flow variable), so each wamid's job and step are known, and compare
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import re
 import time
@@ -90,7 +91,7 @@ async def check(pool: Any, outbox: list[dict[str, Any]], report: Report) -> None
     for entry in outbox:
         by_phone.setdefault(entry["phone"], []).append(entry["at"] / 1000)
     for times in by_phone.values():
-        report.second_waits.extend(b - a for a, b in zip(times, times[1:], strict=False) if b > a)
+        report.second_waits.extend(b - a for a, b in itertools.pairwise(times) if b > a)
 
 
 async def settle(sim_state: Any, pool: Any, *, within: float) -> None:

@@ -13,7 +13,7 @@ from cgb_worker.window import window_key
 
 from .conftest import Harness
 from .test_webhooks import TEMPLATE, Receiver, _status_is, eventually, settled, status_of, status_payload
-from .test_webhooks import receiver as receiver  # noqa: F401 - the fixture
+from .test_webhooks import receiver as receiver
 
 B = "+12025550100"
 A = "+972500000001"

@@ -9,8 +9,8 @@ import hmac
 import io
 import json
 import time
-from datetime import datetime
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -24,8 +24,8 @@ from cgb_worker.keys import DELIVERIES as STREAM
 from cgb_worker.keys import INBOX, MALFORMED, ORPHANS, SINCE, TRACKING, UNMATCHED
 from cgb_worker.receipts import Delivery, Processor, create_app, delivery
 from cgb_worker.receipts.app import METRICS, PROCESSOR
-from cgb_worker.window import window_key
 from cgb_worker.settings import ReceiverSettings, Secret
+from cgb_worker.window import window_key
 
 from .conftest import Harness, free_port
 
@@ -278,7 +278,8 @@ async def test_a_signed_malformed_payload_is_kept_and_touches_no_timeline(
         assert receiver.metric("cgb_webhook_requests_total", outcome="malformed") == 1
     else:  # one item is set aside, on its own, once the stored webhook is processed
         kept = await eventually(lambda: redis_client.xrange(MALFORMED))
-        assert len(kept) == 1 and b"item" in kept[0][1]
+        assert len(kept) == 1
+        assert b"item" in kept[0][1]
         assert receiver.metric("cgb_webhook_items_malformed_total") == 1
     assert kept[0][1][b"reason"]
     found = await status_of(harness, job.job_id)

@@ -511,10 +511,10 @@ async def test_redis_failure_mid_job_is_retried(harness: Harness, monkeypatch: p
     real_mark = SendLog.mark_sending
     failures = iter([True])
 
-    async def flaky_mark(self: SendLog, job_id: str, step: str) -> None:
+    async def flaky_mark(self: SendLog, job_id: str, step: str, *args: Any, **kwargs: Any) -> None:
         if next(failures, False):
             raise RedisConnectionError("Connection reset by peer")
-        await real_mark(self, job_id, step)
+        await real_mark(self, job_id, step, *args, **kwargs)
 
     monkeypatch.setattr(SendLog, "mark_sending", flaky_mark)
     [job] = await harness.enqueue({"to": A, "message": "after a Redis blip"})
