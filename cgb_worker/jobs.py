@@ -31,8 +31,14 @@ The 24-hour window (:mod:`cgb_worker.deliveries`) is read with the contact cache
 goes into the result (``window``). With ``CGB_OUTSIDE_WINDOW=fail``, free text or a file to a contact whose
 window is known to be closed fails at once with :class:`OutsideWindowError`, before any CGB call.
 
-Sends are never repeated once CGB acknowledged them (:mod:`cgb_worker.sends`). When an earlier try of
-the same job may have sent (it timed out after the request left, or the worker died between sending and
+While a webhook receiver is deployed, one message per person is open at a time (:mod:`cgb_worker.sends`,
+"turns"): a step that finds another message to the same person still waiting for its first status is not
+sent; the job is deferred about a second (:class:`~cgb_worker.errors.TurnBusyError`), which, like a rate-limit
+deferral, uses up no attempt. A job's file and its text therefore go out one after the other.
+
+Sends are never repeated once CGB acknowledged them (:mod:`cgb_worker.sends`); the send log is read on every
+try, the first included, so a job id enqueued again after arq forgot it returns its stored result. When an
+earlier try of the same job may have sent (it timed out after the request left, or the worker died between sending and
 recording the answer), ``CGB_UNKNOWN_OUTCOME`` decides: ``resend`` (the default: the message goes out
 again, so the recipient may get it twice, and the result says ``possibleDuplicate: true``) or ``fail``
 (the job fails with :class:`SendOutcomeUnknownError` and lands in the dead-letter store for a person to

@@ -3,6 +3,7 @@ statuses behind foreign ones. Each test here failed on the code before the attri
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -12,7 +13,7 @@ from cgb_worker import keys
 from cgb_worker.window import window_key
 
 from .conftest import Harness
-from .test_webhooks import TEMPLATE, Receiver, _status_is, eventually, settled, status_of, status_payload
+from .test_webhooks import TEMPLATE, Receiver, _status_is, envelope, eventually, settled, status_of, status_payload
 from .test_webhooks import receiver as receiver
 
 B = "+12025550100"
@@ -116,3 +117,88 @@ async def test_a_second_job_to_one_person_with_its_own_file_waits_and_keeps_orde
     ]
     assert [o["kind"] for o in harness.sim.state.outbox] == ["file", "text"]
     assert (await job.result(timeout=5))["attempts"] == 1
+
+
+async def test_a_text_sent_twice_after_an_unknown_outcome_keeps_both_messages_and_the_next_job_its_own(
+    harness: Harness, redis_url: str, redis_client: Any
+) -> None:
+    """Found by the attack on the first version: CGB sent the text, then answered 504; the retry sent it again.
+    Placing the second copy's wamid closed the step altogether, so the first copy's late status went to the
+    next job to that person. Now each copy is its own open message."""
+    from cgb_worker.simulator import FaultRule
+
+    from .test_webhooks import start_receiver
+
+    rec, stop = await start_receiver(redis_url, clock_skew=1.0)
+    harness.sim.configure(webhook_url=None)
+    harness.set_env(STATUS_TURN_WAIT="0", CGB_TIMEOUT="300")
+    harness.sim.state.faults.append(FaultRule(path="/send/text$", status=504, after=True, count=1))
+    try:
+        await harness.known(A)
+        [m] = await harness.enqueue({"to": A, "message": "text of M"})
+        await harness.run()
+        assert (await m.result(timeout=5))["possibleDuplicate"] is True
+        first, second = harness.sim.state.outbox
+        assert (await rec.post(status_payload("wamid.SIM00000002", "sent", A, ts=second["at"] // 1000)))[0] == 200
+        await eventually(lambda: _status_is(harness, m.job_id, "sent"))
+        await asyncio.sleep(2.5)  # the turn lapsed long ago; the next job's request leaves past the skew
+        [n] = await harness.enqueue({"to": A, "message": "text of N"})
+        await harness.run()
+        late = status_payload("wamid.SIM00000001", "delivered", A, ts=first["at"] // 1000)
+        assert (await rec.post(late))[0] == 200
+        own = status_payload("wamid.SIM00000003", "sent", A)
+        assert (await rec.post(own))[0] == 200
+        await eventually(lambda: _status_is(harness, n.job_id, "sent"))
+        found_m, found_n = await status_of(harness, m.job_id), await status_of(harness, n.job_id)
+        assert found_m.steps[0].wamids == ["wamid.SIM00000002", "wamid.SIM00000001"]
+        assert found_n.steps[0].wamids == ["wamid.SIM00000003"]
+    finally:
+        await stop()
+
+
+async def test_a_status_that_cannot_be_applied_spoils_neither_its_neighbours_nor_the_held_ones(
+    harness: Harness, receiver: Receiver, redis_client: Any, monkeypatch: Any
+) -> None:
+    """Found by the attack on the first version: a timestamp of year 33658 passed the check and raised while
+    applying, which dropped its whole POST; held, it raised on every retry and stopped all held statuses."""
+    harness.sim.configure(webhook_url=None)
+    await harness.known(A)
+    [job] = await harness.enqueue({"to": A, "message": "hello"})
+    await harness.run()
+    items = [
+        {"id": "wamid.FAR", "status": "read", "timestamp": "999999999999", "recipient_id": A.lstrip("+")},
+        {"id": "wamid.GOOD", "status": "sent", "timestamp": str(int(time.time())), "recipient_id": A.lstrip("+")},
+    ]
+    assert (await receiver.post(envelope({"statuses": items})))[0] == 200
+    await eventually(lambda: _status_is(harness, job.job_id, "sent"))
+    # whatever raises while one status is applied is set aside alone
+    real = receiver.processor.matcher.place
+
+    async def flaky(status: Any, raw: Any, user_id: Any, **kw: Any) -> Any:
+        if status.id == "wamid.BOOM":
+            raise ValueError("a bug")
+        return await real(status, raw, user_id, **kw)
+
+    monkeypatch.setattr(receiver.processor.matcher, "place", flaky)
+    ts = str(int(time.time()))
+    items = [
+        {"id": "wamid.BOOM", "status": "read", "timestamp": ts, "recipient_id": A.lstrip("+")},
+        {"id": "wamid.GOOD", "status": "delivered", "timestamp": ts, "recipient_id": A.lstrip("+")},
+    ]
+    assert (await receiver.post(envelope({"statuses": items})))[0] == 200
+    await eventually(lambda: _status_is(harness, job.job_id, "delivered"))
+    reasons = [f[b"reason"] for _i, f in await redis_client.xrange(keys.MALFORMED)]
+    assert reasons == [b"a status without a wamid or a Unix timestamp", b"applying it failed: ValueError"]
+    # a held status that raises is given up alone; the others are still tried
+    monkeypatch.setattr(receiver.processor.matcher, "place", real)
+    await redis_client.zadd(keys.ORPHANS, {b'[{"id": 1}, null]': 0})
+    assert (await receiver.post(status_payload("wamid.NOBODY", "sent", B)))[0] == 200
+    await eventually(lambda: redis_client.xlen(keys.UNMATCHED))
+    assert receiver.metric("cgb_webhook_statuses_unmatched_total", reason="error") == 1
+    receiver.processor.orphan_grace = 0.1
+    await eventually(lambda: _unmatched_is(redis_client, 2))
+    assert await redis_client.zcard(keys.ORPHANS) == 0
+
+
+async def _unmatched_is(redis_client: Any, n: int) -> bool:
+    return int(await redis_client.xlen(keys.UNMATCHED)) == n

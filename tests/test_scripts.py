@@ -92,11 +92,24 @@ async def test_two_open_sends_to_one_person_are_ambiguous_until_time_tells_them_
     assert (now_alone.by, now_alone.ref) == ("recipient", "job-2|text")
 
 
-async def test_a_resent_step_is_one_candidate_not_two(redis_client: Any) -> None:
-    await _put(redis_client, StepRecord("job-1", "text", A, T0, True), StepRecord("job-1", "text", A, T0 + 3000, True))
-    found = await _match(redis_client)("wamid.1", A, T0 + 4000)
+async def test_a_resent_step_is_one_candidate_with_two_messages(redis_client: Any) -> None:
+    """A step sent again after an unknown outcome has two messages: each wamid closes one, and the turn is freed
+    only once both are placed (found by the attack on the first version, which closed both with one wamid)."""
+    first = StepRecord("job-1", "text", A, T0, True)
+    again = StepRecord("job-1", "text", A, T0 + 3000, True)
+    await _put(redis_client, first, again)
+    await redis_client.set(keys.turn(keys.who(A)), first.ref)
+    found = await _match(redis_client)("wamid.2", A, T0 + 4000)
     assert (found.by, found.ref) == ("recipient", "job-1|text")
-    assert await redis_client.zcard(keys.AWAITING) == 0
+    assert await redis_client.zrange(keys.AWAITING, 0, -1) == [first.member.encode()]  # type: ignore[union-attr]
+    assert await redis_client.exists(keys.turn(keys.who(A)))
+    # the next job's send, later, is not the other message's candidate while the step has one open
+    nxt = StepRecord("job-2", "text", A, T0 + 20_000, True)
+    await _put(redis_client, nxt)
+    other = await _match(redis_client)("wamid.1", A, T0 + 1000)
+    assert (other.by, other.ref) == ("recipient", "job-1|text")
+    assert not await redis_client.exists(keys.turn(keys.who(A)))
+    assert await redis_client.zrange(keys.AWAITING, 0, -1) == [nxt.member.encode()]  # type: ignore[union-attr]
 
 
 async def test_a_flow_takes_several_wamids_until_its_time_is_over(redis_client: Any) -> None:
@@ -225,3 +238,32 @@ async def test_unsend_touches_nothing_once_a_status_proves_the_send_went_out(red
     )
     assert await redis_client.hget(keys.sends("job-1"), "text") == b"sending"
     assert await redis_client.zcard(keys.AWAITING) == 1
+
+
+# -- the payload, item by item (pure: no Redis) -----------------------------------------------------------
+
+
+def test_a_thousand_statuses_in_one_change_are_read() -> None:
+    from cgb_worker.receipts.payload import parse_payload
+
+    statuses = [{"id": f"w{i}", "status": "sent", "timestamp": "1764650000", "recipient_id": "1"} for i in range(1000)]
+    body = {
+        "object": "whatsapp_business_account",
+        "entry": [{"changes": [{"field": "messages", "value": {"statuses": statuses}}]}],
+    }
+    parsed = parse_payload(json.dumps(body).encode())
+    assert (len(parsed.changes[0].statuses), parsed.bad) == (1000, [])
+
+
+@pytest.mark.parametrize("stamp", ["999999999999", "4102444800", "²", "١٧٦٤٦٥٠٠٠٠", "-1", "", "17646500001"])
+def test_a_timestamp_meta_would_not_send_is_set_aside(stamp: str) -> None:
+    from cgb_worker.receipts.payload import parse_payload
+
+    status = {"id": "w", "status": "sent", "timestamp": stamp, "recipient_id": "1"}
+    body = {
+        "object": "whatsapp_business_account",
+        "entry": [{"changes": [{"field": "messages", "value": {"statuses": [status]}}]}],
+    }
+    parsed = parse_payload(json.dumps(body).encode())
+    assert parsed.changes[0].statuses == []
+    assert [reason for reason, _item in parsed.bad] == ["a status without a wamid or a Unix timestamp"]

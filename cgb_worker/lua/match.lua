@@ -32,10 +32,12 @@ if #order == 0 then return {'none'} end
 if #order > 1 then return {'ambiguous', unpack(order)} end
 local r = order[1]
 redis.call('SET', KEYS[1], r, 'EX', ARGV[5])
-local flow = false
-for _, item in ipairs(refs[r]) do
-  if item[2] == 0 then redis.call('ZREM', KEYS[2], item[1]) else flow = true end
+local items = refs[r]
+if items[1][2] == 0 then
+  -- One member is one message: a step sent again after an unknown outcome has two, and this wamid closes one
+  -- (the latest that could have produced it: an earlier one stays a candidate for the other's statuses).
+  redis.call('ZREM', KEYS[2], items[#items][1])
+  -- once the step has no message left open, the person's next one may go
+  if #items == 1 and redis.call('GET', KEYS[3]) == r then redis.call('DEL', KEYS[3]) end
 end
--- the person's next message may go: its status can no longer be confused with this one's
-if not flow and redis.call('GET', KEYS[3]) == r then redis.call('DEL', KEYS[3]) end
 return {'recipient', r}

@@ -16,6 +16,7 @@ import asyncio
 import os
 import socket
 import time
+from typing import Any
 
 import msgspec
 from arq.connections import ArqRedis
@@ -160,17 +161,7 @@ class Processor:
             parsed = parse_payload(body)
         except MalformedError:
             return "malformed"  # checked before it was stored; only a change of this code could get here
-        if parsed.bad:
-            self.metrics.malformed_items.inc(len(parsed.bad))
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for reason, item in parsed.bad[:100]:
-                    pipe.xadd(
-                        keys.MALFORMED,
-                        {"item": msgspec.json.encode(item), "reason": reason[:200], "at": int(time.time() * 1000)},
-                        maxlen=MALFORMED_MAX,
-                        approximate=True,
-                    )
-                await pipe.execute()
+        bad = list(parsed.bad)
         statuses = duplicates = 0
         for change in parsed.changes:
             users: dict[str, str] = {c.wa_id: c.user_id for c in change.contacts if c.wa_id and c.user_id}
@@ -183,9 +174,31 @@ class Processor:
             for status, raw in change.statuses:
                 statuses += 1
                 user_id = status.recipient_user_id or users.get(status.recipient_id or "")
-                placed = await self.matcher.place(status, raw, user_id)
+                try:
+                    placed = await self.matcher.place(status, raw, user_id)
+                except RedisError:
+                    raise  # the entry stays pending and is processed again: applying twice changes nothing
+                except Exception as exc:  # one status never spoils its neighbours
+                    logger.error("a status could not be applied ({}); kept in {}", type(exc).__name__, keys.MALFORMED)
+                    bad.append((f"applying it failed: {type(exc).__name__}", raw))
+                    continue
                 duplicates += placed.outcome == "duplicate"
+        if bad:
+            await self.set_aside(bad)
         return "duplicate" if statuses and duplicates == statuses else "ok"
+
+    async def set_aside(self, bad: list[tuple[str, Any]]) -> None:
+        """Items the receiver could not use, kept in the malformed stream with their reasons, and counted."""
+        self.metrics.malformed_items.inc(len(bad))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for reason, item in bad[:100]:
+                pipe.xadd(
+                    keys.MALFORMED,
+                    {"item": msgspec.json.encode(item), "reason": reason[:200], "at": int(time.time() * 1000)},
+                    maxlen=MALFORMED_MAX,
+                    approximate=True,
+                )
+            await pipe.execute()
 
     async def sweep(self) -> int:
         """Sends still without any status after ``STATUS_UNCONFIRMED_AFTER`` are marked ``unconfirmed`` (once per

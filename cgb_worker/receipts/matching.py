@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgspec
+from loguru import logger
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from .. import keys
 from ..metrics import ReceiverMetrics
@@ -34,7 +36,7 @@ UNMATCHED_MAX = 10000
 HELD_PER_TURN = 500
 """Held statuses tried in one turn at most, the longest-waiting first: the rest wait for the next turn."""
 
-Outcome = Literal["changed", "kept", "duplicate", "gone", "none", "ambiguous"]
+Outcome = Literal["changed", "kept", "duplicate", "gone", "none", "ambiguous", "error"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,9 +137,16 @@ class Matcher:
         placed = 0
         for item, since in zip(due, since_raw, strict=True):
             first = int(since) / 1000 if since else now
-            raw, user_id = msgspec.json.decode(item)
-            status = msgspec.convert(raw, MetaStatus)
-            found = await self.place(status, raw, user_id, held=True)
+            try:
+                raw, user_id = msgspec.json.decode(item)
+                status = msgspec.convert(raw, MetaStatus)
+                found = await self.place(status, raw, user_id, held=True)
+            except RedisError:
+                raise
+            except Exception as exc:  # never let one held status stop the others: give it up, with its reason
+                logger.error("a held status could not be applied ({}); kept in {}", type(exc).__name__, keys.UNMATCHED)
+                await self._give_up(item, Placed("error"))
+                continue
             age = now - first
             if found.outcome not in ("none", "ambiguous"):
                 await self._forget(item)

@@ -14,7 +14,8 @@ from typing import Any
 import msgspec
 
 MAX_ITEMS = 1000
-"""Statuses, messages and changes in one POST; Meta batches at most a few hundred."""
+"""Statuses and inbound messages in one POST, and changes in one POST (each counted apart); Meta batches at
+most a few hundred."""
 STATUSES = frozenset({"sent", "delivered", "read", "failed", "played"})
 """The status values the receiver applies; any other is set aside as a malformed item."""
 
@@ -95,8 +96,13 @@ _entry = msgspec.json.Decoder(_Entry)
 _change = msgspec.json.Decoder(_Change)
 
 
+LATEST = 4_102_444_800
+"""2100-01-01 in Unix seconds: a later timestamp is not one Meta sent."""
+
+
 def unix_seconds(value: str) -> bool:
-    return 0 < len(value) <= 12 and value.isascii() and value.isdigit()
+    """Whether ``value`` is a Unix time in seconds, as Meta writes it (ASCII digits, before :data:`LATEST`)."""
+    return 0 < len(value) <= 10 and value.isascii() and value.isdigit() and int(value) < LATEST
 
 
 def _plain(raw: msgspec.Raw) -> Any:
@@ -117,16 +123,16 @@ def parse_payload(body: bytes) -> Parsed:
     if envelope.object != "whatsapp_business_account":
         raise MalformedError("object is not whatsapp_business_account")
     parsed = Parsed()
-    items = 0
+    items = changes = 0
     for raw_entry in envelope.entry:
         try:
             entry = _entry.decode(raw_entry)
         except msgspec.DecodeError as exc:
             parsed.bad.append((f"an entry: {exc}", _plain(raw_entry)))
             continue
-        items += len(entry.changes)
-        if items > MAX_ITEMS:
-            raise MalformedError(f"more than {MAX_ITEMS} items")
+        changes += len(entry.changes)
+        if changes > MAX_ITEMS:
+            raise MalformedError(f"more than {MAX_ITEMS} changes")
         for raw_change in entry.changes:
             try:
                 change = _change.decode(raw_change)
@@ -144,7 +150,7 @@ def parse_payload(body: bytes) -> Parsed:
                 continue
             items += len(lists["statuses"]) + len(lists["messages"])
             if items > MAX_ITEMS:
-                raise MalformedError(f"more than {MAX_ITEMS} items")
+                raise MalformedError(f"more than {MAX_ITEMS} statuses and messages")
             parsed.changes.append(_read_change(lists, parsed.bad))
     return parsed
 
