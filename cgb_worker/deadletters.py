@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 
 from . import keys
 from .phones import mask_phone
+from .scripts import source
 from .sends import TTL as SEND_LOG_TTL
 from .sends import key as send_log_key
 
@@ -37,38 +38,6 @@ ORIGINS = PAYLOADS + ":origin"
 
 TRIM_CHUNK = 500
 """Entries one trim call drops at most: Lua's ``unpack`` cannot take many thousands of values at once."""
-
-# KEYS: index, entries, payloads. ARGV: the cap, the chunk. Drops up to a chunk of the oldest entries past the
-# cap, with their send records; returns how many are still past it.
-_TRIM = """
-local excess = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[1])
-if excess <= 0 then return 0 end
-local n = math.min(excess, tonumber(ARGV[2]))
-local old = redis.call('ZRANGE', KEYS[1], 0, n - 1)
-redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - 1)
-redis.call('HDEL', KEYS[2], unpack(old))
-for i, id in ipairs(old) do
-    local origin = redis.call('HGET', KEYS[3] .. ':origin', id)
-    if origin then redis.call('DEL', 'cgb:sends:' .. origin) end
-end
-redis.call('HDEL', KEYS[3], unpack(old))
-redis.call('HDEL', KEYS[3] .. ':origin', unpack(old))
-return excess - n
-"""
-
-# KEYS: index, entries, payloads, origins. ARGV: the id. Takes the entry out and returns {entry, payload, origin},
-# or nil when there is none (never, or another replay took it first).
-_CLAIM = """
-local entry = redis.call('HGET', KEYS[2], ARGV[1])
-local payload = redis.call('HGET', KEYS[3], ARGV[1])
-if not entry or not payload then return false end
-local origin = redis.call('HGET', KEYS[4], ARGV[1]) or ARGV[1]
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('HDEL', KEYS[3], ARGV[1])
-redis.call('HDEL', KEYS[4], ARGV[1])
-return {entry, payload, origin}
-"""
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -100,8 +69,8 @@ class DeadLetters:
     def __init__(self, redis: Redis, *, max_entries: int = 10000) -> None:
         self._redis = redis
         self._max = max_entries
-        self._trim = redis.register_script(_TRIM)
-        self._claim = redis.register_script(_CLAIM)
+        self._trim = redis.register_script(source("dead_trim"))
+        self._claim = redis.register_script(source("dead_claim"))
 
     async def add(
         self,
@@ -141,7 +110,7 @@ class DeadLetters:
 
     async def trim(self) -> None:
         """Drop the oldest entries past ``DEAD_LETTER_MAX``, a chunk per call, until the store fits."""
-        while int(await self._trim(keys=[INDEX, ENTRIES, PAYLOADS], args=[self._max, TRIM_CHUNK])) > 0:
+        while int(await self._trim(keys=[INDEX, ENTRIES, PAYLOADS], args=[self._max, TRIM_CHUNK, keys.sends("")])) > 0:
             pass
 
     async def count(self) -> int:

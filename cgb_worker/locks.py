@@ -20,13 +20,7 @@ from redis.asyncio import Redis
 
 from .errors import BusyError
 from .ratelimit import try_budget
-
-_RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-    return redis.call('del', KEYS[1])
-end
-return 0
-"""
+from .scripts import source
 
 
 @asynccontextmanager
@@ -60,4 +54,4 @@ async def redis_lock(
     try:
         yield None
     finally:
-        await redis.eval(_RELEASE, 1, key, token)  # type: ignore[misc]
+        await redis.eval(source("lock_release"), 1, key, token)  # type: ignore[misc]

@@ -29,6 +29,7 @@ from redis.asyncio import Redis
 
 from . import keys
 from .errors import ThrottledError
+from .scripts import source
 
 KEY = keys.RATE_NEXT
 PENALTY_KEY = keys.RATE_PENALTY
@@ -38,27 +39,6 @@ SPACING = 0.96
 """The share of ``CGB_RATE_LIMIT`` that slots are spaced for (see the module docstring)."""
 LATE = 0.02
 """Seconds past its slot a request may wake and still use it; later, it takes a new slot."""
-
-# KEYS: next-slot time, penalty flag. ARGV: interval (ms), the longest wait the caller accepts (ms), a pause
-# to add (ms, 0 for none). Returns {reserved (1/0), wait in ms as a string} on Redis's clock.
-_RESERVE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local interval = tonumber(ARGV[1])
-if redis.call('EXISTS', KEYS[2]) == 1 then interval = interval * 2 end
-local slot = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
-local pause = tonumber(ARGV[3])
-if pause > 0 then
-    slot = math.max(slot, now + pause)
-    redis.call('SET', KEYS[1], string.format('%.3f', slot), 'PX', math.ceil(slot - now) + 60000)
-    redis.call('SET', KEYS[2], '1', 'EX', ARGV[4])
-    return {0, string.format('%.3f', slot - now)}
-end
-local wait = slot - now
-if wait > tonumber(ARGV[2]) then return {0, string.format('%.3f', wait)} end
-redis.call('SET', KEYS[1], string.format('%.3f', slot + interval), 'PX', math.ceil(slot + interval - now) + 60000)
-return {1, string.format('%.3f', wait)}
-"""
 
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("cgb_try_deadline", default=None)
 
@@ -87,7 +67,7 @@ class RateLimiter:
     def __init__(self, redis: Redis, *, rate: float) -> None:
         self._redis = redis
         self._interval_ms = 1000.0 / (rate * SPACING)
-        self._script = redis.register_script(_RESERVE)
+        self._script = redis.register_script(source("ratelimit_reserve"))
 
     async def acquire(self, max_wait: float | None = None) -> float:
         """Reserve the next slot and sleep until it; return when it was (``time.monotonic()``).
