@@ -54,6 +54,7 @@ class Matcher:
         self._match = MatchScript(redis)
         self._apply = ApplyScript(redis, stream_max=settings.stream_max, window_ttl=WINDOW_TTL)
         self.hold_for = settings.hold
+        self._held = 0
 
     async def phone_of(self, user_id: str | None) -> str | None:
         """The phone a business-scoped user id was last seen with."""
@@ -132,6 +133,9 @@ class Matcher:
         now = time.time()
         due: list[bytes] = await self.redis.zrangebyscore(keys.ORPHANS, "-inf", now, start=0, num=HELD_PER_TURN)
         if not due:
+            if self._held:  # the gauge follows the set down to zero without a call per turn after that
+                self._held = int(await self.redis.zcard(keys.ORPHANS))
+                self.metrics.held.set(self._held)
             return 0
         since_raw = await self.redis.hmget(keys.ORPHANS_SINCE, due)  # type: ignore[misc]
         placed = 0
@@ -155,7 +159,8 @@ class Matcher:
                 await self._give_up(item, found)
             else:
                 await self.redis.zadd(keys.ORPHANS, {item: min(now + max(1.0, age), first + self.hold_for)}, xx=True)
-        self.metrics.held.set(await self.redis.zcard(keys.ORPHANS))
+        self._held = int(await self.redis.zcard(keys.ORPHANS))
+        self.metrics.held.set(self._held)
         return placed
 
     async def _forget(self, item: bytes) -> None:
