@@ -88,6 +88,7 @@ async def test_a_late_status_is_not_starved_by_foreign_ones(
     await eventually(lambda: _held_at_least(redis_client, 150))
     # a status for our coming send, stamped a little ahead (it overtook the worker's record)
     assert (await receiver.post(status_payload("wamid.OURS", "sent", A, ts=now + 2)))[0] == 200
+    await eventually(lambda: _held_at_least(redis_client, 151))  # held behind the 150, before its send exists
     await harness.known(A)
     [job] = await harness.enqueue({"to": A, "message": "hello"})
     await harness.run()
