@@ -86,7 +86,7 @@ from .metrics import Metrics
 from .models import FileType, Scalar, SendJob, SendResult, SetFieldValue, WhatsAppTemplate
 from .phones import mask_phone, normalize_phone
 from .ratelimit import reset_deadline, set_deadline
-from .sends import RESULT, SENDING, SENT, SendLog, StepRecord, nothing_sent
+from .sends import OF, RESULT, SENDING, SENT, SendLog, StepRecord, nothing_sent
 from .settings import Settings, job_deadline
 from .templates import TemplateResolver
 from .window import Window, job_keys, window_state
@@ -98,6 +98,9 @@ MAX_VARIABLES = 50
 ARQ_MAX_TRIES = 1000
 """arq's own limit, kept far above ``CGB_RETRY_ATTEMPTS`` (at most 100) so that the job, not arq, decides
 when to stop: arq's "max retries exceeded" would hide the real error."""
+
+TURN_WAIT_MAX = 8.0
+"""The longest deferral, in seconds, of a job waiting for its person's turn: 1,000 tries cover over two hours."""
 
 Kind = Literal["text", "template", "file", "whatsapp_template"]
 _result_encoder = msgspec.msgpack.Encoder()
@@ -342,6 +345,16 @@ async def whatsapp_send(
         except RedisError as exc:
             raise StoreUnavailableError(f"Redis failed during the job: {type(exc).__name__}") from exc
     except ThrottledError as exc:
+        if job_try >= ARQ_MAX_TRIES:
+            # arq drops a job picked up past its tries ("max retries exceeded", no dead letter): fail it here,
+            # with its own error, while it can still be kept for a person to replay.
+            await _dead_letter(services, ctx, raw, exc, attempt, origin=replay_of or job_id)
+            event.finish(log, started, "failed", type(exc).__name__).error(
+                "failed after {} deferrals: {}: {}", job_try, type(exc).__name__, exc
+            )
+            if services.metrics is not None:
+                services.metrics.job_done(event.kind, "failed")
+            raise
         # Our own rate limit had no slot within this try: not a failure, and no retry is used up. If Redis
         # cannot count the deferral, the job is deferred all the same and this try counts as an attempt.
         try:
@@ -354,7 +367,9 @@ async def whatsapp_send(
         delay = exc.retry_after or 1.0
         waiting = isinstance(exc, TurnBusyError)
         if waiting:
-            delay *= random.uniform(1.0, 1.25)  # noqa: S311 - spreads jobs waiting for one person
+            # About a second while the person's previous message awaits its first status; longer the longer a
+            # job has waited (a queue of messages to one person), so that waiting does not use up arq's tries.
+            delay *= min(TURN_WAIT_MAX, 1.15 ** min(job_try - 1, 40)) * random.uniform(1.0, 1.25)  # noqa: S311
         event.finish(log, started, "throttled", type(exc).__name__).info(
             "{}; deferred {:.1f}s", "waiting for the person's turn" if waiting else "throttled", delay
         )
@@ -473,6 +488,9 @@ async def _send(
     if RESULT in record:
         # This job already finished (the worker died before arq stored the result): no CGB call at all.
         return msgspec.msgpack.decode(record[RESULT], type=SendResult)
+    if fallback_of is None and OF in record:
+        # A replay of a fallback template: it joins the original job's record, as the template itself did.
+        fallback_of = record[OF].decode()
     window_now = window_state(window, since)
     run = _Run(
         services,

@@ -45,11 +45,19 @@ class MatchScript:
         self._script = redis.register_script(source("match"))
 
     async def __call__(
-        self, wamid: str, who: str | None, at_ms: int, *, window_ms: int, skew_ms: int, wamid_ttl: int
+        self,
+        wamid: str,
+        who: str | None,
+        at_ms: int,
+        *,
+        status: str = "sent",
+        window_ms: int,
+        skew_ms: int,
+        wamid_ttl: int,
     ) -> Match:
         found = await self._script(
             keys=[keys.wamid(wamid), keys.AWAITING, keys.turn(who or "-")],
-            args=[who or "", at_ms, window_ms, skew_ms, wamid_ttl],
+            args=[who or "", at_ms, window_ms, skew_ms, wamid_ttl, status],
         )
         by = _text(found[0])
         assert by in ("wamid", "recipient", "none", "ambiguous")

@@ -47,6 +47,8 @@ from .scripts import UnsendScript
 SENDING = b"sending"
 SENT = b"sent"
 RESULT = b"result"
+OF = b"of"
+"""In a fallback job's own log: the job whose delivery record its template joins."""
 TTL = 7 * 24 * 3600
 """Longer than any retry horizon plus arq's result lifetime: a re-run always finds its record. A job in the
 dead-letter store keeps its record for as long as the entry lives (see :mod:`cgb_worker.deadletters`)."""
@@ -96,7 +98,7 @@ class StepRecord(msgspec.Struct, frozen=True):
     """How long after the request its statuses may be placed by the attribution rule: the request's timeout plus
     ``STATUS_TURN_WAIT``."""
     skew_ms: int = 0
-    """``STATUS_CLOCK_SKEW``: a flow holds the turn twice this past ``open_ms``."""
+    """``STATUS_CLOCK_SKEW``: a flow holds the turn twice this (and Meta's one-second rounding) past ``open_ms``."""
     fallback: dict[str, Any] | None = None
     """For a text sent in place of a ``whatsappTemplate``: the job fields the receiver re-sends as the
     template if WhatsApp answers 131047."""
@@ -115,7 +117,7 @@ class StepRecord(msgspec.Struct, frozen=True):
     def turn_ms(self) -> int:
         """How long the person's turn lasts at most. One message frees it with its first status; a flow, which
         may send several, keeps it until its statuses can no longer be told from the next message's."""
-        return max(1, self.open_ms + (2 * self.skew_ms if self.step == "flow" else 0))
+        return max(1, self.open_ms + (2 * self.skew_ms + 1000 if self.step == "flow" else 0))
 
     @property
     def member(self) -> str | None:
@@ -155,6 +157,8 @@ class SendLog:
         own = record is not None and record.delivery_id == job_id
         if record is not None and own and new_record:
             fields.update(record.fields())
+        if record is not None and not own:
+            fields[OF] = record.delivery_id.encode()  # a replay of this job finds whose record it writes
         tracked = record is not None and record.tracking
         async with self._redis.pipeline(transaction=False) as pipe:
             if tracked:

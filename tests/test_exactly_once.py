@@ -203,3 +203,65 @@ async def test_a_status_that_cannot_be_applied_spoils_neither_its_neighbours_nor
 
 async def _unmatched_is(redis_client: Any, n: int) -> bool:
     return int(await redis_client.xlen(keys.UNMATCHED)) == n
+
+
+async def test_a_job_that_waits_for_its_turn_past_arqs_tries_is_dead_lettered_not_dropped(
+    harness: Harness, redis_client: Any, monkeypatch: Any
+) -> None:
+    """Found by the second attack: each deferral for a turn is one of arq's tries, and arq drops a job past its
+    tries without a dead letter. Now the last try fails the job into the dead-letter store, with its own error."""
+    import cgb_worker.jobs
+    import cgb_worker.worker
+
+    monkeypatch.setattr(cgb_worker.jobs, "ARQ_MAX_TRIES", 3)
+    monkeypatch.setattr(cgb_worker.worker, "ARQ_MAX_TRIES", 3)
+    monkeypatch.setattr(cgb_worker.jobs, "TURN_WAIT_MAX", 0.05)
+    await harness.known(A)
+    await redis_client.set(keys.TRACKING, "1", ex=60)
+    await redis_client.set(keys.turn(keys.who(A)), "another-job|text", ex=60)  # never freed
+    [job] = await harness.enqueue({"to": A, "message": "waits"})
+    await harness.run()
+    error = await harness.outcome(job)
+    assert type(error).__name__ == "TurnBusyError"
+    assert harness.sim.requests("send_text") == []
+    from cgb_worker.deadletters import DeadLetters
+
+    [entry] = await DeadLetters(redis_client).list()
+    assert (entry.job_id, entry.error_type) == (job.job_id, "TurnBusyError")
+
+
+async def test_a_replayed_fallback_template_joins_the_original_jobs_timeline(
+    harness: Harness, receiver: Receiver, redis_client: Any
+) -> None:
+    """Found by the second attack: a dead-lettered fallback template, replayed, wrote a timeline of its own under
+    ``<id>:fallback``; the job's timeline missed the message that was sent."""
+    from cgb_worker.deadletters import DeadLetters
+    from cgb_worker.simulator import FaultRule
+
+    await harness.known(B)
+    harness.sim.state.contacts[int(B.lstrip("+"))]["last_inbound"] = None  # WhatsApp's window: shut
+    await redis_client.set(window_key(B), f"o:{int(time.time() * 1000)}")  # what we believed: open
+    harness.set_env(CGB_UNKNOWN_OUTCOME="fail")
+    [job] = await harness.enqueue({"to": B, "message": "Your visa is approved", "whatsappTemplate": TEMPLATE})
+    await harness.run()
+    await settled(harness)
+    # the template's first try: CGB sends it, then answers 500 (unknown outcome); its retry refuses to resend
+    harness.sim.state.faults.append(FaultRule(path="send_content", status=500, after=True, count=1))
+    await harness.run()
+    dead = DeadLetters(redis_client)
+    [entry] = await dead.list()
+    assert entry.job_id == f"{job.job_id}:fallback"
+    assert await dead.replay(await harness.pool(), entry.job_id)
+    await harness.run()
+    await settled(harness)
+    found = await status_of(harness, job.job_id)
+    assert [(s.step, s.fallback_for) for s in found.steps] == [("text", None), ("whatsapp_template", "text")]
+    [template] = [s for s in found.steps if s.step == "whatsapp_template"]
+    assert len(template.wamids) == 2  # the first copy and the replay's, both on the job's own timeline
+    assert await status_of_or_none(harness, f"{job.job_id}:fallback") is None
+
+
+async def status_of_or_none(harness: Harness, job_id: str) -> Any:
+    from cgb_worker.receipts import delivery
+
+    return await delivery(await harness.pool(), job_id)

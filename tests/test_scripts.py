@@ -27,8 +27,9 @@ async def _put(redis: Any, *records: StepRecord) -> None:
 def _match(redis: Any) -> Any:
     script = MatchScript(redis)
 
-    async def call(wamid: str, phone: str | None, at: int) -> Any:
-        return await script(wamid, keys.who(phone) if phone else None, at, window_ms=WINDOW, skew_ms=SKEW, wamid_ttl=60)
+    async def call(wamid: str, phone: str | None, at: int, status: str = "sent") -> Any:
+        who = keys.who(phone) if phone else None
+        return await script(wamid, who, at, status=status, window_ms=WINDOW, skew_ms=SKEW, wamid_ttl=60)
 
     return call
 
@@ -127,6 +128,44 @@ async def test_a_flow_takes_several_wamids_until_its_time_is_over(redis_client: 
     await _put(redis_client, nxt)
     found = await _match(redis_client)("wamid.10", A, nxt.request_ms - SKEW)
     assert (found.by, found.ref) == ("recipient", "job-2|text")
+
+
+async def test_a_late_delivered_is_never_given_to_the_next_message(redis_client: Any) -> None:
+    """Found by the second attack: a ``delivered`` stamped hours after its request (a phone off) fell outside the
+    match window of its own message, whose ``sent`` had not come, and went to the person's next message. Only
+    ``sent`` is stamped soon after the request; every other status may belong to any older open send."""
+    old = StepRecord("job-1", "text", A, T0, True)
+    new = StepRecord("job-2", "text", A, T0 + WINDOW + 60_000, True)
+    await _put(redis_client, old, new)
+    late = await _match(redis_client)("wamid.1", A, new.request_ms + 1000, "delivered")
+    assert (late.by, sorted(late.refs)) == ("ambiguous", ["job-1|text", "job-2|text"])
+    own = await _match(redis_client)("wamid.2", A, new.request_ms + 500, "sent")  # the old one is out of its window
+    assert (own.by, own.ref) == ("recipient", "job-2|text")
+    late = await _match(redis_client)("wamid.1", A, new.request_ms + 1000, "delivered")
+    assert (late.by, late.ref) == ("recipient", "job-1|text")
+
+
+async def test_metas_whole_seconds_do_not_eat_the_clock_skew(redis_client: Any) -> None:
+    """Found by the second attack: Meta stamps the second a status happened in, so a worker clock ahead by less
+    than the skew could still put a status before its own message's request."""
+    ahead = 1900  # the worker's clock, ahead of Meta's by less than the skew
+    mine = StepRecord("job-1", "text", A, T0 + 900, True)
+    await _put(redis_client, mine)
+    stamped = (mine.request_ms - ahead) // 1000 * 1000
+    found = await _match(redis_client)("wamid.1", A, stamped)
+    assert (found.by, found.ref) == ("recipient", "job-1|text")
+
+
+async def test_a_flows_late_delivered_may_be_the_flows_so_it_is_not_given_to_the_next_message(
+    redis_client: Any,
+) -> None:
+    flow = StepRecord("job-1", "flow", A, T0, True, open_ms=15_000, skew_ms=SKEW)
+    nxt = StepRecord("job-2", "text", A, T0 + flow.turn_ms, True)
+    await _put(redis_client, flow, nxt)
+    late = await _match(redis_client)("wamid.9", A, nxt.request_ms + 5000, "read")
+    assert (late.by, sorted(late.refs)) == ("ambiguous", ["job-1|flow", "job-2|text"])
+    own = await _match(redis_client)("wamid.10", A, nxt.request_ms // 1000 * 1000, "sent")
+    assert (own.by, own.ref) == ("recipient", "job-2|text")
 
 
 async def test_more_than_fifty_open_sends_are_ambiguous(redis_client: Any) -> None:

@@ -1,7 +1,8 @@
 -- Which of our sends a status belongs to (the attribution rule in the README, "Delivery receipts").
 -- KEYS[1] the status's wamid key, KEYS[2] the awaiting set, KEYS[3] the recipient's turn key.
--- ARGV[1] the recipient's hash ('' when unknown), ARGV[2] the status's own time (ms), ARGV[3] the match window
--- (ms), ARGV[4] the clock skew allowed (ms), ARGV[5] the wamid key's TTL (s).
+-- ARGV[1] the recipient's hash ('' when unknown), ARGV[2] the status's own time (ms, whole seconds as Meta
+-- stamps them), ARGV[3] the match window (ms), ARGV[4] the clock skew allowed (ms), ARGV[5] the wamid key's TTL
+-- (s), ARGV[6] the status ('sent', 'delivered', ...).
 -- Returns {'wamid', ref} for a wamid already placed, {'recipient', ref} when exactly one of our sends to that
 -- person could have produced it, {'none'} when none could, {'ambiguous', ref, ref, ...} when several could.
 -- A ref is '<delivery id>|<step>'. Members: '<who>|<request ms, 13 digits>|<open until ms, 13 digits, 0 for one
@@ -11,15 +12,20 @@ if ref then return {'wamid', ref} end
 local who = ARGV[1]
 if who == '' then return {'none'} end
 local t, window, skew = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local lo = math.max(0, t - window)
+local sent = ARGV[6] == 'sent'
+-- A message's status is never stamped before its request (Meta's second is the one it happened in, hence the
+-- 999 ms). Only 'sent' is stamped soon after: 'delivered', 'read', 'failed' may come days later (a phone off).
+local lo = 0
+if sent then lo = math.max(0, t - window) end
 local found = redis.call('ZRANGEBYLEX', KEYS[2], string.format('[%s|%013d', who, lo),
-  string.format('(%s|%013d', who, t + skew + 1), 'LIMIT', 0, 51)
+  string.format('(%s|%013d', who, t + 999 + skew + 1), 'LIMIT', 0, 51)
 local refs, order = {}, {}
 for _, m in ipairs(found) do
   local open_until, r = string.match(m, '^[^|]*|%d+|(%d+)|(.*)$')
   open_until = tonumber(open_until)
-  -- a single message is a candidate until its first wamid; a flow, which may send several, until its turn ended
-  if open_until == 0 or t < open_until + skew then
+  -- a single message is a candidate until its first wamid; a flow, which may send several, sends them within
+  -- its turn, so its messages' 'sent' come before the turn ended (their later statuses may come any time)
+  if open_until == 0 or not sent or t < open_until + skew then
     if not refs[r] then
       refs[r] = {}
       order[#order + 1] = r

@@ -74,6 +74,7 @@ class Matcher:
             status.id,
             who,
             at,
+            status=status.status,
             window_ms=int(self.settings.match_window * 1000),
             skew_ms=int(self.settings.clock_skew * 1000),
             wamid_ttl=WAMID_TTL,
