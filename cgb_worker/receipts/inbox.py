@@ -36,14 +36,11 @@ from .reactions import Reactor
 from .timeline import iso
 
 CLAIM_IDLE = 30.0
-SWEEP_EVERY = 10.0
+SWEEP_EVERY = 30.0
 MALFORMED_MAX = 1000
 TRACKING_LEASE = 24 * 3600
 """How long sends stay tracked after the last receiver stopped renewing: a receiver that is down for a
 deploy misses nothing (Meta redelivers for days), and one taken away for good stops the bookkeeping."""
-FLOW_KEEP = 3600.0
-"""Seconds a flow stays in the awaiting set after its turn ended: statuses of its messages that arrive later
-than that (a receiver outage) are held, then kept as unmatched."""
 
 
 class Processor:
@@ -203,8 +200,8 @@ class Processor:
     async def sweep(self) -> int:
         """Sends still without any status after ``STATUS_UNCONFIRMED_AFTER`` are marked ``unconfirmed`` (once per
         process; they stay in the awaiting set, so a later status still finds them); members older than the send
-        log, and flows past their turn and :data:`FLOW_KEEP`, leave it. The set holds only sends still open to a
-        first status, a few seconds' worth while webhooks flow, so it is walked in pages."""
+        log leave it. The set holds the sends still open to a first status (a few seconds' worth while webhooks
+        flow) and the week's flows, which stay open to their messages' late statuses; it is walked in pages."""
         now = time.time() * 1000
         cutoff = now - self.settings.unconfirmed_after * 1000
         swept = 0
@@ -214,8 +211,8 @@ class Processor:
         drop: list[bytes] = []
         while page := await self.redis.zrangebylex(keys.AWAITING, start, b"+", start=0, num=500):
             for item in page:
-                _who, at, until, _delivery_id, _step = parse_member(item.decode())
-                if at < now - SEND_LOG_TTL * 1000 or (until and until + FLOW_KEEP * 1000 < now):
+                _who, at, _until, _delivery_id, _step = parse_member(item.decode())
+                if at < now - SEND_LOG_TTL * 1000:  # its record is gone: nothing could be placed on it
                     drop.append(item)
                     continue
                 present.add(item)
