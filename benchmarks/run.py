@@ -480,6 +480,7 @@ async def attribution_bench(stack: Stack, people: int, per_person: int, seed: in
         "REDIS_URL": stack.redis_url,
         "WABA_APP_SECRET": SECRET,
         "WEBHOOK_PORT": str(port),
+        "STATUS_HOLD": "30",  # a status no send can be told from is given up on after 30 s, not 5 min
     }
     receiver = await stack.start_worker(
         [str(Path(sys.executable).parent / "cgb-worker"), "webhooks", "--host", "127.0.0.1"], env
@@ -679,7 +680,7 @@ def write(r: dict[str, Any], quick: bool) -> None:
         "`enqueue_job` to the request's arrival at the simulator.",
         "- Where the Redis commands of a rate-limited message go: arq's own claim, read and finish (about "
         "17), cgb-worker's send log and cache read (one round trip, two commands), the rate-limit slot (one "
-        "script: five commands in Redis's count), the `sending` and `sent` marks (three). On arq as it is, "
+        "script: four commands in Redis's count), the `sending` and `sent` marks (three). On arq as it is, "
         "every poll that finds a free slot also checks each running job in Redis (four commands each), "
         "which came to 216 commands per message here before the override; other workers' running jobs are "
         "still checked, which is what the 3-worker rows pay, and why `WORKER_MAX_JOBS` follows the rate "
