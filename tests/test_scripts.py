@@ -193,6 +193,18 @@ async def test_apply_moves_forward_only_and_streams_each_change_once(redis_clien
     assert len((await redis_client.hget(keys.sends("job-1"), "e:text")).splitlines()) == 2
 
 
+async def test_unconfirmed_is_no_event_once_a_status_came(redis_client: Any) -> None:
+    apply = ApplyScript(redis_client, stream_max=1000, window_ttl=60)
+    await _put(redis_client, StepRecord("job-1", "flow", A, T0, True), StepRecord("job-2", "text", B, T0, True))
+    flow = StatusUpdate(step="flow", status="read", at_ms=T0, event=b"{}", wamid="wamid.1")
+    assert (await apply("job-1", flow, window_key=None)).outcome == "changed"
+    swept = StatusUpdate(step="flow", status="unconfirmed", at_ms=T0 + 90_000_000, event=b'{"status":"unconfirmed"}')
+    assert (await apply("job-1", swept, window_key=None)).outcome == "kept"
+    assert (await redis_client.hget(keys.sends("job-1"), "e:flow")).count(b"\n") == 1
+    quiet = StatusUpdate(step="text", status="unconfirmed", at_ms=T0 + 90_000_000, event=b'{"status":"unconfirmed"}')
+    assert (await apply("job-2", quiet, window_key=None)).outcome == "changed"
+
+
 async def test_apply_to_an_expired_record_is_gone_and_writes_nothing(redis_client: Any) -> None:
     apply = ApplyScript(redis_client, stream_max=1000, window_ttl=60)
     assert (await apply("job-1", _update("sent"), window_key=None)).outcome == "gone"

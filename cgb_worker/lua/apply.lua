@@ -11,6 +11,8 @@ local ranks = {accepted = 0, unconfirmed = 1, sent = 2, failed = 3, delivered = 
 local raw = redis.call('HGET', KEYS[1], 'd:' .. step)
 if not raw then return {'gone', '', '0', 0} end
 local s = cjson.decode(raw)
+-- 'unconfirmed' says no status came: once one has, it is no event (a flow stays swept for a week)
+if status == 'unconfirmed' and (ranks[s.status] or 0) > 0 then return {'kept', s.status, tostring(s.at), 0} end
 local key = status .. '/' .. wamid
 local seen = s.seen or '|'
 if string.find(seen, '|' .. key .. '|', 1, true) then return {'duplicate', s.status, tostring(s.at), 0} end
