@@ -352,7 +352,7 @@ class ReceiverSettings:
     host: str = "0.0.0.0"  # noqa: S104 - Meta posts from outside the container
     port: int = 8090
     match_window: float = 600.0
-    """``STATUS_MATCH_WINDOW``: seconds after a send within which a status without a known wamid may take it."""
+    """``STATUS_MATCH_WINDOW``: seconds after its request within which Meta stamps a message's ``sent``."""
     unconfirmed_after: float = 86400.0
     """``STATUS_UNCONFIRMED_AFTER``: seconds after which a send with no status at all is ``unconfirmed``."""
     stream_max: int = 100000

@@ -1,5 +1,5 @@
--- KEYS: index, entries, payloads. ARGV: the cap, the chunk, the send log's key prefix. Drops up to a chunk of the oldest entries past the
--- cap, with their send records; returns how many are still past it.
+-- KEYS: index, entries, payloads. ARGV: the cap, the chunk, the send log's key prefix. Drops up to a chunk of
+-- the oldest entries past the cap, with their send records; returns how many are still past it.
 local excess = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[1])
 if excess <= 0 then return 0 end
 local n = math.min(excess, tonumber(ARGV[2]))
