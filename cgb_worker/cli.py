@@ -463,7 +463,9 @@ def status(job_id: str, as_json: bool) -> None:
     for step in found.steps:
         matched = f", matched by {step.matched_by}" if step.matched_by else ""
         replaces = f", in place of the {step.fallback_for}" if step.fallback_for else ""
-        click.echo(f"  {step.step}: {step.status}{matched}{replaces}")
+        more = f", {len(step.wamids)} WhatsApp messages" if len(step.wamids) > 1 else ""
+        doubt = f", {step.unresolved} status(es) that could not be told from another send's" if step.unresolved else ""
+        click.echo(f"  {step.step}: {step.status}{matched}{replaces}{more}{doubt}")
         for event in step.events:
             code = ""
             if event.meta and event.meta.get("errors"):

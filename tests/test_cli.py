@@ -396,3 +396,19 @@ async def test_status_prints_a_delivery_and_fails_without_one(harness: Harness, 
     code, out, err = await cli(harness, "status", "no-such-job")
     assert code == 1
     assert "no delivery record for 'no-such-job'" in err
+
+
+async def test_status_says_how_many_messages_a_step_had_and_what_stayed_unresolved(
+    harness: Harness, redis_client: Any
+) -> None:
+    record = {"status": "read", "at": 1764650000000, "wamid": "wamid.A", "more": ["wamid.B"], "match": "recipient"}
+    await redis_client.hset("cgb:sends:visa-7", mapping={"d:flow": json.dumps(record), "flow": "sent", "u:flow": "2"})
+    code, out, _ = await cli(harness, "status", "visa-7")
+    assert code == 0
+    assert out.splitlines()[1] == (
+        "  flow: read, matched by recipient, 2 WhatsApp messages, 2 status(es) that could not be told from another"
+        " send's"
+    )
+    code, out, _ = await cli(harness, "status", "visa-7", "--json")
+    [step] = json.loads(out)["steps"]
+    assert (step["wamids"], step["unresolved"]) == (["wamid.A", "wamid.B"], 2)
