@@ -18,6 +18,8 @@ DEAD_PAYLOADS = "cgb:dead:payloads"
 # -- delivery receipts: shared by the worker (which writes sends) and the receiver (which matches statuses) -----
 AWAITING = "cgb:awaiting"
 """Sends still open to a status whose wamid is not known yet, one member each (:func:`awaiting_member`)."""
+AWAITING_PLACED = "cgb:awaiting:placed"
+"""For a step sent again after an unknown outcome: how many of its messages' wamids have been placed."""
 TRACKING = "cgb:webhooks:tracking"
 """The receiver's lease: while it lives, workers record sends for matching and take per-recipient turns."""
 SINCE = "cgb:webhooks:since"
@@ -83,3 +85,9 @@ def bsuid(user_id: str) -> str:
 
 def wamid(value: str) -> str:
     return f"cgb:wamid:{value}"
+
+
+def wamid_sent_at(value: str) -> str:
+    """When a ``sent`` or ``failed`` of this wamid that could not be placed was stamped: its later statuses are
+    judged by that time."""
+    return f"cgb:wamid:{value}:at"

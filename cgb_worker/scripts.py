@@ -56,7 +56,13 @@ class MatchScript:
         wamid_ttl: int,
     ) -> Match:
         found = await self._script(
-            keys=[keys.wamid(wamid), keys.AWAITING, keys.turn(who or "-")],
+            keys=[
+                keys.wamid(wamid),
+                keys.AWAITING,
+                keys.turn(who or "-"),
+                keys.wamid_sent_at(wamid),
+                keys.AWAITING_PLACED,
+            ],
             args=[who or "", at_ms, window_ms, skew_ms, wamid_ttl, status],
         )
         by = _text(found[0])

@@ -102,7 +102,10 @@ async def test_a_resent_step_is_one_candidate_with_two_messages(redis_client: An
     await redis_client.set(keys.turn(keys.who(A)), first.ref)
     found = await _match(redis_client)("wamid.2", A, T0 + 4000)
     assert (found.by, found.ref) == ("recipient", "job-1|text")
-    assert await redis_client.zrange(keys.AWAITING, 0, -1) == [first.member.encode()]  # type: ignore[union-attr]
+    # which copy that was is not known: both stay candidates (found by the third attack: closing one copy left
+    # the other message's window at the wrong copy's time), and the turn stays taken
+    assert await redis_client.zcard(keys.AWAITING) == 2
+    assert await redis_client.hget(keys.AWAITING_PLACED, "job-1|text") == b"1"
     assert await redis_client.exists(keys.turn(keys.who(A)))
     # the next job's send, later, is not the other message's candidate while the step has one open
     nxt = StepRecord("job-2", "text", A, T0 + 20_000, True)
@@ -111,6 +114,42 @@ async def test_a_resent_step_is_one_candidate_with_two_messages(redis_client: An
     assert (other.by, other.ref) == ("recipient", "job-1|text")
     assert not await redis_client.exists(keys.turn(keys.who(A)))
     assert await redis_client.zrange(keys.AWAITING, 0, -1) == [nxt.member.encode()]  # type: ignore[union-attr]
+    assert not await redis_client.exists(keys.AWAITING_PLACED)
+
+
+async def test_copies_far_apart_keep_the_step_a_candidate_for_either_message(redis_client: Any) -> None:
+    """The third attack's case: copies 700 s apart; one wamid placed by a ``delivered``; the other message's
+    ``sent``, stamped 24 s after the later copy, came out on the next job. Now it can only be ambiguous."""
+    t2 = T0 + 700_000
+    await _put(redis_client, StepRecord("job-y", "text", A, T0, True), StepRecord("job-y", "text", A, t2, True))
+    assert (await _match(redis_client)("wamid.m1", A, t2 + 1000, "delivered")).ref == "job-y|text"
+    await _put(redis_client, StepRecord("job-n", "text", A, t2 + 26_000, True))
+    m2 = await _match(redis_client)("wamid.m2", A, t2 + 24_000, "sent")
+    assert (m2.by, sorted(m2.refs)) == ("ambiguous", ["job-n|text", "job-y|text"])
+
+
+async def test_a_copy_that_sent_nothing_does_not_take_a_later_131047(redis_client: Any) -> None:
+    """The third attack's case: a copy that never went out stays open; a 131047 ``failed`` (which comes without
+    ``sent``) to a later message must still find that message alone, or its fallback is lost."""
+    await _put(redis_client, StepRecord("job-o", "text", A, T0, True), StepRecord("job-o", "text", A, T0 + 8000, True))
+    assert (await _match(redis_client)("wamid.o", A, T0 + 9000, "sent")).ref == "job-o|text"
+    later = T0 + 3 * 3600_000
+    await _put(redis_client, StepRecord("job-m", "text", A, later, True))
+    failed = await _match(redis_client)("wamid.m", A, later + 500, "failed")
+    assert (failed.by, failed.ref) == ("recipient", "job-m|text")
+
+
+async def test_a_foreign_messages_later_statuses_follow_its_unplaced_sent(redis_client: Any) -> None:
+    """The third attack's case: an agent's message to a person we sent a flow the day before; its ``sent`` is no
+    send of ours, and its ``delivered`` must not be placed on the flow (which stays open to late statuses)."""
+    flow = StepRecord("job-f", "flow", A, T0, True, open_ms=15_000, skew_ms=SKEW)
+    await _put(redis_client, flow)
+    assert (await _match(redis_client)("wamid.f", A, T0 + 1000, "sent")).ref == "job-f|flow"
+    day = T0 + 86_400_000
+    assert (await _match(redis_client)("wamid.agent", A, day, "sent")).by == "none"
+    assert (await _match(redis_client)("wamid.agent", A, day + 5000, "delivered")).by == "none"
+    # while a delivered of a message whose sent was never seen may still be the flow's
+    assert (await _match(redis_client)("wamid.f2", A, day + 5000, "delivered")).ref == "job-f|flow"
 
 
 async def test_a_flow_takes_several_wamids_until_its_time_is_over(redis_client: Any) -> None:

@@ -220,7 +220,10 @@ class Processor:
                     stale.append(item)
             start = b"(" + page[-1]
         if drop:
-            await self.redis.zrem(keys.AWAITING, *drop)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zrem(keys.AWAITING, *drop)
+                pipe.hdel(keys.AWAITING_PLACED, *{item.decode().split("|", 3)[3] for item in drop})
+                await pipe.execute()
         self._swept &= present
         stamp = int(now)
         for item in stale:

@@ -1,11 +1,12 @@
 """Placing a status on the message it belongs to, or holding it until it can be placed, never guessing.
 
 A status whose wamid is known goes to its message. Otherwise ``match.lua`` lists the sends of ours to that person
-that could have produced it: requested at most ``STATUS_CLOCK_SKEW`` after the second Meta stamped (for a ``sent``,
-also at most ``STATUS_MATCH_WINDOW`` before it), and still open (a single message until its first wamid; a flow for
-good, but a flow's ``sent`` only within its turn). Exactly one: the status is that send's (``matchedBy: recipient``)
-and its wamid is remembered. None or several: the status is held and tried again (at ages of about 1, 2, 4, … s, so
-a held status costs about a dozen tries however long it is held), since a send may yet be recorded or a rival be
+that could have produced it: requested at most ``STATUS_CLOCK_SKEW`` after the second Meta stamped (for a ``sent``
+or ``failed``, also at most ``STATUS_MATCH_WINDOW`` before it; a later status of a message whose ``sent`` was seen
+is judged by that time), and still open (a single message until its wamid is placed, each copy of a resent step
+counting; a flow for good, but a flow's ``sent`` only within its turn). Exactly one: the status is that send's
+(``matchedBy: recipient``) and its wamid is remembered. None or several: the status is held and tried again (at ages
+of about 1, 2, 4, … s, so a held status costs about a dozen tries however long it is held), since a rival may yet be
 placed by its own status; after ``STATUS_HOLD`` it is kept in ``cgb:webhooks:unmatched`` with its reason, counted,
 and each rival of an ``ambiguous`` one counts it as ``unresolved`` in its timeline. The README gives the rule's
 proof.
