@@ -684,9 +684,13 @@ class _Run:
         try:
             await call(mark)
         except Exception as exc:
-            # Cleared only when the failure proves nothing went out, and no earlier try left it unknown.
-            if marked is not None and state != SENDING and nothing_sent(exc):
-                await sends.clear(self.log_id, name, marked, new_record=new_record)
+            # Cleared only when the failure proves nothing went out, and no earlier try left it unknown; then only
+            # this copy's place among the sends awaiting a status goes.
+            if marked is not None and nothing_sent(exc):
+                if state != SENDING:
+                    await sends.clear(self.log_id, name, marked, new_record=new_record)
+                else:
+                    await sends.forget_copy(marked)
             raise
         assert marked is not None, "the client marks a step before its request leaves"
         self.turn = marked.ref if self.tracking else None

@@ -51,6 +51,7 @@ class MatchScript:
         at_ms: int,
         *,
         status: str = "sent",
+        refused: bool = False,
         window_ms: int,
         skew_ms: int,
         wamid_ttl: int,
@@ -63,7 +64,7 @@ class MatchScript:
                 keys.wamid_sent_at(wamid),
                 keys.AWAITING_PLACED,
             ],
-            args=[who or "", at_ms, window_ms, skew_ms, wamid_ttl, status],
+            args=[who or "", at_ms, window_ms, skew_ms, wamid_ttl, status, "1" if refused else ""],
         )
         by = _text(found[0])
         assert by in ("wamid", "recipient", "none", "ambiguous")

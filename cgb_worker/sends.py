@@ -213,6 +213,12 @@ class SendLog:
             pipe.hset(key(record.delivery_id), f"a:{step}", "1")
             await pipe.execute()
 
+    async def forget_copy(self, record: StepRecord) -> None:
+        """A copy of a step sent again after an unknown outcome provably sent nothing: its member goes (the mark
+        stays ``sending``, for the earlier copy's sake)."""
+        if record.member is not None:
+            await self._redis.zrem(keys.AWAITING, record.member)
+
     async def clear(self, job_id: str, step: str, record: StepRecord | None = None, *, new_record: bool = True) -> bool:
         """Nothing went out: the mark, and what ``mark_sending`` wrote with it, are taken back; False (nothing
         touched) when a status already proves the message went out."""

@@ -265,3 +265,28 @@ async def status_of_or_none(harness: Harness, job_id: str) -> Any:
     from cgb_worker.receipts import delivery
 
     return await delivery(await harness.pool(), job_id)
+
+
+async def test_a_resend_that_provably_sent_nothing_leaves_no_open_copy(harness: Harness, redis_client: Any) -> None:
+    """The fourth attack's case: try 1 sent and timed out (unknown), try 2's resend was refused with a 429 (nothing
+    went out), try 3 sent. Try 2's copy stayed in the awaiting set, so the step could never close and kept the
+    person's next messages ambiguous. Now only the two copies that may have gone out stay."""
+    from cgb_worker.simulator import FaultRule
+
+    await harness.known(A)
+    await redis_client.set(keys.TRACKING, "1", ex=60)
+    harness.set_env(STATUS_TURN_WAIT="0")
+    harness.sim.state.faults.extend(
+        [
+            FaultRule(path="/send/text$", status=504, after=True, count=1),
+            FaultRule(path="/send/text$", status=429, count=1),
+        ]
+    )
+    [job] = await harness.enqueue({"to": A, "message": "hello"})
+    await harness.run()
+    result = await job.result(timeout=5)
+    assert (result["attempts"], result["possibleDuplicate"]) == (3, True)
+    assert len(harness.sim.state.outbox) == 2
+    members = [m.decode() for m in await redis_client.zrange(keys.AWAITING, 0, -1)]
+    assert len(members) == 2
+    assert all(m.endswith(f"|{job.job_id}|text") for m in members)

@@ -27,9 +27,11 @@ async def _put(redis: Any, *records: StepRecord) -> None:
 def _match(redis: Any) -> Any:
     script = MatchScript(redis)
 
-    async def call(wamid: str, phone: str | None, at: int, status: str = "sent") -> Any:
+    async def call(wamid: str, phone: str | None, at: int, status: str = "sent", *, refused: bool = False) -> Any:
         who = keys.who(phone) if phone else None
-        return await script(wamid, who, at, status=status, window_ms=WINDOW, skew_ms=SKEW, wamid_ttl=60)
+        return await script(
+            wamid, who, at, status=status, refused=refused, window_ms=WINDOW, skew_ms=SKEW, wamid_ttl=60
+        )
 
     return call
 
@@ -63,7 +65,7 @@ async def test_match_leaves_another_sends_turn_alone(redis_client: Any) -> None:
     ("case", "at"),
     [
         ("before the request, past the skew", T0 - SKEW - 1000),
-        ("after the match window", T0 + WINDOW + 1000),
+        ("after the match window and the skew", T0 + WINDOW + SKEW + 1000),
     ],
 )
 async def test_match_finds_none_outside_the_time_bounds(redis_client: Any, case: str, at: int) -> None:
@@ -135,7 +137,7 @@ async def test_a_copy_that_sent_nothing_does_not_take_a_later_131047(redis_clien
     assert (await _match(redis_client)("wamid.o", A, T0 + 9000, "sent")).ref == "job-o|text"
     later = T0 + 3 * 3600_000
     await _put(redis_client, StepRecord("job-m", "text", A, later, True))
-    failed = await _match(redis_client)("wamid.m", A, later + 500, "failed")
+    failed = await _match(redis_client)("wamid.m", A, later + 500, "failed", refused=True)  # 131047
     assert (failed.by, failed.ref) == ("recipient", "job-m|text")
 
 
@@ -205,6 +207,46 @@ async def test_a_flows_late_delivered_may_be_the_flows_so_it_is_not_given_to_the
     assert (late.by, sorted(late.refs)) == ("ambiguous", ["job-1|flow", "job-2|text"])
     own = await _match(redis_client)("wamid.10", A, nxt.request_ms // 1000 * 1000, "sent")
     assert (own.by, own.ref) == ("recipient", "job-2|text")
+
+
+async def test_a_sent_at_the_end_of_the_window_with_metas_clock_ahead_is_still_its_own(redis_client: Any) -> None:
+    """The fourth attack's case: the window's far side allowed no skew, so with Meta 1.9 s ahead a ``sent`` stamped
+    near the end of the window missed its own message and two messages swapped."""
+    await _put(
+        redis_client, StepRecord("job-m", "text", A, T0, True), StepRecord("job-n", "text", A, T0 + 590_000, True)
+    )
+    assert (await _match(redis_client)("wamid.N", A, T0 + 591_000)).by == "ambiguous"
+    m = await _match(redis_client)("wamid.M", A, T0 + 601_000)
+    assert m.by == "ambiguous"  # both could have: held, never swapped
+    n = await _match(redis_client)("wamid.N", A, T0 + 591_000)
+    assert n.by == "ambiguous"
+
+
+async def test_a_failed_is_judged_by_its_sent_when_that_was_seen(redis_client: Any) -> None:
+    """The fourth attack's case: a ``failed`` long after its ``sent`` (an expiry) was searched for only near its own
+    stamp, and landed on the person's message open then."""
+    await _put(
+        redis_client, StepRecord("job-m", "text", A, T0, True), StepRecord("job-n", "text", A, T0 + 16_000, True)
+    )
+    assert (await _match(redis_client)("wamid.M", A, T0 + 17_000)).by == "ambiguous"  # its sent, held
+    await _put(redis_client, StepRecord("job-p", "text", A, T0 + 3_600_000, True))
+    late = await _match(redis_client)("wamid.M", A, T0 + 3_601_000, "failed")
+    assert (late.by, sorted(late.refs)) == ("ambiguous", ["job-m|text", "job-n|text"])
+
+
+async def test_a_failed_that_does_not_refuse_the_send_is_not_bounded_by_the_window(redis_client: Any) -> None:
+    script = MatchScript(redis_client)
+    await _put(redis_client, StepRecord("job-m", "text", A, T0, True))
+    await _put(redis_client, StepRecord("job-n", "text", A, T0 + 3_600_000, True))
+    late = T0 + 3_601_000
+    who = keys.who(A)
+    expired = await script("wamid.M", who, late, status="failed", window_ms=WINDOW, skew_ms=SKEW, wamid_ttl=60)
+    assert expired.by == "ambiguous"  # it may be the older message's: held
+    assert not await redis_client.exists(keys.wamid_sent_at("wamid.M"))  # and its time teaches nothing
+    refused = await script(
+        "wamid.N", who, late, status="failed", refused=True, window_ms=WINDOW, skew_ms=SKEW, wamid_ttl=60
+    )
+    assert (refused.by, refused.ref) == ("recipient", "job-n|text")  # a 131047 is stamped as the send is refused
 
 
 async def test_more_than_fifty_open_sends_are_ambiguous(redis_client: Any) -> None:
@@ -327,7 +369,7 @@ async def test_unsend_touches_nothing_once_a_status_proves_the_send_went_out(red
         "job-1", "job-1", "text", member=record.member, who=record.who, keep_mark=False, wrote_record=True
     )
     assert await redis_client.hget(keys.sends("job-1"), "text") == b"sending"
-    assert await redis_client.zcard(keys.AWAITING) == 1
+    assert await redis_client.zcard(keys.AWAITING) == 0  # this copy sent nothing: it is no candidate
 
 
 # -- the payload, item by item (pure: no Redis) -----------------------------------------------------------

@@ -4,7 +4,8 @@
 -- hash of how many messages of each resent step have been placed.
 -- ARGV[1] the recipient's hash ('' when unknown), ARGV[2] the status's own time (ms, whole seconds as Meta
 -- stamps them), ARGV[3] the match window (ms), ARGV[4] the clock skew allowed (ms), ARGV[5] the TTL of the
--- wamid's keys (s), ARGV[6] the status ('sent', 'delivered', ...).
+-- wamid's keys (s), ARGV[6] the status ('sent', 'delivered', ...), ARGV[7] '1' for a 'failed' whose code is given
+-- when a send is refused (131047, a template's 132xxx), '' otherwise.
 -- Returns {'wamid', ref} for a wamid already placed, {'recipient', ref} when exactly one of our sends to that
 -- person could have produced it, {'none'} when none could, {'ambiguous', ref, ref, ...} when several could.
 -- A ref is '<delivery id>|<step>'. Members: '<who>|<request ms, 13 digits>|<open until ms, 13 digits, 0 for one
@@ -13,16 +14,15 @@ local ref = redis.call('GET', KEYS[1])
 if ref then return {'wamid', ref} end
 local who = ARGV[1]
 local t, window, skew = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
--- 'sent' and a first 'failed' are stamped when the message is sent; 'delivered', 'read' may come days later (a
--- phone off). A later status of a message whose send-time status was seen is judged by that one's time.
-local own = ARGV[6] == 'sent' or ARGV[6] == 'failed'
+-- 'sent', and a 'failed' that refuses the send, are stamped when the message is sent; 'delivered', 'read' or
+-- any other 'failed' may come days later (a phone off, an expiry). A status of a message whose send-time
+-- status was seen is judged by that one's time.
+local own = ARGV[6] == 'sent' or ARGV[7] == '1'
 local early = own
-if not early then
-  local at = redis.call('GET', KEYS[4])
-  if at then
-    t = tonumber(at)
-    early = true
-  end
+local at = redis.call('GET', KEYS[4])
+if at then
+  t = tonumber(at)
+  early = true
 end
 local function unplaced(answer)
   if own then redis.call('SET', KEYS[4], ARGV[2], 'NX', 'EX', ARGV[5]) end
@@ -30,7 +30,7 @@ local function unplaced(answer)
 end
 if who == '' then return unplaced({'none'}) end
 local lo = 0
-if early then lo = math.max(0, t - window) end
+if early then lo = math.max(0, t - window - skew) end
 -- never stamped before its request: Meta's second is the one it happened in, hence the 999 ms
 local found = redis.call('ZRANGEBYLEX', KEYS[2], string.format('[%s|%013d', who, lo),
   string.format('(%s|%013d', who, t + 999 + skew + 1), 'LIMIT', 0, 51)

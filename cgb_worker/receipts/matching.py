@@ -35,6 +35,9 @@ from .timeline import iso
 WAMID_TTL = 7 * 24 * 3600
 BSUID_TTL = 30 * 24 * 3600
 UNMATCHED_MAX = 10000
+REFUSALS = frozenset({131047, 132000, 132001, 132018})
+"""Error codes of a ``failed`` that refuses the send itself (outside the 24-hour window, a template that does not
+match): stamped when the message was sent, so matched by that time, like a ``sent``."""
 HELD_PER_TURN = 500
 """Held statuses tried in one turn at most, the longest-waiting first: the rest wait for the next turn."""
 
@@ -77,6 +80,7 @@ class Matcher:
             who,
             at,
             status=status.status,
+            refused=status.status == "failed" and any(e.code in REFUSALS for e in status.errors),
             window_ms=int(self.settings.match_window * 1000),
             skew_ms=int(self.settings.clock_skew * 1000),
             wamid_ttl=WAMID_TTL,
