@@ -498,7 +498,7 @@ async def attribution_bench(stack: Stack, people: int, per_person: int, seed: in
         await stack.pool.enqueue_job("whatsapp_send", job["body"], _job_id=job["jid"])
     env = stack.env(CGB_RATE_LIMIT="20", CGB_TEMPLATE_VISA_APPROVED="1752250957765", **knobs(20))
     workers = [await stack.start_worker(OURS, env) for _ in range(2)]
-    while len(await stack.sim("GET", "/_sim/outbox")) < len(jobs) or await stack.pool.queued_jobs():
+    while len(await stack.sim("GET", "/_sim/outbox")) < len(jobs) or await stack.redis.zcard("arq:queue"):
         await asyncio.sleep(0.2)
     report = Report()
     while True:  # every status posted and placed (or given up on)
