@@ -387,12 +387,13 @@ async def receiver_bench(stack: Stack, n: int, rate: int, seconds: float) -> dic
             pipe.hset(f"cgb:sends:job{i}", mapping={**rec.fields(), "text": "sent"})
             pipe.zadd(AWAITING, {str(rec.member): 0})
         await pipe.execute()
-    port = free_port()
+    port, admin = free_port(), free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("CGB_", "WABA_", "LOG_", "REDIS_"))},
         "REDIS_URL": stack.redis_url,
         "WABA_APP_SECRET": SECRET,
         "WEBHOOK_PORT": str(port),
+        "WEBHOOK_ADMIN_PORT": str(admin),
     }
     proc = await stack.start_worker(
         [str(Path(sys.executable).parent / "cgb-worker"), "webhooks", "--host", "127.0.0.1"], env
@@ -400,7 +401,7 @@ async def receiver_bench(stack: Stack, n: int, rate: int, seconds: float) -> dic
     url = f"http://127.0.0.1:{port}/webhooks/whatsapp"
     for _ in range(200):
         try:
-            async with stack.http.get(f"http://127.0.0.1:{port}/healthz") as r:
+            async with stack.http.get(f"http://127.0.0.1:{admin}/healthz") as r:
                 if r.status == 200:
                     break
         except aiohttp.ClientError:
@@ -480,6 +481,7 @@ async def attribution_bench(stack: Stack, people: int, per_person: int, seed: in
         "REDIS_URL": stack.redis_url,
         "WABA_APP_SECRET": SECRET,
         "WEBHOOK_PORT": str(port),
+        "WEBHOOK_ADMIN_PORT": str(free_port()),
         "STATUS_HOLD": "30",  # a status no send can be told from is given up on after 30 s, not 5 min
     }
     receiver = await stack.start_worker(

@@ -124,12 +124,13 @@ class Stack:
         self.worker_log = workdir / "worker.log"
         self.receiver_log = workdir / "receiver.log"
         self.receiver_url = ""
+        self.receiver_admin = ""
 
     def start(self) -> None:
         redis_server = shutil.which("redis-server")
         if redis_server is None:
             raise SystemExit("demo: redis-server is not installed (make demo installs it)")
-        redis_port, sim_port, receiver_port = _free_port(), _free_port(), _free_port()
+        redis_port, sim_port, receiver_port, admin_port = _free_port(), _free_port(), _free_port(), _free_port()
         self._spawn(
             [redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.workdir)]
         )
@@ -155,11 +156,13 @@ class Stack:
             "REDIS_URL": self.redis_url,
             "WABA_APP_SECRET": APP_SECRET,
             "WEBHOOK_PORT": str(receiver_port),
+            "WEBHOOK_ADMIN_PORT": str(admin_port),
         }
         log = self.receiver_log.open("wb")
         cli = str(Path(sys.executable).parent / "cgb-worker")
         self._spawn([cli, "webhooks", "--host", "127.0.0.1"], env=receiver_env, stdout=log, stderr=log)
         self.receiver_url = f"http://127.0.0.1:{receiver_port}"
+        self.receiver_admin = f"http://127.0.0.1:{admin_port}"
 
     def _spawn(self, args: list[str], **kwargs: Any) -> None:
         kwargs.setdefault("stdout", subprocess.DEVNULL)
@@ -182,7 +185,10 @@ async def _wait_ready(stack: Stack, http: aiohttp.ClientSession) -> None:
     deadline = time.monotonic() + 30
     while True:
         try:
-            async with http.get(stack.sim_url + "/_sim/stats") as resp, http.get(stack.receiver_url + "/healthz") as rr:
+            async with (
+                http.get(stack.sim_url + "/_sim/stats") as resp,
+                http.get(stack.receiver_admin + "/healthz") as rr,
+            ):
                 if resp.status == 200 and rr.status == 200 and b"ready" in stack.worker_log.read_bytes():
                     return
         except aiohttp.ClientError:

@@ -368,6 +368,26 @@ class ReceiverSettings:
     same name takes up what it had in hand at once (default: host name and process id)."""
     log_level: str = "INFO"
     log_json: bool = False
+    # The public port's limits (README, "The receiver on the internet").
+    admin_host: str = "127.0.0.1"
+    """``WEBHOOK_ADMIN_HOST``/``WEBHOOK_ADMIN_PORT``: where ``/healthz`` and ``/metrics`` are served, apart from the
+    public port, which serves only the webhook."""
+    admin_port: int = 9090
+    max_body: int = 3 * 1024 * 1024
+    """``WEBHOOK_MAX_BODY``: bytes; Meta documents webhook payloads of up to 3 MB."""
+    redis_timeout: float = 2.0
+    """``WEBHOOK_REDIS_TIMEOUT``: seconds any Redis call may take before a POST is answered 503 (Meta retries) and
+    ``/healthz`` fails."""
+    read_timeout: float = 10.0
+    """``WEBHOOK_READ_TIMEOUT``: seconds a client has to send a request's headers, and again its body."""
+    max_connections: int = 512
+    """``WEBHOOK_MAX_CONNECTIONS``: open connections on the public port at once; more are closed as they come
+    (and never more than the process's file limit allows)."""
+    inbox_max: int = 1_000_000
+    """``WEBHOOK_INBOX_MAX``: stored webhooks not yet processed; over it, POSTs are answered 503 (Meta retries)."""
+    read_memory: int = 64 * 1024 * 1024
+    """``WEBHOOK_READ_MEMORY``: bytes of request bodies being read at once; a body that cannot be given room
+    within a second is answered 503."""
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -393,7 +413,19 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
     consumer = env.str("WEBHOOK_CONSUMER", "")
     log_level = env.str("LOG_LEVEL", "INFO", validate=OneOf(["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"]))
     log_json = env.bool("LOG_JSON", False)
+    admin_host = env.str("WEBHOOK_ADMIN_HOST", "127.0.0.1")
+    admin_port = env.int("WEBHOOK_ADMIN_PORT", 9090, validate=Range(min=1, max=65535))
+    max_body = env.int("WEBHOOK_MAX_BODY", 3 * 1024 * 1024, validate=Range(min=64 * 1024, max=64 * 1024 * 1024))
+    redis_timeout = env.float("WEBHOOK_REDIS_TIMEOUT", 2.0, validate=Range(min=0.1, max=60))
+    read_timeout = env.float("WEBHOOK_READ_TIMEOUT", 10.0, validate=Range(min=0.5, max=300))
+    max_connections = env.int("WEBHOOK_MAX_CONNECTIONS", 512, validate=Range(min=8, max=1_000_000))
+    read_memory = env.int("WEBHOOK_READ_MEMORY", 64 * 1024 * 1024, validate=Range(min=1024 * 1024))
+    inbox_max = env.int("WEBHOOK_INBOX_MAX", 1_000_000, validate=Range(min=100))
     problems = _sealed(env)
+    if max_body is not None and read_memory is not None and read_memory < max_body:
+        problems.append("WEBHOOK_READ_MEMORY: must be at least WEBHOOK_MAX_BODY, or no body of that size is read.")
+    if port is not None and admin_port is not None and port == admin_port:
+        problems.append("WEBHOOK_ADMIN_PORT: must differ from WEBHOOK_PORT; the admin port is never public.")
     if consumer and (len(consumer) > 128 or not consumer.isprintable() or " " in consumer):
         problems.append("WEBHOOK_CONSUMER: must be a name of at most 128 printable characters without spaces.")
     if app_secret is not None and not app_secret.strip():
@@ -418,4 +450,12 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
         consumer=str(consumer or ""),
         log_level=str(log_level),
         log_json=bool(log_json),
+        admin_host=str(admin_host),
+        admin_port=int(admin_port or 9090),
+        max_body=int(max_body or 3 * 1024 * 1024),
+        redis_timeout=float(redis_timeout or 2.0),
+        read_timeout=float(read_timeout or 10.0),
+        max_connections=int(max_connections or 512),
+        read_memory=int(read_memory or 64 * 1024 * 1024),
+        inbox_max=int(inbox_max or 1_000_000),
     )

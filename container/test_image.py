@@ -188,11 +188,11 @@ async def test_sigterm_lets_an_in_flight_send_finish_and_nothing_is_sent_twice(
 async def test_the_simulator_and_the_webhook_receiver_run_from_the_image(
     redis_url: str, redis_client: Any, containers: Containers
 ) -> None:
-    sim_port, hook_port = free_port(), free_port()
+    sim_port, hook_port, admin_port = free_port(), free_port(), free_port()
     await containers.start({}, "python", "-m", "cgb_worker.simulator", "--host", "127.0.0.1", "--port", str(sim_port))
     secret = "container-test-secret"
     await containers.start(
-        {"REDIS_URL": redis_url, "WABA_APP_SECRET": secret},
+        {"REDIS_URL": redis_url, "WABA_APP_SECRET": secret, "WEBHOOK_ADMIN_PORT": str(admin_port)},
         "cgb-worker", "webhooks", "--host", "127.0.0.1", "--port", str(hook_port),
     )  # fmt: skip
     async with aiohttp.ClientSession() as http:
@@ -206,7 +206,7 @@ async def test_the_simulator_and_the_webhook_receiver_run_from_the_image(
 
         me = f"http://127.0.0.1:{sim_port}/api/accounts/me"
         assert await until(lambda: answers(me, headers={"X-ACCESS-TOKEN": "sim-token"})) == 200
-        assert await until(lambda: answers(f"http://127.0.0.1:{hook_port}/healthz")) == 200
+        assert await until(lambda: answers(f"http://127.0.0.1:{admin_port}/healthz")) == 200
         body = b'{"object": "whatsapp_business_account", "entry": []}'
         sig = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
         url = f"http://127.0.0.1:{hook_port}/webhooks/whatsapp"

@@ -341,9 +341,14 @@ async def test_webhooks_serves_and_stores_a_signed_post(harness: Harness, redis_
 
     from cgb_worker.keys import INBOX
 
-    port = free_port()
+    port, admin = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CGB_", "WORKER_", "LOG_", "REDIS_"))}
-    env.update(REDIS_URL=harness.redis_url, WABA_APP_SECRET="s3cret-for-tests", WEBHOOK_PORT=str(port))
+    env.update(
+        REDIS_URL=harness.redis_url,
+        WABA_APP_SECRET="s3cret-for-tests",
+        WEBHOOK_PORT=str(port),
+        WEBHOOK_ADMIN_PORT=str(admin),
+    )
     proc = await asyncio.create_subprocess_exec(
         CLI,
         "webhooks",
@@ -360,7 +365,7 @@ async def test_webhooks_serves_and_stores_a_signed_post(harness: Harness, redis_
             deadline = time.monotonic() + 20
             while True:
                 try:
-                    async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
+                    async with http.get(f"http://127.0.0.1:{admin}/healthz") as r:
                         assert (r.status, (await r.json())["status"]) == (200, "ok")
                         break
                 except aiohttp.ClientConnectionError:
@@ -371,8 +376,11 @@ async def test_webhooks_serves_and_stores_a_signed_post(harness: Harness, redis_
                 assert r.status == 200
             async with http.post(url, data=body) as r:
                 assert r.status == 401
-            async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+            async with http.get(f"http://127.0.0.1:{admin}/metrics") as r:
                 text = await r.text()
+            for path in ("/metrics", "/healthz"):  # never on the public port
+                async with http.get(f"http://127.0.0.1:{port}{path}") as r:
+                    assert r.status == 404
             assert 'cgb_webhook_requests_total{outcome="bad_signature"} 1.0' in text
         assert await redis_client.exists(INBOX)
     finally:

@@ -33,12 +33,13 @@ class Receiver:
     """``cgb-worker webhooks`` as a process of its own, under one consumer name across restarts."""
 
     def __init__(self, redis_url: str) -> None:
-        self.port = free_port()
+        self.port, self.admin = free_port(), free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("CGB_", "WORKER_", "LOG_", "REDIS_"))}
         self.env.update(
             REDIS_URL=redis_url,
             WABA_APP_SECRET=SECRET,
             WEBHOOK_PORT=str(self.port),
+            WEBHOOK_ADMIN_PORT=str(self.admin),
             WEBHOOK_CONSUMER="receiver-a",
             STATUS_HOLD="30",
         )
@@ -56,7 +57,7 @@ class Receiver:
         async with aiohttp.ClientSession() as http:
             while True:
                 try:
-                    async with http.get(f"http://127.0.0.1:{self.port}/healthz") as resp:
+                    async with http.get(f"http://127.0.0.1:{self.admin}/healthz") as resp:
                         if resp.status in (200, 503):
                             return
                 except aiohttp.ClientError:

@@ -23,7 +23,7 @@ from cgb_worker.keys import AWAITING as ACCEPTED
 from cgb_worker.keys import DELIVERIES as STREAM
 from cgb_worker.keys import INBOX, MALFORMED, ORPHANS, SINCE, TRACKING, UNMATCHED
 from cgb_worker.receipts import Delivery, Processor, create_app, delivery
-from cgb_worker.receipts.app import METRICS, PROCESSOR
+from cgb_worker.receipts.app import METRICS, PROCESSOR, Endpoints
 from cgb_worker.settings import ReceiverSettings, Secret
 from cgb_worker.window import window_key
 
@@ -37,10 +37,12 @@ TEMPLATE = {"name": "visa_approved", "language": "en", "body": ["Dana"]}
 
 
 class Receiver:
-    def __init__(self, url: str, app: web.Application, redis: Any) -> None:
+    def __init__(self, url: str, app: web.Application, redis: Any, admin: str = "") -> None:
         self.url = url
         self.app = app
         self.redis = redis
+        self.admin = admin
+        """The admin port's base URL (``/healthz``, ``/metrics``)."""
 
     @property
     def processor(self) -> Processor:
@@ -68,17 +70,17 @@ def settings(**changes: Any) -> ReceiverSettings:
 async def start_receiver(redis_url: str, **changes: Any) -> tuple[Receiver, Callable[[], Awaitable[None]]]:
     from cgb_worker import create_pool
 
-    pool = await create_pool(redis_url, ride_out_outages=False)
-    app = create_app(pool, settings(redis_url=redis_url, **changes))
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    receiver = Receiver(f"http://127.0.0.1:{port}/webhooks/whatsapp", app, pool)
+    config = settings(redis_url=redis_url, **changes)
+    pool = await create_pool(redis_url, ride_out_outages=False, socket_timeout=config.redis_timeout)
+    app = create_app(pool, config)
+    endpoints = Endpoints(app, config)
+    await endpoints.start("127.0.0.1", 0, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{endpoints.port}/webhooks/whatsapp"
+    receiver = Receiver(url, app, pool, f"http://127.0.0.1:{endpoints.admin_port}")
     await eventually(lambda: pool.exists(TRACKING))
 
     async def stop() -> None:
-        await runner.cleanup()
+        await endpoints.stop()
         await pool.aclose()
 
     return receiver, stop
@@ -211,9 +213,16 @@ async def test_a_bad_signature_is_401_and_stores_nothing(receiver: Receiver, red
     assert receiver.metric("cgb_webhook_requests_total", outcome="bad_signature") == 1
 
 
-async def test_a_body_over_one_mebibyte_is_413(receiver: Receiver, redis_client: Any) -> None:
-    body = b'{"object": "whatsapp_business_account", "entry": [], "pad": "' + b"x" * (1024 * 1024) + b'"}'
-    status, _ = await receiver.post(None, raw=body)
+async def test_a_body_over_three_mebibytes_is_413_and_three_is_taken(receiver: Receiver, redis_client: Any) -> None:
+    def padded(size: int) -> bytes:
+        head = b'{"object": "whatsapp_business_account", "entry": [], "pad": "'
+        return head + b"x" * (size - len(head) - 2) + b'"}'
+
+    status, _ = await receiver.post(None, raw=padded(3 * 1024 * 1024))
+    assert status == 200
+    assert await redis_client.xlen(INBOX) + await redis_client.xlen(MALFORMED) >= 1
+    await redis_client.delete(INBOX, MALFORMED)
+    status, _ = await receiver.post(None, raw=padded(3 * 1024 * 1024 + 1))
     assert status == 413
     assert await redis_client.xlen(INBOX) == 0
     assert receiver.metric("cgb_webhook_requests_total", outcome="too_large") == 1
@@ -855,20 +864,23 @@ async def test_redis_down_is_a_503_so_meta_redelivers() -> None:
     from arq.connections import ArqRedis
 
     pool = ArqRedis(host="127.0.0.1", port=free_port())  # nothing listens there
-    app = create_app(pool, settings(), process=False)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    config = settings()
+    app = create_app(pool, config)
+    endpoints = Endpoints(app, config)
+    await endpoints.start("127.0.0.1", 0, "127.0.0.1", 0)
     try:
-        rec = Receiver(f"http://127.0.0.1:{port}/webhooks/whatsapp", app, pool)
+        rec = Receiver(f"http://127.0.0.1:{endpoints.port}/webhooks/whatsapp", app, pool)
         assert (await rec.post(status_payload("wamid.X", "sent", A)))[0] == 503
-        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
-            assert resp.status == 503
+        health = f"http://127.0.0.1:{endpoints.admin_port}/healthz"
 
+        async def unhealthy() -> bool:
+            async with aiohttp.ClientSession() as http, http.get(health) as resp:
+                return resp.status == 503
+
+        await eventually(unhealthy, within=config.redis_timeout + 3)
         assert app[METRICS].registry.get_sample_value("cgb_webhook_requests_total", {"outcome": "store_failed"}) == 1
     finally:
-        await runner.cleanup()
+        await endpoints.stop()
         await pool.aclose()
 
 

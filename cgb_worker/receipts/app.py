@@ -1,17 +1,24 @@
-"""The receiver's HTTP side: an ``aiohttp.web`` app (:func:`create_app`) and ``cgb-worker webhooks`` (:func:`serve`).
+"""The receiver's HTTP side: the public app (:func:`create_app`), the admin app, and ``cgb-worker webhooks``
+(:func:`serve`, :class:`Endpoints`).
 
-* ``GET /webhooks/whatsapp``: Meta's subscription handshake; ``hub.challenge`` back with a 200 when
-  ``hub.mode=subscribe`` and ``hub.verify_token`` is ``WABA_VERIFY_TOKEN``, else 403.
-* ``POST /webhooks/whatsapp``: ``X-Hub-Signature-256`` must be ``sha256=`` and the HMAC-SHA256 of the raw body
-  under ``WABA_APP_SECRET`` (compared in constant time), else 401 and nothing is stored; a body over 1 MiB is
-  a 413. A signed body whose envelope is not a WhatsApp webhook is kept in ``cgb:webhooks:malformed`` (the last
-  1,000) and answered 200, since Meta would redeliver it for days and it would never get better. Any other is
-  appended to the stream ``cgb:webhooks:inbox`` before the 200 (its items are checked one by one when it is
-  processed, :mod:`.inbox`), so a receiver that dies after answering loses nothing; Redis down is a 503, which
-  Meta retries.
-* ``GET /healthz`` (Redis reachable and the processor alive) and ``GET /metrics`` (Prometheus).
+The public port serves only ``/webhooks/whatsapp``, and faces the internet:
 
-No log line carries a phone number, a wamid (it encodes the phone), a message text or a secret.
+* ``GET``: Meta's subscription handshake; ``hub.challenge`` back with a 200 when ``hub.mode=subscribe`` and
+  ``hub.verify_token`` is ``WABA_VERIFY_TOKEN``, else 403.
+* ``POST``: ``X-Hub-Signature-256`` must appear once, as ``sha256=`` and 64 hex digits, or the request is
+  answered 401 before its body is read. The body (at most ``WEBHOOK_MAX_BODY``, else 413) is read within
+  ``WEBHOOK_READ_TIMEOUT`` (else 408) while its HMAC-SHA256 under ``WABA_APP_SECRET`` is computed; a mismatch
+  is a 401 and nothing is kept. A signed body is appended, raw and unparsed, to the stream
+  ``cgb:webhooks:inbox`` before the 200: whatever it holds (any bytes, any nesting, any number of items), the
+  processor (:mod:`.inbox`) reads it, item by item, and keeps what it cannot use with the malformed ones. So a
+  receiver that dies after answering loses nothing, and no signed body is ever a 500. Redis slower than
+  ``WEBHOOK_REDIS_TIMEOUT``, or the inbox over ``WEBHOOK_INBOX_MAX`` entries, is a 503, which Meta retries.
+
+Connections and bodies are bounded by the guard (:mod:`.guard`). ``/healthz`` and ``/metrics`` are served on
+the admin port (``WEBHOOK_ADMIN_HOST``:``WEBHOOK_ADMIN_PORT``, 127.0.0.1:9090 unless set), from the state the
+processor keeps: a probe costs no Redis round trip.
+
+No log line carries a phone number, a wamid (it encodes the phone), a message text, a URL or a secret.
 """
 
 from __future__ import annotations
@@ -19,7 +26,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import re
+import signal
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -30,11 +40,14 @@ from redis.exceptions import RedisError
 from .. import keys
 from ..metrics import ReceiverMetrics
 from ..settings import ReceiverSettings, redact_url
-from .inbox import MALFORMED_MAX, Processor
-from .payload import MalformedError, parse_payload
+from .guard import BodyBudget, ClientNoise, ConnectionGuard, client_logger, connection_cap, quiet_accept_errors
+from .inbox import Processor
 
 PATH = "/webhooks/whatsapp"
-MAX_BODY = 1024 * 1024
+_SIGNATURE = re.compile(r"sha256=([0-9a-fA-F]{64})")
+ROOM_WAIT = 1.0
+"""Seconds a body waits for room in the read budget before it is answered 503."""
+SINCE_EVERY = 60.0
 
 
 def signature(secret: str, body: bytes) -> str:
@@ -42,14 +55,14 @@ def signature(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def signature_ok(secret: str, body: bytes, header: str | None) -> bool:
-    return header is not None and hmac.compare_digest(signature(secret, body), header.strip())
-
-
 REDIS: web.AppKey[ArqRedis] = web.AppKey("redis", ArqRedis)
 SETTINGS: web.AppKey[ReceiverSettings] = web.AppKey("settings", ReceiverSettings)
 METRICS: web.AppKey[ReceiverMetrics] = web.AppKey("metrics", ReceiverMetrics)
 PROCESSOR: web.AppKey[Processor] = web.AppKey("processor", Processor)
+BUDGET: web.AppKey[BodyBudget] = web.AppKey("budget", BodyBudget)
+GUARD: web.AppKey[ConnectionGuard] = web.AppKey("guard", ConnectionGuard)
+PUBLIC: web.AppKey[web.Application] = web.AppKey("public", web.Application)
+_SINCE: web.AppKey[list[float]] = web.AppKey("since", list)
 
 
 async def handshake(request: web.Request) -> web.Response:
@@ -62,110 +75,223 @@ async def handshake(request: web.Request) -> web.Response:
     return web.Response(status=403, text="forbidden")
 
 
+def _refuse(status: int, text: str) -> web.Response:
+    """An answer that closes the connection: its client may still be sending a body nobody will read."""
+    response = web.Response(status=status, text=text)
+    response.force_close()
+    return response
+
+
 async def receive(request: web.Request) -> web.Response:
     app = request.app
-    metrics = app[METRICS]
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        metrics.requests.labels("too_large").inc()
-        raise
-    if not signature_ok(app[SETTINGS].app_secret.get_secret_value(), body, request.headers.get("X-Hub-Signature-256")):
+    settings, metrics = app[SETTINGS], app[METRICS]
+    headers = request.headers.getall("X-Hub-Signature-256", [])
+    wanted = _SIGNATURE.fullmatch(headers[0].strip()) if len(headers) == 1 else None
+    if wanted is None:
         metrics.requests.labels("bad_signature").inc()
-        return web.Response(status=401, text="bad signature")
-    redis = app[REDIS]
-    now = int(time.time() * 1000)
+        return _refuse(401, "bad signature")
+    if request.content_length is not None and request.content_length > settings.max_body:
+        metrics.requests.labels("too_large").inc()
+        return _refuse(413, "too large")
+    processor = app.get(PROCESSOR)
+    if processor is not None and processor.inbox_length >= processor.inbox_max:
+        metrics.requests.labels("overloaded").inc()
+        return _refuse(503, "busy")
+    budget = app[BUDGET]
+    room = min(request.content_length or settings.max_body, settings.max_body)
+    if not await budget.take(room, wait=ROOM_WAIT):
+        metrics.requests.labels("overloaded").inc()
+        return _refuse(503, "busy")
     try:
-        parse_payload(body)
-    except MalformedError as exc:
-        metrics.requests.labels("malformed").inc()
-        logger.warning("a signed webhook was malformed ({}); kept in {}", exc, keys.MALFORMED)
-        try:
-            await redis.xadd(
-                keys.MALFORMED, {"body": body, "reason": str(exc), "at": now}, maxlen=MALFORMED_MAX, approximate=True
-            )
-        except RedisError:
-            return web.Response(status=503, text="store unavailable")
-        return web.Response(text="ok")
+        body, outcome = await _read(request, settings, room)
+    finally:
+        await budget.give(room)
+    if body is None:
+        metrics.requests.labels(outcome).inc()
+        status = {"too_large": 413, "read_timeout": 408}.get(outcome, 400)
+        return _refuse(status, outcome.replace("_", " "))
+    mac = hmac.new(settings.app_secret.get_secret_value().encode(), body, hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(mac, wanted.group(1).lower()):
+        metrics.requests.labels("bad_signature").inc()
+        return _refuse(401, "bad signature")
+    return await _store(app, body)
+
+
+async def _read(request: web.Request, settings: ReceiverSettings, room: int) -> tuple[bytes | None, str]:
+    """The body, read in chunks within the read timeout and never past ``room`` bytes; else None and why."""
+    chunks: list[bytes] = []
+    size = 0
     try:
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(keys.INBOX, {"body": body, "at": now})
-            pipe.set(keys.SINCE, now, nx=True)
-            await pipe.execute()
-    except RedisError as exc:
+        async with asyncio.timeout(settings.read_timeout):
+            while chunk := await request.content.readany():
+                size += len(chunk)
+                if size > room:
+                    return None, "too_large"
+                chunks.append(chunk)
+    except TimeoutError:
+        return None, "read_timeout"
+    except (OSError, web.HTTPException, asyncio.IncompleteReadError, ValueError) as exc:
+        # the client went away, or its chunked encoding was broken (aiohttp's payload errors are OSErrors
+        # or ValueErrors): nobody is there to answer
+        return None, "client_gone" if isinstance(exc, ConnectionError) else "bad_body"
+    return b"".join(chunks), "ok"
+
+
+async def _store(app: web.Application, body: bytes) -> web.Response:
+    redis, settings, metrics = app[REDIS], app[SETTINGS], app[METRICS]
+    now = time.time()
+    since = app[_SINCE]
+    try:
+        async with asyncio.timeout(settings.redis_timeout):
+            if now - since[0] < SINCE_EVERY:
+                await redis.xadd(keys.INBOX, {"body": body, "at": int(now * 1000)})
+            else:
+                # when webhooks began to flow (window.py reads it); said again now and then, in case Redis lost it
+                async with redis.pipeline(transaction=False) as pipe:
+                    pipe.xadd(keys.INBOX, {"body": body, "at": int(now * 1000)})
+                    pipe.set(keys.SINCE, int(now * 1000), nx=True)
+                    await pipe.execute()
+                since[0] = now
+    except (RedisError, TimeoutError, OSError) as exc:
         metrics.requests.labels("store_failed").inc()
-        logger.error("could not store a webhook ({}): answered 503, Meta will redeliver", type(exc).__name__)
+        logger.warning("could not store a webhook ({}): answered 503, Meta will redeliver", type(exc).__name__)
         return web.Response(status=503, text="store unavailable")
+    metrics.requests.labels("stored").inc()
     return web.Response(text="ok")
 
 
 async def healthz(request: web.Request) -> web.Response:
-    app = request.app
-    try:
-        await app[REDIS].ping()
-    except RedisError:
-        return web.json_response({"status": "redis unavailable"}, status=503)
-    processor = app.get(PROCESSOR)
-    if processor is not None and time.monotonic() - processor.alive > 30:
-        return web.json_response({"status": "processor stalled"}, status=503)
-    return web.json_response({"status": "ok"})
+    public = request.app[PUBLIC]
+    processor = public.get(PROCESSOR)
+    if processor is None:
+        return web.json_response({"status": "ok"})
+    ok, reason = processor.health()
+    return web.json_response({"status": reason}, status=200 if ok else 503)
 
 
 async def metrics_view(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[METRICS].render(), content_type="text/plain")
+    return web.Response(body=request.app[PUBLIC][METRICS].render(), content_type="text/plain")
+
+
+@web.middleware
+async def _guarded(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Any:
+    guard = request.app.get(GUARD)
+    if guard is None:
+        return await handler(request)
+    transport = request.transport
+    guard.started(transport)
+    try:
+        return await handler(request)
+    finally:
+        guard.finished(transport)
 
 
 def create_app(
     redis: ArqRedis, settings: ReceiverSettings, *, metrics: ReceiverMetrics | None = None, process: bool = True
 ) -> web.Application:
-    """The receiver as an aiohttp app on ``redis`` (an arq pool: the 131047 fallback enqueues a job). With
-    ``process`` (the default) the app runs its :class:`Processor` while it serves."""
-    app = web.Application(client_max_size=MAX_BODY)
+    """The public app on ``redis`` (an arq pool: the 131047 fallback enqueues a job). With ``process`` (the
+    default) it runs its :class:`Processor` while it serves. :func:`admin_app` serves its health and metrics."""
+    app = web.Application(client_max_size=settings.max_body, middlewares=[_guarded])
     app[REDIS] = redis
     app[SETTINGS] = settings
     app[METRICS] = metrics or ReceiverMetrics()
+    app[BUDGET] = BodyBudget(settings.read_memory)
+    app[_SINCE] = [0.0]
     app.router.add_get(PATH, handshake)
     app.router.add_post(PATH, receive)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics_view)
     if process:
         app.cleanup_ctx.append(_run_processor)
     return app
 
 
-async def _run_processor(app: web.Application) -> Any:
+def admin_app(public: web.Application) -> web.Application:
+    """``/healthz`` and ``/metrics`` of ``public``, for the admin port."""
+    app = web.Application()
+    app[PUBLIC] = public
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_view)
+    return app
+
+
+async def _run_processor(app: web.Application) -> AsyncIterator[None]:
     processor = Processor(app[REDIS], app[SETTINGS], app[METRICS])
     app[PROCESSOR] = processor
-    processor.alive = time.monotonic()
     stop = asyncio.Event()
     task = asyncio.create_task(processor.run(stop))
+    processor.task = task
     yield
     stop.set()
     await task
 
 
+class Endpoints:
+    """The public port, guarded (:mod:`.guard`), and the admin port, for one public app."""
+
+    def __init__(self, public: web.Application, settings: ReceiverSettings) -> None:
+        self.public = public
+        self.settings = settings
+        self.noise = ClientNoise(lambda kind: public[METRICS].requests.labels(kind).inc())
+        self.guard = ConnectionGuard(
+            max_connections=connection_cap(settings.max_connections),
+            read_timeout=settings.read_timeout,
+            noise=self.noise,
+        )
+        public[GUARD] = self.guard
+        self._runner = web.AppRunner(
+            public, access_log=None, logger=client_logger(self.noise), lingering_time=1.0, handle_signals=False
+        )
+        self._admin = web.AppRunner(admin_app(public), access_log=None)
+        self._server: asyncio.Server | None = None
+        self.port = self.admin_port = 0
+
+    async def start(self, host: str, port: int, admin_host: str, admin_port: int) -> None:
+        quiet_accept_errors(self.noise)
+        await self._runner.setup()
+        server = self._runner.server
+        assert server is not None
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self.guard.factory(server), host, port, backlog=128)
+        self.port = self._server.sockets[0].getsockname()[1]
+        await self._admin.setup()
+        await web.TCPSite(self._admin, admin_host, admin_port).start()
+        self.admin_port = self._admin.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        await self._admin.cleanup()
+        await self._runner.cleanup()
+
+
 def serve(settings: ReceiverSettings, *, host: str | None = None, port: int | None = None) -> None:
-    """Run the receiver until SIGTERM or SIGINT (aiohttp's ``run_app``, which stops the processor and closes
-    Redis on the way out)."""
+    """Run the receiver until SIGTERM or SIGINT; then stop taking requests, let the processor finish its
+    round, and close Redis."""
+    asyncio.run(_serve(settings, host or settings.host, port or settings.port))
+
+
+async def _serve(settings: ReceiverSettings, host: str, port: int) -> None:
     from ..worker import create_pool
 
-    host, port = host or settings.host, port or settings.port
-
-    async def make() -> web.Application:
-        redis = await create_pool(settings.redis_url, ride_out_outages=False)
-        app = create_app(redis, settings)
-
-        async def started(app: web.Application) -> None:
-            if settings.verify_token is None:
-                logger.warning("WABA_VERIFY_TOKEN is not set: Meta's subscription handshake will be refused")
-            logger.info("webhook receiver on {}:{}{}, Redis at {}", host, port, PATH, redact_url(settings.redis_url))
-
-        async def stopped(app: web.Application) -> None:
-            await redis.aclose()
-            logger.info("webhook receiver stopped")
-
-        app.on_startup.append(started)
-        app.on_cleanup.append(stopped)
-        return app
-
-    web.run_app(make(), host=host, port=port, access_log=None, print=None)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    redis = await create_pool(settings.redis_url, ride_out_outages=False, socket_timeout=settings.redis_timeout)
+    endpoints = Endpoints(create_app(redis, settings), settings)
+    try:
+        try:
+            await endpoints.start(host, port, settings.admin_host, settings.admin_port)
+        except OSError as exc:
+            logger.error("the webhook receiver cannot listen: {}", exc.strerror or exc)
+            raise SystemExit(2) from None
+        if settings.verify_token is None:
+            logger.warning("WABA_VERIFY_TOKEN is not set: Meta's subscription handshake will be refused")
+        logger.info(
+            "webhook receiver on {}:{}{} (health and metrics on {}:{}), Redis at {}",
+            host, endpoints.port, PATH, settings.admin_host, endpoints.admin_port, redact_url(settings.redis_url),
+        )  # fmt: skip
+        await stop.wait()
+    finally:
+        await endpoints.stop()
+        await redis.aclose()
+        logger.info("webhook receiver stopped")

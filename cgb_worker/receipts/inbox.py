@@ -61,6 +61,18 @@ class Processor:
         """time.monotonic() of the processor's last turn, for ``/healthz``."""
         self.claim_idle = CLAIM_IDLE
         self._swept: set[bytes] = set()
+        self.inbox_length = 0
+        """The inbox's length when last sampled: the POST handler answers 503 over :attr:`inbox_max`."""
+        self.inbox_max = settings.inbox_max
+        self.task: asyncio.Task[None] | None = None
+
+    def health(self) -> tuple[bool, str]:
+        """Whether the processor is alive, from its own state (no Redis round trip), and why not."""
+        if self.task is not None and self.task.done():
+            return False, "processor stopped"
+        if time.monotonic() - self.alive > 30:
+            return False, "processor stalled"
+        return True, "ok"
 
     @property
     def orphan_grace(self) -> float:

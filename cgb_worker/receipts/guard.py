@@ -1,0 +1,248 @@
+"""The public port's guard: what an anonymous client can hold, bounded in time, count and memory.
+
+aiohttp bounds a request's line and headers in size, but not in time: a client that sends its headers a byte at
+a time holds a connection, and a file descriptor, for as long as it likes, and enough of them starve the
+process of descriptors (asyncio then logs every failed ``accept``). The guard wraps aiohttp's protocol factory
+(the public ``AppRunner.server``) and
+
+* closes a connection that has not sent a whole request's headers within ``read_timeout`` of its first byte
+  (or of connecting), or that sits idle between requests for :data:`IDLE_TIMEOUT`;
+* closes, as they come, connections beyond ``max_connections``, kept below the process's file limit;
+* lends request bodies room from a shared budget (:class:`BodyBudget`), so bodies read at once never hold more
+  than ``WEBHOOK_READ_MEMORY``.
+
+Nothing a client does is logged with a traceback or its content: :class:`ClientNoise` counts it and writes at
+most one line per :data:`NOISE_EVERY` seconds, for aiohttp's own errors (a malformed request, a client gone
+mid-body) and for asyncio's ``accept`` failures alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from loguru import logger
+
+IDLE_TIMEOUT = 15.0
+"""Seconds a kept-alive connection may wait for its next request; Meta opens another when it needs one."""
+NOISE_EVERY = 10.0
+FD_RESERVE = 64
+"""Descriptors kept back from the connection cap for Redis, the admin port and the log."""
+
+
+class ClientNoise:
+    """Counts what clients cause and says so in one line now and then (the module doc)."""
+
+    def __init__(self, count: Callable[[str], None], *, every: float = NOISE_EVERY) -> None:
+        self._count = count
+        self.every = every
+        self._since = Counter[str]()
+        self._last = 0.0
+
+    def __call__(self, kind: str) -> None:
+        self._count(kind)
+        self._since[kind] += 1
+        now = time.monotonic()
+        if now - self._last >= self.every:
+            summary = ", ".join(f"{n} {k}" for k, n in sorted(self._since.items()))
+            logger.warning("public port: {} since the last such line (clients' doing; counted in metrics)", summary)
+            self._since.clear()
+            self._last = now
+
+
+class _NoiseFilter(logging.Filter):
+    """On aiohttp's server logger (and asyncio's): each record becomes a count and, now and then, one line."""
+
+    def __init__(self, noise: ClientNoise, *, only: Callable[[logging.LogRecord], bool] | None = None) -> None:
+        super().__init__()
+        self.noise = noise
+        self.only = only
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.only is not None and not self.only(record):
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.msg == "Unhandled exception" and exc is not None:
+            # A handler that raised is ours to fix, whoever sent the request: said in one line, no traceback
+            # (it can hold the request's content).
+            logger.error("public port: a request handler raised {}; answered 500", type(exc).__name__)
+            return False
+        if self.only is not None:
+            self.noise("accept_failed")
+        elif isinstance(exc, ConnectionError | asyncio.CancelledError):
+            self.noise("client_gone")
+        else:
+            self.noise("bad_request")
+        return False
+
+
+def client_logger(noise: ClientNoise) -> logging.Logger:
+    """The logger aiohttp's request handlers are given on the public port."""
+    log = logging.getLogger("cgb_worker.receiver.clients")
+    log.filters = [_NoiseFilter(noise)]
+    log.propagate = False
+    return log
+
+
+def quiet_accept_errors(noise: ClientNoise) -> None:
+    """asyncio logs each failed ``accept()`` (out of descriptors) with a traceback: count them instead."""
+    log = logging.getLogger("asyncio")
+    log.filters = [f for f in log.filters if not isinstance(f, _NoiseFilter)]
+    log.addFilter(_NoiseFilter(noise, only=lambda r: "accept" in str(r.msg)))
+
+
+def connection_cap(wanted: int) -> int:
+    """``wanted``, or fewer when the file limit is lower; the soft limit is raised to the hard one first."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, soft - FD_RESERVE))
+
+
+class ConnectionGuard:
+    """Per-connection deadlines and the connection cap (the module doc). ``started``/``finished`` are called
+    around each request's handler (:func:`middleware`); while a handler runs, its own timeouts apply."""
+
+    def __init__(
+        self, *, max_connections: int, read_timeout: float, noise: ClientNoise, idle_timeout: float = IDLE_TIMEOUT
+    ) -> None:
+        self.max_connections = max_connections
+        self.read_timeout = read_timeout
+        self.idle_timeout = idle_timeout
+        self.noise = noise
+        self.live: dict[asyncio.BaseTransport, _Guarded] = {}
+
+    def factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
+        return lambda: _Guarded(self, inner)
+
+    def started(self, transport: asyncio.BaseTransport | None) -> None:
+        conn = self.live.get(transport) if transport is not None else None
+        if conn is not None:
+            conn.handling += 1
+            conn.disarm()
+
+    def finished(self, transport: asyncio.BaseTransport | None) -> None:
+        conn = self.live.get(transport) if transport is not None else None
+        if conn is not None:
+            conn.handling -= 1
+            if not conn.handling:
+                conn.arm(self.read_timeout if conn.more else self.idle_timeout, reading=conn.more)
+                conn.more = False
+
+
+class _Guarded(asyncio.Protocol):
+    """aiohttp's protocol for one connection, behind the guard's deadlines."""
+
+    def __init__(self, guard: ConnectionGuard, factory: Callable[[], asyncio.Protocol]) -> None:
+        self.guard = guard
+        self.factory = factory
+        self.inner: asyncio.Protocol | None = None
+        self.transport: asyncio.BaseTransport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.reading = False
+        """Whether the deadline running is for a request's headers (else for idleness)."""
+        self.handling = 0
+        self.more = False
+        """Bytes of a further request came while a handler ran."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        guard = self.guard
+        if len(guard.live) >= guard.max_connections:
+            guard.noise("refused_connection")
+            _abort(transport)
+            return
+        self.transport = transport
+        guard.live[transport] = self
+        self.inner = self.factory()
+        self.inner.connection_made(transport)
+        self.arm(guard.read_timeout, reading=True)
+
+    def data_received(self, data: bytes) -> None:
+        if self.inner is None:
+            return
+        if self.handling:
+            self.more = True
+        elif not self.reading:
+            self.arm(self.guard.read_timeout, reading=True)
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received() if self.inner is not None else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.inner is None:
+            return
+        self.disarm()
+        self.guard.live.pop(self.transport, None)  # type: ignore[arg-type]
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+
+    def arm(self, seconds: float, *, reading: bool) -> None:
+        self.disarm()
+        self.reading = reading
+        self.timer = asyncio.get_running_loop().call_later(seconds, self._expire)
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.reading = False
+
+    def _expire(self) -> None:
+        self.timer = None
+        if self.reading:
+            self.guard.noise("slow_headers")
+        if self.transport is not None:
+            _abort(self.transport)
+
+
+def _abort(transport: asyncio.BaseTransport) -> None:
+    """Close at once, unsent data and all (a socket transport can; any other is closed)."""
+    if isinstance(transport, asyncio.Transport):
+        transport.abort()
+    else:
+        transport.close()
+
+
+class BodyBudget:
+    """Room for request bodies being read at once, in bytes (the module doc)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.free = total
+        self._freed = asyncio.Condition()
+
+    async def take(self, size: int, *, wait: float) -> bool:
+        """Reserve ``size`` bytes, waiting at most ``wait`` seconds; False when there was no room."""
+        if size <= self.free:
+            self.free -= size
+            return True
+        try:
+            async with asyncio.timeout(wait), self._freed:
+                await self._freed.wait_for(lambda: size <= self.free)
+                self.free -= size
+                return True
+        except TimeoutError:
+            return False
+
+    async def give(self, size: int) -> None:
+        self.free += size
+        async with self._freed:
+            self._freed.notify_all()
