@@ -7,7 +7,8 @@ process of descriptors (asyncio then logs every failed ``accept``). The guard wr
 
 * closes a connection that has not sent a whole request's headers within ``read_timeout`` of its first byte
   (or of connecting), or that sits idle between requests for :data:`IDLE_TIMEOUT`;
-* closes, as they come, connections beyond ``max_connections``, kept below the process's file limit;
+* keeps at most ``max_connections`` open (never more than the process's file limit allows): a new connection
+  over the cap evicts the longest-open one that is not in a request's handler, or is closed when all are;
 * lends request bodies room from a shared budget (:class:`BodyBudget`), so bodies read at once never hold more
   than ``WEBHOOK_READ_MEMORY``.
 
@@ -122,6 +123,19 @@ class ConnectionGuard:
         self.noise = noise
         self.live: dict[asyncio.BaseTransport, _Guarded] = {}
 
+    def evict(self) -> bool:
+        """Close the longest-open connection that is not in a request's handler, to make room for a new one: a
+        client holding connections open without sending requests loses them to one that sends. False when
+        every connection is in a handler."""
+        for transport, conn in self.live.items():
+            if not conn.handling:
+                self.noise("evicted_connection")
+                self.live.pop(transport)
+                conn.disarm()
+                _abort(transport)
+                return True
+        return False
+
     def factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         return lambda: _Guarded(self, inner)
 
@@ -157,7 +171,7 @@ class _Guarded(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         guard = self.guard
-        if len(guard.live) >= guard.max_connections:
+        if len(guard.live) >= guard.max_connections and not guard.evict():
             guard.noise("refused_connection")
             _abort(transport)
             return
