@@ -297,7 +297,7 @@ async def test_any_signed_body_is_stored_answered_200_and_kept_as_malformed(stac
         # stored raw; the processor reads it and keeps what it cannot use with the malformed ones
 
         async def kept() -> bool:
-            return await client.xlen(MALFORMED) == malformed + 1
+            return bool(await client.xlen(MALFORMED) == malformed + 1)
 
         await eventually(kept)
     finally:
