@@ -80,33 +80,19 @@ def redis_settings(url: str, *, ride_out_outages: bool = True) -> RedisSettings:
 
 
 async def create_pool(
-    redis_url: str | None = None,
-    *,
-    conn_retries: int = 0,
-    ride_out_outages: bool = True,
-    socket_timeout: float | None = None,
-    **kwargs: Any,
+    redis_url: str | None = None, *, conn_retries: int = 0, ride_out_outages: bool = True, **kwargs: Any
 ) -> ArqRedis:
     """An arq Redis pool that speaks the worker's serializer. ``redis_url`` defaults to ``REDIS_URL``;
     ``ride_out_outages`` retries every command, the first connection included, through a Redis restart
     (:data:`REDIS_RETRY`, about two minutes), and ``conn_retries`` adds arq's own retries of the first
-    connection, a second apart, on top. ``socket_timeout`` bounds every command (a frozen Redis raises
-    ``TimeoutError`` then, instead of a wait for as long as it is frozen). A malformed URL raises
-    :class:`ConfigError` naming it."""
+    connection, a second apart, on top. A malformed URL raises :class:`ConfigError` naming it."""
     url = redis_url or os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
     problem = parse_redis_url(url)
     if problem:
         raise ConfigError([f"REDIS_URL: {problem}"])
     settings = redis_settings(url, ride_out_outages=ride_out_outages)
     settings.conn_retries = conn_retries
-    pool = await arq_create_pool(settings, job_serializer=serialize, job_deserializer=deserialize, **kwargs)
-    if socket_timeout is not None:
-        # arq's settings have no command timeout; redis-py's pool hands its kwargs to every connection it makes,
-        # and the one arq's ping made is closed and forgotten (reset) so that none is left without it
-        pool.connection_pool.connection_kwargs["socket_timeout"] = socket_timeout
-        await pool.connection_pool.disconnect()
-        pool.connection_pool.reset()  # type: ignore[no-untyped-call]
-    return pool
+    return await arq_create_pool(settings, job_serializer=serialize, job_deserializer=deserialize, **kwargs)
 
 
 def survive_lost_claims() -> None:

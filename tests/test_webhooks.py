@@ -71,7 +71,7 @@ async def start_receiver(redis_url: str, **changes: Any) -> tuple[Receiver, Call
     from cgb_worker import create_pool
 
     config = settings(redis_url=redis_url, **changes)
-    pool = await create_pool(redis_url, ride_out_outages=False, socket_timeout=config.redis_timeout)
+    pool = await create_pool(redis_url, ride_out_outages=False)
     app = create_app(pool, config)
     endpoints = Endpoints(app, config)
     await endpoints.start("127.0.0.1", 0, "127.0.0.1", 0)

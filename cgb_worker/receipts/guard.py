@@ -242,12 +242,14 @@ class BodyBudget:
         self.total = total
         self.free = total
         self._freed = asyncio.Condition()
+        self._waiting = 0
 
     async def take(self, size: int, *, wait: float) -> bool:
         """Reserve ``size`` bytes, waiting at most ``wait`` seconds; False when there was no room."""
-        if size <= self.free:
+        if size <= self.free and not self._waiting:
             self.free -= size
             return True
+        self._waiting += 1
         try:
             async with asyncio.timeout(wait), self._freed:
                 await self._freed.wait_for(lambda: size <= self.free)
@@ -255,8 +257,14 @@ class BodyBudget:
                 return True
         except TimeoutError:
             return False
+        finally:
+            self._waiting -= 1
 
-    async def give(self, size: int) -> None:
+    def give(self, size: int) -> None:
         self.free += size
+        if self._waiting:
+            asyncio.get_running_loop().create_task(self._wake())
+
+    async def _wake(self) -> None:
         async with self._freed:
             self._freed.notify_all()
