@@ -368,7 +368,10 @@ class ReceiverSettings:
     same name takes up what it had in hand at once (default: host name and process id)."""
     log_level: str = "INFO"
     log_json: bool = False
-    # The public port's limits (README, "The receiver on the internet").
+    role: str = "all"
+    """``WEBHOOK_ROLE``: ``all`` answers Meta and processes what it stores; ``answer`` only answers (a public-facing
+    process of a split deployment), ``process`` only processes (no public port)."""
+    # The public port's limits (README, "On the internet").
     admin_host: str = "127.0.0.1"
     """``WEBHOOK_ADMIN_HOST``/``WEBHOOK_ADMIN_PORT``: where ``/healthz`` and ``/metrics`` are served, apart from the
     public port, which serves only the webhook."""
@@ -413,6 +416,7 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
     consumer = env.str("WEBHOOK_CONSUMER", "")
     log_level = env.str("LOG_LEVEL", "INFO", validate=OneOf(["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"]))
     log_json = env.bool("LOG_JSON", False)
+    role = env.str("WEBHOOK_ROLE", "all", validate=OneOf(["all", "answer", "process"]))
     admin_host = env.str("WEBHOOK_ADMIN_HOST", "127.0.0.1")
     admin_port = env.int("WEBHOOK_ADMIN_PORT", 9090, validate=Range(min=1, max=65535))
     max_body = env.int("WEBHOOK_MAX_BODY", 3 * 1024 * 1024, validate=Range(min=64 * 1024, max=64 * 1024 * 1024))
@@ -450,6 +454,7 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
         consumer=str(consumer or ""),
         log_level=str(log_level),
         log_json=bool(log_json),
+        role=str(role),
         admin_host=str(admin_host),
         admin_port=int(admin_port or 9090),
         max_body=int(max_body or 3 * 1024 * 1024),

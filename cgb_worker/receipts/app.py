@@ -64,6 +64,9 @@ GUARD: web.AppKey[ConnectionGuard] = web.AppKey("guard", ConnectionGuard)
 PUBLIC: web.AppKey[web.Application] = web.AppKey("public", web.Application)
 _SINCE: web.AppKey[list[float]] = web.AppKey("since", list)
 _COUNTERS: web.AppKey[dict[str, Any]] = web.AppKey("counters", dict)
+_STORING: web.AppKey[asyncio.Semaphore] = web.AppKey("storing", asyncio.Semaphore)
+STORES_AT_ONCE = 32
+"""XADDs in flight at once: each holds a Redis connection, and descriptors are what a flood runs short of."""
 
 
 async def handshake(request: web.Request) -> web.Response:
@@ -160,7 +163,7 @@ async def _store(app: web.Application, body: bytes) -> web.Response:
     now = time.time()
     since = app[_SINCE]
     try:
-        async with asyncio.timeout(settings.redis_timeout):
+        async with asyncio.timeout(settings.redis_timeout), app[_STORING]:
             if now - since[0] < SINCE_EVERY:
                 await redis.xadd(keys.INBOX, {"body": body})
             else:
@@ -216,6 +219,7 @@ def create_app(
     app[BUDGET] = BodyBudget(settings.read_memory)
     app[_SINCE] = [0.0]
     app[_COUNTERS] = {}
+    app[_STORING] = asyncio.Semaphore(STORES_AT_ONCE)
     app.router.add_get(PATH, handshake)
     app.router.add_post(PATH, receive)
     if process:
@@ -263,14 +267,17 @@ class Endpoints:
         self._server: asyncio.Server | None = None
         self.port = self.admin_port = 0
 
-    async def start(self, host: str, port: int, admin_host: str, admin_port: int) -> None:
+    async def start(self, host: str, port: int, admin_host: str, admin_port: int, *, public: bool = True) -> None:
+        """Listen; without ``public`` (``WEBHOOK_ROLE=process``) the app runs, its processor too, but only the
+        admin port listens."""
         quiet_accept_errors(self.noise)
         await self._runner.setup()
         server = self._runner.server
         assert server is not None
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self.guard.factory(server), host, port, backlog=128)
-        self.port = self._server.sockets[0].getsockname()[1]
+        if public:
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_server(self.guard.factory(server), host, port, backlog=128)
+            self.port = self._server.sockets[0].getsockname()[1]
         await self._admin.setup()
         await web.TCPSite(self._admin, admin_host, admin_port).start()
         self.admin_port = self._admin.addresses[0][1]
@@ -296,18 +303,22 @@ async def _serve(settings: ReceiverSettings, host: str, port: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     redis = await create_pool(settings.redis_url, ride_out_outages=False)
-    endpoints = Endpoints(create_app(redis, settings), settings)
+    endpoints = Endpoints(create_app(redis, settings, process=settings.role != "answer"), settings)
     try:
         try:
-            await endpoints.start(host, port, settings.admin_host, settings.admin_port)
+            await endpoints.start(
+                host, port, settings.admin_host, settings.admin_port, public=settings.role != "process"
+            )
         except OSError as exc:
             logger.error("the webhook receiver cannot listen: {}", exc.strerror or exc)
             raise SystemExit(2) from None
         if settings.verify_token is None:
             logger.warning("WABA_VERIFY_TOKEN is not set: Meta's subscription handshake will be refused")
         logger.info(
-            "webhook receiver on {}:{}{} (health and metrics on {}:{}), Redis at {}",
-            host, endpoints.port, PATH, settings.admin_host, endpoints.admin_port, redact_url(settings.redis_url),
+            "webhook receiver ({}) on {}, health and metrics on {}:{}, Redis at {}",
+            {"all": "answering and processing", "answer": "answering only", "process": "processing only"}[settings.role],
+            f"{host}:{endpoints.port}{PATH}" if endpoints.port else "no public port",
+            settings.admin_host, endpoints.admin_port, redact_url(settings.redis_url),
         )  # fmt: skip
         await stop.wait()
     finally:

@@ -1,0 +1,146 @@
+"""How fast the receiver answers signed POSTs, side by side with the minimal app (:mod:`benchmarks.minimal_receiver`).
+
+Both run as processes of their own pinned to one core, the client on the other, against one Redis; they are
+measured in turns (minimal, ours, minimal, ours, ...) so that a busy moment of the machine falls on both. Each
+turn posts the same signed status webhooks, 64 in flight, and counts answers per second and the server's CPU
+per answer. ``ours`` is ``cgb-worker webhooks`` answering only (``WEBHOOK_ROLE=answer``, as a public-facing
+process of a split deployment runs) and, apart, as it runs by default, processing what it stores as it goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+SECRET = "bench-app-secret-not-real"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pin(core: int) -> Any:
+    cores = sorted(os.sched_getaffinity(0))
+
+    def pin() -> None:
+        if len(cores) > 1:
+            os.sched_setaffinity(0, {cores[core % len(cores)]})
+
+    return pin
+
+
+def _bodies(n: int, seed: int) -> list[tuple[bytes, dict[str, str]]]:
+    at = int(time.time())
+    out = []
+    for i in range(n):
+        body = json.dumps({"object": "whatsapp_business_account", "entry": [{"id": "102290129340398", "changes": [
+            {"field": "messages", "value": {"messaging_product": "whatsapp",
+             "metadata": {"display_phone_number": "15550000000", "phone_number_id": "106540352242922"},
+             "statuses": [{"id": f"wamid.bench{seed}x{i}", "status": "delivered", "timestamp": str(at),
+                           "recipient_id": f"1202555{i % 10000:04d}",
+                           "pricing": {"billable": True, "pricing_model": "CBP", "category": "utility"}}]}}]}]},
+            separators=(",", ":")).encode()  # fmt: skip
+        out.append(
+            (body, {"X-Hub-Signature-256": "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()})
+        )
+    return out
+
+
+async def _turn(http: aiohttp.ClientSession, url: str, pid: int, n: int, seed: int) -> tuple[float, float]:
+    queue = list(reversed(_bodies(n, seed)))
+
+    async def poster() -> None:
+        while queue:
+            body, headers = queue.pop()
+            async with http.post(url, data=body, headers=headers) as resp:
+                assert resp.status == 200, resp.status
+
+    cpu = _cpu(pid)
+    started = time.monotonic()
+    await asyncio.gather(*(poster() for _ in range(64)))
+    took = time.monotonic() - started
+    return n / took, (_cpu(pid) - cpu) * 1000 / n
+
+
+async def _up(http: aiohttp.ClientSession, url: str) -> None:
+    for _ in range(300):
+        try:
+            async with http.get(url) as resp:
+                if resp.status < 500:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"{url} never answered")
+
+
+async def answering_bench(redis_url: str, *, n: int = 4000, turns: int = 4) -> dict[str, Any]:
+    """Answers per second and CPU ms per answer of the minimal app and of ours, median of ``turns`` each."""
+    base_env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("CGB_", "WABA_", "LOG_", "REDIS_", "WEBHOOK_"))
+    }
+    base_env.update(REDIS_URL=redis_url, WABA_APP_SECRET=SECRET, PHONE_HASH_KEY="bench-phone-hash-key-not-real",
+                    LOG_LEVEL="WARNING")  # fmt: skip
+    cli = str(Path(sys.executable).parent / "cgb-worker")
+    kinds: dict[str, tuple[list[str], dict[str, str]]] = {}
+    for kind in ("minimal", "ours", "ours_processing"):
+        port, admin = _free_port(), _free_port()
+        env = dict(base_env, WEBHOOK_PORT=str(port), WEBHOOK_ADMIN_PORT=str(admin))
+        if kind == "minimal":
+            kinds[kind] = ([sys.executable, "-m", "benchmarks.minimal_receiver", str(port)], env)
+        else:
+            env["WEBHOOK_ROLE"] = "answer" if kind == "ours" else "all"
+            kinds[kind] = ([cli, "webhooks", "--host", "127.0.0.1"], env)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    results: dict[str, list[tuple[float, float]]] = {kind: [] for kind in kinds}
+    os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[-1:]))
+    try:
+        for kind, (command, env) in kinds.items():
+            procs[kind] = subprocess.Popen(command, env=env, cwd=Path(__file__).resolve().parent.parent,
+                                           preexec_fn=_pin(0), stdout=subprocess.DEVNULL)  # fmt: skip
+        connector = aiohttp.TCPConnector(limit=64)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            urls = {
+                kind: f"http://127.0.0.1:{env['WEBHOOK_PORT']}/webhooks/whatsapp" for kind, (_, env) in kinds.items()
+            }
+            for kind, url in urls.items():
+                await _up(http, url)
+                await _turn(http, url, procs[kind].pid, 500, seed=-1)  # warm up
+            for t in range(turns):
+                for kind, url in urls.items():
+                    results[kind].append(await _turn(http, url, procs[kind].pid, n, seed=t))
+    finally:
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+        for proc in procs.values():
+            proc.terminate()
+            proc.wait(10)
+    out: dict[str, Any] = {"n": n, "turns": turns}
+    for kind, values in results.items():
+        out[kind] = {"rate": statistics.median(v[0] for v in values), "cpu_ms": statistics.median(v[1] for v in values)}
+    out["ratio"] = out["ours"]["rate"] / out["minimal"]["rate"]
+    out["ratio_processing"] = out["ours_processing"]["rate"] / out["minimal"]["rate"]
+    return out
+
+
+if __name__ == "__main__":  # python -m benchmarks.answering REDIS_URL
+    print(json.dumps(asyncio.run(answering_bench(sys.argv[1])), indent=1))
