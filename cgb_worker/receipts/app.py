@@ -289,6 +289,9 @@ class Endpoints:
         await self._runner.cleanup()
 
 
+_ROLES = {"all": "answering and processing", "answer": "answering only", "process": "processing only"}
+
+
 def serve(settings: ReceiverSettings, *, host: str | None = None, port: int | None = None) -> None:
     """Run the receiver until SIGTERM or SIGINT; then stop taking requests, let the processor finish its
     round, and close Redis."""
@@ -316,7 +319,7 @@ async def _serve(settings: ReceiverSettings, host: str, port: int) -> None:
             logger.warning("WABA_VERIFY_TOKEN is not set: Meta's subscription handshake will be refused")
         logger.info(
             "webhook receiver ({}) on {}, health and metrics on {}:{}, Redis at {}",
-            {"all": "answering and processing", "answer": "answering only", "process": "processing only"}[settings.role],
+            _ROLES[settings.role],
             f"{host}:{endpoints.port}{PATH}" if endpoints.port else "no public port",
             settings.admin_host, endpoints.admin_port, redact_url(settings.redis_url),
         )  # fmt: skip
