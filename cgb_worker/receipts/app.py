@@ -287,6 +287,7 @@ class Endpoints:
             self._server.close()
         await self._admin.cleanup()
         await self._runner.cleanup()
+        self.noise.flush()
 
 
 _ROLES = {"all": "answering and processing", "answer": "answering only", "process": "processing only"}

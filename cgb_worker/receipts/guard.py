@@ -47,12 +47,16 @@ class ClientNoise:
     def __call__(self, kind: str) -> None:
         self._count(kind)
         self._since[kind] += 1
-        now = time.monotonic()
-        if now - self._last >= self.every:
+        if time.monotonic() - self._last >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Say what was counted since the last line (on the way out too, so that no count goes unsaid)."""
+        if self._since:
             summary = ", ".join(f"{n} {k}" for k, n in sorted(self._since.items()))
             logger.warning("public port: {} since the last such line (clients' doing; counted in metrics)", summary)
             self._since.clear()
-            self._last = now
+        self._last = time.monotonic()
 
 
 class _NoiseFilter(logging.Filter):
