@@ -19,10 +19,11 @@ import aiohttp
 import click
 import msgspec
 
+from . import keys
 from .client import CGBClient
 from .deadletters import DeadLetters
 from .errors import CGBWorkerError, ConfigError
-from .settings import DEFAULT_REDIS_URL, Settings, load_settings, redact_url
+from .settings import DEFAULT_REDIS_URL, Settings, load_phone_key, load_settings, redact_url
 from .templates import normalize_name
 
 _T = TypeVar("_T")
@@ -35,7 +36,20 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 
 def _settings() -> Settings:
     try:
-        return load_settings()
+        settings = load_settings()
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    keys.use_phone_key(settings.phone_hash_key.get_secret_value())
+    return settings
+
+
+def _phone_key(*, required: bool) -> None:
+    """Wire ``PHONE_HASH_KEY`` for a command that reads only ``REDIS_URL``. Commands that never hash a phone
+    (send, dead letters, status) run without it on a producer's machine; one given is checked all the same."""
+    if not required and not os.environ.get("PHONE_HASH_KEY"):
+        return
+    try:
+        keys.use_phone_key(load_phone_key().get_secret_value())
     except ConfigError as exc:
         _fail(str(exc), 2)
 
@@ -54,6 +68,7 @@ async def _pool() -> Any:
     """The queue. Sending and dead letters need only ``REDIS_URL``, not the CGB key: producers run them too."""
     from .worker import create_pool
 
+    _phone_key(required=False)
     try:
         return await create_pool(os.environ.get("REDIS_URL", DEFAULT_REDIS_URL), conn_retries=0, ride_out_outages=False)
     except ConfigError as exc:
@@ -423,7 +438,8 @@ def run() -> None:
 def webhooks(host: str | None, port: int | None) -> None:
     """Run the WhatsApp webhook receiver (POST /webhooks/whatsapp): statuses become delivery timelines.
 
-    Needs WABA_APP_SECRET (and WABA_VERIFY_TOKEN for Meta's handshake) and REDIS_URL; not the CGB key."""
+    Needs WABA_APP_SECRET (and WABA_VERIFY_TOKEN for Meta's handshake), the workers' PHONE_HASH_KEY and
+    REDIS_URL; not the CGB key."""
     from .logs import setup_logging
     from .receipts.app import serve
     from .settings import load_receiver_settings
@@ -432,6 +448,7 @@ def webhooks(host: str | None, port: int | None) -> None:
         settings = load_receiver_settings()
     except ConfigError as exc:
         _fail(f"the webhook receiver cannot start: {exc}", 2)
+    keys.use_phone_key(settings.phone_hash_key.get_secret_value())
     setup_logging(settings.log_level, json_lines=settings.log_json)
     serve(settings, host=host, port=port)
 

@@ -343,7 +343,12 @@ async def test_webhooks_serves_and_stores_a_signed_post(harness: Harness, redis_
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CGB_", "WORKER_", "LOG_", "REDIS_"))}
-    env.update(REDIS_URL=harness.redis_url, WABA_APP_SECRET="s3cret-for-tests", WEBHOOK_PORT=str(port))
+    env.update(
+        REDIS_URL=harness.redis_url,
+        WABA_APP_SECRET="s3cret-for-tests",
+        PHONE_HASH_KEY=harness.env["PHONE_HASH_KEY"],
+        WEBHOOK_PORT=str(port),
+    )
     proc = await asyncio.create_subprocess_exec(
         CLI,
         "webhooks",
