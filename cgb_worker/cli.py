@@ -417,6 +417,49 @@ def dl_purge(yes: bool) -> None:
     click.echo(f"purged {_run(go)} dead letter(s)")
 
 
+# -- erasure ---------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("phone")
+@click.option("--region", help="region for a number written without a country code (CGB_DEFAULT_REGION)")
+@click.option("--yes", is_flag=True, help="do it without asking")
+def forget(phone: str, region: str | None, yes: bool) -> None:
+    """Remove every record of one person from Redis: caches, sends, statuses, dead letters and arq's jobs.
+
+    Reads every key (it costs O(keys)). Needs REDIS_URL and the workers' PHONE_HASH_KEY. Prints how many
+    records of each kind it removed, never the number; exit 1 when some of the person's jobs were running,
+    since what they write as they end survives: run it again once they have."""
+    from .erasure import forget as forget_person
+    from .errors import InvalidPhoneError
+    from .phones import normalize_phone
+
+    _phone_key(required=True)
+    region = (region or os.environ.get("CGB_DEFAULT_REGION") or "").strip().upper() or None
+    try:
+        normalize_phone(phone, region)
+    except InvalidPhoneError as exc:
+        _fail(str(exc), 2)
+    if not yes and not click.confirm("Remove every record of this number from Redis?", default=False):
+        _fail("nothing removed")
+
+    async def go() -> Any:
+        redis = await _pool()
+        try:
+            return await forget_person(redis, phone, default_region=region)
+        finally:
+            await redis.aclose()
+
+    done = _run(go)
+    click.echo(f"{done.jobs} job(s) of this person found; removed:")
+    for kind, count in done.removed.items():
+        click.echo(f"  {kind:<20} {count}")
+    if not done.removed:
+        click.echo("  nothing: no record names this number")
+    if done.running:
+        _fail(f"{done.running} of its jobs were running: run forget again once they have ended")
+
+
 # -- run: the worker ------------------------------------------------------------------------------------
 
 
