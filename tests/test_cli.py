@@ -52,6 +52,7 @@ async def cli(harness: Harness, *args: str, env: dict[str, str | None] | None = 
         ["simulator"],
         ["webhooks"],
         ["status"],
+        ["forget"],
     ],
 )
 async def test_help(harness: Harness, args: list[str]) -> None:

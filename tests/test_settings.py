@@ -285,3 +285,22 @@ def test_the_phone_hash_key_is_never_shown() -> None:
     with pytest.raises(ConfigError) as info:
         load_settings({"CGB_API_KEY": KEY, "PHONE_HASH_KEY": "short-secret"})
     assert "short-secret" not in str(info.value)
+
+
+def test_the_sample_environment_ships_no_secret() -> None:
+    """.env.sample's values, taken as they are, configure everything but the secrets, which it leaves out."""
+    from pathlib import Path
+
+    from cgb_worker.settings import load_receiver_settings
+
+    lines = (Path(__file__).resolve().parent.parent / ".env.sample").read_text().splitlines()
+    sample = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    sample = {k: v for k, v in sample.items() if v}  # an empty value stands for unset
+    for secret in ("CGB_API_KEY", "PHONE_HASH_KEY", "WABA_APP_SECRET", "WABA_VERIFY_TOKEN"):
+        assert secret not in sample
+        assert f"# {secret}=\n" in "\n".join(lines) + "\n"  # documented, commented out
+    for load, missing in ((load_settings, ["CGB_API_KEY", "PHONE_HASH_KEY"]),
+                          (load_receiver_settings, ["WABA_APP_SECRET", "PHONE_HASH_KEY"])):  # fmt: skip
+        with pytest.raises(ConfigError) as info:
+            load(sample)
+        assert [p.split(":")[0] for p in info.value.problems] == missing
