@@ -33,7 +33,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio
 
-from cgb_worker import create_pool
+from cgb_worker import create_pool, keys
 from cgb_worker.contacts import ContactResolver, phone_key
 from cgb_worker.keys import AWAITING, TRACKING
 from cgb_worker.receipts import signature
@@ -41,6 +41,10 @@ from cgb_worker.sends import StepRecord
 from cgb_worker.settings import load_settings
 from cgb_worker.simulator import DEFAULT_TOKEN
 from tests.attribution import Report, check, payloads
+
+PHONE_KEY = "bench-phone-hash-key-not-a-secret"
+"""PHONE_HASH_KEY for every worker and receiver the bench starts, and for this process's own hashing."""
+keys.use_phone_key(PHONE_KEY)
 
 ROOT = Path(__file__).resolve().parent.parent
 OURS = [sys.executable, "-m", "arq", "cgb_worker.WorkerSettings"]
@@ -173,6 +177,7 @@ class Stack:
             **base,
             "CGB_API_URL": self.sim_url + "/api",
             "CGB_API_KEY": DEFAULT_TOKEN,
+            "PHONE_HASH_KEY": PHONE_KEY,
             "REDIS_URL": self.redis_url,
             **extra,
         }
@@ -227,7 +232,7 @@ def texts(n: int, phones: list[str] = PHONES) -> list[dict[str, Any]]:
 
 def knobs(rate: float) -> dict[str, str]:
     """The knobs cgb-worker resolves at this rate limit, which the minimal job is given too."""
-    settings = load_settings({"CGB_API_KEY": "k", "CGB_RATE_LIMIT": str(rate)})
+    settings = load_settings({"CGB_API_KEY": "k", "PHONE_HASH_KEY": PHONE_KEY, "CGB_RATE_LIMIT": str(rate)})
     return {"WORKER_MAX_JOBS": str(settings.worker.max_jobs), "WORKER_POLL_DELAY": str(settings.worker.poll_delay)}
 
 
@@ -392,6 +397,7 @@ async def receiver_bench(stack: Stack, n: int, rate: int, seconds: float) -> dic
         **{k: v for k, v in os.environ.items() if not k.startswith(("CGB_", "WABA_", "LOG_", "REDIS_"))},
         "REDIS_URL": stack.redis_url,
         "WABA_APP_SECRET": SECRET,
+        "PHONE_HASH_KEY": PHONE_KEY,
         "WEBHOOK_PORT": str(port),
         "WEBHOOK_ADMIN_PORT": str(admin),
     }
@@ -480,6 +486,7 @@ async def attribution_bench(stack: Stack, people: int, per_person: int, seed: in
         **{k: v for k, v in os.environ.items() if not k.startswith(("CGB_", "WABA_", "LOG_", "REDIS_"))},
         "REDIS_URL": stack.redis_url,
         "WABA_APP_SECRET": SECRET,
+        "PHONE_HASH_KEY": PHONE_KEY,
         "WEBHOOK_PORT": str(port),
         "WEBHOOK_ADMIN_PORT": str(free_port()),
         "STATUS_HOLD": "30",  # a status no send can be told from is given up on after 30 s, not 5 min

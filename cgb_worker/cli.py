@@ -19,10 +19,11 @@ import aiohttp
 import click
 import msgspec
 
+from . import keys
 from .client import CGBClient
 from .deadletters import DeadLetters
 from .errors import CGBWorkerError, ConfigError
-from .settings import DEFAULT_REDIS_URL, Settings, load_settings, redact_url
+from .settings import DEFAULT_REDIS_URL, Settings, load_phone_key, load_settings, redact_url
 from .templates import normalize_name
 
 _T = TypeVar("_T")
@@ -35,7 +36,20 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 
 def _settings() -> Settings:
     try:
-        return load_settings()
+        settings = load_settings()
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    keys.use_phone_key(settings.phone_hash_key.get_secret_value())
+    return settings
+
+
+def _phone_key(*, required: bool) -> None:
+    """Wire ``PHONE_HASH_KEY`` for a command that reads only ``REDIS_URL``. Commands that never hash a phone
+    (send, dead letters, status) run without it on a producer's machine; one given is checked all the same."""
+    if not required and not os.environ.get("PHONE_HASH_KEY"):
+        return
+    try:
+        keys.use_phone_key(load_phone_key().get_secret_value())
     except ConfigError as exc:
         _fail(str(exc), 2)
 
@@ -54,6 +68,7 @@ async def _pool() -> Any:
     """The queue. Sending and dead letters need only ``REDIS_URL``, not the CGB key: producers run them too."""
     from .worker import create_pool
 
+    _phone_key(required=False)
     try:
         return await create_pool(os.environ.get("REDIS_URL", DEFAULT_REDIS_URL), conn_retries=0, ride_out_outages=False)
     except ConfigError as exc:
@@ -402,6 +417,49 @@ def dl_purge(yes: bool) -> None:
     click.echo(f"purged {_run(go)} dead letter(s)")
 
 
+# -- erasure ---------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("phone")
+@click.option("--region", help="region for a number written without a country code (CGB_DEFAULT_REGION)")
+@click.option("--yes", is_flag=True, help="do it without asking")
+def forget(phone: str, region: str | None, yes: bool) -> None:
+    """Remove every record of one person from Redis: caches, sends, statuses, dead letters and arq's jobs.
+
+    Reads every key (it costs O(keys)). Needs REDIS_URL and the workers' PHONE_HASH_KEY. Prints how many
+    records of each kind it removed, never the number; exit 1 when some of the person's jobs were running,
+    since what they write as they end survives: run it again once they have."""
+    from .erasure import forget as forget_person
+    from .errors import InvalidPhoneError
+    from .phones import normalize_phone
+
+    _phone_key(required=True)
+    region = (region or os.environ.get("CGB_DEFAULT_REGION") or "").strip().upper() or None
+    try:
+        normalize_phone(phone, region)
+    except InvalidPhoneError as exc:
+        _fail(str(exc), 2)
+    if not yes and not click.confirm("Remove every record of this number from Redis?", default=False):
+        _fail("nothing removed")
+
+    async def go() -> Any:
+        redis = await _pool()
+        try:
+            return await forget_person(redis, phone, default_region=region)
+        finally:
+            await redis.aclose()
+
+    done = _run(go)
+    click.echo(f"{done.jobs} job(s) of this person found; removed:")
+    for kind, count in done.removed.items():
+        click.echo(f"  {kind:<20} {count}")
+    if not done.removed:
+        click.echo("  nothing: no record names this number")
+    if done.running:
+        _fail(f"{done.running} of its jobs were running: run forget again once they have ended")
+
+
 # -- run: the worker ------------------------------------------------------------------------------------
 
 
@@ -423,7 +481,8 @@ def run() -> None:
 def webhooks(host: str | None, port: int | None) -> None:
     """Run the WhatsApp webhook receiver (POST /webhooks/whatsapp): statuses become delivery timelines.
 
-    Needs WABA_APP_SECRET (and WABA_VERIFY_TOKEN for Meta's handshake) and REDIS_URL; not the CGB key."""
+    Needs WABA_APP_SECRET (and WABA_VERIFY_TOKEN for Meta's handshake), the workers' PHONE_HASH_KEY and
+    REDIS_URL; not the CGB key."""
     from .logs import setup_logging
     from .receipts.app import serve
     from .settings import load_receiver_settings
@@ -432,6 +491,7 @@ def webhooks(host: str | None, port: int | None) -> None:
         settings = load_receiver_settings()
     except ConfigError as exc:
         _fail(f"the webhook receiver cannot start: {exc}", 2)
+    keys.use_phone_key(settings.phone_hash_key.get_secret_value())
     setup_logging(settings.log_level, json_lines=settings.log_json)
     serve(settings, host=host, port=port)
 

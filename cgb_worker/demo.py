@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -125,6 +126,8 @@ class Stack:
         self.receiver_log = workdir / "receiver.log"
         self.receiver_url = ""
         self.receiver_admin = ""
+        self.phone_key = secrets.token_hex(32)
+        """A fresh ``PHONE_HASH_KEY`` per run, shared by the worker and the receiver."""
 
     def start(self) -> None:
         redis_server = shutil.which("redis-server")
@@ -143,6 +146,7 @@ class Stack:
             **{k: v for k, v in os.environ.items() if not k.startswith(("CGB_", "WORKER_", "LOG_", "METRICS_"))},
             "CGB_API_URL": self.sim_url + "/api",
             "CGB_API_KEY": TOKEN,
+            "PHONE_HASH_KEY": self.phone_key,
             "REDIS_URL": self.redis_url,
             "CGB_TEMPLATE_VISA_APPROVED": "1752250957765",
             "CGB_RETRY_BASE_DELAY": "0.2",
@@ -155,6 +159,7 @@ class Stack:
             **{k: v for k, v in os.environ.items() if not k.startswith(("CGB_", "WORKER_", "LOG_", "WABA_"))},
             "REDIS_URL": self.redis_url,
             "WABA_APP_SECRET": APP_SECRET,
+            "PHONE_HASH_KEY": self.phone_key,
             "WEBHOOK_PORT": str(receiver_port),
             "WEBHOOK_ADMIN_PORT": str(admin_port),
         }

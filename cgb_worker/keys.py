@@ -1,12 +1,16 @@
 """Every Redis key cgb-worker writes, in one place (arq's own ``arq:*`` keys excepted).
 
-Phones never appear in clear: a key or member that names a person carries :func:`who`, the phone's hash (the
-same name the contact cache uses).
+Phones never appear in clear: a key or member that names a person carries :func:`who`, the phone's keyed hash
+(the same name the contact cache uses).
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+
+PREFIX = "cgb:"
+"""Every key below starts with it (``cgb-worker forget`` walks them)."""
 
 # -- the worker -----------------------------------------------------------------------------------------------
 RATE_NEXT = "cgb:ratelimit:next"
@@ -40,9 +44,29 @@ REACTIONS = "cgb:reactions"
 REACTIONS_GROUP = "reactors"
 
 
+PHONE_KEY_MIN = 16
+"""Characters a ``PHONE_HASH_KEY`` has at least."""
+
+_phone_mac: hmac.HMAC | None = None
+
+
+def use_phone_key(key: str) -> None:
+    """Set the secret :func:`who` hashes under (``PHONE_HASH_KEY``), once at start-up. Keyed, so that the hash
+    cannot be reversed by hashing every possible number; workers and receivers must share it."""
+    global _phone_mac
+    if len(key) < PHONE_KEY_MIN:
+        raise ValueError(f"the phone hash key must have at least {PHONE_KEY_MIN} characters")
+    _phone_mac = hmac.new(key.encode(), digestmod=hashlib.sha256)
+
+
 def who(e164: str) -> str:
-    """The name a phone goes by in Redis: a hash, never the number."""
-    return hashlib.blake2b(("+" + e164.lstrip("+")).encode(), digest_size=12).hexdigest()
+    """The name a phone goes by in Redis: HMAC-SHA256 under ``PHONE_HASH_KEY`` (128 bits in hex), never the
+    number. Raises when no key was set: an unkeyed hash would be reversible, and would not match the others'."""
+    if _phone_mac is None:
+        raise RuntimeError("no phone hash key: PHONE_HASH_KEY was not wired (keys.use_phone_key) at start-up")
+    mac = _phone_mac.copy()
+    mac.update(("+" + e164.lstrip("+")).encode())
+    return mac.hexdigest()[:32]
 
 
 def contact(phone_hash: str) -> str:

@@ -21,6 +21,7 @@ from marshmallow.validate import OneOf, Range
 
 from .catalog import TemplateCatalog, load_catalog
 from .errors import ConfigError
+from .keys import PHONE_KEY_MIN
 
 DEFAULT_API_URL = "https://app.chatgptbuilder.io/api"
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
@@ -124,6 +125,8 @@ class Settings:
     """Everything the worker is configured with. Build it with :func:`load_settings`."""
 
     api_key: Secret
+    phone_hash_key: Secret
+    """``PHONE_HASH_KEY``: what phones are hashed under in Redis (:func:`cgb_worker.keys.who`); as the receiver's."""
     api_url: str = DEFAULT_API_URL
     timeout: float = 5.0
     """Per-request timeout to CGB in seconds (``CGB_TIMEOUT`` is in milliseconds)."""
@@ -206,6 +209,24 @@ def parse_redis_url(url: str) -> str | None:
     return None
 
 
+def phone_key_problem(value: str | None) -> str | None:
+    """What is wrong with ``PHONE_HASH_KEY``, as one configuration line, or None."""
+    if value is None or not value.strip():
+        return "PHONE_HASH_KEY: required (a random secret shared by workers and receivers: openssl rand -hex 32)."
+    if len(value.strip()) < PHONE_KEY_MIN:
+        return f"PHONE_HASH_KEY: must have at least {PHONE_KEY_MIN} characters."
+    return None
+
+
+def load_phone_key(environ: Mapping[str, str] | None = None) -> Secret:
+    """``PHONE_HASH_KEY`` alone, for a command that hashes phones without the rest of the configuration."""
+    value = (os.environ if environ is None else environ).get("PHONE_HASH_KEY")
+    if problem := phone_key_problem(value):
+        raise ConfigError([problem])
+    assert value is not None
+    return Secret(value.strip())
+
+
 def _read(source: Mapping[str, str]) -> Settings:
     env = _MappingEnv(source)
     positive = Range(min=0, min_inclusive=False)
@@ -244,6 +265,8 @@ def _read(source: Mapping[str, str]) -> Settings:
 
     if api_key is not None and not api_key.strip():
         problems.append("CGB_API_KEY: must not be empty.")
+    if problem := phone_key_problem(source.get("PHONE_HASH_KEY")):
+        problems.append(problem)
     if api_url is not None and urlsplit(api_url).scheme not in ("http", "https"):
         problems.append("CGB_API_URL: must be an http:// or https:// URL.")
     if redis_url is not None and (problem := parse_redis_url(redis_url)):
@@ -295,6 +318,7 @@ def _read(source: Mapping[str, str]) -> Settings:
     assert template_cache_timeout is not None
     return Settings(
         api_key=Secret(api_key.strip()),
+        phone_hash_key=Secret(source["PHONE_HASH_KEY"].strip()),
         api_url=api_url.rstrip("/"),
         timeout=timeout_ms / 1000,
         retry_attempts=retry_attempts,
@@ -346,6 +370,8 @@ class ReceiverSettings:
 
     app_secret: Secret
     """``WABA_APP_SECRET``: the Meta app's secret, which signs every webhook (``X-Hub-Signature-256``)."""
+    phone_hash_key: Secret
+    """``PHONE_HASH_KEY``: the workers' own, or statuses cannot be matched to their sends."""
     verify_token: Secret | None = None
     """``WABA_VERIFY_TOKEN``: what Meta's subscription handshake must present; None refuses every handshake."""
     redis_url: str = DEFAULT_REDIS_URL
@@ -434,6 +460,8 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
         problems.append("WEBHOOK_CONSUMER: must be a name of at most 128 printable characters without spaces.")
     if app_secret is not None and not app_secret.strip():
         problems.append("WABA_APP_SECRET: must not be empty.")
+    if problem := phone_key_problem(source.get("PHONE_HASH_KEY")):
+        problems.append(problem)
     if redis_url is not None and (problem := parse_redis_url(redis_url)):
         problems.append(f"REDIS_URL: {problem}")
     if problems:
@@ -442,6 +470,7 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
     assert redis_url is not None
     return ReceiverSettings(
         app_secret=Secret(app_secret.strip()),
+        phone_hash_key=Secret(source["PHONE_HASH_KEY"].strip()),
         verify_token=Secret(verify_token) if verify_token else None,
         redis_url=redis_url.strip(),
         host=str(host),

@@ -40,6 +40,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
+from . import keys
 from .client import CGBClient
 from .contacts import ContactResolver
 from .deadletters import DeadLetters
@@ -198,6 +199,7 @@ def worker_settings(environ: Mapping[str, str] | None = None) -> type:
     Reads and checks the configuration (raising :class:`ConfigError` with every problem) and sets up
     logging, arq's own loggers included, so every line is in the configured format from the first."""
     settings = load_settings(environ)
+    keys.use_phone_key(settings.phone_hash_key.get_secret_value())
     setup_logging(settings.log_level, json_lines=settings.log_json, diagnose=settings.log_diagnose)
     options = settings.worker
     redis = redis_settings(settings.redis_url)

@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import TOKEN, Sim, free_port, redis_client, redis_url, sim  # noqa: F401 - fixtures
+from tests.conftest import PHONE_KEY, TOKEN, Sim, free_port, redis_client, redis_url, sim  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parent.parent
 A = "+972500000001"
@@ -78,6 +78,7 @@ async def containers() -> AsyncIterator[Containers]:
 def worker_env(redis_url: str, sim: Sim, **extra: str) -> dict[str, str]:
     return {
         "CGB_API_KEY": TOKEN,
+        "PHONE_HASH_KEY": PHONE_KEY,
         "CGB_API_URL": sim.api_url,
         "REDIS_URL": redis_url,
         "WORKER_HEALTH_CHECK_INTERVAL": "1",
@@ -192,7 +193,8 @@ async def test_the_simulator_and_the_webhook_receiver_run_from_the_image(
     await containers.start({}, "python", "-m", "cgb_worker.simulator", "--host", "127.0.0.1", "--port", str(sim_port))
     secret = "container-test-secret"
     await containers.start(
-        {"REDIS_URL": redis_url, "WABA_APP_SECRET": secret, "WEBHOOK_ADMIN_PORT": str(admin_port)},
+        {"REDIS_URL": redis_url, "WABA_APP_SECRET": secret, "PHONE_HASH_KEY": PHONE_KEY,
+         "WEBHOOK_ADMIN_PORT": str(admin_port)},
         "cgb-worker", "webhooks", "--host", "127.0.0.1", "--port", str(hook_port),
     )  # fmt: skip
     async with aiohttp.ClientSession() as http:
@@ -218,20 +220,62 @@ async def test_the_simulator_and_the_webhook_receiver_run_from_the_image(
     assert await redis_client.exists("cgb:webhooks:since")  # the signed post was taken in
 
 
-async def test_the_compose_file_parses() -> None:
+async def compose_config(*args: str) -> dict[str, Any]:
     binary = Path(sys.executable).parent / "podman-compose"
+    env = {k: v for k, v in os.environ.items() if k not in ("CGB_API_KEY", "PHONE_HASH_KEY", "WABA_APP_SECRET")}
     proc = await asyncio.create_subprocess_exec(
-        str(binary), "--profile", "sim", "-f", str(ROOT / "docker-compose.yml"), "config",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+        str(binary), *args, "-f", str(ROOT / "docker-compose.yml"), "config",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT, env=env,
     )  # fmt: skip
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     import yaml  # podman-compose's own dependency
 
-    config = yaml.safe_load(out)
-    assert sorted(config["services"]) == ["redis", "simulator", "webhooks", "worker"]
-    assert config["services"]["webhooks"]["command"] == ["cgb-worker", "webhooks"]
-    assert config["services"]["worker"]["stop_grace_period"] == "60s"
+    config: dict[str, Any] = yaml.safe_load(out)
+    return config
+
+
+async def test_the_compose_file_parses_and_publishes_no_secret() -> None:
+    config = await compose_config("--profile", "sim")
+    services = config["services"]
+    assert sorted(services) == ["redis", "sim-webhooks", "sim-worker", "simulator", "webhooks", "worker"]
+    assert services["webhooks"]["command"] == services["sim-webhooks"]["command"] == ["cgb-worker", "webhooks"]
+    assert services["worker"]["stop_grace_period"] == services["sim-worker"]["stop_grace_period"] == "60s"
+    worker, webhooks = services["worker"]["environment"], services["webhooks"]["environment"]
+    # with none set where compose runs, the production services get no secret at all: they stop, saying so
+    assert (worker["CGB_API_KEY"], worker["PHONE_HASH_KEY"]) == ("", "")
+    assert (webhooks["WABA_APP_SECRET"], webhooks["PHONE_HASH_KEY"]) == ("", "")
+    assert worker["CGB_API_URL"] == "https://app.chatgptbuilder.io/api"  # the real CGB, never the simulator
+    assert "sim" not in json.dumps([services["worker"], services["webhooks"]])
+    assert services["sim-worker"]["environment"]["CGB_API_URL"] == "http://simulator:8089/api"
+    assert services["sim-worker"]["env_file"] == services["sim-webhooks"]["env_file"] == []
+    assert sorted((await compose_config())["services"]) == [
+        "redis", "webhooks", "worker",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("command", "env", "missing"),
+    [
+        ((), {"REDIS_URL": "redis://127.0.0.1:6379/0"}, ["CGB_API_KEY", "PHONE_HASH_KEY"]),
+        (
+            ("cgb-worker", "webhooks"),
+            {"PHONE_HASH_KEY": "", "WABA_APP_SECRET": ""},
+            ["WABA_APP_SECRET", "PHONE_HASH_KEY"],
+        ),
+    ],
+)
+async def test_a_service_without_its_secrets_stops_at_once_naming_each(
+    containers: Containers, command: tuple[str, ...], env: dict[str, str], missing: list[str]
+) -> None:
+    """As compose starts the production services when no secret is set: exit 2, one line per variable."""
+    name = await containers.start(env, *command)
+    code, out, err = await engine("wait", name, within=60)
+    assert (code, out.strip()) == (0, "2"), err
+    logs = await containers.logs(name)
+    problems = [line.strip() for line in logs.splitlines() if line.strip().startswith("- ")]
+    assert [p.split(":")[0] for p in problems] == [f"- {m}" for m in missing], logs
+    assert "Traceback" not in logs
 
 
 async def known(sim: Sim, phone: str) -> None:

@@ -22,10 +22,20 @@ import redis
 import redis.asyncio
 from aiohttp import web
 
+from cgb_worker import keys
 from cgb_worker.simulator import Listener, SimConfig, SimState, create_app
 
 TOKEN = "1000001.TestTokenNotARealOneAbcdefghijklmnop"
 """A fake API key shaped like CGB's (``<digits>.<alphanumerics>``) so leak checks mean something."""
+PHONE_KEY = "test-phone-hash-key-not-a-real-one"
+"""The tests' ``PHONE_HASH_KEY``: every worker and receiver a test starts is given it, so hashes agree."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def phone_key() -> str:
+    """Phones hash under the tests' key in this process, as a worker's start-up would set it."""
+    keys.use_phone_key(PHONE_KEY)
+    return PHONE_KEY
 
 
 def free_port() -> int:
@@ -131,6 +141,7 @@ class Harness:
         self.monkeypatch = monkeypatch
         self.env: dict[str, str] = {
             "CGB_API_KEY": TOKEN,
+            "PHONE_HASH_KEY": PHONE_KEY,
             "CGB_API_URL": sim.api_url,
             "REDIS_URL": redis_url,
             "CGB_RETRY_ATTEMPTS": "3",

@@ -15,7 +15,7 @@ import aiohttp
 
 from cgb_worker import create_pool
 
-from .conftest import TOKEN, free_port
+from .conftest import PHONE_KEY, TOKEN, free_port
 
 BIN = Path(sys.executable).parent
 
@@ -35,6 +35,7 @@ class Fleet:
             **base,
             "CGB_API_URL": self.sim_url + "/api",
             "CGB_API_KEY": TOKEN,
+            "PHONE_HASH_KEY": PHONE_KEY,
             "REDIS_URL": self.redis_url,
             "CGB_TIMEOUT": "2000",
             "LOG_LEVEL": "INFO",

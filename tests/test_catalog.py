@@ -11,7 +11,7 @@ from cgb_worker import errors as E
 from cgb_worker.catalog import load_catalog
 from cgb_worker.settings import load_settings
 
-from .conftest import Harness
+from .conftest import PHONE_KEY, Harness
 from .test_cli import cli
 
 A = "+972500000001"
@@ -69,7 +69,9 @@ languages = ["en"]
 """
     )
     with pytest.raises(E.ConfigError) as info:
-        load_settings({"CGB_API_KEY": "k", "WA_TEMPLATES_FILE": str(path), "CGB_TIMEOUT": "x"})
+        load_settings(
+            {"CGB_API_KEY": "k", "PHONE_HASH_KEY": PHONE_KEY, "WA_TEMPLATES_FILE": str(path), "CGB_TIMEOUT": "x"}
+        )
     problems = info.value.problems
     for expected in (
         "CGB_TIMEOUT",

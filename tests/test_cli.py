@@ -52,6 +52,7 @@ async def cli(harness: Harness, *args: str, env: dict[str, str | None] | None = 
         ["simulator"],
         ["webhooks"],
         ["status"],
+        ["forget"],
     ],
 )
 async def test_help(harness: Harness, args: list[str]) -> None:
@@ -346,6 +347,7 @@ async def test_webhooks_serves_and_stores_a_signed_post(harness: Harness, redis_
     env.update(
         REDIS_URL=harness.redis_url,
         WABA_APP_SECRET="s3cret-for-tests",
+        PHONE_HASH_KEY=harness.env["PHONE_HASH_KEY"],
         WEBHOOK_PORT=str(port),
         WEBHOOK_ADMIN_PORT=str(admin),
     )

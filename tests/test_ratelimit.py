@@ -13,7 +13,7 @@ from cgb_worker import errors as E
 from cgb_worker.ratelimit import KEY, PENALTY_KEY, SPACING, RateLimiter, reset_deadline, set_deadline, try_budget
 from cgb_worker.simulator import FaultRule
 
-from .conftest import Harness, free_port
+from .conftest import PHONE_KEY, Harness, free_port
 
 
 def busiest_second(times: list[float]) -> int:
@@ -140,7 +140,10 @@ async def test_a_throttled_job_is_deferred_even_when_redis_cannot_count_it(
 
     monkeypatch.setattr(jobs, "_send", throttled)
     dead = redis.asyncio.Redis(port=free_port(), socket_connect_timeout=0.5)  # nothing listens there
-    services = cast(Any, type("S", (), {"settings": load_settings({"CGB_API_KEY": "k"}), "redis": dead})())
+    services = cast(
+        Any,
+        type("S", (), {"settings": load_settings({"CGB_API_KEY": "k", "PHONE_HASH_KEY": PHONE_KEY}), "redis": dead})(),
+    )
     services.metrics = None
     try:
         with pytest.raises(Retry) as info:

@@ -21,7 +21,7 @@ import pytest
 from cgb_worker import keys
 from cgb_worker.window import window_key
 
-from .conftest import Harness, free_port
+from .conftest import PHONE_KEY, Harness, free_port
 from .test_webhooks import TEMPLATE, envelope
 
 CLI = str(Path(sys.executable).parent / "cgb-worker")
@@ -38,6 +38,7 @@ class Receiver:
         self.env.update(
             REDIS_URL=redis_url,
             WABA_APP_SECRET=SECRET,
+            PHONE_HASH_KEY=PHONE_KEY,
             WEBHOOK_PORT=str(self.port),
             WEBHOOK_ADMIN_PORT=str(self.admin),
             WEBHOOK_CONSUMER="receiver-a",

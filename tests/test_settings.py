@@ -10,10 +10,12 @@ from cgb_worker.errors import ConfigError
 from cgb_worker.settings import DEFAULT_API_URL, Secret, Settings, load_settings, redact_url
 
 KEY = "1000001.FakeKeyForSettingsTestsOnly0123456789"
+PHONE = "fake-phone-hash-key-for-settings-tests"
+P = {"PHONE_HASH_KEY": PHONE}
 
 
 def test_defaults_with_only_the_key() -> None:
-    s = load_settings({"CGB_API_KEY": KEY})
+    s = load_settings({**P, "CGB_API_KEY": KEY})
     assert s.api_key.get_secret_value() == KEY
     assert s.api_url == DEFAULT_API_URL == "https://app.chatgptbuilder.io/api"
     assert s.timeout == 5.0
@@ -35,6 +37,7 @@ def test_every_variable_is_read() -> None:
     s = load_settings(
         {
             "CGB_API_KEY": f"  {KEY} ",
+            "PHONE_HASH_KEY": f" {PHONE} ",
             "CGB_API_URL": "http://127.0.0.1:8089/api/",
             "CGB_TIMEOUT": "2500",
             "CGB_RETRY_ATTEMPTS": "3",
@@ -49,6 +52,7 @@ def test_every_variable_is_read() -> None:
         }
     )
     assert s.api_key.get_secret_value() == KEY
+    assert s.phone_hash_key.get_secret_value() == PHONE
     assert s.api_url == "http://127.0.0.1:8089/api"
     assert s.timeout == 2.5
     assert (s.retry_attempts, s.retry_base_delay, s.retry_max_delay) == (3, 0.5, 10.0)
@@ -83,19 +87,20 @@ def test_all_problems_are_reported_together() -> None:
         "CGB_TEMPLATE_VISA_APPROVED",
         "CGB_API_URL",
         "REDIS_URL",
+        "PHONE_HASH_KEY",
     ):
         assert variable in problems, variable
-    assert len(info.value.problems) == 9
+    assert len(info.value.problems) == 10
     assert str(info.value).startswith("invalid configuration:\n  - ")
 
 
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
-        ({"CGB_API_KEY": "   "}, "CGB_API_KEY: must not be empty."),
-        ({"CGB_API_KEY": KEY, "CGB_RETRY_BASE_DELAY": "5", "CGB_RETRY_MAX_DELAY": "1"}, "CGB_RETRY_MAX_DELAY"),
-        ({"CGB_API_KEY": KEY, "CGB_TEMPLATE_": "1"}, "CGB_TEMPLATE_: names no template."),
-        ({"CGB_API_KEY": KEY, "CGB_TIMEOUT": "0"}, "CGB_TIMEOUT"),
+        ({**P, "CGB_API_KEY": "   "}, "CGB_API_KEY: must not be empty."),
+        ({**P, "CGB_API_KEY": KEY, "CGB_RETRY_BASE_DELAY": "5", "CGB_RETRY_MAX_DELAY": "1"}, "CGB_RETRY_MAX_DELAY"),
+        ({**P, "CGB_API_KEY": KEY, "CGB_TEMPLATE_": "1"}, "CGB_TEMPLATE_: names no template."),
+        ({**P, "CGB_API_KEY": KEY, "CGB_TIMEOUT": "0"}, "CGB_TIMEOUT"),
     ],
 )
 def test_single_problem(env: dict[str, str], expected: str) -> None:
@@ -106,13 +111,13 @@ def test_single_problem(env: dict[str, str], expected: str) -> None:
 
 
 def test_template_cache_timeout_is_not_a_template() -> None:
-    s = load_settings({"CGB_API_KEY": KEY, "CGB_TEMPLATE_CACHE_TIMEOUT": "5"})
+    s = load_settings({**P, "CGB_API_KEY": KEY, "CGB_TEMPLATE_CACHE_TIMEOUT": "5"})
     assert dict(s.templates) == {}
     assert s.template_cache_timeout == 5
 
 
 def test_key_and_redis_password_never_shown() -> None:
-    s = load_settings({"CGB_API_KEY": KEY, "REDIS_URL": "rediss://user:hunter2@redis.test:6380/0"})
+    s = load_settings({**P, "CGB_API_KEY": KEY, "REDIS_URL": "rediss://user:hunter2@redis.test:6380/0"})
     for text in (repr(s), str(s), repr(s.api_key), str(s.api_key), f"{s.api_key}"):
         assert KEY not in text
         assert "hunter2" not in text
@@ -122,7 +127,7 @@ def test_key_and_redis_password_never_shown() -> None:
 
 
 def test_settings_are_frozen() -> None:
-    s = load_settings({"CGB_API_KEY": KEY, "CGB_TEMPLATE_X": "1"})
+    s = load_settings({**P, "CGB_API_KEY": KEY, "CGB_TEMPLATE_X": "1"})
     with pytest.raises(AttributeError):
         s.timeout = 1.0  # type: ignore[misc]
     with pytest.raises(TypeError):
@@ -131,18 +136,19 @@ def test_settings_are_frozen() -> None:
 
 def test_bad_key_value_is_not_echoed_in_errors() -> None:
     with pytest.raises(ConfigError) as info:
-        load_settings({"CGB_API_KEY": KEY, "CGB_TIMEOUT": "x"})
+        load_settings({**P, "CGB_API_KEY": KEY, "CGB_TIMEOUT": "x"})
     assert KEY not in str(info.value)
 
 
 def test_os_environ_is_read_and_left_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CGB_API_KEY", KEY)
+    monkeypatch.setenv("PHONE_HASH_KEY", PHONE)
     monkeypatch.setenv("CGB_TIMEOUT", "1000")
     assert load_settings().timeout == 1.0
     import os
 
     before = dict(os.environ)
-    load_settings({"CGB_API_KEY": "other"})
+    load_settings({**P, "CGB_API_KEY": "other"})
     assert dict(os.environ) == before
 
 
@@ -151,16 +157,16 @@ def test_secret_equality_and_redact_url() -> None:
     assert Secret("a") != Secret("b")
     assert redact_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
     assert redact_url("redis://:pw@h:1/0") == "redis://:********@h:1/0"
-    assert dict(Settings(api_key=Secret("k")).templates) == {}
+    assert dict(Settings(api_key=Secret("k"), phone_hash_key=Secret(PHONE)).templates) == {}
 
 
 def test_worker_variables_are_checked_with_the_rest() -> None:
-    env = {"CGB_API_KEY": KEY, "WORKER_MAX_JOBS": "250", "WORKER_POLL_DELAY": "0.05", "WORKER_JOB_TIMEOUT": "60"}
+    env = {**P, "CGB_API_KEY": KEY, "WORKER_MAX_JOBS": "250", "WORKER_POLL_DELAY": "0.05", "WORKER_JOB_TIMEOUT": "60"}
     s = load_settings(env)
     assert (s.worker.max_jobs, s.worker.poll_delay, s.worker.job_timeout) == (250, 0.05, 60)
     bad = {"WORKER_MAX_JOBS": "lots", "WORKER_HEALTH_CHECK_INTERVAL": "300", "WORKER_KEEP_RESULT": "-1"}
     with pytest.raises(ConfigError) as info:
-        load_settings({"CGB_API_KEY": KEY, **bad})
+        load_settings({**P, "CGB_API_KEY": KEY, **bad})
     assert [p.split(":")[0] for p in info.value.problems] == [
         "WORKER_MAX_JOBS",
         "WORKER_HEALTH_CHECK_INTERVAL",
@@ -170,8 +176,8 @@ def test_worker_variables_are_checked_with_the_rest() -> None:
 
 @pytest.mark.parametrize(("rate", "max_jobs"), [("0", 100), ("2", 10), ("10", 20), ("20", 40), ("80", 100)])
 def test_max_jobs_follows_the_rate_limit_unless_set(rate: str, max_jobs: int) -> None:
-    assert load_settings({"CGB_API_KEY": KEY, "CGB_RATE_LIMIT": rate}).worker.max_jobs == max_jobs
-    assert load_settings({"CGB_API_KEY": KEY, "CGB_RATE_LIMIT": rate, "WORKER_MAX_JOBS": "7"}).worker.max_jobs == 7
+    assert load_settings({**P, "CGB_API_KEY": KEY, "CGB_RATE_LIMIT": rate}).worker.max_jobs == max_jobs
+    assert load_settings({**P, "CGB_API_KEY": KEY, "CGB_RATE_LIMIT": rate, "WORKER_MAX_JOBS": "7"}).worker.max_jobs == 7
 
 
 BAD_REDIS_URLS = [
@@ -188,7 +194,7 @@ BAD_REDIS_URLS = [
 def test_a_malformed_redis_url_is_a_configuration_error(url: str, why: str) -> None:
     """Symptom 6: ``redis://cache.internal:63790x/0`` started a worker on localhost:6379/0, silently."""
     with pytest.raises(ConfigError) as info:
-        load_settings({"CGB_API_KEY": KEY, "REDIS_URL": url})
+        load_settings({**P, "CGB_API_KEY": KEY, "REDIS_URL": url})
     [problem] = info.value.problems
     assert problem.startswith("REDIS_URL: ")
     assert why in problem
@@ -203,7 +209,7 @@ def test_settings_come_from_the_mapping_alone(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("CGB_TEMPLATE_FROM_PROCESS", "1")
     before = dict(os.environ)
     environ_id = id(os.environ)
-    s = load_settings({"CGB_API_KEY": KEY})
+    s = load_settings({**P, "CGB_API_KEY": KEY})
     assert s.timeout == 5.0
     assert dict(s.templates) == {}
     assert dict(os.environ) == before
@@ -212,8 +218,8 @@ def test_settings_come_from_the_mapping_alone(monkeypatch: pytest.MonkeyPatch) -
 
 def test_cgb_timeout_must_fit_inside_the_job_deadline() -> None:
     with pytest.raises(ConfigError, match="CGB_TIMEOUT: must be below 45 s"):
-        load_settings({"CGB_API_KEY": KEY, "WORKER_JOB_TIMEOUT": "60", "CGB_TIMEOUT": "45000"})
-    assert load_settings({"CGB_API_KEY": KEY, "WORKER_JOB_TIMEOUT": "60", "CGB_TIMEOUT": "44000"}).timeout == 44
+        load_settings({**P, "CGB_API_KEY": KEY, "WORKER_JOB_TIMEOUT": "60", "CGB_TIMEOUT": "45000"})
+    assert load_settings({**P, "CGB_API_KEY": KEY, "WORKER_JOB_TIMEOUT": "60", "CGB_TIMEOUT": "44000"}).timeout == 44
 
 
 def test_receiver_settings_report_every_problem_at_once() -> None:
@@ -230,7 +236,7 @@ def test_receiver_settings_report_every_problem_at_once() -> None:
             }
         )
     problems = "\n".join(caught.value.problems)
-    for name in ("WABA_APP_SECRET", "WEBHOOK_PORT", "STATUS_MATCH_WINDOW", "STATUS_UNCONFIRMED_AFTER",
+    for name in ("WABA_APP_SECRET", "PHONE_HASH_KEY", "WEBHOOK_PORT", "STATUS_MATCH_WINDOW", "STATUS_UNCONFIRMED_AFTER",
                  "DELIVERY_STREAM_MAX", "REDIS_URL"):  # fmt: skip
         assert name in problems, name
 
@@ -238,7 +244,7 @@ def test_receiver_settings_report_every_problem_at_once() -> None:
 def test_receiver_settings_defaults_and_secrets() -> None:
     from cgb_worker.settings import load_receiver_settings
 
-    s = load_receiver_settings({"WABA_APP_SECRET": "  app-secret-xyz  ", "WABA_VERIFY_TOKEN": "tok-abc"})
+    s = load_receiver_settings({**P, "WABA_APP_SECRET": "  app-secret-xyz  ", "WABA_VERIFY_TOKEN": "tok-abc"})
     assert (s.port, s.match_window, s.unconfirmed_after, s.stream_max) == (8090, 600.0, 86400.0, 100000)
     assert s.app_secret.get_secret_value() == "app-secret-xyz"
     assert "app-secret-xyz" not in repr(s)
@@ -246,8 +252,55 @@ def test_receiver_settings_defaults_and_secrets() -> None:
 
 
 def test_outside_window_is_send_or_fail() -> None:
-    assert load_settings({"CGB_API_KEY": "k"}).outside_window == "send"
-    assert load_settings({"CGB_API_KEY": "k", "CGB_OUTSIDE_WINDOW": "fail"}).outside_window == "fail"
+    assert load_settings({**P, "CGB_API_KEY": "k"}).outside_window == "send"
+    assert load_settings({**P, "CGB_API_KEY": "k", "CGB_OUTSIDE_WINDOW": "fail"}).outside_window == "fail"
     with pytest.raises(ConfigError) as caught:
-        load_settings({"CGB_API_KEY": "k", "CGB_OUTSIDE_WINDOW": "drop"})
+        load_settings({**P, "CGB_API_KEY": "k", "CGB_OUTSIDE_WINDOW": "drop"})
     assert "CGB_OUTSIDE_WINDOW" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, "PHONE_HASH_KEY: required (a random secret shared by workers and receivers: openssl rand -hex 32)."),
+        ("   ", "PHONE_HASH_KEY: required (a random secret shared by workers and receivers: openssl rand -hex 32)."),
+        ("fifteen-chars-1", "PHONE_HASH_KEY: must have at least 16 characters."),
+    ],
+)
+def test_the_phone_hash_key_is_required_by_worker_and_receiver_alike(value: str | None, expected: str) -> None:
+    """One line each, in both loaders; a key of 16 characters is enough."""
+    from cgb_worker.settings import load_receiver_settings
+
+    extra = {} if value is None else {"PHONE_HASH_KEY": value}
+    for load, env in ((load_settings, {"CGB_API_KEY": KEY}), (load_receiver_settings, {"WABA_APP_SECRET": "s"})):
+        with pytest.raises(ConfigError) as info:
+            load({**env, **extra})
+        assert info.value.problems == [expected]
+        assert load({**env, "PHONE_HASH_KEY": "sixteen-chars-12"}).phone_hash_key == Secret("sixteen-chars-12")
+
+
+def test_the_phone_hash_key_is_never_shown() -> None:
+    s = load_settings({**P, "CGB_API_KEY": KEY})
+    assert PHONE not in repr(s)
+    with pytest.raises(ConfigError) as info:
+        load_settings({"CGB_API_KEY": KEY, "PHONE_HASH_KEY": "short-secret"})
+    assert "short-secret" not in str(info.value)
+
+
+def test_the_sample_environment_ships_no_secret() -> None:
+    """.env.sample's values, taken as they are, configure everything but the secrets, which it leaves out."""
+    from pathlib import Path
+
+    from cgb_worker.settings import load_receiver_settings
+
+    lines = (Path(__file__).resolve().parent.parent / ".env.sample").read_text().splitlines()
+    sample = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    sample = {k: v for k, v in sample.items() if v}  # an empty value stands for unset
+    for secret in ("CGB_API_KEY", "PHONE_HASH_KEY", "WABA_APP_SECRET", "WABA_VERIFY_TOKEN"):
+        assert secret not in sample
+        assert f"# {secret}=\n" in "\n".join(lines) + "\n"  # documented, commented out
+    for load, missing in ((load_settings, ["CGB_API_KEY", "PHONE_HASH_KEY"]),
+                          (load_receiver_settings, ["WABA_APP_SECRET", "PHONE_HASH_KEY"])):  # fmt: skip
+        with pytest.raises(ConfigError) as info:
+            load(sample)
+        assert [p.split(":")[0] for p in info.value.problems] == missing

@@ -27,7 +27,7 @@ from cgb_worker.receipts.app import METRICS, PROCESSOR, Endpoints
 from cgb_worker.settings import ReceiverSettings, Secret
 from cgb_worker.window import window_key
 
-from .conftest import Harness, free_port
+from .conftest import PHONE_KEY, Harness, free_port
 
 SECRET = "test-app-secret-not-real"
 VERIFY = "test-verify-token"
@@ -63,7 +63,11 @@ class Receiver:
 
 
 def settings(**changes: Any) -> ReceiverSettings:
-    base: dict[str, Any] = {"app_secret": Secret(SECRET), "verify_token": Secret(VERIFY)}
+    base: dict[str, Any] = {
+        "app_secret": Secret(SECRET),
+        "phone_hash_key": Secret(PHONE_KEY),
+        "verify_token": Secret(VERIFY),
+    }
     return ReceiverSettings(**{**base, **changes})
 
 

@@ -462,6 +462,7 @@ def test_bad_configuration_stops_the_worker_before_it_connects() -> None:
     assert [p.split(":")[0] for p in info.value.problems] == [
         "CGB_API_KEY",
         "CGB_TIMEOUT",
+        "PHONE_HASH_KEY",
         "REDIS_URL",
         "CGB_DEFAULT_REGION",
     ]
@@ -485,7 +486,7 @@ def test_arq_cli_refuses_to_start_on_bad_configuration(redis_url: str) -> None:
     )
     assert proc.returncode == 2
     assert "cgb-worker cannot start: invalid configuration:" in proc.stderr
-    for name in ("CGB_API_KEY", "CGB_TIMEOUT", "CGB_RETRY_ATTEMPTS", "REDIS_URL"):
+    for name in ("CGB_API_KEY", "CGB_TIMEOUT", "CGB_RETRY_ATTEMPTS", "REDIS_URL", "PHONE_HASH_KEY"):
         assert f"  - {name}" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert "Starting worker" not in proc.stderr  # it stopped before arq connected anywhere

@@ -17,7 +17,7 @@ from redis.exceptions import WatchError
 
 from cgb_worker.worker import REDIS_RETRY, survive_lost_claims, worker_settings
 
-from .conftest import TOKEN, Harness
+from .conftest import PHONE_KEY, TOKEN, Harness
 
 BIN = Path(sys.executable).parent
 
@@ -96,7 +96,9 @@ async def test_arq_asks_redis_about_its_own_running_jobs(monkeypatch: pytest.Mon
 
 
 def test_every_redis_command_rides_out_an_outage() -> None:
-    settings = worker_settings({"CGB_API_KEY": TOKEN, "REDIS_URL": "redis://127.0.0.1:6399/3"})
+    settings = worker_settings(
+        {"CGB_API_KEY": TOKEN, "PHONE_HASH_KEY": PHONE_KEY, "REDIS_URL": "redis://127.0.0.1:6399/3"}
+    )
     redis = settings.redis_settings  # type: ignore[attr-defined]
     assert (redis.host, redis.port, redis.database) == ("127.0.0.1", 6399, 3)
     assert redis.retry is REDIS_RETRY
@@ -107,7 +109,9 @@ def test_every_redis_command_rides_out_an_outage() -> None:
 
 
 def test_settings_carry_the_configured_knobs() -> None:
-    settings: Any = worker_settings({"CGB_API_KEY": TOKEN, "CGB_RATE_LIMIT": "20", "WORKER_JOB_TIMEOUT": "12"})
+    settings: Any = worker_settings(
+        {"CGB_API_KEY": TOKEN, "PHONE_HASH_KEY": PHONE_KEY, "CGB_RATE_LIMIT": "20", "WORKER_JOB_TIMEOUT": "12"}
+    )
     assert (settings.max_jobs, settings.poll_delay, settings.job_timeout) == (40, 0.02, 12)
     assert settings.log_results is False
     assert [f.name for f in settings.functions] == ["whatsapp_send"]
