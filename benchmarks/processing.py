@@ -11,6 +11,7 @@ starts its own ``redis-server``; :func:`processing_bench` is what ``make bench``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import socket
@@ -57,7 +58,7 @@ async def prepare(client: Any, n: int, *, per_body: int = 1) -> None:
             else:  # nobody's: held
                 status = "delivered"
                 phone = f"1303{i:07d}"
-            item = {"id": wamid, "status": status, "timestamp": str(at), "recipient_id": phone}
+            item: dict[str, Any] = {"id": wamid, "status": status, "timestamp": str(at), "recipient_id": phone}
             if status != "sent":
                 item["pricing"] = {"billable": True, "pricing_model": "PMP", "category": "utility"}
             else:
@@ -71,10 +72,8 @@ async def prepare(client: Any, n: int, *, per_body: int = 1) -> None:
         for body in bodies:
             pipe.xadd(keys.INBOX, {"body": body, "at": at * 1000})
         await pipe.execute()
-    try:
+    with contextlib.suppress(redis.exceptions.ResponseError):
         await client.xgroup_create(keys.INBOX, keys.INBOX_GROUP, id="0", mkstream=True)
-    except redis.exceptions.ResponseError:
-        pass
 
 
 async def drain_ours(redis_url: str) -> tuple[float, float]:

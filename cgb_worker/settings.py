@@ -368,6 +368,15 @@ class ReceiverSettings:
     same name takes up what it had in hand at once (default: host name and process id)."""
     log_level: str = "INFO"
     log_json: bool = False
+    # -- the processor's health and bounds (issue 20)
+    redis_timeout: float = 2.0
+    """``WEBHOOK_REDIS_TIMEOUT``: seconds without a Redis answer after which the receiver reports itself unhealthy."""
+    max_lag: float = 60.0
+    """``WEBHOOK_MAX_LAG``: seconds the oldest unprocessed webhook may wait before the receiver is unhealthy."""
+    inbox_max: int = 1_000_000
+    """``WEBHOOK_INBOX_MAX``: stored webhooks waiting beyond which a POST is answered 503 (Meta retries)."""
+    diagnostics_ttl: float = 7.0
+    """``WEBHOOK_DIAGNOSTICS_TTL``: days the malformed and unmatched streams keep an entry."""
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -393,6 +402,10 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
     consumer = env.str("WEBHOOK_CONSUMER", "")
     log_level = env.str("LOG_LEVEL", "INFO", validate=OneOf(["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"]))
     log_json = env.bool("LOG_JSON", False)
+    redis_timeout = env.float("WEBHOOK_REDIS_TIMEOUT", 2.0, validate=Range(min=0.1, max=60))
+    max_lag = env.float("WEBHOOK_MAX_LAG", 60.0, validate=positive)
+    inbox_max = env.int("WEBHOOK_INBOX_MAX", 1_000_000, validate=Range(min=1))
+    diagnostics_ttl = env.float("WEBHOOK_DIAGNOSTICS_TTL", 7.0, validate=Range(min=0.01, max=365))
     problems = _sealed(env)
     if consumer and (len(consumer) > 128 or not consumer.isprintable() or " " in consumer):
         problems.append("WEBHOOK_CONSUMER: must be a name of at most 128 printable characters without spaces.")
@@ -418,4 +431,8 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
         consumer=str(consumer or ""),
         log_level=str(log_level),
         log_json=bool(log_json),
+        redis_timeout=float(redis_timeout or 2.0),
+        max_lag=float(max_lag or 60.0),
+        inbox_max=int(inbox_max or 1_000_000),
+        diagnostics_ttl=float(diagnostics_ttl or 7.0),
     )
