@@ -23,6 +23,8 @@ from typing import Any
 
 import aiohttp
 
+from .processing import PHONE_KEY
+
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-app-secret-not-real"  # noqa: S105 - a stand-in, signs only the bench's posts
 
@@ -100,7 +102,7 @@ async def answering_bench(redis_url: str, *, n: int = 4000, turns: int = 4) -> d
     base_env = {
         k: v for k, v in os.environ.items() if not k.startswith(("CGB_", "WABA_", "LOG_", "REDIS_", "WEBHOOK_"))
     }
-    base_env.update(REDIS_URL=redis_url, WABA_APP_SECRET=SECRET, PHONE_HASH_KEY="bench-phone-hash-key-not-real",
+    base_env.update(REDIS_URL=redis_url, WABA_APP_SECRET=SECRET, PHONE_HASH_KEY=PHONE_KEY,
                     LOG_LEVEL="WARNING")  # fmt: skip
     cli = str(Path(sys.executable).parent / "cgb-worker")
     kinds: dict[str, tuple[list[str], dict[str, str]]] = {}

@@ -42,9 +42,8 @@ from cgb_worker.settings import load_settings
 from cgb_worker.simulator import DEFAULT_TOKEN
 from tests.attribution import Report, check, payloads
 
-PHONE_KEY = "bench-phone-hash-key-not-a-secret"
-"""PHONE_HASH_KEY for every worker and receiver the bench starts, and for this process's own hashing."""
-keys.use_phone_key(PHONE_KEY)
+from .answering import answering_bench
+from .processing import PHONE_KEY, processing_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 OURS = [sys.executable, "-m", "arq", "cgb_worker.WorkerSettings"]
@@ -564,6 +563,7 @@ async def main(quick: bool) -> None:
             report["rss"] = await rss_growth(stack, int(100_000 * (0.1 if quick else 1)))
             # 8. The webhook receiver.
             report["receiver"] = await receiver_bench(stack, int(5000 * scale), 500, 10 * scale)
+            report["processing"] = await processing_bench(stack.redis_url, int(20000 * scale))
             # 9. Attribution under shuffled, delayed, duplicated statuses.
             report["attribution_people"] = int(40 * scale) or 10
             report["attribution"] = await attribution_bench(stack, report["attribution_people"], 5)
@@ -596,6 +596,7 @@ def write(r: dict[str, Any], quick: bool) -> None:
     peak_ok = all(b.peak <= rate for (rate, _), b in r["rates"].items())
     calls = r["calls"]
     rec = r["receiver"]
+    proc = r["processing"]
     tracked = r["ours_20_tracked"]
     extra = tracked.commands_per_message - ours.commands_per_message
     tracked_ratio = tracked.commands_per_message / base.commands_per_message
@@ -660,6 +661,12 @@ def write(r: dict[str, Any], quick: bool) -> None:
         f"{rec['answered_rate']:.0f}/s, processed at {rec['processed_rate']:.0f}/s | — |",
         f"| time to the 200, at {rec['offered']:.0f} posts/s for {rec['paced']:,} posts | report | p50 "
         f"{rec['p50']:.1f} ms, **p99 {rec['p99']:.1f} ms** | — |",
+        f"| the processor's throughput on one process: {proc['n']:,} stored statuses of a realistic mix (80 % "
+        f"`delivered`/`read` of known wamids, 15 % `sent` matched by recipient, 5 % nobody's) | ≥ 2,000/s | "
+        f"**{proc['ours_rate']:.0f}/s** ({proc['ours_cpu_ms']:.3f} ms of CPU per status); a minimal consumer "
+        f"(decode, one HSET, acknowledge): {proc['base_rate']:.0f}/s, ratio {proc['ours_rate'] / proc['base_rate']:.2f}"
+        f" | {'yes' if proc['ours_rate'] >= 2000 else 'no'} |",
+        f"| the drain time of that backlog of {proc['n']:,} statuses | report | **{proc['ours_wall']:.1f} s** | — |",
         f"| statuses matched (a sample of {rec['sampled']} sends) | all | {rec['matched_sampled']} of "
         f"{rec['sampled']} | {'yes' if rec['matched_sampled'] == rec['sampled'] else 'no'} |",
         "",

@@ -34,11 +34,13 @@ DELIVERIES = "cgb:deliveries"
 INBOX = "cgb:webhooks:inbox"
 INBOX_GROUP = "receivers"
 MALFORMED = "cgb:webhooks:malformed"
+"""Signed bodies and items the receiver could not use, redacted, with their reasons (capped, and a week at most)."""
 ORPHANS = "cgb:webhooks:orphans"
 """Statuses held until they can be placed, scored by when each is next tried."""
 ORPHANS_SINCE = "cgb:webhooks:orphans:since"
 """When each held status was first seen (ms)."""
 UNMATCHED = "cgb:webhooks:unmatched"
+"""Statuses placed on no message, redacted, with their reasons (capped, and a week at most)."""
 REACTIONS = "cgb:reactions"
 """The outbox of what statuses call for (the 131047 fallback), appended in the script that applies them."""
 REACTIONS_GROUP = "reactors"
@@ -104,6 +106,7 @@ def window(phone_hash: str) -> str:
 
 
 def bsuid(user_id: str) -> str:
+    """The phone hash (:func:`who`) a business-scoped user id was last seen with, never the phone."""
     return f"cgb:bsuid:{user_id}"
 
 
@@ -115,3 +118,8 @@ def wamid_sent_at(value: str) -> str:
     """When a ``sent`` or ``failed`` of this wamid that could not be placed was stamped: its later statuses are
     judged by that time."""
     return f"cgb:wamid:{value}:at"
+
+
+def consumer(name: str) -> str:
+    """A receiver's heartbeat: while it lives, no other receiver takes the inbox entries it has in hand."""
+    return f"cgb:webhooks:consumer:{name}"

@@ -86,7 +86,11 @@ class ReceiverMetrics:
     * ``cgb_webhook_items_malformed_total``: statuses, messages or changes set aside in a signed POST whose
       other items were used;
     * ``cgb_reactions_total{kind}``: what statuses called for, carried out (``fallback``: a 131047 template);
-    * ``cgb_delivery_seconds``: from the request to WhatsApp's ``delivered``."""
+    * ``cgb_delivery_seconds``: from the request to WhatsApp's ``delivered``;
+    * the backlog, sampled about once a second: ``cgb_webhook_inbox_length`` (stored webhooks not yet processed),
+      ``cgb_webhook_inbox_pending`` (taken by a receiver, not yet done), ``cgb_webhook_inbox_oldest_seconds`` (the
+      age of the oldest), ``cgb_webhook_held`` (statuses held), ``cgb_webhook_awaiting_sends`` (sends waiting for a
+      first status), ``cgb_webhook_malformed`` and ``cgb_webhook_unmatched`` (entries kept in those streams)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -109,6 +113,26 @@ class ReceiverMetrics:
             "Seconds from the request to WhatsApp's delivered",
             buckets=_DELIVERY_BUCKETS,
             registry=self.registry,
+        )
+
+        self.inbox_length = Gauge(
+            "cgb_webhook_inbox_length", "Stored webhooks not yet processed", registry=self.registry
+        )
+        self.inbox_pending = Gauge(
+            "cgb_webhook_inbox_pending", "Stored webhooks taken by a receiver, not yet done", registry=self.registry
+        )
+        self.inbox_oldest = Gauge(
+            "cgb_webhook_inbox_oldest_seconds",
+            "Age of the oldest stored webhook not yet processed",
+            registry=self.registry,
+        )
+        self.held_sampled = Gauge("cgb_webhook_held", "Statuses held, waiting to be placed", registry=self.registry)
+        self.awaiting = Gauge("cgb_webhook_awaiting_sends", "Sends waiting for a first status", registry=self.registry)
+        self.malformed_kept = Gauge(
+            "cgb_webhook_malformed", "Entries kept in the malformed stream", registry=self.registry
+        )
+        self.unmatched_kept = Gauge(
+            "cgb_webhook_unmatched", "Entries kept in the unmatched stream", registry=self.registry
         )
 
     def render(self) -> bytes:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from importlib import resources
-from typing import Literal
+from typing import Any, Literal
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from . import keys
 
@@ -20,6 +21,13 @@ from . import keys
 def source(name: str) -> str:
     """The text of ``lua/<name>.lua``, read from the package once per process."""
     return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+
+
+def _queue(pipe: Pipeline, script: Any, names: list[str], args: list[Any]) -> None:
+    """An ``EVALSHA`` queued on a pipeline (which loads the script first if the server lacks it)."""
+    pipe.scripts.add(script)
+    command: Any = pipe.evalsha
+    command(script.sha, len(names), *names, *args)
 
 
 def _text(value: bytes | str) -> str:
@@ -92,7 +100,6 @@ class StatusUpdate:
     error_code: str = ""
     error_title: str = ""
     error_details: str = ""
-    wa_id: str = ""
     user_id: str = ""
 
 
@@ -120,7 +127,6 @@ class ApplyScript:
                 u.error_details,
                 self._stream_max,
                 delivery_id,
-                u.wa_id,
                 u.user_id,
                 self._window_ttl,
             ],
@@ -128,6 +134,109 @@ class ApplyScript:
         outcome = _text(found[0])
         assert outcome in ("changed", "kept", "duplicate", "gone")
         return Applied(outcome, _text(found[1]), int(found[2]), int(found[3]) == 1)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class PlaceArgs:
+    """One status as ``place.lua`` takes it: what :class:`MatchScript` and :class:`ApplyScript` take, less what
+    the match decides (the step, how it was matched, the job)."""
+
+    wamid: str
+    who: str | None
+    status: str
+    at_ms: int
+    event: bytes
+    refused: bool = False
+    error_code: str = ""
+    error_title: str = ""
+    error_details: str = ""
+    user_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """:class:`PlaceScript`'s answer: the match, and when it placed the status, what applying it did."""
+
+    match: Match
+    applied: Applied | None = None
+
+
+class PlaceScript:
+    """``place.lua``: ``match.lua`` then, when the status is placed, ``apply.lua``, as one script; queued on a
+    pipeline, one call per status, so a batch of statuses costs one round trip and keeps their order."""
+
+    def __init__(
+        self, redis: Redis, *, window_ms: int, skew_ms: int, wamid_ttl: int, stream_max: int, window_ttl: int
+    ) -> None:
+        text = "".join(f"local function {n}(KEYS, ARGV)\n{source(n)}\nend\n" for n in ("match", "apply"))
+        self._script = redis.register_script(text + source("place"))
+        self._fixed = (window_ms, skew_ms, wamid_ttl)
+        self._stream_max = stream_max
+        self._window_ttl = window_ttl
+
+    def queue(self, pipe: Pipeline, a: PlaceArgs) -> None:
+        """Add the call to ``pipe``; its answer is read with :meth:`answer`."""
+        window_ms, skew_ms, wamid_ttl = self._fixed
+        who = a.who or ""
+        names = [
+            keys.wamid(a.wamid),
+            keys.AWAITING,
+            keys.turn(who or "-"),
+            keys.wamid_sent_at(a.wamid),
+            keys.AWAITING_PLACED,
+            keys.DELIVERIES,
+            keys.window(who) if who else "",
+            keys.REACTIONS,
+        ]
+        match_args = [who, a.at_ms, window_ms, skew_ms, wamid_ttl, a.status, "1" if a.refused else ""]
+        apply_args = [a.status, a.at_ms, a.event, a.wamid, "", a.error_code, a.error_title, a.error_details,
+                      self._stream_max, "", a.user_id, self._window_ttl]  # fmt: skip
+        _queue(pipe, self._script, names, [*match_args, keys.sends(""), *apply_args])
+
+    @staticmethod
+    def answer(found: list[bytes | str | int]) -> Placement:
+        by = _text(found[0])  # type: ignore[arg-type]
+        assert by in ("wamid", "recipient", "none", "ambiguous")
+        if by in ("none", "ambiguous"):
+            return Placement(Match(by, tuple(_text(r) for r in found[1:])))  # type: ignore[arg-type]
+        outcome = _text(found[2])  # type: ignore[arg-type]
+        assert outcome in ("changed", "kept", "duplicate", "gone")
+        applied = Applied(outcome, _text(found[3]), int(found[4]), int(found[5]) == 1)  # type: ignore[arg-type]
+        return Placement(Match(by, (_text(found[1]),)), applied)  # type: ignore[arg-type]
+
+
+class HoldScript:
+    """``hold.lua``: a status held until it can be placed, or kept as unmatched (``overflow``) when the held set
+    is full; queued on a pipeline."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._script = redis.register_script(source("hold"))
+
+    def queue(
+        self, pipe: Pipeline, item: bytes, *, first_try: float, now_ms: int, cap: int, kept: bytes,
+        unmatched_max: int, unmatched_min_id: str,
+    ) -> None:  # fmt: skip
+        """The answer: 1 held, 0 held already, -1 kept as unmatched."""
+        names = [keys.ORPHANS, keys.ORPHANS_SINCE, keys.UNMATCHED]
+        _queue(pipe, self._script, names, [item, first_try, now_ms, cap, unmatched_max, unmatched_min_id, kept])
+
+
+class ClaimDeadScript:
+    """``claim_dead.lua``: a dead receiver's unfinished inbox entries taken over, and its name removed once it
+    holds none."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._script = redis.register_script(source("claim_dead"))
+
+    async def __call__(self, other: str, me: str, *, count: int = 100) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        found = await self._script(keys=[keys.INBOX, keys.consumer(other)], args=[keys.INBOX_GROUP, other, me, count])
+        out: list[tuple[bytes, dict[bytes, bytes]]] = []
+        for entry in found or []:
+            if not entry:
+                continue
+            entry_id, flat = entry[0], entry[1] or []
+            out.append((entry_id, dict(zip(flat[::2], flat[1::2], strict=True))))
+        return out
 
 
 class OpenWindowScript:
@@ -138,6 +247,9 @@ class OpenWindowScript:
 
     async def __call__(self, who: str, at_ms: int, *, ttl: int) -> bool:
         return int(await self._script(keys=[keys.window(who)], args=[at_ms, ttl])) == 1
+
+    def queue(self, pipe: Pipeline, who: str, at_ms: int, *, ttl: int) -> None:
+        _queue(pipe, self._script, [keys.window(who)], [at_ms, ttl])
 
 
 class UnsendScript:

@@ -417,6 +417,10 @@ class ReceiverSettings:
     read_memory: int = 64 * 1024 * 1024
     """``WEBHOOK_READ_MEMORY``: bytes of request bodies being read at once; a body that cannot be given room
     within a second is answered 503."""
+    max_lag: float = 60.0
+    """``WEBHOOK_MAX_LAG``: seconds the oldest unprocessed webhook may wait before the receiver is unhealthy."""
+    diagnostics_ttl: float = 7.0
+    """``WEBHOOK_DIAGNOSTICS_TTL``: days the malformed and unmatched streams keep an entry."""
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -451,6 +455,8 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
     max_connections = env.int("WEBHOOK_MAX_CONNECTIONS", 512, validate=Range(min=8, max=1_000_000))
     read_memory = env.int("WEBHOOK_READ_MEMORY", 64 * 1024 * 1024, validate=Range(min=1024 * 1024))
     inbox_max = env.int("WEBHOOK_INBOX_MAX", 1_000_000, validate=Range(min=100))
+    max_lag = env.float("WEBHOOK_MAX_LAG", 60.0, validate=positive)
+    diagnostics_ttl = env.float("WEBHOOK_DIAGNOSTICS_TTL", 7.0, validate=Range(min=0.01, max=365))
     problems = _sealed(env)
     if max_body is not None and read_memory is not None and read_memory < max_body:
         problems.append("WEBHOOK_READ_MEMORY: must be at least WEBHOOK_MAX_BODY, or no body of that size is read.")
@@ -492,4 +498,6 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
         max_connections=int(max_connections or 512),
         read_memory=int(read_memory or 64 * 1024 * 1024),
         inbox_max=int(inbox_max or 1_000_000),
+        max_lag=float(max_lag or 60.0),
+        diagnostics_ttl=float(diagnostics_ttl or 7.0),
     )

@@ -173,14 +173,14 @@ async def test_a_status_that_cannot_be_applied_spoils_neither_its_neighbours_nor
     assert (await receiver.post(envelope({"statuses": items})))[0] == 200
     await eventually(lambda: _status_is(harness, job.job_id, "sent"))
     # whatever raises while one status is applied is set aside alone
-    real = receiver.processor.matcher.place
+    real = receiver.processor.matcher.queue
 
-    async def flaky(status: Any, raw: Any, user_id: Any, **kw: Any) -> Any:
-        if status.id == "wamid.BOOM":
+    def flaky(pipe: Any, pending: Any) -> None:
+        if pending.status.id == "wamid.BOOM":
             raise ValueError("a bug")
-        return await real(status, raw, user_id, **kw)
+        real(pipe, pending)
 
-    monkeypatch.setattr(receiver.processor.matcher, "place", flaky)
+    monkeypatch.setattr(receiver.processor.matcher, "queue", flaky)
     ts = str(int(time.time()))
     items = [
         {"id": "wamid.BOOM", "status": "read", "timestamp": ts, "recipient_id": A.lstrip("+")},
@@ -191,7 +191,7 @@ async def test_a_status_that_cannot_be_applied_spoils_neither_its_neighbours_nor
     reasons = [f[b"reason"] for _i, f in await redis_client.xrange(keys.MALFORMED)]
     assert reasons == [b"a status without a wamid or a Unix timestamp", b"applying it failed: ValueError"]
     # a held status that raises is given up alone; the others are still tried
-    monkeypatch.setattr(receiver.processor.matcher, "place", real)
+    monkeypatch.setattr(receiver.processor.matcher, "queue", real)
     await redis_client.zadd(keys.ORPHANS, {b'[{"id": 1}, null]': 0})
     assert (await receiver.post(status_payload("wamid.NOBODY", "sent", B)))[0] == 200
     await eventually(lambda: redis_client.xlen(keys.UNMATCHED))

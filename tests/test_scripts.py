@@ -399,3 +399,75 @@ def test_a_timestamp_meta_would_not_send_is_set_aside(stamp: str) -> None:
     parsed = parse_payload(json.dumps(body).encode())
     assert parsed.changes[0].statuses == []
     assert [reason for reason, _item in parsed.bad] == ["a status without a wamid or a Unix timestamp"]
+
+
+# -- place.lua, hold.lua, claim_dead.lua ------------------------------------------------------------------------
+
+
+async def _place(redis: Any, *args: Any) -> list[Any]:
+    from cgb_worker.scripts import PlaceScript
+
+    script = PlaceScript(redis, window_ms=WINDOW, skew_ms=SKEW, wamid_ttl=60, stream_max=1000, window_ttl=60)
+    async with redis.pipeline(transaction=False) as pipe:
+        for a in args:
+            script.queue(pipe, a)
+        return [PlaceScript.answer(found) for found in await pipe.execute()]
+
+
+async def test_place_matches_then_applies_in_one_call_and_holds_nothing_it_cannot_place(redis_client: Any) -> None:
+    from cgb_worker.scripts import PlaceArgs
+
+    mine = StepRecord("job-1", "text", A, T0, True, open_ms=15_000, skew_ms=SKEW)
+    await _put(redis_client, mine)
+    await redis_client.set(keys.turn(mine.who), mine.ref)
+    sent = PlaceArgs("wamid.1", mine.who, "sent", T0 + 1000, b'{"status":"sent"}', user_id="US.1")
+    read = PlaceArgs("wamid.1", None, "read", T0 + 2000, b'{"status":"read"}')
+    nobody = PlaceArgs("wamid.2", keys.who(B), "sent", T0 + 1000, b"{}")
+    first, second, third = await _place(redis_client, sent, read, nobody)
+    assert (first.match.by, first.match.ref, first.applied and first.applied.outcome) == (
+        "recipient",
+        mine.ref,
+        "changed",
+    )
+    assert (second.match.by, second.applied and second.applied.status) == ("wamid", "read")
+    assert (third.match.by, third.applied) == ("none", None)
+    record = json.loads(await redis_client.hget(keys.sends("job-1"), "d:text"))
+    assert (record["status"], record["match"], record["userId"], "waId" in record) == (
+        "read",
+        "recipient",
+        "US.1",
+        False,
+    )
+    assert not await redis_client.exists(keys.turn(mine.who))
+    assert [f[b"job"] for _i, f in await redis_client.xrange(keys.DELIVERIES)] == [b"job-1", b"job-1"]
+
+
+async def test_hold_keeps_one_copy_and_overflows_into_unmatched(redis_client: Any) -> None:
+    from cgb_worker.scripts import HoldScript
+
+    hold = HoldScript(redis_client)
+    async with redis_client.pipeline(transaction=False) as pipe:
+        for item in (b"a", b"a", b"b", b"c"):
+            hold.queue(pipe, item, first_try=1.0, now_ms=5, cap=2, kept=b'["x"]', unmatched_max=10,
+                       unmatched_min_id="0-0")  # fmt: skip
+        assert await pipe.execute() == [1, 0, 1, -1]
+    assert await redis_client.zrange(keys.ORPHANS, 0, -1) == [b"a", b"b"]
+    assert await redis_client.hgetall(keys.ORPHANS_SINCE) == {b"a": b"5", b"b": b"5"}
+    [(_id, fields)] = await redis_client.xrange(keys.UNMATCHED)
+    assert (fields[b"reason"], fields[b"status"]) == (b"overflow", b'["x"]')
+
+
+async def test_claim_dead_takes_only_a_dead_consumers_entries_then_forgets_it(redis_client: Any) -> None:
+    from cgb_worker.scripts import ClaimDeadScript
+
+    claim = ClaimDeadScript(redis_client)
+    await redis_client.xgroup_create(keys.INBOX, keys.INBOX_GROUP, id="0", mkstream=True)
+    entry_id = await redis_client.xadd(keys.INBOX, {"body": b"x"})
+    await redis_client.xreadgroup(keys.INBOX_GROUP, "other", {keys.INBOX: ">"})
+    await redis_client.set(keys.consumer("other"), "1")
+    assert await claim("other", "me") == []  # alive: never taken, however long it has held it
+    await redis_client.delete(keys.consumer("other"))
+    assert await claim("other", "me") == [(entry_id, {b"body": b"x"})]
+    assert await claim("other", "me") == []  # a second survivor finds nothing left to take
+    names = [c["name"] for c in await redis_client.xinfo_consumers(keys.INBOX, keys.INBOX_GROUP)]
+    assert names == [b"me"]

@@ -246,18 +246,6 @@ MALFORMED_CASES: list[tuple[str, bytes]] = [
     ),
     ("error code a string", json.dumps(status_payload("w", "failed", A, errors=[{"code": "x"}])).encode()),
     ("entry missing", json.dumps({"object": "whatsapp_business_account"}).encode()),
-    (
-        "thousands of statuses",
-        json.dumps(
-            envelope(
-                {
-                    "statuses": [
-                        {"id": f"w{i}", "status": "sent", "timestamp": "1", "recipient_id": "1"} for i in range(3000)
-                    ]
-                }
-            )
-        ).encode(),
-    ),
     ("inbound without sender", json.dumps(envelope({"messages": [{"id": "m", "timestamp": "1"}]})).encode()),
 ]
 # a timestamp in ISO form rather than Unix seconds
@@ -271,7 +259,7 @@ MALFORMED_CASES[5] = (
 )
 
 
-ENVELOPE_CASES = {"not JSON", "not an object", "another object", "entry missing", "thousands of statuses"}
+ENVELOPE_CASES = {"not JSON", "not an object", "another object", "entry missing"}
 
 
 @pytest.mark.parametrize(("case", "body"), MALFORMED_CASES, ids=[c for c, _ in MALFORMED_CASES])
@@ -284,10 +272,11 @@ async def test_a_signed_malformed_payload_is_kept_and_touches_no_timeline(
     await harness.run()
     status, _ = await receiver.post(None, raw=body)
     assert status == 200
-    if case in ENVELOPE_CASES:  # the body as a whole is not a WhatsApp webhook
-        kept = await redis_client.xrange(MALFORMED)
-        assert [fields[b"body"] for _id, fields in kept] == [body]
-        assert await redis_client.xlen(INBOX) == 0
+    if case in ENVELOPE_CASES:  # the body as a whole is not a WhatsApp webhook: kept whole (redacted), counted
+        kept = await eventually(lambda: redis_client.xrange(MALFORMED))
+        assert len(kept) == 1
+        assert b"body" in kept[0][1]
+        await eventually(lambda: _inbox_empty(redis_client))
         assert receiver.metric("cgb_webhook_requests_total", outcome="malformed") == 1
     else:  # one item is set aside, on its own, once the stored webhook is processed
         kept = await eventually(lambda: redis_client.xrange(MALFORMED))
@@ -350,7 +339,7 @@ async def test_a_text_becomes_sent_delivered_read(harness: Harness, receiver: Re
     assert found.wamid == "wamid.SIM00000001"
     assert [e.status for e in found.events] == ["accepted", "sent", "delivered", "read"]
     [step] = found.steps
-    assert (step.step, step.matched_by, step.wa_id) == ("text", "recipient", A.lstrip("+"))
+    assert (step.step, step.matched_by, step.wa_id) == ("text", "recipient", None)  # no phone in the record
     assert found.events[1].meta is not None
     assert found.events[1].meta["pricing"]["category"] == "utility"
     assert [(e["job"], e["step"], e["status"], e["wamid"]) for e in await stream(harness)] == [
@@ -692,7 +681,7 @@ async def test_a_webhook_stored_by_a_receiver_that_died_is_processed_by_the_next
     pool = await create_pool(redis_url, ride_out_outages=False)
     try:
         # a receiver that stores and answers 200 but never processes (it dies right after)
-        app = create_app(pool, settings(redis_url=redis_url), process=False)
+        app = create_app(pool, settings(redis_url=redis_url), process=False, monitor=False)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         port = free_port()
@@ -706,7 +695,6 @@ async def test_a_webhook_stored_by_a_receiver_that_died_is_processed_by_the_next
         await pool.xreadgroup("receivers", "dead-one", {INBOX: ">"}, count=10)
         assert (await status_of(harness, job.job_id)).status == "accepted"
         survivor = Processor(pool, settings(), ReceiverMetrics(), consumer="survivor")
-        survivor.claim_idle = 0.0
         assert await survivor.turn(block_ms=10) == 1
         assert (await status_of(harness, job.job_id)).status == "delivered"
         assert await pool.xlen(INBOX) == 0
@@ -935,17 +923,17 @@ async def test_an_entry_that_fails_to_process_does_not_block_the_inbox(
     [job] = await harness.enqueue({"to": A, "message": "hello"})
     await harness.run()
     processor = receiver.processor
-    original = processor.process
+    original = processor.read
     calls = 0
 
-    async def flaky(body: bytes) -> str:
+    def flaky(body: bytes) -> Any:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("a bug")
-        return await original(body)
+        return original(body)
 
-    monkeypatch.setattr(processor, "process", flaky)
+    monkeypatch.setattr(processor, "read", flaky)
     assert (await receiver.post(status_payload("wamid.P1", "sent", A)))[0] == 200
     assert (await receiver.post(status_payload("wamid.P1", "delivered", A)))[0] == 200
     await eventually(lambda: _status_is(harness, job.job_id, "delivered"))

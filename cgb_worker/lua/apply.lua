@@ -2,8 +2,8 @@
 -- KEYS[1] the send-log hash, KEYS[2] the deliveries stream, KEYS[3] the window key ('' when the phone is
 -- unknown), KEYS[4] the reactions outbox.
 -- ARGV[1] step, [2] status, [3] its time (ms), [4] the event (a JSON line), [5] wamid, [6] how it was matched,
--- [7] error code, [8] title, [9] details, [10] the stream's cap, [11] the job id, [12] wa_id, [13] user_id,
--- [14] the window key's TTL (s).
+-- [7] error code, [8] title, [9] details, [10] the stream's cap, [11] the job id, [12] user_id (a BSUID), [13]
+-- the window key's TTL (s). The recipient's phone is not stored: the record is found by job id, the person by hash.
 -- Returns {outcome, status now, the send's time (ms), reactions appended}; outcome is changed, kept, duplicate
 -- or gone (the record expired).
 local step, status, at, wamid, code = ARGV[1], ARGV[2], ARGV[3], ARGV[5], ARGV[7]
@@ -32,8 +32,7 @@ if wamid ~= '' then
   end
 end
 if ARGV[6] ~= '' and not s.match then s.match = ARGV[6] end
-if ARGV[12] ~= '' then s.waId = ARGV[12] end
-if ARGV[13] ~= '' then s.userId = ARGV[13] end
+if ARGV[12] ~= '' then s.userId = ARGV[12] end
 -- statuses only move forward: the rank, not the order of arrival, decides, so a reaction is appended once
 local changed = (ranks[s.status] or 0) < ranks[status]
 local reacted = 0
@@ -42,7 +41,7 @@ if changed then
   if status == 'failed' then
     s.error = {code = tonumber(code) or 0, title = ARGV[8], details = ARGV[9]}
     if code == '131047' then
-      if KEYS[3] ~= '' then redis.call('SET', KEYS[3], 'c:' .. at, 'EX', ARGV[14]) end
+      if KEYS[3] ~= '' then redis.call('SET', KEYS[3], 'c:' .. at, 'EX', ARGV[13]) end
       if redis.call('HEXISTS', KEYS[1], 'f:' .. step) == 1 then
         redis.call('XADD', KEYS[4], '*', 'kind', 'fallback', 'job', ARGV[11], 'step', step)
         reacted = 1

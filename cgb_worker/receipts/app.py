@@ -64,6 +64,7 @@ GUARD: web.AppKey[ConnectionGuard] = web.AppKey("guard", ConnectionGuard)
 PUBLIC: web.AppKey[web.Application] = web.AppKey("public", web.Application)
 _SINCE: web.AppKey[list[float]] = web.AppKey("since", list)
 _COUNTERS: web.AppKey[dict[str, Any]] = web.AppKey("counters", dict)
+_PROCESSING: web.AppKey[bool] = web.AppKey("processing", bool)
 _STORING: web.AppKey[asyncio.Semaphore] = web.AppKey("storing", asyncio.Semaphore)
 STORES_AT_ONCE = 32
 """XADDs in flight at once: each holds a Redis connection, and descriptors are what a flood runs short of."""
@@ -107,7 +108,7 @@ async def receive(request: web.Request) -> web.Response:
         _count(app, "too_large")
         return _refuse(413, "too large")
     processor = app.get(PROCESSOR)
-    if processor is not None and processor.inbox_length >= processor.inbox_max:
+    if processor is not None and processor.inbox_length >= settings.inbox_max:
         _count(app, "overloaded")
         return _refuse(503, "busy")
     budget = app[BUDGET]
@@ -208,10 +209,17 @@ async def _guarded(request: web.Request, handler: Callable[[web.Request], Awaita
 
 
 def create_app(
-    redis: ArqRedis, settings: ReceiverSettings, *, metrics: ReceiverMetrics | None = None, process: bool = True
+    redis: ArqRedis,
+    settings: ReceiverSettings,
+    *,
+    metrics: ReceiverMetrics | None = None,
+    process: bool = True,
+    monitor: bool = True,
 ) -> web.Application:
     """The public app on ``redis`` (an arq pool: the 131047 fallback enqueues a job). With ``process`` (the
-    default) it runs its :class:`Processor` while it serves. :func:`admin_app` serves its health and metrics."""
+    default) it runs its :class:`Processor` while it serves; with only ``monitor``, the processor's monitor
+    (health, the inbox cap, the backlog gauges), as a receiver that only answers does; with neither, nothing
+    beside the requests (tests). :func:`admin_app` serves its health and metrics."""
     app = web.Application(client_max_size=settings.max_body, middlewares=[_guarded])
     app[REDIS] = redis
     app[SETTINGS] = settings
@@ -222,7 +230,8 @@ def create_app(
     app[_STORING] = asyncio.Semaphore(STORES_AT_ONCE)
     app.router.add_get(PATH, handshake)
     app.router.add_post(PATH, receive)
-    if process:
+    if process or monitor:
+        app[_PROCESSING] = process
         app.cleanup_ctx.append(_run_processor)
     return app
 
@@ -240,8 +249,7 @@ async def _run_processor(app: web.Application) -> AsyncIterator[None]:
     processor = Processor(app[REDIS], app[SETTINGS], app[METRICS])
     app[PROCESSOR] = processor
     stop = asyncio.Event()
-    task = asyncio.create_task(processor.run(stop))
-    processor.task = task
+    task = asyncio.create_task(processor.run(stop, process=app[_PROCESSING]))
     yield
     stop.set()
     await task

@@ -1,21 +1,30 @@
 """The processor: stored webhooks turned into timelines, one consumer of the inbox per receiver process.
 
-The inbox (``cgb:webhooks:inbox``) is read through a consumer group, so several receivers share it and an entry
-a dead receiver had taken is claimed by another after :data:`CLAIM_IDLE` seconds (at once by a receiver
-restarted under the same ``WEBHOOK_CONSUMER``). Each item of a stored webhook is handled on its own
-(:mod:`.payload`): statuses are placed (:mod:`.matching`), inbound messages open the window, contacts teach the
-phone behind a business-scoped user id, and items the receiver cannot read are kept with the malformed ones.
-An entry is acknowledged once all of it is applied; applying it again changes nothing. Each turn also carries
-out reactions (:mod:`.reactions`), tries held statuses, and now and then marks sends with no status at all
-``unconfirmed``.
+The inbox (``cgb:webhooks:inbox``) is read through a consumer group, so several receivers share it. Each receiver
+keeps a heartbeat key (``cgb:webhooks:consumer:<name>``, renewed every second, lasting :data:`HEARTBEAT_TTL`): only
+the entries of a receiver whose heartbeat is gone are taken over (``claim_dead.lua``), so a receiver busy with a
+long batch never has its entries processed twice, and a dead one's name leaves the group once it holds none. A
+receiver restarted under the same ``WEBHOOK_CONSUMER`` takes up its own unfinished entries at once.
+
+Entries are read in batches and processed together (:meth:`Processor.process_entries`): every body is parsed
+(:mod:`.payload`; a body whose envelope is not a webhook is kept, redacted, in ``cgb:webhooks:malformed``), then
+the batch's writes go out in the order one-by-one processing made them, as pipelines of at most :data:`SLICE`
+commands: contacts teach the BSUID map, inbound messages open windows, statuses are placed (:mod:`.matching`,
+one ``place.lua`` call each). Holds, set-aside items and the acknowledgements follow. An entry is acknowledged once
+all of it is applied; a Redis error leaves the batch pending, to be done again (applying twice changes nothing).
+Each turn also carries out reactions (:mod:`.reactions`), tries held statuses, and now and then marks sends with no
+status at all ``unconfirmed``. A monitor beside the processing samples the backlog once a second, for the gauges
+and :meth:`Processor.health`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -25,22 +34,59 @@ from redis.exceptions import RedisError, ResponseError
 
 from .. import keys
 from ..metrics import ReceiverMetrics
-from ..scripts import ApplyScript, OpenWindowScript, StatusUpdate
+from ..privacy import mask_body, redact
+from ..scripts import ApplyScript, ClaimDeadScript, OpenWindowScript, StatusUpdate
 from ..sends import TTL as SEND_LOG_TTL
 from ..sends import parse_member
 from ..settings import ReceiverSettings
 from ..window import WINDOW_TTL
-from .matching import BSUID_TTL, Matcher
-from .payload import MalformedError, parse_payload
+from .matching import BSUID_TTL, Matcher, Pending, masked, script_error, who_from
+from .payload import UNDECODABLE, MalformedError, Parsed, parse_payload
 from .reactions import Reactor
 from .timeline import iso
 
-CLAIM_IDLE = 30.0
 SWEEP_EVERY = 30.0
 MALFORMED_MAX = 1000
 TRACKING_LEASE = 24 * 3600
 """How long sends stay tracked after the last receiver stopped renewing: a receiver that is down for a
 deploy misses nothing (Meta redelivers for days), and one taken away for good stops the bookkeeping."""
+BATCH = 100
+"""Inbox entries read at once."""
+BATCH_BYTES = 1024 * 1024
+"""Bodies processed together at most (a bigger entry alone): bounds what a batch holds in memory."""
+SLICE = 500
+"""Commands in one pipeline: a body of thousands of statuses goes out in slices, so the event loop (the HTTP side,
+the heartbeat) is never held long."""
+HEARTBEAT_TTL = 15
+MONITOR_EVERY = 1.0
+CLAIM_EVERY = 2.0
+"""Seconds between looks for dead receivers' entries, when this one has none of its own."""
+SET_ASIDE_MAX = 100
+"""Items of one body kept in the malformed stream at most (all are counted)."""
+
+
+@dataclass(slots=True)
+class _Entry:
+    entry_id: bytes | None
+    body: bytes
+    parsed: Parsed | None = None
+    malformed: str = ""
+    statuses: int = 0
+    duplicates: int = 0
+    bad: list[tuple[str, Any]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Backlog:
+    """What the monitor last sampled."""
+
+    inbox: int = 0
+    pending: int = 0
+    oldest_seconds: float = 0.0
+    held: int = 0
+    awaiting: int = 0
+    malformed: int = 0
+    unmatched: int = 0
 
 
 class Processor:
@@ -57,22 +103,20 @@ class Processor:
         self.reactor = Reactor(redis, metrics, self.consumer)
         self._open = OpenWindowScript(redis)
         self._apply = ApplyScript(redis, stream_max=settings.stream_max, window_ttl=WINDOW_TTL)
+        self._claim_dead = ClaimDeadScript(redis)
         self.alive = 0.0
-        """time.monotonic() of the processor's last turn, for ``/healthz``."""
-        self.claim_idle = CLAIM_IDLE
+        """time.monotonic() of the processor's last turn."""
+        self.heartbeat_ttl = HEARTBEAT_TTL
+        self.backlog = _Backlog()
+        self._sampled = 0.0
+        """time.monotonic() of the monitor's last successful round."""
+        self._task: asyncio.Task[None] | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._looked = -CLAIM_EVERY
         self._swept: set[bytes] = set()
-        self.inbox_length = 0
-        """The inbox's length when last sampled: the POST handler answers 503 over :attr:`inbox_max`."""
-        self.inbox_max = settings.inbox_max
-        self.task: asyncio.Task[None] | None = None
-
-    def health(self) -> tuple[bool, str]:
-        """Whether the processor is alive, from its own state (no Redis round trip), and why not."""
-        if self.task is not None and self.task.done():
-            return False, "processor stopped"
-        if time.monotonic() - self.alive > 30:
-            return False, "processor stalled"
-        return True, "ok"
+        self.processing = True
+        """False in a receiver that only answers (``WEBHOOK_ROLE=answer``): it samples, for its health and the
+        inbox cap, but takes no entries."""
 
     @property
     def orphan_grace(self) -> float:
@@ -82,6 +126,26 @@ class Processor:
     def orphan_grace(self, seconds: float) -> None:
         self.matcher.hold_for = seconds
 
+    @property
+    def inbox_length(self) -> int:
+        """Stored webhooks not yet processed, as last sampled (the POST handler's cap reads it: no round trip)."""
+        return self.backlog.inbox
+
+    def health(self) -> tuple[bool, str]:
+        """Whether this receiver is doing its work, from what the processor and its monitor last saw; no Redis
+        round trip, so a frozen Redis is reported (within ``WEBHOOK_REDIS_TIMEOUT`` and a second) rather than
+        waited on. A long batch is healthy: the monitor runs beside it."""
+        if self._task is None:
+            return False, "the processor has not started"
+        if self._task.done() or self._monitor is None or self._monitor.done():
+            return False, "the processor has stopped"
+        quiet = time.monotonic() - self._sampled
+        if quiet > self.settings.redis_timeout + MONITOR_EVERY:
+            return False, f"no answer from Redis for {quiet:.1f} s"
+        if self.processing and self.backlog.oldest_seconds > self.settings.max_lag:
+            return False, f"the oldest stored webhook has waited {self.backlog.oldest_seconds:.0f} s"
+        return True, "ok"
+
     async def ensure_group(self) -> None:
         try:
             await self.redis.xgroup_create(keys.INBOX, keys.INBOX_GROUP, id="0", mkstream=True)
@@ -89,8 +153,28 @@ class Processor:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Process until ``stop`` is set; Redis errors are logged and waited out."""
+    async def run(self, stop: asyncio.Event, *, process: bool = True) -> None:
+        """Process until ``stop`` is set; Redis errors are logged and waited out. The monitor (and with it the
+        heartbeat) runs beside it; on the way out this receiver leaves the group when it holds nothing. Without
+        ``process`` only the monitor runs (a receiver that only answers: its health is Redis's, not the
+        backlog's, which processors elsewhere answer for)."""
+        self._task = asyncio.current_task()
+        self._sampled = time.monotonic()
+        self.processing = process
+        self._monitor = asyncio.create_task(self.monitor(stop))
+        try:
+            if process:
+                await self._loop(stop)
+            else:
+                await stop.wait()
+        finally:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+            if process:
+                await self.leave()
+
+    async def _loop(self, stop: asyncio.Event) -> None:
         last_sweep = last_lease = 0.0
         group = False
         while not stop.is_set():
@@ -100,6 +184,7 @@ class Processor:
                     await self.redis.set(keys.TRACKING, "1", ex=TRACKING_LEASE)
                     last_lease = self.alive
                 if not group:
+                    await self.beat()
                     await self.ensure_group()
                     group = True
                 try:
@@ -119,95 +204,292 @@ class Processor:
                 logger.exception("webhook processor: unexpected error; going on in 1 s")
                 await asyncio.sleep(1.0)
 
+    async def beat(self) -> None:
+        await self.redis.set(keys.consumer(self.consumer), "1", ex=self.heartbeat_ttl)
+
+    async def leave(self) -> None:
+        """A clean stop: the heartbeat goes, and the consumer too unless it still holds entries (another receiver
+        then takes them at once)."""
+        try:
+            await self.redis.delete(keys.consumer(self.consumer))
+            await self._claim_dead(self.consumer, self.consumer, count=1)
+        except RedisError as exc:
+            logger.warning("webhook processor: could not leave the group cleanly ({})", type(exc).__name__)
+
+    # -- the monitor -------------------------------------------------------------------------------------------
+
+    async def monitor(self, stop: asyncio.Event) -> None:
+        """Once a second: renew the heartbeat and sample the backlog, in one round trip."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(self.sample(), timeout=self.settings.redis_timeout + 5)
+            except (RedisError, TimeoutError) as exc:
+                logger.debug("webhook monitor: Redis failed ({})", type(exc).__name__)
+            except Exception:
+                logger.exception("webhook monitor: unexpected error")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), MONITOR_EVERY)
+
+    async def sample(self) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if self.processing:
+                pipe.set(keys.consumer(self.consumer), "1", ex=self.heartbeat_ttl)
+            else:
+                pipe.ping()
+            pipe.xlen(keys.INBOX)
+            pipe.xpending(keys.INBOX, keys.INBOX_GROUP)
+            pipe.xrange(keys.INBOX, count=1)
+            pipe.zcard(keys.ORPHANS)
+            pipe.zcard(keys.AWAITING)
+            pipe.xlen(keys.MALFORMED)
+            pipe.xlen(keys.UNMATCHED)
+            answers = await pipe.execute(raise_on_error=False)
+        for answer in answers:
+            if isinstance(answer, Exception) and "NOGROUP" not in str(answer):
+                raise answer
+        _beat, inbox, pending, first, held, awaiting, malformed, unmatched = answers
+        oldest = 0.0
+        if first and not isinstance(first, Exception):
+            oldest = max(0.0, time.time() - int(first[0][0].split(b"-")[0]) / 1000)
+        b = self.backlog
+        b.inbox, b.held, b.awaiting, b.malformed, b.unmatched = inbox, held, awaiting, malformed, unmatched
+        b.pending = 0 if isinstance(pending, Exception) else int(pending["pending"])
+        b.oldest_seconds = oldest
+        self._sampled = time.monotonic()
+        m = self.metrics
+        m.inbox_length.set(b.inbox)
+        m.inbox_pending.set(b.pending)
+        m.inbox_oldest.set(oldest)
+        m.held_sampled.set(b.held)
+        m.awaiting.set(b.awaiting)
+        m.malformed_kept.set(b.malformed)
+        m.unmatched_kept.set(b.unmatched)
+
+    # -- the inbox ---------------------------------------------------------------------------------------------
+
     async def turn(self, *, block_ms: int = 200) -> int:
-        """One round: entries this consumer left unacknowledged, then others' stale ones, then new ones; then the
-        reactions and the held statuses. Returns how many inbox entries it handled."""
+        """One round: entries this consumer left unacknowledged, then dead receivers' ones, then new ones; then
+        the reactions and the held statuses. Returns how many inbox entries it handled."""
         entries: list[tuple[bytes, dict[bytes, bytes]]] = []
         group, name = keys.INBOX_GROUP, self.consumer
-        for _stream, items in await self.redis.xreadgroup(group, name, {keys.INBOX: "0"}, count=100) or []:
+        for _stream, items in await self.redis.xreadgroup(group, name, {keys.INBOX: "0"}, count=BATCH) or []:
             entries.extend(items)
         if not entries:
-            claimed = await self.redis.xautoclaim(
-                keys.INBOX, group, name, min_idle_time=int(self.claim_idle * 1000), count=100
-            )
-            entries.extend(claimed[1] if claimed else [])
+            entries = await self.claim()
         if not entries:
             # No wait while reactions or held statuses are due: they are tried every turn.
             busy = await self.redis.xlen(keys.REACTIONS) > 0
             read = await self.redis.xreadgroup(
-                group, name, {keys.INBOX: ">"}, count=100, block=None if busy else block_ms
+                group, name, {keys.INBOX: ">"}, count=BATCH, block=None if busy else block_ms
             )
             for _stream, items in read or []:
                 entries.extend(items)
+        work: list[tuple[bytes | None, bytes]] = []
+        gone: list[bytes] = []
         for entry_id, fields in entries:
             if fields:  # an entry deleted while pending comes back empty
-                try:
-                    outcome = await self.process(fields[b"body"])
-                except RedisError:
-                    raise  # left pending: this consumer takes it again once Redis is back
-                except Exception as exc:
-                    # Never block the inbox on one entry: keep it with the malformed ones, for a person.
-                    logger.exception("a stored webhook could not be processed; kept in {}", keys.MALFORMED)
-                    await self.redis.xadd(
-                        keys.MALFORMED,
-                        {"body": fields[b"body"], "reason": f"processing failed: {type(exc).__name__}"},
-                        maxlen=MALFORMED_MAX,
-                        approximate=True,
-                    )
-                    outcome = "malformed"
-                self.metrics.requests.labels(outcome).inc()
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.xack(keys.INBOX, group, entry_id)
-                pipe.xdel(keys.INBOX, entry_id)
-                await pipe.execute()
+                work.append((entry_id, fields[b"body"]))
+            else:
+                gone.append(entry_id)
+        await self.process_entries(work)
+        if gone:
+            await self._ack(gone)
         await self.reactor.turn()
         await self.matcher.retry_held()
         return len(entries)
 
-    async def process(self, body: bytes) -> str:
-        """Apply one stored webhook; ``duplicate`` when every status in it had been seen, else ``ok``."""
-        try:
-            parsed = parse_payload(body)
-        except MalformedError:
-            return "malformed"  # checked before it was stored; only a change of this code could get here
-        bad = list(parsed.bad)
-        statuses = duplicates = 0
-        for change in parsed.changes:
-            users: dict[str, str] = {c.wa_id: c.user_id for c in change.contacts if c.wa_id and c.user_id}
-            for wa_id, uid in users.items():
-                await self.redis.set(keys.bsuid(uid), wa_id, ex=BSUID_TTL)
-            for message in change.messages:
-                phone = message.from_ or await self.matcher.phone_of(message.from_user_id)
-                if phone:
-                    await self._open(keys.who(phone), int(message.timestamp) * 1000, ttl=WINDOW_TTL)
-            for status, raw in change.statuses:
-                statuses += 1
-                user_id = status.recipient_user_id or users.get(status.recipient_id or "")
-                try:
-                    placed = await self.matcher.place(status, raw, user_id)
-                except RedisError:
-                    raise  # the entry stays pending and is processed again: applying twice changes nothing
-                except Exception as exc:  # one status never spoils its neighbours
-                    logger.error("a status could not be applied ({}); kept in {}", type(exc).__name__, keys.MALFORMED)
-                    bad.append((f"applying it failed: {type(exc).__name__}", raw))
-                    continue
-                duplicates += placed.outcome == "duplicate"
-        if bad:
-            await self.set_aside(bad)
-        return "duplicate" if statuses and duplicates == statuses else "ok"
+    async def claim(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Entries of receivers whose heartbeat is gone (at most every :data:`CLAIM_EVERY` s); a dead receiver
+        that holds none is removed from the group."""
+        now = time.monotonic()
+        if now - self._looked < CLAIM_EVERY:
+            return []
+        self._looked = now
+        for c in await self.redis.xinfo_consumers(keys.INBOX, keys.INBOX_GROUP):
+            name = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
+            if name == self.consumer or not (c["pending"] or c["idle"] > self.heartbeat_ttl * 1000):
+                continue
+            taken = await self._claim_dead(name, self.consumer, count=BATCH)
+            if taken:
+                logger.info("took over {} stored webhooks of a receiver that stopped", len(taken))
+                return taken
+        return []
 
-    async def set_aside(self, bad: list[tuple[str, Any]]) -> None:
-        """Items the receiver could not use, kept in the malformed stream with their reasons, and counted."""
-        self.metrics.malformed_items.inc(len(bad))
+    async def _ack(self, ids: list[bytes]) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
-            for reason, item in bad[:100]:
-                pipe.xadd(
-                    keys.MALFORMED,
-                    {"item": msgspec.json.encode(item), "reason": reason[:200], "at": int(time.time() * 1000)},
-                    maxlen=MALFORMED_MAX,
-                    approximate=True,
-                )
+            pipe.xack(keys.INBOX, keys.INBOX_GROUP, *ids)
+            pipe.xdel(keys.INBOX, *ids)
             await pipe.execute()
+
+    async def process(self, body: bytes) -> str:
+        """Apply one stored webhook: ``duplicate`` when every status in it had been seen, ``malformed`` when it is
+        no webhook at all (kept), else ``ok``."""
+        return (await self.process_entries([(None, body)]))[0]
+
+    def read(self, body: bytes) -> Parsed:
+        """One body, parsed (:func:`parse_payload`; raises :class:`MalformedError`)."""
+        return parse_payload(body)
+
+    async def process_entries(self, entries: list[tuple[bytes | None, bytes]]) -> list[str]:
+        """Process entries in groups of at most :data:`BATCH_BYTES`, acknowledge those with ids; the outcome of
+        each. A bug met in a group is retried entry by entry, and the entry that meets it alone is kept in the
+        malformed stream, so it never blocks the inbox; a Redis error leaves the rest pending."""
+        outcomes: list[str] = []
+        start = 0
+        while start < len(entries):
+            end, size = start, 0
+            while end < len(entries) and (end == start or size + len(entries[end][1]) <= BATCH_BYTES):
+                size += len(entries[end][1])
+                end += 1
+            outcomes.extend(await self._group(entries[start:end]))
+            start = end
+        return outcomes
+
+    async def _group(self, group: list[tuple[bytes | None, bytes]]) -> list[str]:
+        try:
+            outcomes = await self._batch([_Entry(entry_id, body) for entry_id, body in group])
+        except RedisError:
+            raise  # left pending: this consumer takes it again once Redis is back
+        except Exception as exc:
+            if len(group) > 1:
+                return [o for one in group for o in await self._group([one])]
+            logger.exception("a stored webhook could not be processed; kept in {}", keys.MALFORMED)
+            entry = _Entry(group[0][0], group[0][1], malformed=f"processing failed: {type(exc).__name__}")
+            outcomes = await self._finish([entry])
+        return outcomes
+
+    async def _batch(self, entries: list[_Entry]) -> list[str]:
+        for e in entries:
+            try:
+                e.parsed = self.read(e.body)
+            except MalformedError as exc:
+                e.malformed = str(exc)
+            except RecursionError:
+                e.malformed = "not a webhook payload: nested too deep"
+        ops = await self._plan(entries)
+        holds: list[Pending] = []
+        for begin in range(0, len(ops), SLICE):
+            chunk = ops[begin : begin + SLICE]
+            queued: list[tuple[Any, ...]] = []
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for op in chunk:
+                    if op[0] == "bsuid":
+                        pipe.set(keys.bsuid(op[1]), op[2], ex=BSUID_TTL)
+                    elif op[0] == "open":
+                        self._open.queue(pipe, op[1], op[2], ttl=WINDOW_TTL)
+                    else:
+                        try:
+                            self.matcher.queue(pipe, op[1])
+                        except Exception as exc:  # one status never spoils its neighbours
+                            self._unusable(op[2], op[1], exc)
+                            continue
+                    queued.append(op)
+                answers = await pipe.execute(raise_on_error=False)
+            for op, answer in zip(queued, answers, strict=True):
+                if op[0] != "place":
+                    if isinstance(answer, Exception):
+                        raise answer
+                    continue
+                p, e = op[1], op[2]
+                if isinstance(answer, Exception) and not script_error(answer):
+                    raise answer  # the entry stays pending and is processed again: applying twice changes nothing
+                try:
+                    if isinstance(answer, Exception):
+                        raise answer
+                    placed = self.matcher.placed(p, answer)
+                except Exception as exc:
+                    self._unusable(e, p, exc)
+                    continue
+                if placed.outcome in ("none", "ambiguous"):
+                    holds.append(p)
+                e.duplicates += placed.outcome == "duplicate"
+        return await self._finish(entries, holds)
+
+    @staticmethod
+    def _unusable(e: _Entry, p: Pending, exc: Exception) -> None:
+        logger.error("a status could not be applied ({}); kept in {}", type(exc).__name__, keys.MALFORMED)
+        e.bad.append((f"applying it failed: {type(exc).__name__}", p.raw))
+
+    async def _plan(self, entries: list[_Entry]) -> list[tuple[Any, ...]]:
+        """The batch's writes in the order one-by-one processing made them. A BSUID is resolved from what the batch
+        itself taught before that point, else from Redis (read at once for the whole batch, beforehand)."""
+        wanted: set[str] = set()
+        for e in entries:
+            for change in e.parsed.changes if e.parsed else ():
+                users = {c.wa_id: c.user_id for c in change.contacts if c.wa_id and c.user_id}
+                wanted.update(m.from_user_id for m in change.messages if not m.from_ and m.from_user_id)
+                for status, _raw in change.statuses:
+                    uid = status.recipient_user_id or users.get(status.recipient_id or "")
+                    if not status.recipient_id and uid:
+                        wanted.add(uid)
+        known: dict[str, str | None] = {}
+        if wanted:
+            names = sorted(wanted)
+            stored = await self.redis.mget([keys.bsuid(u) for u in names])
+            known = {u: who_from(v) for u, v in zip(names, stored, strict=True)}
+        ops: list[tuple[Any, ...]] = []
+        for e in entries:
+            if e.parsed is None:
+                continue
+            e.bad.extend(e.parsed.bad)
+            for change in e.parsed.changes:
+                users = {c.wa_id: c.user_id for c in change.contacts if c.wa_id and c.user_id}
+                for wa_id, uid in users.items():
+                    who = keys.who(wa_id)
+                    known[uid] = who
+                    ops.append(("bsuid", uid, who))
+                for message in change.messages:
+                    who_in = keys.who(message.from_) if message.from_ else known.get(message.from_user_id or "")
+                    if who_in:
+                        ops.append(("open", who_in, int(message.timestamp) * 1000))
+                for status, raw in change.statuses:
+                    e.statuses += 1
+                    uid = status.recipient_user_id or users.get(status.recipient_id or "")
+                    to = keys.who(status.recipient_id) if status.recipient_id else known.get(uid or "")
+                    ops.append(("place", Pending(status, masked(raw), uid, to), e))
+        return ops
+
+    async def _finish(self, entries: list[_Entry], holds: list[Pending] = ()) -> list[str]:  # type: ignore[assignment]
+        """Holds and what is set aside, then (once those are stored) the acknowledgements."""
+        now = int(time.time() * 1000)
+        outcomes: list[str] = []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for p in holds:
+                self.matcher.queue_hold(pipe, p)
+            kept = 0
+            for e in entries:
+                if e.malformed:
+                    logger.warning("a signed webhook was malformed ({}); kept in {}", e.malformed, keys.MALFORMED)
+                    pipe.xadd(
+                        keys.MALFORMED, {"body": _kept(e.body), "reason": e.malformed[:200], "at": now},
+                        maxlen=MALFORMED_MAX, approximate=True,
+                    )  # fmt: skip
+                    kept += 1
+                    outcomes.append("malformed")
+                    continue
+                if e.bad:
+                    self.metrics.malformed_items.inc(len(e.bad))
+                    for reason, item in e.bad[:SET_ASIDE_MAX]:
+                        pipe.xadd(
+                            keys.MALFORMED, {"item": _kept_item(item), "reason": reason[:200], "at": now},
+                            maxlen=MALFORMED_MAX, approximate=True,
+                        )  # fmt: skip
+                        kept += 1
+                outcomes.append("duplicate" if e.statuses and e.duplicates == e.statuses else "ok")
+            if kept:
+                pipe.xtrim(keys.MALFORMED, minid=self.matcher.min_id(), approximate=True)
+            answers = await pipe.execute(raise_on_error=False)
+        for answer in answers[: len(holds)]:
+            self.matcher.held(answer)
+        for answer in answers[len(holds) :]:
+            if isinstance(answer, Exception):
+                raise answer
+        ids = [e.entry_id for e in entries if e.entry_id is not None]
+        if ids:
+            await self._ack(ids)
+            for outcome in outcomes:
+                self.metrics.requests.labels(outcome).inc()
+        return outcomes
 
     async def sweep(self) -> int:
         """Sends still without any status after ``STATUS_UNCONFIRMED_AFTER`` are marked ``unconfirmed`` (once per
@@ -252,3 +534,17 @@ class Processor:
             self._swept.add(item)
             swept += 1
         return swept
+
+
+def _kept(body: bytes) -> bytes:
+    """A body kept in the malformed stream: its JSON redacted, or its first bytes masked when it is not JSON."""
+    try:
+        return msgspec.json.encode(redact(msgspec.json.decode(body)))
+    except UNDECODABLE:
+        return mask_body(body).encode()
+
+
+def _kept_item(item: Any) -> bytes:
+    if isinstance(item, bytes):
+        return msgspec.json.encode(mask_body(item))
+    return msgspec.json.encode(redact(item))

@@ -10,6 +10,12 @@ of about 1, 2, 4, … s, so a held status costs about a dozen tries however long
 placed by its own status; after ``STATUS_HOLD`` it is kept in ``cgb:webhooks:unmatched`` with its reason, counted,
 and each rival of an ``ambiguous`` one counts it as ``unresolved`` in its timeline. The README gives the rule's
 proof.
+
+Statuses are placed in batches: one ``place.lua`` call per status (match, then apply, atomically), all of a batch
+queued on one pipeline in the order they arrived, which is the order the one-by-one processing ran them in; the
+holding and the bookkeeping of held statuses follow in a second round trip (nothing ``match.lua`` or ``apply.lua``
+reads is written there). No phone is kept: a held status carries its recipient's hash, and Meta's object is kept
+with ``recipient_id`` masked.
 """
 
 from __future__ import annotations
@@ -21,11 +27,12 @@ from typing import Any, Literal
 import msgspec
 from loguru import logger
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import ResponseError
 
 from .. import keys
 from ..metrics import ReceiverMetrics
-from ..scripts import Applied, ApplyScript, MatchScript, StatusUpdate
+from ..privacy import mask_id, redact
+from ..scripts import Applied, HoldScript, PlaceArgs, Placement, PlaceScript
 from ..sends import TTL as SEND_LOG_TTL
 from ..settings import ReceiverSettings
 from ..window import WINDOW_TTL
@@ -35,6 +42,9 @@ from .timeline import iso
 WAMID_TTL = 7 * 24 * 3600
 BSUID_TTL = 30 * 24 * 3600
 UNMATCHED_MAX = 10000
+HELD_MAX = 100_000
+"""Statuses held at most; one more is kept as unmatched (``overflow``) at once, so nobody's statuses (another
+sender's, a flood) cannot grow the set without bound."""
 REFUSALS = frozenset({131047, 132000, 132001, 132018})
 """Error codes of a ``failed`` that refuses the send itself (outside the 24-hour window, a template that does not
 match): stamped when the message was sent, so matched by that time, like a ``sent``."""
@@ -51,71 +61,98 @@ class Placed:
     """For ``ambiguous``: the steps (``<delivery id>|<step>``) it could not be told apart from."""
 
 
+@dataclass(slots=True)
+class Pending:
+    """A status to place: Meta's object (``recipient_id`` masked), and who it went to, as a hash."""
+
+    status: MetaStatus
+    raw: dict[str, Any]
+    user_id: str | None
+    who: str | None
+
+
+def script_error(exc: BaseException) -> bool:
+    """An error a script raised on this one item (a record it cannot read): the item's fault, set aside. Any other
+    error from Redis (refused writes, out of memory, busy) is Redis's, and leaves the entry to be done again."""
+    return isinstance(exc, ResponseError) and "user_script" in str(exc)
+
+
+def masked(raw: dict[str, Any]) -> dict[str, Any]:
+    """Meta's status object as it is kept: the recipient's phone masked to its last two digits."""
+    rid = raw.get("recipient_id")
+    return {**raw, "recipient_id": mask_id(rid)} if isinstance(rid, str) else raw
+
+
+def who_from(stored: bytes | None) -> str | None:
+    """The hash a BSUID maps to; a map written by an older receiver holds the phone itself."""
+    if not stored:
+        return None
+    value = stored.decode()
+    return keys.who(value) if value.lstrip("+").isdigit() else value
+
+
 class Matcher:
     def __init__(self, redis: Redis, settings: ReceiverSettings, metrics: ReceiverMetrics) -> None:
         self.redis = redis
         self.settings = settings
         self.metrics = metrics
-        self._match = MatchScript(redis)
-        self._apply = ApplyScript(redis, stream_max=settings.stream_max, window_ttl=WINDOW_TTL)
+        self._place = PlaceScript(
+            redis,
+            window_ms=int(settings.match_window * 1000),
+            skew_ms=int(settings.clock_skew * 1000),
+            wamid_ttl=WAMID_TTL,
+            stream_max=settings.stream_max,
+            window_ttl=WINDOW_TTL,
+        )
+        self._hold = HoldScript(redis)
         self.hold_for = settings.hold
+        self.held_max = HELD_MAX
+        self.diagnostics_ttl = settings.diagnostics_ttl * 86400
         self._held = 0
 
-    async def phone_of(self, user_id: str | None) -> str | None:
-        """The phone a business-scoped user id was last seen with."""
-        if not user_id:
-            return None
-        phone = await self.redis.get(keys.bsuid(user_id))
-        return phone.decode() if phone else None
+    async def who_of(self, user_id: str | None) -> str | None:
+        """The phone hash a business-scoped user id was last seen with."""
+        return who_from(await self.redis.get(keys.bsuid(user_id))) if user_id else None
 
-    async def place(
-        self, status: MetaStatus, raw: dict[str, Any], user_id: str | None, *, held: bool = False
-    ) -> Placed:
-        """Match one status and apply it; a status that cannot be placed yet is held (unless it is already)."""
-        at = status.at_ms
-        phone = status.recipient_id or await self.phone_of(user_id)
-        who = keys.who(phone) if phone else None
-        found = await self._match(
-            status.id,
-            who,
-            at,
-            status=status.status,
-            refused=status.status == "failed" and any(e.code in REFUSALS for e in status.errors),
-            window_ms=int(self.settings.match_window * 1000),
-            skew_ms=int(self.settings.clock_skew * 1000),
-            wamid_ttl=WAMID_TTL,
-        )
-        if found.by == "none" or found.by == "ambiguous":
-            if not held:
-                await self.hold(raw, user_id)
-            return Placed(found.by, found.refs)
-        delivery_id, _, step = found.ref.rpartition("|")
-        error = status.errors[0] if status.errors else None
+    def min_id(self) -> str:
+        """The oldest entry id the diagnostic streams keep (``WEBHOOK_DIAGNOSTICS_TTL``)."""
+        return f"{int((time.time() - self.diagnostics_ttl) * 1000)}-0"
+
+    def queue(self, pipe: Any, p: Pending) -> None:
+        """Queue ``place.lua`` for one status; its answer goes to :meth:`placed`."""
+        status, error = p.status, p.status.errors[0] if p.status.errors else None
         event = msgspec.json.encode(
             {
                 "status": status.status,
-                "at": iso(at),
+                "at": iso(status.at_ms),
                 "received": iso(time.time() * 1000),
                 "wamid": status.id,
-                "meta": raw,
+                "meta": p.raw,
             }
         )
-        update = StatusUpdate(
-            step=step,
-            status=status.status,
-            at_ms=at,
-            event=event,
-            wamid=status.id,
-            matched_by=found.by,
-            error_code=str(error.code) if error else "",
-            error_title=error.title if error else "",
-            error_details=(error.error_data.details if error.error_data else error.message) if error else "",
-            wa_id=status.recipient_id or "",
-            user_id=user_id or "",
+        self._place.queue(
+            pipe,
+            PlaceArgs(
+                wamid=status.id,
+                who=p.who,
+                status=status.status,
+                at_ms=status.at_ms,
+                event=event,
+                refused=status.status == "failed" and any(e.code in REFUSALS for e in status.errors),
+                error_code=str(error.code) if error else "",
+                error_title=error.title if error else "",
+                error_details=(error.error_data.details if error.error_data else error.message) if error else "",
+                user_id=p.user_id or "",
+            ),
         )
-        applied = await self._apply(delivery_id, update, window_key=keys.window(who) if who else None)
-        self._count(status.status, at, applied)
-        return Placed(applied.outcome)
+
+    def placed(self, p: Pending, answer: Any) -> Placed:
+        """The answer of a queued call, counted. ``none`` and ``ambiguous`` are for the caller to hold."""
+        found: Placement = PlaceScript.answer(answer)
+        if found.applied is None:
+            return Placed(found.match.by, found.match.refs)  # type: ignore[arg-type]
+        self._count(p.status.status, p.status.at_ms, found.applied)
+        return Placed(found.applied.outcome)
 
     def _count(self, status: str, at: int, applied: Applied) -> None:
         if applied.outcome == "changed":
@@ -127,16 +164,42 @@ class Matcher:
 
     # -- held statuses ---------------------------------------------------------------------------------------
 
-    async def hold(self, raw: dict[str, Any], user_id: str | None) -> None:
-        item = msgspec.json.encode([raw, user_id])
+    @staticmethod
+    def item(p: Pending) -> bytes:
+        return msgspec.json.encode([p.raw, p.user_id, p.who])
+
+    def queue_hold(self, pipe: Any, p: Pending) -> None:
+        """Queue the hold of a status that could not be placed; the answer is -1 when it overflowed."""
         now = time.time()
+        self._hold.queue(
+            pipe, self.item(p), first_try=now + 1.0, now_ms=int(now * 1000), cap=self.held_max,
+            kept=msgspec.json.encode([redact(p.raw)]), unmatched_max=UNMATCHED_MAX, unmatched_min_id=self.min_id(),
+        )  # fmt: skip
+
+    def held(self, answer: Any) -> None:
+        if isinstance(answer, Exception):
+            raise answer
+        if int(answer) == -1:
+            self.metrics.unmatched.labels("overflow").inc()
+
+    async def hold(self, p: Pending) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(keys.ORPHANS, {item: now + 1.0}, nx=True)
-            pipe.hsetnx(keys.ORPHANS_SINCE, item, int(now * 1000))  # type: ignore[arg-type]
-            await pipe.execute()
+            self.queue_hold(pipe, p)
+            [answer] = await pipe.execute()
+        self.held(answer)
+
+    def _pending(self, item: bytes) -> Pending:
+        decoded = msgspec.json.decode(item)
+        raw, user_id = decoded[0], decoded[1]
+        who = decoded[2] if len(decoded) > 2 else None
+        status = msgspec.convert(raw, MetaStatus)
+        if len(decoded) == 2 and status.recipient_id:  # held by an older receiver, with the phone in clear
+            who, raw = keys.who(status.recipient_id), masked(raw)
+        return Pending(status, raw, user_id, who)
 
     async def retry_held(self) -> int:
-        """Try the held statuses that are due; returns how many were placed."""
+        """Try the held statuses that are due, in one round trip, and file each answer in another; returns how
+        many were placed."""
         now = time.time()
         due: list[bytes] = await self.redis.zrangebyscore(keys.ORPHANS, "-inf", now, start=0, num=HELD_PER_TURN)
         if not due:
@@ -145,51 +208,63 @@ class Matcher:
                 self.metrics.held.set(self._held)
             return 0
         since_raw = await self.redis.hmget(keys.ORPHANS_SINCE, due)  # type: ignore[misc]
-        placed = 0
+        tries: list[tuple[bytes, float, Pending | None]] = []
         for item, since in zip(due, since_raw, strict=True):
-            first = int(since) / 1000 if since else now
             try:
-                raw, user_id = msgspec.json.decode(item)
-                status = msgspec.convert(raw, MetaStatus)
-                found = await self.place(status, raw, user_id, held=True)
-            except RedisError:
-                raise
+                pending: Pending | None = self._pending(item)
             except Exception as exc:  # never let one held status stop the others: give it up, with its reason
-                logger.error("a held status could not be applied ({}); kept in {}", type(exc).__name__, keys.UNMATCHED)
-                await self._give_up(item, Placed("error"))
-                continue
-            age = now - first
-            if found.outcome not in ("none", "ambiguous"):
-                await self._forget(item)
-                placed += 1
-            elif age >= self.hold_for:
-                await self._give_up(item, found)
-            else:
-                await self.redis.zadd(keys.ORPHANS, {item: min(now + max(1.0, age), first + self.hold_for)}, xx=True)
-        self._held = int(await self.redis.zcard(keys.ORPHANS))
+                logger.error("a held status could not be read ({}); kept in {}", type(exc).__name__, keys.UNMATCHED)
+                pending = None
+            tries.append((item, int(since) / 1000 if since else now, pending))
+        lookups = sorted({p.user_id for _i, _f, p in tries if p and not p.who and p.user_id})
+        if lookups:
+            found = await self.redis.mget([keys.bsuid(u) for u in lookups])
+            whos = {u: who_from(v) for u, v in zip(lookups, found, strict=True)}
+            for _i, _f, p in tries:
+                if p and not p.who and p.user_id:
+                    p.who = whos[p.user_id]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _item, _first, p in tries:
+                if p is not None:
+                    self.queue(pipe, p)
+            answers = iter(await pipe.execute(raise_on_error=False))
+        placed = 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for item, first, p in tries:
+                answer = next(answers) if p is not None else None
+                if p is None or (isinstance(answer, Exception) and script_error(answer)):
+                    self._give_up(pipe, item, p, Placed("error"))
+                    continue
+                if isinstance(answer, Exception):
+                    raise answer
+                found = self.placed(p, answer)
+                age = now - first
+                if found.outcome not in ("none", "ambiguous"):
+                    pipe.zrem(keys.ORPHANS, item)
+                    pipe.hdel(keys.ORPHANS_SINCE, item)  # type: ignore[arg-type]
+                    placed += 1
+                elif age >= self.hold_for:
+                    self._give_up(pipe, item, p, found)
+                else:
+                    pipe.zadd(keys.ORPHANS, {item: min(now + max(1.0, age), first + self.hold_for)}, xx=True)
+            pipe.xtrim(keys.UNMATCHED, minid=self.min_id(), approximate=True)
+            pipe.zcard(keys.ORPHANS)
+            answered = await pipe.execute()
+        self._held = int(answered[-1])
         self.metrics.held.set(self._held)
         return placed
 
-    async def _forget(self, item: bytes) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zrem(keys.ORPHANS, item)
-            pipe.hdel(keys.ORPHANS_SINCE, item)  # type: ignore[arg-type]
-            await pipe.execute()
-
-    async def _give_up(self, item: bytes, found: Placed) -> None:
+    def _give_up(self, pipe: Any, item: bytes, p: Pending | None, found: Placed) -> None:
         reason, rivals = found.outcome, found.rivals
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zrem(keys.ORPHANS, item)
-            pipe.hdel(keys.ORPHANS_SINCE, item)  # type: ignore[arg-type]
-            pipe.xadd(
-                keys.UNMATCHED,
-                {"status": item, "reason": reason, "rivals": len(rivals)},
-                maxlen=UNMATCHED_MAX,
-                approximate=True,
-            )
-            for ref in rivals:
-                delivery_id, _, step = ref.rpartition("|")
-                pipe.hincrby(keys.sends(delivery_id), f"u:{step}", 1)
-                pipe.expire(keys.sends(delivery_id), SEND_LOG_TTL, nx=True)
-            await pipe.execute()
+        pipe.zrem(keys.ORPHANS, item)
+        pipe.hdel(keys.ORPHANS_SINCE, item)
+        kept = msgspec.json.encode([redact(p.raw)]) if p is not None else b'["<unreadable>"]'
+        pipe.xadd(
+            keys.UNMATCHED, {"status": kept, "reason": reason, "rivals": len(rivals)}, maxlen=UNMATCHED_MAX,
+            approximate=True,
+        )  # fmt: skip
+        for ref in rivals:
+            delivery_id, _, step = ref.rpartition("|")
+            pipe.hincrby(keys.sends(delivery_id), f"u:{step}", 1)
+            pipe.expire(keys.sends(delivery_id), SEND_LOG_TTL, nx=True)
         self.metrics.unmatched.labels(reason).inc()

@@ -1,9 +1,11 @@
 """Meta's webhook payload, as far as the receiver relies on it: the envelope strict, each item lenient.
 
-A body whose envelope is not a WhatsApp Business Account webhook is malformed as a whole. Inside it, each
-entry, change, status, inbound message and contact is read on its own: one with a shape or a value the receiver
-does not understand (a status ``deleted`` or ``warning``, a timestamp that is not Unix seconds) is set aside with
-its reason, and its neighbours are used.
+A body whose envelope is not a WhatsApp Business Account webhook is malformed as a whole (not JSON, invalid
+UTF-8, nesting too deep to decode, another ``object``, wrong types). Inside it, each entry, change, status,
+inbound message and contact is read on its own: one with a shape or a value the receiver does not understand (a
+status ``deleted`` or ``warning``, a timestamp that is not Unix seconds, bytes that do not decode) is set aside
+with its reason, and its neighbours are used. There is no limit on how many items one body holds: a signed body
+is Meta's, and the processor works through a big one in slices.
 """
 
 from __future__ import annotations
@@ -13,9 +15,6 @@ from typing import Any
 
 import msgspec
 
-MAX_ITEMS = 1000
-"""Statuses and inbound messages in one POST, and changes in one POST (each counted apart); Meta batches at
-most a few hundred."""
 STATUSES = frozenset({"sent", "delivered", "read", "failed", "played"})
 """The status values the receiver applies; any other is set aside as a malformed item."""
 
@@ -88,7 +87,7 @@ class Change:
 class Parsed:
     changes: list[Change] = field(default_factory=list)
     bad: list[tuple[str, Any]] = field(default_factory=list)
-    """Items set aside: (reason, the item as Meta sent it)."""
+    """Items set aside: (reason, the item as Meta sent it, decoded; ``bytes`` when it does not decode)."""
 
 
 _envelope = msgspec.json.Decoder(_Envelope)
@@ -105,34 +104,43 @@ def unix_seconds(value: str) -> bool:
     return 0 < len(value) <= 10 and value.isascii() and value.isdigit() and int(value) < LATEST
 
 
+UNDECODABLE = (ValueError, RecursionError)
+"""What decoding hostile bytes raises: msgspec's errors, ``UnicodeDecodeError`` for invalid UTF-8 in a key or a
+string, ``RecursionError`` for nesting deeper than the decoder goes."""
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deep"
+    if isinstance(exc, UnicodeDecodeError):
+        return "invalid UTF-8"
+    return str(exc)[:200]
+
+
 def _plain(raw: msgspec.Raw) -> Any:
     try:
         return msgspec.json.decode(raw)
-    except msgspec.DecodeError:
-        return None
+    except UNDECODABLE:
+        return bytes(raw)
 
 
 def parse_payload(body: bytes) -> Parsed:
     """The ``messages`` changes of a webhook body, item by item (the module doc). :class:`MalformedError` only for
-    an envelope that is not a WhatsApp webhook, or for more than :data:`MAX_ITEMS` items. Changes to other
-    fields (template reviews, account updates) are valid and skipped."""
+    an envelope that is not a WhatsApp webhook. Changes to other fields (template reviews, account updates) are
+    valid and skipped."""
     try:
         envelope = _envelope.decode(body)
-    except msgspec.DecodeError as exc:
-        raise MalformedError(f"not a webhook payload: {exc}") from None
+    except UNDECODABLE as exc:
+        raise MalformedError(f"not a webhook payload: {_why(exc)}") from None
     if envelope.object != "whatsapp_business_account":
         raise MalformedError("object is not whatsapp_business_account")
     parsed = Parsed()
-    items = changes = 0
     for raw_entry in envelope.entry:
         try:
             entry = _entry.decode(raw_entry)
-        except msgspec.DecodeError as exc:
-            parsed.bad.append((f"an entry: {exc}", _plain(raw_entry)))
+        except UNDECODABLE as exc:
+            parsed.bad.append((f"an entry: {_why(exc)}", _plain(raw_entry)))
             continue
-        changes += len(entry.changes)
-        if changes > MAX_ITEMS:
-            raise MalformedError(f"more than {MAX_ITEMS} changes")
         for raw_change in entry.changes:
             try:
                 change = _change.decode(raw_change)
@@ -145,12 +153,9 @@ def parse_payload(body: bytes) -> Parsed:
                 for name, items_of in lists.items():
                     if not isinstance(items_of, list):
                         raise msgspec.ValidationError(f"{name} must be an array")
-            except msgspec.DecodeError as exc:
-                parsed.bad.append((f"a change: {exc}", _plain(raw_change)))
+            except UNDECODABLE as exc:
+                parsed.bad.append((f"a change: {_why(exc)}", _plain(raw_change)))
                 continue
-            items += len(lists["statuses"]) + len(lists["messages"])
-            if items > MAX_ITEMS:
-                raise MalformedError(f"more than {MAX_ITEMS} statuses and messages")
             parsed.changes.append(_read_change(lists, parsed.bad))
     return parsed
 

@@ -74,6 +74,7 @@ class StepDelivery(msgspec.Struct, frozen=True, rename="camel"):
     """Statuses that may have been this message's but could not be told apart from another send's: held for
     ``STATUS_HOLD``, then kept as unmatched rather than guessed."""
     wa_id: str | None = None
+    """Only in records written before the receiver stopped keeping the recipient's phone (none now)."""
     user_id: str | None = None
     fallback_for: str | None = None
     """Set on a template sent automatically after this job's text failed with 131047."""
