@@ -33,7 +33,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio
 
-from cgb_worker import create_pool, keys
+from cgb_worker import create_pool
 from cgb_worker.contacts import ContactResolver, phone_key
 from cgb_worker.keys import AWAITING, TRACKING
 from cgb_worker.receipts import signature
@@ -42,7 +42,6 @@ from cgb_worker.settings import load_settings
 from cgb_worker.simulator import DEFAULT_TOKEN
 from tests.attribution import Report, check, payloads
 
-from .answering import answering_bench
 from .processing import PHONE_KEY, processing_bench
 
 ROOT = Path(__file__).resolve().parent.parent

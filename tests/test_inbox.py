@@ -27,7 +27,7 @@ from cgb_worker.receipts.inbox import CLAIM_EVERY
 from cgb_worker.sends import StepRecord
 from cgb_worker.settings import ReceiverSettings, Secret
 
-from .conftest import free_port
+from .conftest import PHONE_KEY, free_port
 
 PHONE = "12025550100"
 OTHER = "972500000001"
@@ -55,7 +55,7 @@ async def pool(redis_url: str, redis_client: Any) -> AsyncIterator[Any]:
 
 
 def make(pool: Any, consumer: str = "p1", **changes: Any) -> Processor:
-    settings = ReceiverSettings(app_secret=Secret("x"), **changes)
+    settings = ReceiverSettings(app_secret=Secret("x"), phone_hash_key=Secret(PHONE_KEY), **changes)
     return Processor(pool, settings, ReceiverMetrics(), consumer=consumer)
 
 

@@ -116,30 +116,36 @@ async def receive(request: web.Request) -> web.Response:
     if not await budget.take(room, wait=ROOM_WAIT):
         _count(app, "overloaded")
         return _refuse(503, "busy")
-    try:
-        body, outcome = await _read(request, settings, room)
+    try:  # the room is held until the body is stored or dropped
+        mac = hmac.new(settings.app_secret.get_secret_value().encode(), digestmod=hashlib.sha256)
+        chunks, outcome = await _read(request, settings, room, mac)
+        if chunks is None:
+            _count(app, outcome)
+            return _refuse({"too_large": 413, "read_timeout": 408}.get(outcome, 400), outcome.replace("_", " "))
+        if not hmac.compare_digest(mac.hexdigest(), wanted.group(1).lower()):
+            _count(app, "bad_signature")
+            return _refuse(401, "bad signature")  # its chunks were never joined: no second copy of a forgery
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        return await _store(app, body)
     finally:
         budget.give(room)
-    if body is None:
-        _count(app, outcome)
-        return _refuse({"too_large": 413, "read_timeout": 408}.get(outcome, 400), outcome.replace("_", " "))
-    mac = hmac.new(settings.app_secret.get_secret_value().encode(), body, hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(mac, wanted.group(1).lower()):
-        _count(app, "bad_signature")
-        return _refuse(401, "bad signature")
-    return await _store(app, body)
 
 
-async def _read(request: web.Request, settings: ReceiverSettings, room: int) -> tuple[bytes | None, str]:
-    """The body, read in chunks within the read timeout and never past ``room`` bytes; else None and why."""
+async def _read(
+    request: web.Request, settings: ReceiverSettings, room: int, mac: Any
+) -> tuple[list[bytes] | None, str]:
+    """The body's chunks, read within the read timeout and never past ``room`` bytes, each fed to ``mac`` as it
+    comes; else None and why."""
     content = request.content
     # Meta's bodies are small: the whole of one has nearly always come with its headers, and is taken as it is
     first = content.read_nowait(room + 1)
     if len(first) > room:
         return None, "too_large"
-    if len(first) == request.content_length:
-        return first, "ok"
+    mac.update(first)
     chunks = [first] if first else []
+    if len(first) == request.content_length:
+        return chunks, "ok"
     size = len(first)
     try:
         async with asyncio.timeout(settings.read_timeout):
@@ -147,6 +153,7 @@ async def _read(request: web.Request, settings: ReceiverSettings, room: int) -> 
                 size += len(chunk)
                 if size > room:
                     return None, "too_large"
+                mac.update(chunk)
                 chunks.append(chunk)
     except TimeoutError:
         return None, "read_timeout"
@@ -154,7 +161,7 @@ async def _read(request: web.Request, settings: ReceiverSettings, room: int) -> 
         # the client went away, or its chunked encoding was broken (aiohttp's payload errors are OSErrors
         # or ValueErrors): nobody is there to answer
         return None, "client_gone" if isinstance(exc, ConnectionError) else "bad_body"
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks), "ok"
+    return chunks, "ok"
 
 
 async def _store(app: web.Application, body: bytes) -> web.Response:
