@@ -24,12 +24,13 @@ No log line carries a phone number, a wamid (it encodes the phone), a message te
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import hmac
 import re
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -40,7 +41,15 @@ from redis.exceptions import RedisError
 from .. import keys
 from ..metrics import ReceiverMetrics
 from ..settings import ReceiverSettings, redact_url
-from .guard import BodyBudget, ClientNoise, ConnectionGuard, client_logger, connection_cap, quiet_accept_errors
+from .guard import (
+    BodyBudget,
+    ClientNoise,
+    ConnectionGuard,
+    client_logger,
+    connection_cap,
+    quiet_accept_errors,
+    return_big_blocks,
+)
 from .inbox import Processor
 
 PATH = "/webhooks/whatsapp"
@@ -66,11 +75,17 @@ _SINCE: web.AppKey[list[float]] = web.AppKey("since", list)
 _COUNTERS: web.AppKey[dict[str, Any]] = web.AppKey("counters", dict)
 _PROCESSING: web.AppKey[bool] = web.AppKey("processing", bool)
 _STORING: web.AppKey[asyncio.Semaphore] = web.AppKey("storing", asyncio.Semaphore)
-STORES_AT_ONCE = 32
-"""XADDs in flight at once: each holds a Redis connection, and descriptors are what a flood runs short of."""
+STORES_AT_ONCE = 128
+"""XADDs in flight at once: each holds a Redis connection, and descriptors are what a flood runs short of (the
+connection cap leaves room for them). Meta's concurrency is far below it; a wait for a slot costs more CPU than
+the XADD."""
 
 
 async def handshake(request: web.Request) -> web.Response:
+    guard = request.app.get(GUARD)
+    if guard is not None:  # answered at once: the connection's next deadline is its idle one
+        guard.started(request.transport)
+        guard.finished(request.transport)
     settings = request.app[SETTINGS]
     query = request.query
     token = query.get("hub.verify_token", "")
@@ -96,60 +111,71 @@ def _count(app: web.Application, outcome: str) -> None:
 
 
 async def receive(request: web.Request) -> web.Response:
+    """The POST (the module doc), between the guard's ``started`` and ``finished``. One coroutine, with no
+    middleware and no await on the common path but the store's: answering is what Meta's bursts are made of."""
     app = request.app
-    settings = app[SETTINGS]
-    headers = request.headers.getall("X-Hub-Signature-256", ())
-    wanted = _SIGNATURE.fullmatch(headers[0].strip()) if len(headers) == 1 else None
-    if wanted is None:
-        _count(app, "bad_signature")
-        return _refuse(401, "bad signature")
-    length = request.content_length
-    if length is not None and length > settings.max_body:
-        _count(app, "too_large")
-        return _refuse(413, "too large")
-    processor = app.get(PROCESSOR)
-    if processor is not None and processor.inbox_length >= settings.inbox_max:
-        _count(app, "overloaded")
-        return _refuse(503, "busy")
-    budget = app[BUDGET]
-    room = min(length or settings.max_body, settings.max_body)
-    if not await budget.take(room, wait=ROOM_WAIT):
-        _count(app, "overloaded")
-        return _refuse(503, "busy")
-    try:  # the room is held until the body is stored or dropped
-        mac = hmac.new(settings.app_secret.get_secret_value().encode(), digestmod=hashlib.sha256)
-        chunks, outcome = await _read(request, settings, room, mac)
-        if chunks is None:
-            _count(app, outcome)
-            return _refuse({"too_large": 413, "read_timeout": 408}.get(outcome, 400), outcome.replace("_", " "))
-        if not hmac.compare_digest(mac.hexdigest(), wanted.group(1).lower()):
+    guard = app.get(GUARD)
+    transport = request.transport
+    if guard is not None:
+        guard.started(transport)
+    try:
+        settings = app[SETTINGS]
+        headers = request.headers.getall("X-Hub-Signature-256", ())
+        wanted = _SIGNATURE.fullmatch(headers[0].strip()) if len(headers) == 1 else None
+        if wanted is None:
             _count(app, "bad_signature")
-            return _refuse(401, "bad signature")  # its chunks were never joined: no second copy of a forgery
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        return await _store(app, body)
+            return _refuse(401, "bad signature")
+        length = request.content_length
+        if length is not None and length > settings.max_body:
+            _count(app, "too_large")
+            return _refuse(413, "too large")
+        processor = app.get(PROCESSOR)
+        if processor is not None and processor.inbox_length >= settings.inbox_max:
+            _count(app, "overloaded")
+            return _refuse(503, "busy")
+        budget = app[BUDGET]
+        room = min(length or settings.max_body, settings.max_body)
+        if not budget.try_take(room) and not await budget.take(room, wait=ROOM_WAIT):
+            _count(app, "overloaded")
+            return _refuse(503, "busy")
+        try:  # the room is held until the body is stored or dropped
+            mac = hmac.new(settings.app_secret.get_secret_value().encode(), digestmod=hashlib.sha256)
+            # Meta's bodies are small: the whole of one has nearly always come with its headers
+            first = request.content.read_nowait(room + 1)
+            mac.update(first)
+            if len(first) == length:
+                chunks: list[bytes] | None = [first]
+                outcome = "ok"
+            else:
+                chunks, outcome = await _read_rest(request, settings, room, first, mac)
+            if chunks is None:
+                _count(app, outcome)
+                return _refuse({"too_large": 413, "read_timeout": 408}.get(outcome, 400), outcome.replace("_", " "))
+            if not hmac.compare_digest(mac.hexdigest(), wanted.group(1).lower()):
+                _count(app, "bad_signature")
+                return _refuse(401, "bad signature")  # its chunks were never joined: no second copy of a forgery
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
+            return await _store(app, settings, body)
+        finally:
+            budget.give(room)
     finally:
-        budget.give(room)
+        if guard is not None:
+            guard.finished(transport)
 
 
-async def _read(
-    request: web.Request, settings: ReceiverSettings, room: int, mac: Any
+async def _read_rest(
+    request: web.Request, settings: ReceiverSettings, room: int, first: bytes, mac: Any
 ) -> tuple[list[bytes] | None, str]:
-    """The body's chunks, read within the read timeout and never past ``room`` bytes, each fed to ``mac`` as it
-    comes; else None and why."""
-    content = request.content
-    # Meta's bodies are small: the whole of one has nearly always come with its headers, and is taken as it is
-    first = content.read_nowait(room + 1)
+    """The body's chunks after ``first``, read within the read timeout and never past ``room`` bytes, each fed to
+    ``mac`` as it comes; else None and why."""
     if len(first) > room:
         return None, "too_large"
-    mac.update(first)
     chunks = [first] if first else []
-    if len(first) == request.content_length:
-        return chunks, "ok"
     size = len(first)
     try:
         async with asyncio.timeout(settings.read_timeout):
-            while chunk := await content.readany():
+            while chunk := await request.content.readany():
                 size += len(chunk)
                 if size > room:
                     return None, "too_large"
@@ -164,23 +190,29 @@ async def _read(
     return chunks, "ok"
 
 
-async def _store(app: web.Application, body: bytes) -> web.Response:
+async def _store(app: web.Application, settings: ReceiverSettings, body: bytes) -> web.Response:
     """One XADD (the entry's id says when it came), within the Redis timeout; a cancelled command's connection
     is dropped by redis-py, so no late reply is read as another's."""
-    redis, settings = app[REDIS], app[SETTINGS]
+    redis = app[REDIS]
     now = time.time()
     since = app[_SINCE]
+    stores = app[_STORING]
     try:
-        async with asyncio.timeout(settings.redis_timeout), app[_STORING]:
-            if now - since[0] < SINCE_EVERY:
-                await redis.xadd(keys.INBOX, {"body": body})
-            else:
-                # when webhooks began to flow (window.py reads it); said again now and then, in case Redis lost it
-                async with redis.pipeline(transaction=False) as pipe:
-                    pipe.xadd(keys.INBOX, {"body": body})
-                    pipe.set(keys.SINCE, int(now * 1000), nx=True)
-                    await pipe.execute()
-                since[0] = now
+        async with asyncio.timeout(settings.redis_timeout):
+            await stores.acquire()
+            try:
+                if now - since[0] < SINCE_EVERY:
+                    await redis.xadd(keys.INBOX, {"body": body})
+                else:
+                    # when webhooks began to flow (window.py reads it); said again now and then, in case Redis
+                    # lost it
+                    async with redis.pipeline(transaction=False) as pipe:
+                        pipe.xadd(keys.INBOX, {"body": body})
+                        pipe.set(keys.SINCE, int(now * 1000), nx=True)
+                        await pipe.execute()
+                    since[0] = now
+            finally:
+                stores.release()
     except (RedisError, TimeoutError, OSError) as exc:
         _count(app, "store_failed")
         logger.warning("could not store a webhook ({}): answered 503, Meta will redeliver", type(exc).__name__)
@@ -202,19 +234,6 @@ async def metrics_view(request: web.Request) -> web.Response:
     return web.Response(body=request.app[PUBLIC][METRICS].render(), content_type="text/plain")
 
 
-@web.middleware
-async def _guarded(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Any:
-    guard = request.app.get(GUARD)
-    if guard is None:
-        return await handler(request)
-    transport = request.transport
-    guard.started(transport)
-    try:
-        return await handler(request)
-    finally:
-        guard.finished(transport)
-
-
 def create_app(
     redis: ArqRedis,
     settings: ReceiverSettings,
@@ -227,7 +246,7 @@ def create_app(
     default) it runs its :class:`Processor` while it serves; with only ``monitor``, the processor's monitor
     (health, the inbox cap, the backlog gauges), as a receiver that only answers does; with neither, nothing
     beside the requests (tests). :func:`admin_app` serves its health and metrics."""
-    app = web.Application(client_max_size=settings.max_body, middlewares=[_guarded])
+    app = web.Application(client_max_size=settings.max_body)
     app[REDIS] = redis
     app[SETTINGS] = settings
     app[METRICS] = metrics or ReceiverMetrics()
@@ -270,7 +289,7 @@ class Endpoints:
         self.settings = settings
         self.noise = ClientNoise(lambda kind: _count(public, kind))
         self.guard = ConnectionGuard(
-            max_connections=connection_cap(settings.max_connections),
+            max_connections=connection_cap(settings.max_connections, reserve=STORES_AT_ONCE),
             read_timeout=settings.read_timeout,
             noise=self.noise,
         )
@@ -280,12 +299,14 @@ class Endpoints:
         )
         self._admin = web.AppRunner(admin_app(public), access_log=None)
         self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self.port = self.admin_port = 0
 
     async def start(self, host: str, port: int, admin_host: str, admin_port: int, *, public: bool = True) -> None:
         """Listen; without ``public`` (``WEBHOOK_ROLE=process``) the app runs, its processor too, but only the
         admin port listens."""
         quiet_accept_errors(self.noise)
+        return_big_blocks()
         await self._runner.setup()
         server = self._runner.server
         assert server is not None
@@ -293,6 +314,7 @@ class Endpoints:
             loop = asyncio.get_running_loop()
             self._server = await loop.create_server(self.guard.factory(server), host, port, backlog=128)
             self.port = self._server.sockets[0].getsockname()[1]
+        self._sweeper = asyncio.create_task(self.guard.run())
         await self._admin.setup()
         await web.TCPSite(self._admin, admin_host, admin_port).start()
         self.admin_port = self._admin.addresses[0][1]
@@ -300,6 +322,8 @@ class Endpoints:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         await self._admin.cleanup()
         await self._runner.cleanup()
         self.noise.flush()
@@ -331,6 +355,9 @@ async def _serve(settings: ReceiverSettings, host: str, port: int) -> None:
         except OSError as exc:
             logger.error("the webhook receiver cannot listen: {}", exc.strerror or exc)
             raise SystemExit(2) from None
+        # What start-up built (modules, settings, the app) lives as long as the process: out of the collector's
+        # sight, it is not walked again by every full collection a busy port's garbage sets off.
+        gc.freeze()
         if settings.verify_token is None:
             logger.warning("WABA_VERIFY_TOKEN is not set: Meta's subscription handshake will be refused")
         logger.info(

@@ -100,8 +100,30 @@ def quiet_accept_errors(noise: ClientNoise) -> None:
     log.addFilter(_NoiseFilter(noise, only=lambda r: "accept" in str(r.msg)))
 
 
-def connection_cap(wanted: int) -> int:
-    """``wanted``, or fewer when the file limit is lower; the soft limit is raised to the hard one first."""
+def return_big_blocks() -> None:
+    """Have glibc's malloc give every block of 64 KiB or more back to the system when it is freed.
+
+    Bodies are read in chunks of 64 to 256 KiB. By default glibc raises its mmap threshold to the size of the
+    largest block freed, so after one burst of big bodies later chunks come from the heap and stay there:
+    a flood of unsigned 3 MiB bodies left the process 50 MiB bigger for good. A fixed threshold (``mallopt``,
+    glibc's own tuning call) keeps memory freed when the requests end. Elsewhere (musl, macOS) nothing is done.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def connection_cap(wanted: int, *, reserve: int = 0) -> int:
+    """``wanted``, or fewer when the file limit less :data:`FD_RESERVE` and ``reserve`` (the Redis connections
+    the requests may hold) is lower; the soft limit is raised to the hard one first."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
         try:
@@ -111,12 +133,15 @@ def connection_cap(wanted: int) -> int:
             pass
     if soft == resource.RLIM_INFINITY:
         return wanted
-    return max(1, min(wanted, soft - FD_RESERVE))
+    return max(1, min(wanted, soft - FD_RESERVE - reserve))
 
 
 class ConnectionGuard:
     """Per-connection deadlines and the connection cap (the module doc). ``started``/``finished`` are called
-    around each request's handler (:func:`middleware`); while a handler runs, its own timeouts apply."""
+    around each request's handler; while a handler runs, its own timeouts apply.
+
+    A deadline is a number on the connection, checked by one sweep every :data:`TICK` seconds (:meth:`run`),
+    not a timer per request: setting it costs an assignment, and a deadline is kept to within a tick."""
 
     def __init__(
         self, *, max_connections: int, read_timeout: float, noise: ClientNoise, idle_timeout: float = IDLE_TIMEOUT
@@ -127,6 +152,15 @@ class ConnectionGuard:
         self.noise = noise
         self.live: dict[asyncio.BaseTransport, _Guarded] = {}
 
+    async def run(self) -> None:
+        """Close the connections whose deadline has passed, every tick, until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(TICK)
+            now = loop.time()
+            for conn in [c for c in self.live.values() if c.deadline and c.deadline <= now]:
+                conn.expire()
+
     def evict(self) -> bool:
         """Close the longest-open connection that is not in a request's handler, to make room for a new one: a
         client holding connections open without sending requests loses them to one that sends. False when
@@ -135,7 +169,7 @@ class ConnectionGuard:
             if not conn.handling:
                 self.noise("evicted_connection")
                 self.live.pop(transport)
-                conn.disarm()
+                conn.deadline = 0.0
                 _abort(transport)
                 return True
         return False
@@ -147,7 +181,8 @@ class ConnectionGuard:
         conn = self.live.get(transport) if transport is not None else None
         if conn is not None:
             conn.handling += 1
-            conn.disarm()
+            conn.deadline = 0.0
+            conn.reading = False
 
     def finished(self, transport: asyncio.BaseTransport | None) -> None:
         conn = self.live.get(transport) if transport is not None else None
@@ -158,6 +193,9 @@ class ConnectionGuard:
                 conn.more = False
 
 
+TICK = 0.25
+
+
 class _Guarded(asyncio.Protocol):
     """aiohttp's protocol for one connection, behind the guard's deadlines."""
 
@@ -166,9 +204,10 @@ class _Guarded(asyncio.Protocol):
         self.factory = factory
         self.inner: asyncio.Protocol | None = None
         self.transport: asyncio.BaseTransport | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0
+        """The loop's time by which the connection must have moved on, 0 for none (a handler runs)."""
         self.reading = False
-        """Whether the deadline running is for a request's headers (else for idleness)."""
+        """Whether the deadline is for a request's headers (else for idleness)."""
         self.handling = 0
         self.more = False
         """Bytes of a further request came while a handler ran."""
@@ -200,7 +239,7 @@ class _Guarded(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.inner is None:
             return
-        self.disarm()
+        self.deadline = 0.0
         self.guard.live.pop(self.transport, None)  # type: ignore[arg-type]
         self.inner.connection_lost(exc)
 
@@ -213,18 +252,11 @@ class _Guarded(asyncio.Protocol):
             self.inner.resume_writing()
 
     def arm(self, seconds: float, *, reading: bool) -> None:
-        self.disarm()
         self.reading = reading
-        self.timer = asyncio.get_running_loop().call_later(seconds, self._expire)
+        self.deadline = asyncio.get_running_loop().time() + seconds
 
-    def disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.reading = False
-
-    def _expire(self) -> None:
-        self.timer = None
+    def expire(self) -> None:
+        self.deadline = 0.0
         if self.reading:
             self.guard.noise("slow_headers")
         if self.transport is not None:
@@ -248,10 +280,16 @@ class BodyBudget:
         self._freed = asyncio.Condition()
         self._waiting = 0
 
-    async def take(self, size: int, *, wait: float) -> bool:
-        """Reserve ``size`` bytes, waiting at most ``wait`` seconds; False when there was no room."""
+    def try_take(self, size: int) -> bool:
+        """Reserve ``size`` if there is room now and nobody is waiting for it (no await: the common case)."""
         if size <= self.free and not self._waiting:
             self.free -= size
+            return True
+        return False
+
+    async def take(self, size: int, *, wait: float) -> bool:
+        """Reserve ``size``, waiting at most ``wait`` seconds; False when there was no room."""
+        if self.try_take(size):
             return True
         self._waiting += 1
         try:
