@@ -368,6 +368,39 @@ async def test_a_request_aiohttp_refuses_is_400_and_its_url_is_not_logged(stack:
     assert await stack.metric("bad_request") >= 1
 
 
+@pytest.mark.parametrize("encoding", [b"gzip", b"deflate", b"br"])
+async def test_a_compressed_body_is_415_not_a_500(stack: Stack, encoding: bytes) -> None:
+    head = post_head(b"X-Hub-Signature-256: " + b"sha256=" + b"0" * 64, b"Content-Encoding: " + encoding, length=5)
+    status, _ = await exchange(stack.port, head, b"abcde")
+    assert status == 415
+    assert "raised" not in stack.log_text()
+
+
+async def test_a_broken_chunked_body_is_400(stack: Stack) -> None:
+    head = post_head(b"X-Hub-Signature-256: " + GOOD, b"Transfer-Encoding: chunked")
+    status, took = await exchange(stack.port, head, b"ZZ\r\nnot a chunk\r\n", wait=5)
+    assert status == 400
+    assert took < READ_TIMEOUT
+
+
+async def test_slow_bodies_filling_the_cap_do_not_lock_out_a_signed_post(stack: Stack) -> None:
+    cap = NOFILE - 64 - 128  # the file limit less the descriptors kept for Redis and the rest
+    head = post_head(b"X-Hub-Signature-256: sha256=" + b"0" * 64, length=1000)
+    held: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(cap + 10):
+            _, writer = await asyncio.open_connection("127.0.0.1", stack.port)
+            writer.write(head + b"x")
+            held.append(writer)
+        await asyncio.sleep(1.3)  # each is now a body coming in slowly
+        results = [await exchange(stack.port, post_head(b"X-Hub-Signature-256: " + GOOD, length=len(BODY)), BODY)
+                   for _ in range(5)]  # fmt: skip
+    finally:
+        for writer in held:
+            writer.close()
+    assert [status for status, _ in results] == [200] * 5
+
+
 async def test_admin_endpoints_are_not_on_the_public_port(stack: Stack) -> None:
     for path in (b"/healthz", b"/metrics"):
         status, _ = await exchange(stack.port, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -397,6 +430,8 @@ async def test_a_frozen_redis_is_a_503_within_the_timeout_and_health_says_so(sta
         return (await exchange(stack.port, head, BODY))[0] == 200
 
     await eventually(stored, within=10)
+    # the 503s while it was frozen: counted, and said in one line, not one each
+    assert stack.log_text().count("could not store webhooks") <= 1
 
 
 async def test_the_log_holds_no_traceback_and_a_line_per_burst_at_most(stack: Stack) -> None:

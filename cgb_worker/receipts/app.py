@@ -43,8 +43,8 @@ from ..metrics import ReceiverMetrics
 from ..settings import ReceiverSettings, redact_url
 from .guard import (
     BodyBudget,
-    ClientNoise,
     ConnectionGuard,
+    Noise,
     client_logger,
     connection_cap,
     quiet_accept_errors,
@@ -74,6 +74,7 @@ PUBLIC: web.AppKey[web.Application] = web.AppKey("public", web.Application)
 _SINCE: web.AppKey[list[float]] = web.AppKey("since", list)
 _COUNTERS: web.AppKey[dict[str, Any]] = web.AppKey("counters", dict)
 _PROCESSING: web.AppKey[bool] = web.AppKey("processing", bool)
+_STORE_FAILURES: web.AppKey[Noise] = web.AppKey("store_failures", Noise)
 _STORING: web.AppKey[asyncio.Semaphore] = web.AppKey("storing", asyncio.Semaphore)
 STORES_AT_ONCE = 128
 """XADDs in flight at once: each holds a Redis connection, and descriptors are what a flood runs short of (the
@@ -125,6 +126,10 @@ async def receive(request: web.Request) -> web.Response:
         if wanted is None:
             _count(app, "bad_signature")
             return _refuse(401, "bad signature")
+        if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+            # Meta signs and sends the body as it is; a compressed one would be signed over other bytes
+            _count(app, "bad_body")
+            return _refuse(415, "content-encoding not accepted")
         length = request.content_length
         if length is not None and length > settings.max_body:
             _count(app, "too_large")
@@ -140,14 +145,23 @@ async def receive(request: web.Request) -> web.Response:
             return _refuse(503, "busy")
         try:  # the room is held until the body is stored or dropped
             mac = hmac.new(settings.app_secret.get_secret_value().encode(), digestmod=hashlib.sha256)
-            # Meta's bodies are small: the whole of one has nearly always come with its headers
-            first = request.content.read_nowait(room + 1)
-            mac.update(first)
-            if len(first) == length:
-                chunks: list[bytes] | None = [first]
-                outcome = "ok"
+            try:
+                # Meta's bodies are small: the whole of one has nearly always come with its headers
+                first = request.content.read_nowait(room + 1)
+            except (web.RequestPayloadError, OSError, ValueError):
+                first, chunks, outcome = b"", None, "bad_body"
             else:
-                chunks, outcome = await _read_rest(request, settings, room, first, mac)
+                mac.update(first)
+                if len(first) == length:
+                    chunks, outcome = [first], "ok"
+                else:
+                    if guard is not None:
+                        guard.reading(transport, True)
+                    try:
+                        chunks, outcome = await _read_rest(request, settings, room, first, mac)
+                    finally:
+                        if guard is not None:
+                            guard.reading(transport, False)
             if chunks is None:
                 _count(app, outcome)
                 return _refuse({"too_large": 413, "read_timeout": 408}.get(outcome, 400), outcome.replace("_", " "))
@@ -183,7 +197,7 @@ async def _read_rest(
                 chunks.append(chunk)
     except TimeoutError:
         return None, "read_timeout"
-    except (OSError, web.HTTPException, asyncio.IncompleteReadError, ValueError) as exc:
+    except (OSError, web.HTTPException, web.RequestPayloadError, asyncio.IncompleteReadError, ValueError) as exc:
         # the client went away, or its chunked encoding was broken (aiohttp's payload errors are OSErrors
         # or ValueErrors): nobody is there to answer
         return None, "client_gone" if isinstance(exc, ConnectionError) else "bad_body"
@@ -215,7 +229,7 @@ async def _store(app: web.Application, settings: ReceiverSettings, body: bytes) 
                 stores.release()
     except (RedisError, TimeoutError, OSError) as exc:
         _count(app, "store_failed")
-        logger.warning("could not store a webhook ({}): answered 503, Meta will redeliver", type(exc).__name__)
+        app[_STORE_FAILURES](type(exc).__name__)
         return web.Response(status=503, text="store unavailable")
     _count(app, "stored")
     return web.Response(text="ok")
@@ -253,6 +267,9 @@ def create_app(
     app[BUDGET] = BodyBudget(settings.read_memory)
     app[_SINCE] = [0.0]
     app[_COUNTERS] = {}
+    app[_STORE_FAILURES] = Noise(
+        lambda _kind: None, "could not store webhooks ({}) since the last such line: answered 503, Meta will redeliver"
+    )
     app[_STORING] = asyncio.Semaphore(STORES_AT_ONCE)
     app.router.add_get(PATH, handshake)
     app.router.add_post(PATH, receive)
@@ -287,15 +304,23 @@ class Endpoints:
     def __init__(self, public: web.Application, settings: ReceiverSettings) -> None:
         self.public = public
         self.settings = settings
-        self.noise = ClientNoise(lambda kind: _count(public, kind))
+        self.noise = Noise(
+            lambda kind: _count(public, kind), "public port: {} since the last such line (clients' doing; in metrics)"
+        )
         self.guard = ConnectionGuard(
             max_connections=connection_cap(settings.max_connections, reserve=STORES_AT_ONCE),
             read_timeout=settings.read_timeout,
             noise=self.noise,
         )
         public[GUARD] = self.guard
+        # auto_decompress off: the HMAC is over the bytes as sent (a compressed body is refused anyway)
         self._runner = web.AppRunner(
-            public, access_log=None, logger=client_logger(self.noise), lingering_time=1.0, handle_signals=False
+            public,
+            access_log=None,
+            logger=client_logger(self.noise),
+            lingering_time=1.0,
+            handle_signals=False,
+            auto_decompress=False,
         )
         self._admin = web.AppRunner(admin_app(public), access_log=None)
         self._server: asyncio.Server | None = None
@@ -327,6 +352,7 @@ class Endpoints:
         await self._admin.cleanup()
         await self._runner.cleanup()
         self.noise.flush()
+        self.public[_STORE_FAILURES].flush()
 
 
 _ROLES = {"all": "answering and processing", "answer": "answering only", "process": "processing only"}

@@ -12,7 +12,7 @@ process of descriptors (asyncio then logs every failed ``accept``). The guard wr
 * lends request bodies room from a shared budget (:class:`BodyBudget`), so bodies read at once never hold more
   than ``WEBHOOK_READ_MEMORY``.
 
-Nothing a client does is logged with a traceback or its content: :class:`ClientNoise` counts it and writes at
+Nothing a client does is logged with a traceback or its content: :class:`Noise` counts it and writes at
 most one line per :data:`NOISE_EVERY` seconds, for aiohttp's own errors (a malformed request, a client gone
 mid-body) and for asyncio's ``accept`` failures alike.
 """
@@ -35,11 +35,14 @@ FD_RESERVE = 64
 """Descriptors kept back from the connection cap for Redis, the admin port and the log."""
 
 
-class ClientNoise:
-    """Counts what clients cause and says so in one line now and then (the module doc)."""
+class Noise:
+    """Counts events of a kind and says so in one line now and then (at most every ``every`` seconds), so that
+    what a client, or an outage, can repeat a thousand times a second costs a line, not a thousand. ``line``
+    has one ``{}`` for the counts."""
 
-    def __init__(self, count: Callable[[str], None], *, every: float = NOISE_EVERY) -> None:
+    def __init__(self, count: Callable[[str], None], line: str, *, every: float = NOISE_EVERY) -> None:
         self._count = count
+        self.line = line
         self.every = every
         self._since = Counter[str]()
         self._last = 0.0
@@ -53,8 +56,7 @@ class ClientNoise:
     def flush(self) -> None:
         """Say what was counted since the last line (on the way out too, so that no count goes unsaid)."""
         if self._since:
-            summary = ", ".join(f"{n} {k}" for k, n in sorted(self._since.items()))
-            logger.warning("public port: {} since the last such line (clients' doing; counted in metrics)", summary)
+            logger.warning(self.line, ", ".join(f"{n} {k}" for k, n in sorted(self._since.items())))
             self._since.clear()
         self._last = time.monotonic()
 
@@ -62,7 +64,7 @@ class ClientNoise:
 class _NoiseFilter(logging.Filter):
     """On aiohttp's server logger (and asyncio's): each record becomes a count and, now and then, one line."""
 
-    def __init__(self, noise: ClientNoise, *, only: Callable[[logging.LogRecord], bool] | None = None) -> None:
+    def __init__(self, noise: Noise, *, only: Callable[[logging.LogRecord], bool] | None = None) -> None:
         super().__init__()
         self.noise = noise
         self.only = only
@@ -72,9 +74,9 @@ class _NoiseFilter(logging.Filter):
             return True
         exc = record.exc_info[1] if record.exc_info else None
         if record.msg == "Unhandled exception" and exc is not None:
-            # A handler that raised is ours to fix, whoever sent the request: said in one line, no traceback
-            # (it can hold the request's content).
-            logger.error("public port: a request handler raised {}; answered 500", type(exc).__name__)
+            # A handler that raised is ours to fix, whoever sent the request; counted and said now and then,
+            # without a traceback (it can hold the request's content)
+            self.noise("handler_raised_" + type(exc).__name__)
             return False
         if self.only is not None:
             self.noise("accept_failed")
@@ -85,7 +87,7 @@ class _NoiseFilter(logging.Filter):
         return False
 
 
-def client_logger(noise: ClientNoise) -> logging.Logger:
+def client_logger(noise: Noise) -> logging.Logger:
     """The logger aiohttp's request handlers are given on the public port."""
     log = logging.getLogger("cgb_worker.receiver.clients")
     log.filters = [_NoiseFilter(noise)]
@@ -93,7 +95,7 @@ def client_logger(noise: ClientNoise) -> logging.Logger:
     return log
 
 
-def quiet_accept_errors(noise: ClientNoise) -> None:
+def quiet_accept_errors(noise: Noise) -> None:
     """asyncio logs each failed ``accept()`` (out of descriptors) with a traceback: count them instead."""
     log = logging.getLogger("asyncio")
     log.filters = [f for f in log.filters if not isinstance(f, _NoiseFilter)]
@@ -144,7 +146,7 @@ class ConnectionGuard:
     not a timer per request: setting it costs an assignment, and a deadline is kept to within a tick."""
 
     def __init__(
-        self, *, max_connections: int, read_timeout: float, noise: ClientNoise, idle_timeout: float = IDLE_TIMEOUT
+        self, *, max_connections: int, read_timeout: float, noise: Noise, idle_timeout: float = IDLE_TIMEOUT
     ) -> None:
         self.max_connections = max_connections
         self.read_timeout = read_timeout
@@ -162,17 +164,31 @@ class ConnectionGuard:
                 conn.expire()
 
     def evict(self) -> bool:
-        """Close the longest-open connection that is not in a request's handler, to make room for a new one: a
-        client holding connections open without sending requests loses them to one that sends. False when
-        every connection is in a handler."""
+        """Close a connection to make room for a new one: the longest-open that is not in a request's handler,
+        else the longest-open still sending a body after :data:`SLOW_BODY` seconds (Meta's come with their
+        headers). A client holding connections without sending, or sending a body slowly, loses them to one
+        that sends. False when every connection is in a handler that is not waiting on a slow body."""
+        slow = asyncio.get_running_loop().time() - SLOW_BODY
         for transport, conn in self.live.items():
             if not conn.handling:
-                self.noise("evicted_connection")
-                self.live.pop(transport)
-                conn.deadline = 0.0
-                _abort(transport)
-                return True
+                return self._evict(transport, conn)
+        for transport, conn in self.live.items():
+            if 0 < conn.body_since <= slow:
+                return self._evict(transport, conn)
         return False
+
+    def _evict(self, transport: asyncio.BaseTransport, conn: _Guarded) -> bool:
+        self.noise("evicted_connection")
+        self.live.pop(transport)
+        conn.deadline = 0.0
+        _abort(transport)
+        return True
+
+    def reading(self, transport: asyncio.BaseTransport | None, reading: bool) -> None:
+        """A handler waits for the rest of its body (True), or no longer does (False)."""
+        conn = self.live.get(transport) if transport is not None else None
+        if conn is not None:
+            conn.body_since = asyncio.get_running_loop().time() if reading else 0.0
 
     def factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         return lambda: _Guarded(self, inner)
@@ -194,6 +210,8 @@ class ConnectionGuard:
 
 
 TICK = 0.25
+SLOW_BODY = 1.0
+"""Seconds after which a body still coming in makes its connection one that a new connection may evict."""
 
 
 class _Guarded(asyncio.Protocol):
@@ -211,6 +229,8 @@ class _Guarded(asyncio.Protocol):
         self.handling = 0
         self.more = False
         """Bytes of a further request came while a handler ran."""
+        self.body_since = 0.0
+        """The loop's time since which a handler has waited for the rest of this connection's body, or 0."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         guard = self.guard
