@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from .logs import mask_text as logs_mask_text
+
 _RUN = re.compile(r"[0-9]{7,}")
 KEEP = frozenset(
     {
@@ -35,8 +37,50 @@ def mask_id(value: str) -> str:
 
 
 def mask_body(body: bytes) -> str:
-    """What is kept of a body that is not JSON: its first 2 KiB as text, digit runs masked."""
-    return mask_digits(body[:TEXT_MAX].decode("utf-8", errors="replace"))
+    """What is kept of a body that is not JSON: the shape of its first 2 KiB, every letter an ``x`` and every
+    digit a ``0`` (punctuation and spacing kept), so that names, texts and numbers in any spelling are gone."""
+    text = body[:TEXT_MAX].decode("utf-8", errors="replace")
+    return _SHAPE.sub(lambda m: "0" if m.group().isdigit() else "x", text)
+
+
+_SHAPE = re.compile(r"\w")
+
+
+def mask_text(text: str) -> str:
+    """A value kept for diagnosis (an error's message): phone numbers in any spelling masked as the logs mask
+    them, and any run of seven digits or more."""
+    return mask_digits(logs_mask_text(text))
+
+
+def status_kept(raw: dict[str, Any]) -> dict[str, Any]:
+    """Meta's status object as a timeline or a held status keeps it: what the status is (its wamid, value, time,
+    conversation, pricing and errors, messages masked), the recipient masked to its last two digits, and
+    nothing else (``biz_opaque_callback_data``, for one, which CGB fills with the phone's digits)."""
+    kept: dict[str, Any] = {k: raw[k] for k in ("id", "status", "timestamp", "type") if isinstance(raw.get(k), str)}
+    rid = raw.get("recipient_id")
+    if isinstance(rid, str):
+        kept["recipient_id"] = mask_id(rid)
+    if isinstance(raw.get("recipient_user_id"), str):
+        kept["recipient_user_id"] = raw["recipient_user_id"]  # a business-scoped id, not a phone
+    for part in ("conversation", "pricing"):
+        if isinstance(raw.get(part), dict):
+            kept[part] = redact(raw[part])
+    if isinstance(raw.get("errors"), list):
+        kept["errors"] = [_error(e) for e in raw["errors"] if isinstance(e, dict)]
+    return kept
+
+
+def _error(error: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(error.get("code"), int) and not isinstance(error.get("code"), bool):
+        out["code"] = error["code"]
+    for key in ("title", "message", "href"):
+        if isinstance(error.get(key), str):
+            out[key] = mask_text(error[key])
+    data = error.get("error_data")
+    if isinstance(data, dict) and isinstance(data.get("details"), str):
+        out["error_data"] = {"details": mask_text(data["details"])}
+    return out
 
 
 def redact(obj: Any) -> Any:
@@ -54,7 +98,7 @@ def _walk(obj: Any, keep: bool, key: str | None, depth: int) -> Any:
         return [_walk(v, keep, key, depth + 1) for v in obj]
     if isinstance(obj, str):
         if keep:
-            return obj if key == "timestamp" else mask_digits(obj)
+            return obj if key == "timestamp" else mask_text(obj)
         return f"<redacted {len(obj)} chars>"
     if isinstance(obj, bool) or obj is None:
         return obj

@@ -99,7 +99,8 @@ GOOD = json.dumps(status("wamid.OK", "sent")).encode()
 HOSTILE: dict[str, tuple[bytes, str]] = {
     # name: (body, "body" when the whole body is kept, "item" when one item is set aside)
     "not JSON": (b"{nope " + PHONE.encode(), "body"),
-    "invalid UTF-8 in a key": (body().replace(b'"statuses"', b'"stat\xffuses"'), "item"),
+    # a key that is not one the receiver reads is skipped unread, like any other unknown key: nothing to keep
+    "invalid UTF-8 in a key": (body().replace(b'"statuses"', b'"stat\xffuses"'), "none"),
     "invalid UTF-8 in a string value": (body(status("wamid.\xff", "sent")).replace(b"\\u00ff", b"\xff"), "item"),
     "invalid UTF-8 in a timestamp": (body(status("wamid.T", "sent", ts="17\xff")).replace(b"\\u00ff", b"\xff"), "item"),
     "nesting 2,000 deep inside an object": (
@@ -129,6 +130,10 @@ async def test_a_hostile_body_is_kept_redacted_and_counted_never_raised(
     await store(pool, hostile, body(status("wamid.OK", "sent")))  # its neighbour in the same batch
     await drain(proc)
     kept = await redis_client.xrange(keys.MALFORMED)
+    if kept_as == "none":
+        assert kept == []
+        assert PHONE.encode() not in await everything(redis_client)
+        return
     assert len(kept) == 1, kept
     fields = kept[0][1]
     assert kept_as.encode() in fields
@@ -221,7 +226,7 @@ def test_mask_digits_and_redact() -> None:
     error = {"code": 131047, "title": "Re-engagement", "href": "x"}
     kept = redact({"id": f"wamid.{PHONE}", "timestamp": "1", "text": {"body": "hi"}, "recipient_id": PHONE,
                    "errors": [error], "wa_id": 12025550100})  # fmt: skip
-    assert kept == {"id": "wamid.*********00", "timestamp": "1", "text": {"body": "<redacted 2 chars>"},
+    assert kept == {"id": "wamid.+1********00", "timestamp": "1", "text": {"body": "<redacted 2 chars>"},
                     "recipient_id": "<redacted 11 chars>", "wa_id": "*********00",
                     "errors": [{"code": 131047, "title": "Re-engagement", "href": "<redacted 1 chars>"}]}  # fmt: skip
 
@@ -414,3 +419,66 @@ async def test_health_reports_a_frozen_redis() -> None:
         server.terminate()
         server.wait(10)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+# -- what the attack on issue 20 found ----------------------------------------------------------------------------
+
+
+async def test_one_undecodable_status_is_set_aside_alone_and_its_neighbour_is_used(
+    pool: Any, redis_client: Any
+) -> None:
+    """Invalid UTF-8 inside one status used to set aside the whole change, its good neighbour with it."""
+    at = int(time.time())
+    await send(pool, "job-ok", OTHER, at * 1000 - 500)
+    good = status("wamid.OK1", "sent", to=OTHER, ts=at)
+    hostile = body(status("wamid.BAD", "sent", ts=at), good).replace(b'"wamid.BAD"', b'"wamid.B\xffD"')
+    proc = make(pool)
+    await store(pool, hostile)
+    await drain(proc)
+    kept = await redis_client.xrange(keys.MALFORMED)
+    assert [f[b"reason"] for _, f in kept] == [b"a status: invalid UTF-8"]
+    assert b"wamid.OK1" in (await redis_client.hget(keys.sends("job-ok"), "d:text") or b"")
+
+
+async def test_a_lone_surrogate_in_a_text_does_not_spoil_the_body(pool: Any, redis_client: Any) -> None:
+    """A truncated emoji (``\\ud83d`` alone) in an inbound text made every decoder refuse the whole body."""
+    at = int(time.time())
+    await send(pool, "job-s", OTHER, at * 1000 - 500)
+    message = {"from": PHONE, "id": "wamid.IN", "timestamp": str(at), "type": "text", "text": {"body": "hi SURR"}}
+    raw = body(status("wamid.S1", "sent", to=OTHER, ts=at), messages=[message]).replace(b"SURR", b"\\ud83d")
+    assert b"\\ud83d" in raw
+    proc = make(pool)
+    await store(pool, raw)
+    await drain(proc)
+    assert await redis_client.xlen(keys.MALFORMED) == 0
+    assert b"wamid.S1" in (await redis_client.hget(keys.sends("job-s"), "d:text") or b"")
+    assert await redis_client.exists(keys.window(keys.who("+" + PHONE)))  # the message opened the window
+
+
+async def test_what_is_kept_of_an_unreadable_body_holds_no_name_text_or_number(pool: Any, redis_client: Any) -> None:
+    junk = b'{"contacts": [{"profile": {"name": "Jane SECRETNAME Roe"}}], "text": "call +1 (202) 555-0101" \xff'
+    proc = make(pool)
+    await store(pool, junk)
+    await drain(proc)
+    [(_, fields)] = await redis_client.xrange(keys.MALFORMED)
+    kept = b" ".join(fields.values())
+    for secret in (b"SECRETNAME", b"Jane", b"555", b"0101", b"call"):
+        assert secret not in kept, (secret, kept)
+    assert b'{"xxxxxxxx": [{"xxxxxxx"' in kept  # the shape is still there to look at
+
+
+async def test_a_held_status_keeps_no_callback_data_or_phone_in_an_error(pool: Any, redis_client: Any) -> None:
+    """CGB fills biz_opaque_callback_data with the phone's digits; an error's message can name a number."""
+    error = {"code": 131026, "title": "Undeliverable", "message": "to +1 202-555-0100 failed",
+             "error_data": {"details": f"number {PHONE}"}}  # fmt: skip
+    held = status("wamid.H", "failed", ts=int(time.time()), errors=[error],
+                  biz_opaque_callback_data=json.dumps({"c": PHONE}))  # fmt: skip
+    proc = make(pool)
+    await store(pool, body(held))
+    await drain(proc)
+    assert await redis_client.zcard(keys.ORPHANS) == 1
+    stored = await everything(redis_client)
+    assert PHONE.encode() not in stored
+    assert b"555-0100" not in stored
+    assert b"biz_opaque" not in stored
+    assert b"131026" in stored  # what the status is stays

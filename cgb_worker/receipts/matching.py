@@ -31,7 +31,7 @@ from redis.exceptions import ResponseError
 
 from .. import keys
 from ..metrics import ReceiverMetrics
-from ..privacy import mask_id, redact
+from ..privacy import redact, status_kept
 from ..scripts import Applied, HoldScript, PlaceArgs, Placement, PlaceScript
 from ..sends import TTL as SEND_LOG_TTL
 from ..settings import ReceiverSettings
@@ -78,9 +78,8 @@ def script_error(exc: BaseException) -> bool:
 
 
 def masked(raw: dict[str, Any]) -> dict[str, Any]:
-    """Meta's status object as it is kept: the recipient's phone masked to its last two digits."""
-    rid = raw.get("recipient_id")
-    return {**raw, "recipient_id": mask_id(rid)} if isinstance(rid, str) else raw
+    """Meta's status object as it is kept (:func:`cgb_worker.privacy.status_kept`)."""
+    return status_kept(raw)
 
 
 def who_from(stored: bytes | None) -> str | None:

@@ -10,6 +10,7 @@ is Meta's, and the processor works through a big one in slices.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +96,17 @@ _entry = msgspec.json.Decoder(_Entry)
 _change = msgspec.json.Decoder(_Change)
 
 
+class _Value(msgspec.Struct):
+    """A ``messages`` change's value, its items left raw."""
+
+    statuses: list[msgspec.Raw] | None = None
+    messages: list[msgspec.Raw] | None = None
+    contacts: list[msgspec.Raw] | None = None
+
+
+_value = msgspec.json.Decoder(_Value)
+
+
 LATEST = 4_102_444_800
 """2100-01-01 in Unix seconds: a later timestamp is not one Meta sent."""
 
@@ -124,6 +136,29 @@ def _plain(raw: msgspec.Raw) -> Any:
         return bytes(raw)
 
 
+_LONE_SURROGATE = re.compile(
+    rb"(?<!\\)((?:\\\\)*)\\u(?:d[89ab][0-9a-f]{2}(?!\\ud[c-f][0-9a-f]{2})|d[c-f][0-9a-f]{2})", re.IGNORECASE
+)
+"""A ``\\uD83D`` escape with no partner (a truncated emoji): JSON that every decoder refuses, which one damaged text
+would otherwise make of a whole body. The high half is replaced only when no low half follows it; a low half
+found alone after that was alone."""
+
+
+def _mend(body: bytes) -> bytes:
+    """``body`` with each lone surrogate escape replaced by U+FFFD's (a valid pair is left as it is)."""
+    mended = bytearray()
+    last = 0
+    for m in _LONE_SURROGATE.finditer(body):
+        start = m.start()
+        if m.group(0)[len(m.group(1)) + 2 : len(m.group(1)) + 3].lower() in (b"c", b"d", b"e", b"f") and re.match(
+            rb"\\ud[89ab][0-9a-f]{2}$", body[max(0, start - 6) : start], re.IGNORECASE
+        ):
+            continue  # the low half of a pair
+        mended += body[last:start] + m.group(1) + b"\\ufffd"
+        last = m.end()
+    return bytes(mended + body[last:]) if last else body
+
+
 def parse_payload(body: bytes) -> Parsed:
     """The ``messages`` changes of a webhook body, item by item (the module doc). :class:`MalformedError` only for
     an envelope that is not a WhatsApp webhook. Changes to other fields (template reviews, account updates) are
@@ -131,7 +166,13 @@ def parse_payload(body: bytes) -> Parsed:
     try:
         envelope = _envelope.decode(body)
     except UNDECODABLE as exc:
-        raise MalformedError(f"not a webhook payload: {_why(exc)}") from None
+        mended = _mend(body)
+        if mended is body:
+            raise MalformedError(f"not a webhook payload: {_why(exc)}") from None
+        try:
+            envelope = _envelope.decode(mended)
+        except UNDECODABLE as again:
+            raise MalformedError(f"not a webhook payload: {_why(again)}") from None
     if envelope.object != "whatsapp_business_account":
         raise MalformedError("object is not whatsapp_business_account")
     parsed = Parsed()
@@ -146,13 +187,10 @@ def parse_payload(body: bytes) -> Parsed:
                 change = _change.decode(raw_change)
                 if change.field != "messages":
                     continue
-                value = msgspec.json.decode(change.value)
-                if not isinstance(value, dict):
-                    raise msgspec.ValidationError("a messages change's value must be an object")
-                lists = {name: value.get(name) or [] for name in ("statuses", "messages", "contacts")}
-                for name, items_of in lists.items():
-                    if not isinstance(items_of, list):
-                        raise msgspec.ValidationError(f"{name} must be an array")
+                # each item stays raw until it is read on its own: one with a bad byte spoils only itself
+                value = _value.decode(change.value)
+                lists = {"statuses": value.statuses or [], "messages": value.messages or [],
+                         "contacts": value.contacts or []}  # fmt: skip
             except UNDECODABLE as exc:
                 parsed.bad.append((f"a change: {_why(exc)}", _plain(raw_change)))
                 continue
@@ -160,8 +198,23 @@ def parse_payload(body: bytes) -> Parsed:
     return parsed
 
 
-def _read_change(lists: dict[str, list[Any]], bad: list[tuple[str, Any]]) -> Change:
+def _items(raws: list[msgspec.Raw], what: str, bad: list[tuple[str, Any]]) -> list[Any]:
+    items = []
+    for raw in raws:
+        try:
+            items.append(msgspec.json.decode(raw))
+        except UNDECODABLE as exc:
+            bad.append((f"{what}: {_why(exc)}", _plain(raw)))
+    return items
+
+
+def _read_change(raw_lists: dict[str, list[msgspec.Raw]], bad: list[tuple[str, Any]]) -> Change:
     out = Change()
+    lists = {
+        "contacts": _items(raw_lists["contacts"], "a contact", bad),
+        "statuses": _items(raw_lists["statuses"], "a status", bad),
+        "messages": _items(raw_lists["messages"], "an inbound message", bad),
+    }
     for item in lists["contacts"]:
         try:
             out.contacts.append(msgspec.convert(item, MetaContact))
@@ -175,7 +228,7 @@ def _read_change(lists: dict[str, list[Any]], bad: list[tuple[str, Any]]) -> Cha
             continue
         if status.status not in STATUSES:
             bad.append(("a status with an unknown value", item))
-        elif not status.id or not unix_seconds(status.timestamp):
+        elif not status.id or "\ufffd" in status.id or not unix_seconds(status.timestamp):
             bad.append(("a status without a wamid or a Unix timestamp", item))
         elif not (status.recipient_id or status.recipient_user_id):
             bad.append(("a status without a recipient", item))
