@@ -238,7 +238,7 @@ async def compose_config(*args: str) -> dict[str, Any]:
 async def test_the_compose_file_parses_and_publishes_no_secret() -> None:
     config = await compose_config("--profile", "sim")
     services = config["services"]
-    assert sorted(services) == ["redis", "sim-webhooks", "sim-worker", "simulator", "webhooks", "worker"]
+    assert sorted(services) == ["redis", "sim-redis", "sim-webhooks", "sim-worker", "simulator", "webhooks", "worker"]
     assert services["webhooks"]["command"] == services["sim-webhooks"]["command"] == ["cgb-worker", "webhooks"]
     assert services["worker"]["stop_grace_period"] == services["sim-worker"]["stop_grace_period"] == "60s"
     worker, webhooks = services["worker"]["environment"], services["webhooks"]["environment"]
@@ -249,6 +249,10 @@ async def test_the_compose_file_parses_and_publishes_no_secret() -> None:
     assert "sim" not in json.dumps([services["worker"], services["webhooks"]])
     assert services["sim-worker"]["environment"]["CGB_API_URL"] == "http://simulator:8089/api"
     assert services["sim-worker"]["env_file"] == services["sim-webhooks"]["env_file"] == []
+    # the simulator's stack never shares production's Redis (its worker would take production's jobs)
+    sim_redis = {services[name]["environment"]["REDIS_URL"] for name in ("sim-worker", "sim-webhooks")}
+    assert sim_redis == {"redis://sim-redis:6379/0"}
+    assert "WEBHOOK_ADMIN_PORT" in json.dumps(services["webhooks"]["healthcheck"]["test"])
     assert sorted((await compose_config())["services"]) == [
         "redis", "webhooks", "worker",
     ]  # fmt: skip
