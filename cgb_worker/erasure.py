@@ -63,7 +63,7 @@ _OWN: tuple[tuple[str, str], ...] = (
     (keys.bsuid(""), "BSUID map"),
     (keys.sends(""), "send records"),
     (keys.throttled(""), "throttle marks"),
-    (keys.wamid(""), "wamid map"),
+    (keys.WAMID_PREFIX, "wamid map"),
     (job_key_prefix, "queued jobs"),
     (result_key_prefix, "job results"),
     (in_progress_key_prefix, "running-job markers"),
@@ -283,7 +283,7 @@ class _Walk:
             value = await self.redis.get(_name(key))
             if value is not None and person.mentioned(value) and await self.redis.delete(_name(key)):
                 self.note(key, _own_identity(key))
-                if key.startswith(keys.wamid("").encode()) and not key.endswith(b":at"):
+                if key.startswith(keys.WAMID_PREFIX.encode()) and not key.endswith(b":at"):
                     self.wamids.append(key)
         elif kind == "hash":
             drop = [

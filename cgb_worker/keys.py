@@ -110,14 +110,23 @@ def bsuid(user_id: str) -> str:
     return f"cgb:bsuid:{user_id}"
 
 
+WAMID_PREFIX = "cgb:wamid:"
+
+
 def wamid(value: str) -> str:
-    return f"cgb:wamid:{value}"
+    """Which step a placed wamid was. The key carries the wamid's keyed hash, not the wamid: Meta's wamids
+    are base64 of the recipient's phone, and a key name is what ``KEYS`` or ``MONITOR`` shows anyone."""
+    if _phone_mac is None:
+        raise RuntimeError("no phone hash key: PHONE_HASH_KEY was not wired (keys.use_phone_key) at start-up")
+    mac = _phone_mac.copy()
+    mac.update(b"wamid\0" + value.encode())
+    return WAMID_PREFIX + mac.hexdigest()[:32]
 
 
 def wamid_sent_at(value: str) -> str:
     """When a ``sent`` or ``failed`` of this wamid that could not be placed was stamped: its later statuses are
     judged by that time."""
-    return f"cgb:wamid:{value}:at"
+    return wamid(value) + ":at"
 
 
 def consumer(name: str) -> str:
