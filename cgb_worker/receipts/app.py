@@ -75,7 +75,7 @@ _SINCE: web.AppKey[list[float]] = web.AppKey("since", list)
 _COUNTERS: web.AppKey[dict[str, Any]] = web.AppKey("counters", dict)
 _PROCESSING: web.AppKey[bool] = web.AppKey("processing", bool)
 _STORE_FAILURES: web.AppKey[Noise] = web.AppKey("store_failures", Noise)
-_STORING: web.AppKey[asyncio.Semaphore] = web.AppKey("storing", asyncio.Semaphore)
+_STORING: web.AppKey[BodyBudget] = web.AppKey("storing", BodyBudget)
 STORES_AT_ONCE = 128
 """XADDs in flight at once: each holds a Redis connection, and descriptors are what a flood runs short of (the
 connection cap leaves room for them). Meta's concurrency is far below it; a wait for a slot costs more CPU than
@@ -213,7 +213,8 @@ async def _store(app: web.Application, settings: ReceiverSettings, body: bytes) 
     stores = app[_STORING]
     try:
         async with asyncio.timeout(settings.redis_timeout):
-            await stores.acquire()
+            if not stores.try_take(1):  # no await unless all slots are taken
+                await stores.take(1, wait=settings.redis_timeout)
             try:
                 if now - since[0] < SINCE_EVERY:
                     await redis.xadd(keys.INBOX, {"body": body})
@@ -226,7 +227,7 @@ async def _store(app: web.Application, settings: ReceiverSettings, body: bytes) 
                         await pipe.execute()
                     since[0] = now
             finally:
-                stores.release()
+                stores.give(1)
     except (RedisError, TimeoutError, OSError) as exc:
         _count(app, "store_failed")
         app[_STORE_FAILURES](type(exc).__name__)
@@ -270,7 +271,7 @@ def create_app(
     app[_STORE_FAILURES] = Noise(
         lambda _kind: None, "could not store webhooks ({}) since the last such line: answered 503, Meta will redeliver"
     )
-    app[_STORING] = asyncio.Semaphore(STORES_AT_ONCE)
+    app[_STORING] = BodyBudget(STORES_AT_ONCE)
     app.router.add_get(PATH, handshake)
     app.router.add_post(PATH, receive)
     if process or monitor:

@@ -292,7 +292,7 @@ def _abort(transport: asyncio.BaseTransport) -> None:
 
 
 class BodyBudget:
-    """Room for request bodies being read at once, in bytes (the module doc)."""
+    """Room shared by requests: bytes of bodies being read at once (the module doc), or XADDs in flight."""
 
     def __init__(self, total: int) -> None:
         self.total = total
