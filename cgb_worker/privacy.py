@@ -98,8 +98,6 @@ def _walk(obj: Any, keep: bool, key: str | None, depth: int) -> Any:
         return [_walk(v, keep, key, depth + 1) for v in obj]
     if isinstance(obj, str):
         if keep:
-            if key == "id" and obj.startswith("wamid."):
-                return f"wamid.<redacted {len(obj) - 6} chars>"  # base64 of the recipient's phone
             return obj if key == "timestamp" else mask_text(obj)
         return f"<redacted {len(obj)} chars>"
     if isinstance(obj, bool) or obj is None:

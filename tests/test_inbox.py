@@ -226,7 +226,7 @@ def test_mask_digits_and_redact() -> None:
     error = {"code": 131047, "title": "Re-engagement", "href": "x"}
     kept = redact({"id": f"wamid.{PHONE}", "timestamp": "1", "text": {"body": "hi"}, "recipient_id": PHONE,
                    "errors": [error], "wa_id": 12025550100})  # fmt: skip
-    assert kept == {"id": "wamid.<redacted 11 chars>", "timestamp": "1", "text": {"body": "<redacted 2 chars>"},
+    assert kept == {"id": "wamid.+1********00", "timestamp": "1", "text": {"body": "<redacted 2 chars>"},
                     "recipient_id": "<redacted 11 chars>", "wa_id": "*********00",
                     "errors": [{"code": 131047, "title": "Re-engagement", "href": "<redacted 1 chars>"}]}  # fmt: skip
 
