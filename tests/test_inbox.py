@@ -482,3 +482,34 @@ async def test_a_held_status_keeps_no_callback_data_or_phone_in_an_error(pool: A
     assert b"555-0100" not in stored
     assert b"biz_opaque" not in stored
     assert b"131026" in stored  # what the status is stays
+
+
+async def test_the_diagnostic_streams_keep_nothing_older_than_their_ttl(pool: Any, redis_client: Any) -> None:
+    """An approximate MINID trims whole nodes only: a small stream kept its old entries for good."""
+    for i in range(1, 51):
+        await redis_client.xadd(keys.MALFORMED, {"reason": "old"}, id=f"{i}-0")
+    proc = make(pool, diagnostics_ttl=1.0)
+    await store(pool, b"{nope")
+    await drain(proc)
+    kept = await redis_client.xrange(keys.MALFORMED)
+    assert [f[b"reason"] for _, f in kept] != []
+    assert b"old" not in [f[b"reason"] for _, f in kept]
+
+
+async def test_a_big_body_is_parsed_off_the_event_loop(pool: Any) -> None:
+    import threading
+
+    proc = make(pool)
+    where: list[bool] = []
+    real = proc.read
+
+    def read(body: bytes) -> Any:
+        where.append(threading.current_thread() is threading.main_thread())
+        return real(body)
+
+    proc.read = read  # type: ignore[method-assign]
+    big = body(*(status(f"wamid.{i}", "delivered", ts=1) for i in range(4000)))
+    assert len(big) > 256 * 1024
+    await store(pool, body(status("wamid.small", "delivered")), big)
+    await drain(proc)
+    assert where == [True, False]  # the small one on the loop, the big one in a thread

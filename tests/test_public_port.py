@@ -368,7 +368,11 @@ async def test_a_request_aiohttp_refuses_is_400_and_its_url_is_not_logged(stack:
     assert await stack.metric("bad_request") >= 1
 
 
-@pytest.mark.parametrize("encoding", [b"gzip", b"deflate", b"br"])
+@pytest.mark.parametrize(
+    "encoding",
+    [b"gzip", b"deflate", b"br", b"identity\r\nContent-Encoding: gzip"],
+    ids=["gzip", "deflate", "br", "two"],
+)
 async def test_a_compressed_body_is_415_not_a_500(stack: Stack, encoding: bytes) -> None:
     head = post_head(b"X-Hub-Signature-256: " + b"sha256=" + b"0" * 64, b"Content-Encoding: " + encoding, length=5)
     status, _ = await exchange(stack.port, head, b"abcde")
@@ -399,6 +403,23 @@ async def test_slow_bodies_filling_the_cap_do_not_lock_out_a_signed_post(stack: 
         for writer in held:
             writer.close()
     assert [status for status, _ in results] == [200] * 5
+
+
+async def test_bodies_announced_big_and_sent_slowly_do_not_spend_the_read_budget(stack: Stack) -> None:
+    """Room is charged for bytes received: announcements adding up to the 16 MiB budget, each sending a byte, used
+    to answer every signed POST 503 until their read timeout."""
+    held: list[asyncio.StreamWriter] = []
+    try:
+        for size in [3 * 1024 * 1024] * 5 + [1024 * 1024]:
+            _, writer = await asyncio.open_connection("127.0.0.1", stack.port)
+            writer.write(post_head(b"X-Hub-Signature-256: sha256=" + b"0" * 64, length=size) + b"x")
+            held.append(writer)
+        await asyncio.sleep(0.3)
+        status, _ = await exchange(stack.port, post_head(b"X-Hub-Signature-256: " + GOOD, length=len(BODY)), BODY)
+    finally:
+        for writer in held:
+            writer.close()
+    assert status == 200
 
 
 async def test_admin_endpoints_are_not_on_the_public_port(stack: Stack) -> None:

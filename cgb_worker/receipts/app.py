@@ -54,8 +54,6 @@ from .inbox import Processor
 
 PATH = "/webhooks/whatsapp"
 _SIGNATURE = re.compile(r"sha256=([0-9a-fA-F]{64})")
-ROOM_WAIT = 1.0
-"""Seconds a body waits for room in the read budget before it is answered 503."""
 SINCE_EVERY = 60.0
 
 
@@ -126,7 +124,7 @@ async def receive(request: web.Request) -> web.Response:
         if wanted is None:
             _count(app, "bad_signature")
             return _refuse(401, "bad signature")
-        if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+        if any(v.strip().lower() != "identity" for v in request.headers.getall("Content-Encoding", ())):
             # Meta signs and sends the body as it is; a compressed one would be signed over other bytes
             _count(app, "bad_body")
             return _refuse(415, "content-encoding not accepted")
@@ -138,33 +136,36 @@ async def receive(request: web.Request) -> web.Response:
         if processor is not None and processor.inbox_length >= settings.inbox_max:
             _count(app, "overloaded")
             return _refuse(503, "busy")
-        budget = app[BUDGET]
-        room = min(length or settings.max_body, settings.max_body)
-        if not budget.try_take(room) and not await budget.take(room, wait=ROOM_WAIT):
-            _count(app, "overloaded")
-            return _refuse(503, "busy")
-        try:  # the room is held until the body is stored or dropped
+        # Room in the read budget is taken for the bytes as they arrive, not for what the headers announce: a
+        # client that announces 3 MiB and sends a byte a second holds a byte, not 3 MiB of everyone's room.
+        held = _Held(app[BUDGET])
+        try:
             mac = hmac.new(settings.app_secret.get_secret_value().encode(), digestmod=hashlib.sha256)
+            room = settings.max_body
             try:
                 # Meta's bodies are small: the whole of one has nearly always come with its headers
                 first = request.content.read_nowait(room + 1)
             except (web.RequestPayloadError, OSError, ValueError):
                 first, chunks, outcome = b"", None, "bad_body"
             else:
-                mac.update(first)
-                if len(first) == length:
+                if not held.take(len(first)):
+                    chunks, outcome = None, "overloaded"
+                elif len(first) == length:
+                    mac.update(first)
                     chunks, outcome = [first], "ok"
                 else:
+                    mac.update(first)
                     if guard is not None:
                         guard.reading(transport, True)
                     try:
-                        chunks, outcome = await _read_rest(request, settings, room, first, mac)
+                        chunks, outcome = await _read_rest(request, settings, room, first, mac, held)
                     finally:
                         if guard is not None:
                             guard.reading(transport, False)
             if chunks is None:
                 _count(app, outcome)
-                return _refuse({"too_large": 413, "read_timeout": 408}.get(outcome, 400), outcome.replace("_", " "))
+                code = {"too_large": 413, "read_timeout": 408, "overloaded": 503}.get(outcome, 400)
+                return _refuse(code, outcome.replace("_", " "))
             if not hmac.compare_digest(mac.hexdigest(), wanted.group(1).lower()):
                 _count(app, "bad_signature")
                 return _refuse(401, "bad signature")  # its chunks were never joined: no second copy of a forgery
@@ -172,17 +173,39 @@ async def receive(request: web.Request) -> web.Response:
             chunks.clear()
             return await _store(app, settings, body)
         finally:
-            budget.give(room)
+            held.release()
     finally:
         if guard is not None:
             guard.finished(transport)
 
 
+class _Held:
+    """What one request holds of the read budget; given back when it ends."""
+
+    __slots__ = ("budget", "size")
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget = budget
+        self.size = 0
+
+    def take(self, size: int) -> bool:
+        if not self.budget.try_take(size):
+            return False
+        self.size += size
+        return True
+
+    def release(self) -> None:
+        if self.size:
+            self.budget.give(self.size)
+            self.size = 0
+
+
 async def _read_rest(
-    request: web.Request, settings: ReceiverSettings, room: int, first: bytes, mac: Any
+    request: web.Request, settings: ReceiverSettings, room: int, first: bytes, mac: Any, held: _Held
 ) -> tuple[list[bytes] | None, str]:
     """The body's chunks after ``first``, read within the read timeout and never past ``room`` bytes, each fed to
-    ``mac`` as it comes; else None and why."""
+    ``mac`` and charged to the read budget as it comes; else None and why (``overloaded``: the budget is spent,
+    a 503)."""
     if len(first) > room:
         return None, "too_large"
     chunks = [first] if first else []
@@ -193,6 +216,8 @@ async def _read_rest(
                 size += len(chunk)
                 if size > room:
                     return None, "too_large"
+                if not held.take(len(chunk)):
+                    return None, "overloaded"
                 mac.update(chunk)
                 chunks.append(chunk)
     except TimeoutError:

@@ -165,17 +165,20 @@ class ConnectionGuard:
 
     def evict(self) -> bool:
         """Close a connection to make room for a new one: the longest-open that is not in a request's handler,
-        else the longest-open still sending a body after :data:`SLOW_BODY` seconds (Meta's come with their
-        headers). A client holding connections without sending, or sending a body slowly, loses them to one
-        that sends. False when every connection is in a handler that is not waiting on a slow body."""
-        slow = asyncio.get_running_loop().time() - SLOW_BODY
+        else, of those still sending a body after :data:`SLOW_BODY` seconds (Meta's come with their headers),
+        the one sending it slowest. A client holding connections without sending, or sending bodies slowly, loses
+        them to one that sends. False when every connection is in a handler that is not waiting on a body."""
+        now = asyncio.get_running_loop().time()
         for transport, conn in self.live.items():
             if not conn.handling:
                 return self._evict(transport, conn)
+        slowest: tuple[float, asyncio.BaseTransport, _Guarded] | None = None
         for transport, conn in self.live.items():
-            if 0 < conn.body_since <= slow:
-                return self._evict(transport, conn)
-        return False
+            if 0 < conn.body_since <= now - SLOW_BODY:
+                rate = conn.body_bytes / (now - conn.body_since)
+                if slowest is None or rate < slowest[0]:
+                    slowest = (rate, transport, conn)
+        return self._evict(slowest[1], slowest[2]) if slowest is not None else False
 
     def _evict(self, transport: asyncio.BaseTransport, conn: _Guarded) -> bool:
         self.noise("evicted_connection")
@@ -189,6 +192,7 @@ class ConnectionGuard:
         conn = self.live.get(transport) if transport is not None else None
         if conn is not None:
             conn.body_since = asyncio.get_running_loop().time() if reading else 0.0
+            conn.body_bytes = 0
 
     def factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         return lambda: _Guarded(self, inner)
@@ -210,8 +214,9 @@ class ConnectionGuard:
 
 
 TICK = 0.25
-SLOW_BODY = 1.0
-"""Seconds after which a body still coming in makes its connection one that a new connection may evict."""
+SLOW_BODY = 0.25
+"""Seconds after which a body still coming in makes its connection one that a new connection may evict (the
+slowest sender first)."""
 
 
 class _Guarded(asyncio.Protocol):
@@ -231,6 +236,8 @@ class _Guarded(asyncio.Protocol):
         """Bytes of a further request came while a handler ran."""
         self.body_since = 0.0
         """The loop's time since which a handler has waited for the rest of this connection's body, or 0."""
+        self.body_bytes = 0
+        """Bytes of that body received since then: what tells a slow sender from a big body."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         guard = self.guard
@@ -248,7 +255,10 @@ class _Guarded(asyncio.Protocol):
         if self.inner is None:
             return
         if self.handling:
-            self.more = True
+            if self.body_since:
+                self.body_bytes += len(data)
+            else:
+                self.more = True
         elif not self.reading:
             self.arm(self.guard.read_timeout, reading=True)
         self.inner.data_received(data)

@@ -40,6 +40,7 @@ from ..sends import TTL as SEND_LOG_TTL
 from ..sends import parse_member
 from ..settings import ReceiverSettings
 from ..window import WINDOW_TTL
+from .guard import Noise
 from .matching import BSUID_TTL, Matcher, Pending, masked, script_error, who_from
 from .payload import UNDECODABLE, MalformedError, Parsed, parse_payload
 from .reactions import Reactor
@@ -59,6 +60,8 @@ SLICE = 500
 the heartbeat) is never held long."""
 HEARTBEAT_TTL = 15
 MONITOR_EVERY = 1.0
+BIG_BODY = 256 * 1024
+"""Bytes over which a stored body is parsed in a thread."""
 CLAIM_EVERY = 2.0
 """Seconds between looks for dead receivers' entries, when this one has none of its own."""
 SET_ASIDE_MAX = 100
@@ -114,6 +117,10 @@ class Processor:
         self._monitor: asyncio.Task[None] | None = None
         self._looked = -CLAIM_EVERY
         self._swept: set[bytes] = set()
+        self._redis_failures = Noise(
+            lambda _kind: None,
+            "webhook processor: Redis failed ({}) since the last such line; trying again each second",
+        )
         self.processing = True
         """False in a receiver that only answers (``WEBHOOK_ROLE=answer``): it samples, for its health and the
         inbox cap, but takes no entries."""
@@ -133,14 +140,15 @@ class Processor:
 
     def health(self) -> tuple[bool, str]:
         """Whether this receiver is doing its work, from what the processor and its monitor last saw; no Redis
-        round trip, so a frozen Redis is reported (within ``WEBHOOK_REDIS_TIMEOUT`` and a second) rather than
+        round trip, so a frozen Redis is reported (within ``WEBHOOK_REDIS_TIMEOUT``: the monitor samples every second)
+        rather than
         waited on. A long batch is healthy: the monitor runs beside it."""
         if self._task is None:
             return False, "the processor has not started"
         if self._task.done() or self._monitor is None or self._monitor.done():
             return False, "the processor has stopped"
         quiet = time.monotonic() - self._sampled
-        if quiet > self.settings.redis_timeout + MONITOR_EVERY:
+        if quiet > self.settings.redis_timeout:
             return False, f"no answer from Redis for {quiet:.1f} s"
         if self.processing and self.backlog.oldest_seconds > self.settings.max_lag:
             return False, f"the oldest stored webhook has waited {self.backlog.oldest_seconds:.0f} s"
@@ -198,7 +206,7 @@ class Processor:
                     await self.sweep()
                     last_sweep = self.alive
             except RedisError as exc:
-                logger.warning("webhook processor: Redis failed ({}); trying again in 1 s", type(exc).__name__)
+                self._redis_failures(type(exc).__name__)
                 await asyncio.sleep(1.0)
             except Exception:
                 logger.exception("webhook processor: unexpected error; going on in 1 s")
@@ -361,7 +369,9 @@ class Processor:
     async def _batch(self, entries: list[_Entry]) -> list[str]:
         for e in entries:
             try:
-                e.parsed = self.read(e.body)
+                # a big body is parsed in a thread: its items' Python work would otherwise hold the event loop
+                # (and the answers to Meta's posts) for as long as it takes
+                e.parsed = await asyncio.to_thread(self.read, e.body) if len(e.body) > BIG_BODY else self.read(e.body)
             except MalformedError as exc:
                 e.malformed = str(exc)
             except RecursionError:
@@ -477,7 +487,8 @@ class Processor:
                         kept += 1
                 outcomes.append("duplicate" if e.statuses and e.duplicates == e.statuses else "ok")
             if kept:
-                pipe.xtrim(keys.MALFORMED, minid=self.matcher.min_id(), approximate=True)
+                # exact: an approximate MINID trims whole nodes only, which a small stream never fills
+                pipe.xtrim(keys.MALFORMED, minid=self.matcher.min_id(), approximate=False)
             answers = await pipe.execute(raise_on_error=False)
         for answer in answers[: len(holds)]:
             self.matcher.held(answer)

@@ -246,7 +246,8 @@ class Matcher:
                     self._give_up(pipe, item, p, found)
                 else:
                     pipe.zadd(keys.ORPHANS, {item: min(now + max(1.0, age), first + self.hold_for)}, xx=True)
-            pipe.xtrim(keys.UNMATCHED, minid=self.min_id(), approximate=True)
+            # exact: an approximate MINID trims whole nodes only, which a small stream never fills
+            pipe.xtrim(keys.UNMATCHED, minid=self.min_id(), approximate=False)
             pipe.zcard(keys.ORPHANS)
             answered = await pipe.execute()
         self._held = int(answered[-1])
