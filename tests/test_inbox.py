@@ -23,7 +23,6 @@ from cgb_worker import create_pool, keys
 from cgb_worker.metrics import ReceiverMetrics
 from cgb_worker.privacy import mask_digits, redact
 from cgb_worker.receipts import Processor
-from cgb_worker.receipts.inbox import CLAIM_EVERY
 from cgb_worker.sends import StepRecord
 from cgb_worker.settings import ReceiverSettings, Secret
 
@@ -274,7 +273,12 @@ async def test_the_held_set_is_capped(pool: Any, redis_client: Any) -> None:
 # -- claims only from dead receivers ---------------------------------------------------------------------------
 
 
-async def test_a_busy_receivers_entries_are_never_taken_a_dead_ones_are(pool: Any, redis_client: Any) -> None:
+async def test_a_busy_receivers_entries_are_never_taken_a_dead_ones_are(
+    pool: Any, redis_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cgb_worker.receipts import inbox
+
+    monkeypatch.setattr(inbox, "CLAIM_EVERY", 0.5)  # looks for dead receivers' entries four times as often
     now = int(time.time())
     for i in range(6):
         await pool.hset(keys.sends(f"j{i}"), mapping=StepRecord(f"j{i}", "text", f"+{PHONE}", 0, True).fields())
@@ -303,7 +307,7 @@ async def test_a_busy_receivers_entries_are_never_taken_a_dead_ones_are(pool: An
     await _until(lambda: len(seen) == 6)  # the slow one took every entry
     quick_task = asyncio.create_task(quick.run(stop_quick))
     for _ in range(3):  # the quick one looks for dead receivers' entries again and again, past the TTL
-        await asyncio.sleep(quick.heartbeat_ttl + CLAIM_EVERY)
+        await asyncio.sleep(quick.heartbeat_ttl + inbox.CLAIM_EVERY)
         assert len(seen) == 6
     release.set()
     await _until(lambda: redis_client.xlen(keys.DELIVERIES), want=6)
