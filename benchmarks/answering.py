@@ -24,22 +24,10 @@ from typing import Any
 import aiohttp
 
 from .processing import PHONE_KEY
+from .system import cpu_seconds, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-app-secret-not-real"  # noqa: S105 - a stand-in, signs only the bench's posts
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pin(core: int) -> Any:
@@ -78,11 +66,11 @@ async def _turn(http: aiohttp.ClientSession, url: str, pid: int, n: int, seed: i
             async with http.post(url, data=body, headers=headers) as resp:
                 assert resp.status == 200, resp.status
 
-    cpu = _cpu(pid)
+    cpu = cpu_seconds(pid)
     started = time.monotonic()
     await asyncio.gather(*(poster() for _ in range(64)))
     took = time.monotonic() - started
-    return n / took, (_cpu(pid) - cpu) * 1000 / n
+    return n / took, (cpu_seconds(pid) - cpu) * 1000 / n
 
 
 def _db(redis_url: str, db: int) -> str:
@@ -135,7 +123,7 @@ async def answering_bench(redis_url: str, *, n: int = 3000, turns: int = 6) -> d
     cli = str(Path(sys.executable).parent / "cgb-worker")
     kinds: dict[str, tuple[list[str], dict[str, str]]] = {}
     for db, kind in enumerate(("minimal", "ours", "ours_processing"), start=1):
-        port, admin = _free_port(), _free_port()
+        port, admin = free_port(), free_port()
         # a database each: the processing receiver's processor must not work on the others' posts during their turns
         env = dict(base_env, WEBHOOK_PORT=str(port), WEBHOOK_ADMIN_PORT=str(admin), REDIS_URL=_db(redis_url, db))
         if kind == "minimal":

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,8 @@ from cgb_worker.metrics import ReceiverMetrics
 from cgb_worker.receipts import Processor
 from cgb_worker.sends import StepRecord
 from cgb_worker.settings import ReceiverSettings, Secret
+
+from .system import free_port
 
 PHONE_KEY = "bench-phone-hash-key-not-a-secret"
 """PHONE_HASH_KEY for every worker and receiver the bench starts, and for this process's own hashing."""
@@ -138,15 +139,9 @@ async def processing_bench(redis_url: str, n: int = 20000) -> dict[str, float]:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         server = subprocess.Popen(
             [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",

@@ -44,23 +44,11 @@ from tests.attribution import Report, check, payloads
 
 from .answering import answering_bench
 from .processing import PHONE_KEY, processing_bench
+from .system import cpu_seconds, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 OURS = [sys.executable, "-m", "arq", "cgb_worker.WorkerSettings"]
 MINIMAL = [sys.executable, "-m", "arq", "benchmarks.minimal.Settings"]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:

@@ -100,6 +100,7 @@ class ReceiverMetrics:
         self.requests = Counter(
             "cgb_webhook_requests", "WhatsApp webhook POSTs, by outcome", ["outcome"], registry=self.registry
         )
+        self._request_children: dict[str, Any] = {}
         self.unmatched = Counter(
             "cgb_webhook_statuses_unmatched", "Statuses placed on no message", ["reason"], registry=self.registry
         )
@@ -134,6 +135,13 @@ class ReceiverMetrics:
         self.unmatched_kept = Gauge(
             "cgb_webhook_unmatched", "Entries kept in the unmatched stream", registry=self.registry
         )
+
+    def request(self, outcome: str) -> None:
+        """Count one request (or stored webhook) by outcome; on the public port's every request."""
+        child = self._request_children.get(outcome)
+        if child is None:  # .labels() is a lookup with locking; keep the children it hands out
+            child = self._request_children[outcome] = self.requests.labels(outcome)
+        child.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -42,7 +42,7 @@ from .. import keys
 from ..metrics import ReceiverMetrics
 from ..settings import ReceiverSettings, redact_url
 from .guard import (
-    BodyBudget,
+    Budget,
     ConnectionGuard,
     Noise,
     client_logger,
@@ -66,14 +66,13 @@ REDIS: web.AppKey[ArqRedis] = web.AppKey("redis", ArqRedis)
 SETTINGS: web.AppKey[ReceiverSettings] = web.AppKey("settings", ReceiverSettings)
 METRICS: web.AppKey[ReceiverMetrics] = web.AppKey("metrics", ReceiverMetrics)
 PROCESSOR: web.AppKey[Processor] = web.AppKey("processor", Processor)
-BUDGET: web.AppKey[BodyBudget] = web.AppKey("budget", BodyBudget)
+BUDGET: web.AppKey[Budget] = web.AppKey("budget", Budget)
 GUARD: web.AppKey[ConnectionGuard] = web.AppKey("guard", ConnectionGuard)
 PUBLIC: web.AppKey[web.Application] = web.AppKey("public", web.Application)
 _SINCE: web.AppKey[list[float]] = web.AppKey("since", list)
-_COUNTERS: web.AppKey[dict[str, Any]] = web.AppKey("counters", dict)
 _PROCESSING: web.AppKey[bool] = web.AppKey("processing", bool)
 _STORE_FAILURES: web.AppKey[Noise] = web.AppKey("store_failures", Noise)
-_STORING: web.AppKey[BodyBudget] = web.AppKey("storing", BodyBudget)
+_STORING: web.AppKey[Budget] = web.AppKey("storing", Budget)
 STORES_AT_ONCE = 128
 """XADDs in flight at once: each holds a Redis connection, and descriptors are what a flood runs short of (the
 connection cap leaves room for them). Meta's concurrency is far below it; a wait for a slot costs more CPU than
@@ -102,11 +101,7 @@ def _refuse(status: int, text: str) -> web.Response:
 
 
 def _count(app: web.Application, outcome: str) -> None:
-    counters = app[_COUNTERS]
-    child = counters.get(outcome)
-    if child is None:  # prometheus' labels() takes a lock on each call: keep the children it hands out
-        child = counters[outcome] = app[METRICS].requests.labels(outcome)
-    child.inc()
+    app[METRICS].request(outcome)
 
 
 async def receive(request: web.Request) -> web.Response:
@@ -184,7 +179,7 @@ class _Held:
 
     __slots__ = ("budget", "size")
 
-    def __init__(self, budget: BodyBudget) -> None:
+    def __init__(self, budget: Budget) -> None:
         self.budget = budget
         self.size = 0
 
@@ -254,7 +249,6 @@ async def _store(app: web.Application, settings: ReceiverSettings, body: bytes) 
             finally:
                 stores.give(1)
     except (RedisError, TimeoutError, OSError) as exc:
-        _count(app, "store_failed")
         app[_STORE_FAILURES](type(exc).__name__)
         return web.Response(status=503, text="store unavailable")
     _count(app, "stored")
@@ -290,13 +284,13 @@ def create_app(
     app[REDIS] = redis
     app[SETTINGS] = settings
     app[METRICS] = metrics or ReceiverMetrics()
-    app[BUDGET] = BodyBudget(settings.read_memory)
+    app[BUDGET] = Budget(settings.read_memory)
     app[_SINCE] = [0.0]
-    app[_COUNTERS] = {}
     app[_STORE_FAILURES] = Noise(
-        lambda _kind: None, "could not store webhooks ({}) since the last such line: answered 503, Meta will redeliver"
+        lambda _kind: _count(app, "store_failed"),
+        "could not store webhooks ({}) since the last such line: answered 503, Meta will redeliver",
     )
-    app[_STORING] = BodyBudget(STORES_AT_ONCE)
+    app[_STORING] = Budget(STORES_AT_ONCE)
     app.router.add_get(PATH, handshake)
     app.router.add_post(PATH, receive)
     if process or monitor:

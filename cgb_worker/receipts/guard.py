@@ -8,9 +8,10 @@ process of descriptors (asyncio then logs every failed ``accept``). The guard wr
 * closes a connection that has not sent a whole request's headers within ``read_timeout`` of its first byte
   (or of connecting), or that sits idle between requests for :data:`IDLE_TIMEOUT`;
 * keeps at most ``max_connections`` open (never more than the process's file limit allows): a new connection
-  over the cap evicts the longest-open one that is not in a request's handler, or is closed when all are;
-* lends request bodies room from a shared budget (:class:`BodyBudget`), so bodies read at once never hold more
-  than ``WEBHOOK_READ_MEMORY``.
+  over the cap evicts the longest-open one that is not in a request's handler, else the slowest of those whose
+  body has been coming in for over :data:`SLOW_BODY` seconds, or is closed when neither is found;
+* lends request bodies room from a shared :class:`Budget`, charged for bytes as they arrive, so bodies read at
+  once never hold more than ``WEBHOOK_READ_MEMORY``.
 
 Nothing a client does is logged with a traceback or its content: :class:`Noise` counts it and writes at
 most one line per :data:`NOISE_EVERY` seconds, for aiohttp's own errors (a malformed request, a client gone
@@ -301,8 +302,9 @@ def _abort(transport: asyncio.BaseTransport) -> None:
         transport.close()
 
 
-class BodyBudget:
-    """Room shared by requests: bytes of bodies being read at once (the module doc), or XADDs in flight."""
+class Budget:
+    """Room shared by requests, taken and given back: bytes of bodies being read at once (the module doc), or
+    XADDs in flight."""
 
     def __init__(self, total: int) -> None:
         self.total = total

@@ -499,7 +499,7 @@ class Processor:
         if ids:
             await self._ack(ids)
             for outcome in outcomes:
-                self.metrics.requests.labels(outcome).inc()
+                self.metrics.request(outcome)
         return outcomes
 
     async def sweep(self) -> int:
