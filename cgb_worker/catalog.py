@@ -11,6 +11,7 @@ parameter with a newline, a tab or more than four spaces in a row), and it does 
     body = 2                 # or the parameter names: ["first_name", "country"]
     header = "document"      # "text", "image", "video" or "document"; left out: none
     buttons = ["url"]        # by index, "url" or "quick_reply"; left out: none
+    category = "utility"     # "marketing", "utility" or "authentication": a job's default category
 
 :func:`load_catalog` reports every problem in the file at once (:class:`ConfigError`); :func:`check_template`
 raises :class:`TemplateNotFoundError` for a name or language the file does not list, and
@@ -33,7 +34,8 @@ BUTTON_KINDS = ("url", "quick_reply")
 MAX_PARAMETER = 1024
 BAD_SPACING = re.compile(r"[\n\t]| {5,}")
 """What WhatsApp refuses in a parameter (its error 132018): a newline, a tab, more than four spaces in a row."""
-_KEYS = {"name", "languages", "body", "header", "buttons"}
+_KEYS = {"name", "languages", "body", "header", "buttons", "category"}
+TEMPLATE_CATEGORIES = ("marketing", "utility", "authentication")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,8 @@ class CatalogTemplate:
     """How many positional parameters, or the names of the named ones."""
     header: str | None
     buttons: tuple[str, ...]
+    category: str | None = None
+    """Meta's category of the approved template: a job's default category."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +115,9 @@ def _entry(entry: Any, where: str, problems: list[str]) -> CatalogTemplate | Non
     if not isinstance(buttons, list) or not all(b in BUTTON_KINDS for b in buttons) or len(buttons) > 10:
         problems.append(f"{where}: 'buttons' must list up to 10 of {', '.join(BUTTON_KINDS)}, by index")
         buttons = []
+    category = entry.get("category")
+    if category is not None and category not in TEMPLATE_CATEGORIES:
+        problems.append(f"{where}: 'category' must be one of {', '.join(TEMPLATE_CATEGORIES)}")
     if len(problems) > before:
         return None
     return CatalogTemplate(
@@ -119,6 +126,7 @@ def _entry(entry: Any, where: str, problems: list[str]) -> CatalogTemplate | Non
         body=tuple(body) if isinstance(body, list) else body,
         header=header,
         buttons=tuple(buttons),
+        category=category,
     )
 
 

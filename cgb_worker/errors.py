@@ -11,9 +11,13 @@ The tree (``retryable`` is a class attribute, decided by the base class, never b
     │   └── UnknownVariableError        a variable with no custom field, or a value its type cannot take
     ├── SendOutcomeUnknownError         a send may have gone out and policy forbids sending again (permanent)
     ├── OutsideWindowError              free-form content to a contact whose 24-hour window is closed (permanent)
+    ├── SuppressedError                 the person opted out of this job's category (permanent, no CGB call)
+    ├── UndeliverableError              WhatsApp said the number cannot receive (131026), not yet expired (permanent)
+    ├── ExpiredError                    the job reached its send after its ``expiresAt`` (permanent)
     ├── BusyError                       another job holds this contact's lock (retryable)
     ├── ThrottledError                  our own fleet-wide rate limit says wait (retryable, not counted)
-    │   └── TurnBusyError               another message to this person awaits its first status (likewise)
+    │   ├── TurnBusyError               another message to this person awaits its first status (likewise)
+    │   └── QuietHoursError             the recipient's quiet hours: deferred to their end (likewise)
     ├── StoreUnavailableError           Redis failed in the middle of a job (retryable)
     ├── JobFailedError                  the job died of an exception that is not ours (``error_type`` names it)
     └── CGBError                        talking to CGB failed
@@ -99,6 +103,20 @@ class OutsideWindowError(CGBWorkerError):
     ``CGB_OUTSIDE_WINDOW=fail``: CGB would answer success and WhatsApp would drop it (131047)."""
 
 
+class SuppressedError(CGBWorkerError):
+    """The number is on the suppression list for this job's category (an opt-out keyword, 131050, CGB's
+    ``subscribed == 2``, or an operator): nothing is sent, and trying again cannot help."""
+
+
+class UndeliverableError(CGBWorkerError):
+    """WhatsApp failed an earlier message to this number with 131026 (not on WhatsApp, terms not accepted, an old
+    app) less than ``UNDELIVERABLE_TTL`` ago: nothing is sent."""
+
+
+class ExpiredError(CGBWorkerError):
+    """The job reached its send after its ``expiresAt``: the moment has passed, nothing is sent."""
+
+
 class BusyError(CGBWorkerError):
     """Another job is creating this contact or writing its fields; the job is retried shortly."""
 
@@ -124,6 +142,11 @@ class ThrottledError(CGBWorkerError):
 class TurnBusyError(ThrottledError):
     """Another send to the same person has not had its first status yet (:mod:`cgb_worker.sends`, "turns"):
     the job waits its turn as a deferral, like a rate-limit wait, and uses up no attempt."""
+
+
+class QuietHoursError(ThrottledError):
+    """The recipient's local time is inside ``QUIET_HOURS`` for this job's category: the job is deferred to the
+    first minute after, as a deferral that uses up no attempt."""
 
 
 class StoreUnavailableError(CGBWorkerError):
@@ -246,9 +269,13 @@ _ALL: dict[str, type[CGBWorkerError]] = {
         UnknownVariableError,
         SendOutcomeUnknownError,
         OutsideWindowError,
+        SuppressedError,
+        UndeliverableError,
+        ExpiredError,
         BusyError,
         ThrottledError,
         TurnBusyError,
+        QuietHoursError,
         StoreUnavailableError,
         JobFailedError,
         CGBError,

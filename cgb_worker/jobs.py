@@ -55,7 +55,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
 import msgspec
@@ -65,7 +65,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from . import keys
-from .catalog import check_template
+from .catalog import TemplateCatalog, check_template
 from .client import BeforeSend, CGBClient
 from .contacts import ContactResolver, ResolvedContact, decode_cached
 from .deadletters import DeadLetters
@@ -80,10 +80,11 @@ from .errors import (
     StoreUnavailableError,
     ThrottledError,
     TurnBusyError,
+    UndeliverableError,
 )
 from .locks import redis_lock
 from .metrics import Metrics
-from .models import FileType, Scalar, SendJob, SendResult, SetFieldValue, WhatsAppTemplate
+from .models import Category, FileType, Scalar, SendJob, SendResult, SetFieldValue, WhatsAppTemplate
 from .phones import mask_phone, normalize_phone
 from .ratelimit import reset_deadline, set_deadline
 from .sends import OF, RESULT, SENDING, SENT, SendLog, StepRecord, nothing_sent
@@ -121,6 +122,21 @@ class Plan:
     last_name: str | None = None
     email: str | None = None
     whatsapp_template: WhatsAppTemplate | None = None
+    category: Category | None = None
+    """As the job gave it; :func:`category_of` fills in the default."""
+    expires_at: datetime | None = None
+
+
+def category_of(plan: Plan, catalog: TemplateCatalog | None) -> Category:
+    """The job's category: as given; else a native template's catalog ``category``, else ``utility``; a flow
+    template ``utility``; a text or a file ``service``."""
+    if plan.category is not None:
+        return plan.category
+    if plan.kind == "whatsapp_template":
+        assert plan.whatsapp_template is not None
+        entry = catalog.templates.get(plan.whatsapp_template.name) if catalog is not None else None
+        return cast("Category", entry.category) if entry is not None and entry.category else "utility"
+    return "utility" if plan.kind == "template" else "service"
 
 
 def validate(raw: Any, *, default_region: str | None = None) -> Plan:
@@ -164,7 +180,14 @@ def validate(raw: Any, *, default_region: str | None = None) -> Plan:
         raise InvalidJobError(f"a variable's value is longer than {MAX_TEXT} characters")
 
     has_file = job.file_url is not None or job.file_type is not None
-    common = {"to": to, "first_name": job.first_name, "last_name": job.last_name, "email": job.email}
+    common = {
+        "to": to,
+        "first_name": job.first_name,
+        "last_name": job.last_name,
+        "email": job.email,
+        "category": job.category,
+        "expires_at": _expiry(job.expires_at),
+    }
     if job.whatsapp_template is not None:
         if job.template is not None or vars_ or has_file:
             raise InvalidJobError("whatsappTemplate cannot be combined with template, variables or fileUrl")
@@ -188,6 +211,18 @@ def validate(raw: Any, *, default_region: str | None = None) -> Plan:
     if message is None:
         raise InvalidJobError("no content: give message, template, or fileUrl with fileType")
     return Plan("text", message=message, **common)  # type: ignore[arg-type]
+
+
+def _expiry(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        at = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidJobError(f"expiresAt is not an ISO 8601 time: {value[:40]!r}") from None
+    if at.tzinfo is None:
+        raise InvalidJobError("expiresAt needs an offset (such as Z or +02:00): a local time is ambiguous")
+    return at
 
 
 MAX_BUTTONS = 10
@@ -477,17 +512,22 @@ async def _send(
     redis = services.redis
     cache_key = services.contacts.cache_key(plan.to)
     # The send log (first try included: a producer may enqueue a job id again after arq forgot it), the contact
-    # (unless this worker has it in memory), the window, the receiver's lease and the person's turn: one round
-    # trip.
+    # (unless this worker has it in memory), the window, the receiver's lease, the person's turn, their opt-outs
+    # and whether they can receive: one round trip.
     known: Any = services.contacts.seen(plan.to)
     async with redis.pipeline(transaction=False) as pipe:
         pipe.hgetall(keys.sends(log_id))
         pipe.mget(job_keys(plan.to) if known is not None else [*job_keys(plan.to), cache_key])
-        record, (window, since, tracking, turn, *rest) = await pipe.execute()
+        record, (window, since, tracking, turn, _suppressed, undeliverable, *rest) = await pipe.execute()
     cached_contact: Any = known if known is not None else rest[0]
     if RESULT in record:
         # This job already finished (the worker died before arq stored the result): no CGB call at all.
         return msgspec.msgpack.decode(record[RESULT], type=SendResult)
+    category = category_of(plan, settings.wa_templates)
+    if undeliverable is not None:
+        raise UndeliverableError(
+            "WhatsApp said this number cannot receive messages (131026); not sending until UNDELIVERABLE_TTL passes"
+        )
     if fallback_of is None and OF in record:
         # A replay of a fallback template: it joins the original job's record, as the template itself did.
         fallback_of = record[OF].decode()
@@ -504,6 +544,7 @@ async def _send(
         tracking=tracking is not None,
         window=window_now,
         turn=turn.decode() if turn else None,
+        category=category,
     )
 
     kind: Kind = plan.kind
@@ -516,7 +557,13 @@ async def _send(
     ):
         kind = "text"
         run.fallback = {"to": plan.to, "whatsappTemplate": msgspec.to_builtins(plan.whatsapp_template)}
-        for key, given in (("firstName", plan.first_name), ("lastName", plan.last_name), ("email", plan.email)):
+        for key, given in (
+            ("firstName", plan.first_name),
+            ("lastName", plan.last_name),
+            ("email", plan.email),
+            ("category", plan.category),
+            ("expiresAt", raw.get("expiresAt") if isinstance(raw, dict) else None),
+        ):
             if given is not None:
                 run.fallback[key] = given
     if fallback_of is not None:
@@ -620,8 +667,10 @@ class _Run:
         tracking: bool = False,
         window: Window = "unknown",
         turn: str | None = None,
+        category: Category | None = None,
     ) -> None:
         self.services = services
+        self.category = category
         self.delivery_id = delivery_id or log_id
         self.tracking = tracking
         self.turn = turn
@@ -677,6 +726,7 @@ class _Run:
                 skew_ms=int(self.services.settings.clock_skew * 1000),
                 fallback=self.fallback if name == "text" else None,
                 fallback_for=self.fallback_for,
+                category=self.category,
             )
             await sends.mark_sending(self.log_id, name, record, new_record=new_record)
             marked = record
@@ -697,7 +747,11 @@ class _Run:
         encoded: bytes | None = None
         if final is not None:
             final = msgspec.structs.replace(
-                final, possible_duplicate=self.possible_duplicate, timestamp=_now(), window=self.window
+                final,
+                possible_duplicate=self.possible_duplicate,
+                timestamp=_now(),
+                window=self.window,
+                category=self.category,
             )
             self.result = final
             encoded = _result_encoder.encode(final)

@@ -105,6 +105,20 @@ def window(phone_hash: str) -> str:
     return f"cgb:window:{phone_hash}"
 
 
+def suppressed(phone_hash: str) -> str:
+    """The person's opt-outs, by category (:mod:`cgb_worker.suppression`)."""
+    return f"cgb:suppressed:{phone_hash}"
+
+
+SUPPRESSED_INDEX = "cgb:suppressed:index"
+"""Every suppressed person's hash, for ``suppress list``."""
+
+
+def undeliverable(phone_hash: str) -> str:
+    """Set for ``UNDELIVERABLE_TTL`` after WhatsApp failed a message to this person with 131026."""
+    return f"cgb:undeliverable:{phone_hash}"
+
+
 def bsuid(user_id: str) -> str:
     """The phone hash (:func:`who`) a business-scoped user id was last seen with, never the phone."""
     return f"cgb:bsuid:{user_id}"

@@ -22,6 +22,9 @@ Scalar = str | int | float | bool | None
 HEADER_KINDS = ("text", "image", "video", "document")
 """A WhatsApp template header's kinds; all but ``text`` are media."""
 FileType = Literal["image", "document", "video", "audio"]
+Category = Literal["marketing", "utility", "authentication", "service"]
+"""WhatsApp's message categories. Opt-outs, quiet hours and the marketing cap (131049) are per category."""
+CATEGORIES: tuple[Category, ...] = ("marketing", "utility", "authentication", "service")
 
 
 class Tag(msgspec.Struct, frozen=True):
@@ -158,6 +161,11 @@ class SendJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="c
     last_name: str | None = None
     email: str | None = None
     whatsapp_template: WhatsAppTemplate | None = None
+    category: Category | None = None
+    """Left out: a native template's ``category`` in ``WA_TEMPLATES_FILE``, else ``utility``; a flow template
+    ``utility``; a text or a file ``service``."""
+    expires_at: str | None = None
+    """ISO 8601 with an offset: not sent after it (:class:`~cgb_worker.errors.ExpiredError`)."""
 
 
 class SendResult(msgspec.Struct, frozen=True, rename="camel"):
@@ -183,6 +191,8 @@ class SendResult(msgspec.Struct, frozen=True, rename="camel"):
     window: Literal["open", "closed", "unknown"] = "unknown"
     """The contact's 24-hour window when the job ran, as the webhook receiver knows it
     (:func:`cgb_worker.deliveries.window_state`)."""
+    category: Category | None = None
+    """The job's category, given or defaulted (:func:`cgb_worker.jobs.category_of`)."""
 
 
 _T = TypeVar("_T")

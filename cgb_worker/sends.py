@@ -104,6 +104,8 @@ class StepRecord(msgspec.Struct, frozen=True):
     template if WhatsApp answers 131047."""
     fallback_for: str | None = None
     """For that template, sent automatically: the step it replaces."""
+    category: str | None = None
+    """The job's category, for the timeline."""
 
     @property
     def who(self) -> str:
@@ -130,6 +132,8 @@ class StepRecord(msgspec.Struct, frozen=True):
         state: dict[str, Any] = {"status": "accepted", "at": self.request_ms}
         if self.fallback_for:
             state["fallbackFor"] = self.fallback_for
+        if self.category:
+            state["category"] = self.category
         out: dict[str | bytes, bytes] = {f"d:{self.step}": msgspec.json.encode(state)}
         if self.fallback is not None:
             out[f"f:{self.step}"] = msgspec.json.encode(self.fallback)

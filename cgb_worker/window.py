@@ -24,9 +24,10 @@ def window_key(phone: str) -> str:
 
 def job_keys(phone: str) -> list[str]:
     """What a job reads with its contact, in one ``MGET``: the window, the receiver's first webhook, the
-    tracking lease and the person's turn (:mod:`cgb_worker.sends`)."""
+    tracking lease, the person's turn (:mod:`cgb_worker.sends`), their opt-outs (:mod:`cgb_worker.suppression`)
+    and whether WhatsApp said they cannot receive (131026)."""
     who = keys.who(phone)
-    return [keys.window(who), keys.SINCE, keys.TRACKING, keys.turn(who)]
+    return [keys.window(who), keys.SINCE, keys.TRACKING, keys.turn(who), keys.suppressed(who), keys.undeliverable(who)]
 
 
 def window_state(window: bytes | None, since: bytes | None, *, now_ms: int | None = None) -> Window:

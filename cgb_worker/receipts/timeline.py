@@ -78,6 +78,8 @@ class StepDelivery(msgspec.Struct, frozen=True, rename="camel"):
     user_id: str | None = None
     fallback_for: str | None = None
     """Set on a template sent automatically after this job's text failed with 131047."""
+    category: str | None = None
+    """The job's category when this step was sent."""
     events: list[DeliveryEvent] = msgspec.field(default_factory=list)
 
 
@@ -94,6 +96,7 @@ class Delivery(msgspec.Struct, frozen=True, rename="camel"):
     error: DeliveryError | None
     events: list[DeliveryEvent]
     steps: list[StepDelivery]
+    category: str | None = None
 
 
 def iso(ms: float) -> str:
@@ -150,6 +153,7 @@ def build(job_id: str, raw: dict[bytes, bytes], *, unconfirmed_after: float = 86
                 wa_id=state.get("waId") or None,
                 user_id=state.get("userId") or None,
                 fallback_for=state.get("fallbackFor") or None,
+                category=state.get("category") or None,
                 events=[DeliveryEvent("accepted" if acked else "sending", accepted_at, accepted_at, step), *events],
             )
         )
@@ -161,4 +165,5 @@ def build(job_id: str, raw: dict[bytes, bytes], *, unconfirmed_after: float = 86
     status = _worst([s.status for s in current])
     error = next((s.error for s in current if s.status == "failed"), None)
     events = sorted((e for s in steps for e in s.events), key=lambda e: e.received)  # stable: a step's order
-    return Delivery(job_id, status, current[-1].wamid, error, events, steps)
+    category = next((s.category for s in reversed(current) if s.category), None)
+    return Delivery(job_id, status, current[-1].wamid, error, events, steps, category)
