@@ -64,7 +64,7 @@ from loguru import logger
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from . import keys
+from . import keys, sealed
 from .catalog import TemplateCatalog, check_template
 from .client import BeforeSend, CGBClient
 from .contacts import ContactResolver, ResolvedContact, decode_cached
@@ -90,6 +90,7 @@ from .ratelimit import reset_deadline, set_deadline
 from .sends import OF, RESULT, SENDING, SENT, SendLog, StepRecord, nothing_sent
 from .settings import Settings, job_deadline
 from .templates import TemplateResolver
+from .whatsapp_errors import next_step
 from .window import Window, job_keys, window_state
 
 MAX_TEXT = 4096
@@ -104,6 +105,8 @@ TURN_WAIT_MAX = 8.0
 """The longest deferral, in seconds, of a job waiting for its person's turn: 1,000 tries cover over two hours."""
 
 Kind = Literal["text", "template", "file", "whatsapp_template"]
+STEPS = ("text", "file", "flow", "whatsapp_template")
+"""The send steps a job's record names (an automatic resend adds ``~<n>``)."""
 _result_encoder = msgspec.msgpack.Encoder()
 
 
@@ -336,13 +339,19 @@ async def whatsapp_send(
     *,
     replay_of: str | None = None,
     fallback_of: str | None = None,
+    resend_of: str | None = None,
+    resend_step: str | None = None,
+    resend_code: int | None = None,
     **fields: Any,
 ) -> SendResult:
     """Send one WhatsApp message. ``payload`` is a dict or a :class:`SendJob`; keyword fields work too.
 
     ``replay_of`` is set by a dead-letter replay: the id of the job whose send record this one continues.
     ``fallback_of`` is set by the webhook receiver: the id of the job whose text WhatsApp failed with 131047,
-    whose delivery record the template this job sends joins."""
+    whose delivery record the template this job sends joins. ``resend_of``, ``resend_step`` and ``resend_code``
+    are set by the receiver too, for an automatic resend (:mod:`cgb_worker.whatsapp_errors`): the job, its step
+    that WhatsApp failed and the code; the payload is that job's own, kept sealed in its record, and the step
+    goes into the same record under its next name (``text~1``)."""
     services: Services = ctx["cgb"]
     settings = services.settings
     job_id: str = ctx["job_id"]
@@ -363,6 +372,10 @@ async def whatsapp_send(
             raise InvalidJobError("replay_of must be the id of the job being replayed")
         if fallback_of is not None and (not isinstance(fallback_of, str) or not 0 < len(fallback_of) <= MAX_NAME):
             raise InvalidJobError("fallback_of must be the id of the job whose text failed")
+        resend: tuple[str, int] | None = None
+        if resend_of is not None:
+            resend = _check_resend(resend_of, resend_step, resend_code)
+            raw = await _resend_payload(services, resend_of, resend[0])
         try:
             async with asyncio.timeout(deadline):
                 result = await _send(
@@ -373,7 +386,8 @@ async def whatsapp_send(
                     log,
                     event,
                     replay=bool(replay_of),
-                    fallback_of=fallback_of,
+                    fallback_of=fallback_of or resend_of,
+                    resend=resend,
                 )
         except TimeoutError:
             raise CGBTimeoutError(f"the job did not finish within {deadline:.0f} s") from None
@@ -447,6 +461,25 @@ async def whatsapp_send(
 _throttle_key = keys.throttled
 
 
+def _check_resend(resend_of: Any, step: Any, code: Any) -> tuple[str, int]:
+    if not isinstance(resend_of, str) or not 0 < len(resend_of) <= MAX_NAME:
+        raise InvalidJobError("resend_of must be the id of the job whose step is sent again")
+    if not isinstance(step, str) or step.partition("~")[0] not in STEPS:
+        raise InvalidJobError("resend_step must name the step that failed (text, file, flow or whatsapp_template)")
+    if not isinstance(code, int) or isinstance(code, bool):
+        raise InvalidJobError("resend_code must be WhatsApp's error code")
+    return step, code
+
+
+async def _resend_payload(services: Services, job_id: str, step: str) -> Any:
+    """The payload of the job whose ``step`` is sent again, unsealed from its record."""
+    stored = await services.redis.hget(keys.sends(job_id), f"p:{step}")  # type: ignore[misc]
+    payload = sealed.unseal(stored) if stored else None
+    if payload is None:
+        raise InvalidJobError(f"the {step} of job {job_id[:80]} is no longer kept (or was sealed under another key)")
+    return msgspec.json.decode(payload)
+
+
 async def _throttled(services: Services, job_id: str) -> int:
     """How many of this job's tries were rate-limit deferrals (they do not count as attempts)."""
     try:
@@ -501,11 +534,12 @@ async def _send(
     *,
     replay: bool = False,
     fallback_of: str | None = None,
+    resend: tuple[str, int] | None = None,
 ) -> SendResult:
     settings = services.settings
     plan = validate(raw, default_region=settings.default_region)
     event.kind = plan.kind
-    if fallback_of is not None and (plan.kind != "whatsapp_template" or plan.message is not None):
+    if fallback_of is not None and resend is None and (plan.kind != "whatsapp_template" or plan.message is not None):
         raise InvalidJobError("a fallback job sends a whatsappTemplate alone")
     if plan.whatsapp_template is not None and settings.wa_templates is not None:
         check_template(plan.whatsapp_template, settings.wa_templates)  # before any CGB call
@@ -545,7 +579,10 @@ async def _send(
         window=window_now,
         turn=turn.decode() if turn else None,
         category=category,
+        raw=raw,
     )
+    if resend is not None:
+        run.resend(*resend)
 
     kind: Kind = plan.kind
     # With both a message and a whatsappTemplate: the text when the window is known to be open, the template
@@ -553,7 +590,13 @@ async def _send(
     if (
         plan.kind == "whatsapp_template"
         and plan.message is not None
-        and (b"text" in record or (b"whatsapp_template" not in record and window_now == "open"))
+        and (
+            run.only == "text"
+            or (
+                run.only is None
+                and (b"text" in record or (b"whatsapp_template" not in record and window_now == "open"))
+            )
+        )
     ):
         kind = "text"
         run.fallback = {"to": plan.to, "whatsappTemplate": msgspec.to_builtins(plan.whatsapp_template)}
@@ -566,7 +609,7 @@ async def _send(
         ):
             if given is not None:
                 run.fallback[key] = given
-    if fallback_of is not None:
+    if fallback_of is not None and resend is None:
         run.fallback_for = "text"
     if kind in ("text", "file") and window_now == "closed" and settings.outside_window == "fail":
         raise OutsideWindowError(
@@ -668,9 +711,15 @@ class _Run:
         window: Window = "unknown",
         turn: str | None = None,
         category: Category | None = None,
+        raw: Any = None,
     ) -> None:
         self.services = services
         self.category = category
+        self.raw = raw
+        self.only: str | None = None
+        """For an automatic resend: the one step it sends, under :attr:`resent_as`."""
+        self.resent_as: str | None = None
+        self.resend_of: tuple[str, int] | None = None
         self.delivery_id = delivery_id or log_id
         self.tracking = tracking
         self.turn = turn
@@ -687,16 +736,33 @@ class _Run:
         self.result: SendResult | None = None
         self.to = to
 
+    def resend(self, step: str, code: int) -> None:
+        """This try sends ``step`` of the delivery record again, under its next name, and nothing else."""
+        self.only = step.partition("~")[0]
+        self.resent_as = next_step(step)
+        self.resend_of = (step, code)
+
+    def name(self, step: str) -> str:
+        return self.resent_as if self.resent_as is not None and step == self.only else step
+
+    def sealed_payload(self) -> bytes | None:
+        """The job's payload, sealed, for the receiver to send this step again (:mod:`cgb_worker.whatsapp_errors`)."""
+        return sealed.seal(msgspec.json.encode(self.raw)) if self.raw is not None else None
+
     def sent(self, name: str) -> bool:
-        return self.record.get(name.encode()) == SENT
+        return self.record.get(self.name(name).encode()) == SENT
 
     def check_turn(self, name: str) -> None:
         """Another message to this person (this job's own file, before its text) awaits its first status: wait as a
         deferral, before a rate-limit slot is taken or a flow's fields are written."""
+        name = self.name(name)
         if self.tracking and self.turn is not None and self.turn != f"{self.delivery_id}|{name}":
             raise TurnBusyError("another message to this person awaits its first status", retry_after=1.0)
 
     async def step(self, name: str, call: Callable[[BeforeSend], Awaitable[None]], final: SendResult | None) -> None:
+        if self.only is not None and name != self.only:
+            return  # an automatic resend sends the failed step alone
+        name = self.name(name)
         state = self.record.get(name.encode())
         if state == SENT:
             return
@@ -727,6 +793,9 @@ class _Run:
                 fallback=self.fallback if name == "text" else None,
                 fallback_for=self.fallback_for,
                 category=self.category,
+                payload=self.sealed_payload() if self.tracking else None,
+                resend_of=self.resend_of[0] if self.resend_of else None,
+                resend_code=self.resend_of[1] if self.resend_of else None,
             )
             await sends.mark_sending(self.log_id, name, record, new_record=new_record)
             marked = record
@@ -799,7 +868,7 @@ async def _deliver(
         await run.step(
             "file",
             lambda mark: client.send_file(cid, url, file_type, before_send=mark),
-            None if message_after else result,
+            None if message_after and run.only != "file" else result,
         )
         if message_after:
             await run.step("text", lambda mark: client.send_text(cid, message_after, before_send=mark), result)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 
+from . import sealed
+
 PREFIX = "cgb:"
 """Every key below starts with it (``cgb-worker forget`` walks them)."""
 
@@ -59,6 +61,7 @@ def use_phone_key(key: str) -> None:
     if len(key) < PHONE_KEY_MIN:
         raise ValueError(f"the phone hash key must have at least {PHONE_KEY_MIN} characters")
     _phone_mac = hmac.new(key.encode(), digestmod=hashlib.sha256)
+    sealed.use_key(key)
 
 
 def who(e164: str) -> str:

@@ -85,7 +85,11 @@ class ReceiverMetrics:
     * ``cgb_webhook_statuses_held``: statuses held now, waiting to be placed;
     * ``cgb_webhook_items_malformed_total``: statuses, messages or changes set aside in a signed POST whose
       other items were used;
-    * ``cgb_reactions_total{kind}``: what statuses called for, carried out (``fallback``: a 131047 template);
+    * ``cgb_reactions_total{kind}``: what statuses called for, carried out: the action of the code's row in
+      :mod:`cgb_worker.whatsapp_errors` (``fallback``, ``resend``, ``throttle``, ``marketing_cap``, ``suppress``,
+      ``undeliverable``, ``fail``), or ``given_up`` when a step ran out of automatic resends;
+    * ``cgb_whatsapp_errors_total{code}``: failed messages by WhatsApp's error code (at most 64 codes, then
+      ``other``);
     * ``cgb_delivery_seconds``: from the request to WhatsApp's ``delivered``;
     * the backlog, sampled about once a second: ``cgb_webhook_inbox_length`` (stored webhooks not yet processed),
       ``cgb_webhook_inbox_pending`` (taken by a receiver, not yet done), ``cgb_webhook_inbox_oldest_seconds`` (the
@@ -109,6 +113,10 @@ class ReceiverMetrics:
             "cgb_webhook_items_malformed", "Items set aside from signed POSTs", registry=self.registry
         )
         self.reactions = Counter("cgb_reactions", "Reactions carried out", ["kind"], registry=self.registry)
+        self.whatsapp_errors = Counter(
+            "cgb_whatsapp_errors", "Failed messages by WhatsApp's error code", ["code"], registry=self.registry
+        )
+        self._error_codes: set[int] = set()
         self.delivery_seconds = Histogram(
             "cgb_delivery_seconds",
             "Seconds from the request to WhatsApp's delivered",
@@ -135,6 +143,11 @@ class ReceiverMetrics:
         self.unmatched_kept = Gauge(
             "cgb_webhook_unmatched", "Entries kept in the unmatched stream", registry=self.registry
         )
+
+    def whatsapp_error(self, code: int, *, limit: int = 64) -> None:
+        if code not in self._error_codes and len(self._error_codes) < limit:
+            self._error_codes.add(code)
+        self.whatsapp_errors.labels(str(code) if code in self._error_codes else "other").inc()
 
     def request(self, outcome: str) -> None:
         """Count one request (or stored webhook) by outcome; on the public port's every request."""

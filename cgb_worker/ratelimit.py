@@ -92,3 +92,10 @@ class RateLimiter:
         """CGB said 429: no request from any worker before ``retry_after``, and half the rate for a while."""
         pause_ms = max(1, int((retry_after if retry_after is not None else DEFAULT_PAUSE) * 1000))
         await self._script(keys=[KEY, PENALTY_KEY], args=[f"{self._interval_ms:.3f}", 0, pause_ms, PENALTY_SECONDS])
+
+
+async def pause_fleet(redis: Redis, seconds: float = DEFAULT_PAUSE) -> None:
+    """What :meth:`RateLimiter.penalize` does, for a process that sends nothing itself: the webhook receiver,
+    when WhatsApp reports the business number's throughput limit (130429) or maintenance (131057)."""
+    script = redis.register_script(source("ratelimit_reserve"))
+    await script(keys=[KEY, PENALTY_KEY], args=["1", 0, max(1, int(seconds * 1000)), PENALTY_SECONDS])

@@ -40,7 +40,7 @@ from typing import Any
 import msgspec
 from redis.asyncio import Redis
 
-from . import keys
+from . import keys, sealed
 from .errors import CGBAPIError, CGBConnectError, CGBError, TurnBusyError
 from .scripts import UnsendScript
 
@@ -101,11 +101,17 @@ class StepRecord(msgspec.Struct, frozen=True):
     """``STATUS_CLOCK_SKEW``: a flow holds the turn twice this (and Meta's one-second rounding) past ``open_ms``."""
     fallback: dict[str, Any] | None = None
     """For a text sent in place of a ``whatsappTemplate``: the job fields the receiver re-sends as the
-    template if WhatsApp answers 131047."""
+    template if WhatsApp answers 131047 (kept sealed, :mod:`cgb_worker.sealed`)."""
     fallback_for: str | None = None
     """For that template, sent automatically: the step it replaces."""
     category: str | None = None
     """The job's category, for the timeline."""
+    payload: bytes | None = None
+    """While a receiver tracks sends: the job's payload, sealed, for an automatic resend of this step."""
+    resend_of: str | None = None
+    """For a step sent again automatically (:mod:`cgb_worker.whatsapp_errors`): the step it replaces, and the
+    error code that called for it."""
+    resend_code: int | None = None
 
     @property
     def who(self) -> str:
@@ -134,9 +140,15 @@ class StepRecord(msgspec.Struct, frozen=True):
             state["fallbackFor"] = self.fallback_for
         if self.category:
             state["category"] = self.category
+        if self.resend_of:
+            state["resendOf"], state["resendCode"] = self.resend_of, self.resend_code
+        if self.tracking:
+            state["who"] = self.who  # what a reaction to its failure needs (opt-outs, undeliverable numbers)
         out: dict[str | bytes, bytes] = {f"d:{self.step}": msgspec.json.encode(state)}
         if self.fallback is not None:
-            out[f"f:{self.step}"] = msgspec.json.encode(self.fallback)
+            out[f"f:{self.step}"] = sealed.seal(msgspec.json.encode(self.fallback))
+        if self.payload is not None:
+            out[f"p:{self.step}"] = self.payload
         return out
 
 

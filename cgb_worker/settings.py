@@ -364,6 +364,24 @@ def _flatten(messages: Any) -> list[str]:
 
 
 @dataclass(frozen=True, slots=True)
+class ReactionSettings:
+    """How the receiver reacts to WhatsApp's error codes (:mod:`cgb_worker.whatsapp_errors`)."""
+
+    resend_delay: float = 6.0
+    """``WA_RESEND_DELAY``: seconds before the first automatic resend of a step WhatsApp failed with 131056 (or a
+    throughput code); each further one waits ``WA_RESEND_FACTOR`` times longer."""
+    resend_factor: float = 4.0
+    """``WA_RESEND_FACTOR``."""
+    resend_max: int = 3
+    """``WA_RESEND_MAX``: automatic resends of one step at most; 0 turns them off."""
+    marketing_cap_retry_after: float = 0.0
+    """``MARKETING_CAP_RETRY_AFTER``: seconds after a 131049 (the per-person marketing cap) to send the step once
+    more; 0 (the default) never sends it again."""
+    undeliverable_ttl: float = 86400.0
+    """``UNDELIVERABLE_TTL``: seconds a number WhatsApp failed with 131026 is refused (``UndeliverableError``)."""
+
+
+@dataclass(frozen=True, slots=True)
 class ReceiverSettings:
     """``cgb-worker webhooks``: what the WhatsApp webhook receiver is configured with
     (:func:`load_receiver_settings`). It needs no CGB key: it talks only to Meta and Redis."""
@@ -421,6 +439,7 @@ class ReceiverSettings:
     """``WEBHOOK_MAX_LAG``: seconds the oldest unprocessed webhook may wait before the receiver is unhealthy."""
     diagnostics_ttl: float = 7.0
     """``WEBHOOK_DIAGNOSTICS_TTL``: days the malformed and unmatched streams keep an entry."""
+    reactions: ReactionSettings = ReactionSettings()
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -457,6 +476,14 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
     inbox_max = env.int("WEBHOOK_INBOX_MAX", 1_000_000, validate=Range(min=100))
     max_lag = env.float("WEBHOOK_MAX_LAG", 60.0, validate=positive)
     diagnostics_ttl = env.float("WEBHOOK_DIAGNOSTICS_TTL", 7.0, validate=Range(min=0.01, max=365))
+    reactions = ReactionSettings(
+        resend_delay=env.float("WA_RESEND_DELAY", 6.0, validate=Range(min=0, max=86400)) or 0.0,
+        resend_factor=env.float("WA_RESEND_FACTOR", 4.0, validate=Range(min=1, max=100)) or 4.0,
+        resend_max=env.int("WA_RESEND_MAX", 3, validate=Range(min=0, max=10)) or 0,
+        marketing_cap_retry_after=env.float("MARKETING_CAP_RETRY_AFTER", 0.0, validate=Range(min=0, max=30 * 86400))
+        or 0.0,
+        undeliverable_ttl=env.float("UNDELIVERABLE_TTL", 86400.0, validate=Range(min=1, max=365 * 86400)) or 86400.0,
+    )
     problems = _sealed(env)
     if max_body is not None and read_memory is not None and read_memory < max_body:
         problems.append("WEBHOOK_READ_MEMORY: must be at least WEBHOOK_MAX_BODY, or no body of that size is read.")
@@ -500,4 +527,5 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
         inbox_max=int(inbox_max or 1_000_000),
         max_lag=float(max_lag or 60.0),
         diagnostics_ttl=float(diagnostics_ttl or 7.0),
+        reactions=reactions,
     )

@@ -56,6 +56,12 @@ WA_ERRORS = {
     132000: "Number of parameters does not match the expected number of params",
     132001: "Template name does not exist in the translation",
     132018: "There was an issue with the parameters in your template",
+    131026: "Message undeliverable",
+    131049: "This message was not delivered to maintain healthy ecosystem engagement.",
+    131050: "Unable to deliver the message. This recipient has chosen to stop receiving marketing messages.",
+    131056: "(Business Account, Consumer Account) pair rate limit hit",
+    130429: "Rate limit hit",
+    131057: "Account in maintenance mode",
 }
 TEXT_CHANNELS = {"messenger", "whatsapp", "sms", "webchat", "telegram", "instagram", "viber", "omnichannel"}
 FILE_CHANNELS = {"messenger", "sms", "whatsapp", "googleBM", "telegram", "instagram", "viber", "omnichannel"}
@@ -158,6 +164,11 @@ class SimConfig(msgspec.Struct, kw_only=True):
     """The share of messages whose ``sent`` is never posted, only ``delivered`` and ``read`` (with the jitter)."""
     flow_messages: int = 1
     """WhatsApp messages one flow sends (each its own outbox entry, wamid and statuses)."""
+    webhook_fail: dict[str, list[int]] = msgspec.field(default_factory=dict)
+    """By recipient (the phone's digits): WhatsApp's error codes for the next sends to them, one a send, in order
+    (``{"12025550100": [131056]}``: the next send fails with 131056, the one after goes through)."""
+    webhook_fail_code: int | None = None
+    """Every send fails with this code (after ``webhook_fail``'s)."""
 
 
 class FaultRule(msgspec.Struct, kw_only=True):
@@ -270,23 +281,33 @@ class SimState:
         needs_window = kind in ("text", "file", "content") or details.get("flow_kind") == "session"
         window_open = contact["last_inbound"] is not None and now - contact["last_inbound"] < WINDOW_MS
         failed = needs_window and not window_open
+        code = self.fail_code(contact["phone"])
         entry = {
             "seq": len(self.outbox) + 1,
             "contact_id": str(contact["id"]),
             "phone": contact["phone"],
             "kind": kind,
-            "status": "failed" if failed else "delivered",
-            "reason": "re-engagement (>24h)" if failed else None,
+            "status": "failed" if failed or code else "delivered",
+            "reason": "re-engagement (>24h)" if failed else WA_ERRORS.get(code or 0),
             "at": now,
             **details,
         }
+        if code and not failed:
+            entry["error_code"] = code
         self.outbox.append(entry)
         contact["last_sent"] = now
-        if not failed:
+        if entry["status"] == "delivered":
             contact["last_delivered"] = now
         if self.config.webhook_url:
             self._spawn(self._post_statuses(entry))
         return entry
+
+    def fail_code(self, phone: str) -> int | None:
+        """The error code WhatsApp fails this send with (``webhook_fail``, ``webhook_fail_code``), if any."""
+        queued = self.config.webhook_fail.get(re.sub(r"\D", "", phone))
+        if queued:
+            return queued.pop(0)
+        return self.config.webhook_fail_code
 
     # -- WhatsApp's webhooks, as Meta would post them --------------------------------------------------------
 

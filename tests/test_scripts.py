@@ -303,7 +303,29 @@ async def test_a_131047_shuts_the_window_and_appends_one_reaction(redis_client: 
     assert (again.outcome, again.reacted) == ("kept", False)
     assert await redis_client.get(window) == f"c:{T0 + 1000}".encode()
     [(_id, fields)] = await redis_client.xrange(keys.REACTIONS)
-    assert fields == {b"kind": b"fallback", b"job": b"job-1", b"step": b"text"}
+    assert fields == {b"kind": b"failed", b"job": b"job-1", b"step": b"text", b"code": b"131047"}
+
+
+@pytest.mark.parametrize("code", ["131056", "131026", "999999", ""])
+async def test_every_failure_appends_one_reaction_with_its_code(redis_client: Any, code: str) -> None:
+    """Tried: a code the table acts on, one it does not know, and a failed status with no code at all."""
+    apply = ApplyScript(redis_client, stream_max=1000, window_ttl=60)
+    await _put(redis_client, StepRecord("job-1", "text", A, T0, True))
+    window = keys.window(keys.who(A))
+    assert (await apply("job-1", _update("failed", code=code), window_key=window)).reacted
+    assert not (await apply("job-1", _update("failed", code=code), window_key=window)).reacted  # a redelivery
+    assert not await redis_client.exists(window)  # only 131047 says anything of the window
+    [(_id, fields)] = await redis_client.xrange(keys.REACTIONS)
+    assert fields == {b"kind": b"failed", b"job": b"job-1", b"step": b"text", b"code": code.encode()}
+
+
+async def test_a_failure_after_delivered_appends_no_reaction(redis_client: Any) -> None:
+    """With several devices, delivered on one outranks failed on another: nothing to react to."""
+    apply = ApplyScript(redis_client, stream_max=1000, window_ttl=60)
+    await _put(redis_client, StepRecord("job-1", "text", A, T0, True))
+    await apply("job-1", _update("delivered"), window_key=None)
+    assert not (await apply("job-1", _update("failed", code="131056"), window_key=None)).reacted
+    assert await redis_client.xlen(keys.REACTIONS) == 0
 
 
 async def test_a_flow_step_keeps_every_wamid(redis_client: Any) -> None:

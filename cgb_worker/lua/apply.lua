@@ -1,4 +1,5 @@
--- Apply one status to one message's record, and append what it calls for, in one atomic step.
+-- Apply one status to one message's record, and append what it calls for, in one atomic step: a status that
+-- makes the message 'failed' appends a 'failed' reaction (with its code) to the outbox.
 -- KEYS[1] the send-log hash, KEYS[2] the deliveries stream, KEYS[3] the window key ('' when the phone is
 -- unknown), KEYS[4] the reactions outbox.
 -- ARGV[1] step, [2] status, [3] its time (ms), [4] the event (a JSON line), [5] wamid, [6] how it was matched,
@@ -40,13 +41,10 @@ if changed then
   s.status = status
   if status == 'failed' then
     s.error = {code = tonumber(code) or 0, title = ARGV[8], details = ARGV[9]}
-    if code == '131047' then
-      if KEYS[3] ~= '' then redis.call('SET', KEYS[3], 'c:' .. at, 'EX', ARGV[13]) end
-      if redis.call('HEXISTS', KEYS[1], 'f:' .. step) == 1 then
-        redis.call('XADD', KEYS[4], '*', 'kind', 'fallback', 'job', ARGV[11], 'step', step)
-        reacted = 1
-      end
-    end
+    if code == '131047' and KEYS[3] ~= '' then redis.call('SET', KEYS[3], 'c:' .. at, 'EX', ARGV[13]) end
+    -- every failure is a reaction: the receiver looks its code up (whatsapp_errors.py), counts it, acts once
+    redis.call('XADD', KEYS[4], '*', 'kind', 'failed', 'job', ARGV[11], 'step', step, 'code', code)
+    reacted = 1
   end
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[10], '*', 'job', ARGV[11], 'step', step, 'status', status,
     'wamid', s.wamid or '', 'error', status == 'failed' and code or '', 'at', at)

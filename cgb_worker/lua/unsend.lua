@@ -10,6 +10,6 @@ if ARGV[2] ~= '' then redis.call('ZREM', KEYS[3], ARGV[2]) end
 local raw = redis.call('HGET', KEYS[2], 'd:' .. ARGV[1])
 if raw and cjson.decode(raw).wamid then return 0 end
 if ARGV[4] ~= '1' then redis.call('HDEL', KEYS[1], ARGV[1]) end
-if ARGV[5] == '1' then redis.call('HDEL', KEYS[2], 'd:' .. ARGV[1], 'f:' .. ARGV[1]) end
+if ARGV[5] == '1' then redis.call('HDEL', KEYS[2], 'd:' .. ARGV[1], 'f:' .. ARGV[1], 'p:' .. ARGV[1]) end
 if redis.call('GET', KEYS[4]) == ARGV[3] then redis.call('DEL', KEYS[4]) end
 return 1

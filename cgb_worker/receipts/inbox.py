@@ -103,7 +103,7 @@ class Processor:
         self.metrics = metrics
         self.consumer = consumer or settings.consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.matcher = Matcher(redis, settings, metrics)
-        self.reactor = Reactor(redis, metrics, self.consumer)
+        self.reactor = Reactor(redis, metrics, self.consumer, settings.reactions)
         self._open = OpenWindowScript(redis)
         self._apply = ApplyScript(redis, stream_max=settings.stream_max, window_ttl=WINDOW_TTL)
         self._claim_dead = ClaimDeadScript(redis)

@@ -12,21 +12,29 @@ being sent twice after that.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 from arq.connections import ArqRedis
 from loguru import logger
 from redis.exceptions import ResponseError
 
-from .. import keys
+from .. import keys, sealed
 from ..metrics import ReceiverMetrics
+from ..ratelimit import pause_fleet
+from ..settings import ReactionSettings
+from ..whatsapp_errors import next_step, resend_delay, resends, rule_for
 
 CLAIM_IDLE = 30.0
 BATCH = 100
 
 
 class Reactor:
-    def __init__(self, redis: ArqRedis, metrics: ReceiverMetrics, consumer: str) -> None:
+    def __init__(
+        self, redis: ArqRedis, metrics: ReceiverMetrics, consumer: str, rules: ReactionSettings | None = None
+    ) -> None:
         self.redis = redis
+        self.rules = rules or ReactionSettings()
         self.metrics = metrics
         self.consumer = consumer
         self.claim_idle = CLAIM_IDLE
@@ -77,18 +85,82 @@ class Reactor:
 
     async def react(self, fields: dict[bytes, bytes]) -> None:
         kind = fields.get(b"kind", b"").decode()
-        if kind == "fallback":
-            await self.fallback(fields[b"job"].decode(), fields[b"step"].decode())
+        job, step = fields.get(b"job", b"").decode(), fields.get(b"step", b"").decode()
+        if kind == "fallback":  # appended by a receiver of the previous version
+            await self.fallback(job, step)
+        elif kind == "failed":
+            kind = await self.failed(job, step, int(fields.get(b"code") or 0))
         else:
             logger.warning("an unknown reaction {!r} was dropped", kind[:40])
             return
         self.metrics.reactions.labels(kind).inc()
 
+    async def failed(self, delivery_id: str, step: str, code: int) -> str:
+        """A message of ``delivery_id`` failed with ``code``: the code's row in the table says what to do."""
+        rule = rule_for(code)
+        self.metrics.whatsapp_error(code)
+        record = keys.sends(delivery_id)
+        state_raw, fallback = await self.redis.hmget(record, [f"d:{step}", f"f:{step}"])  # type: ignore[misc]
+        state: dict[str, Any] = msgspec.json.decode(state_raw) if state_raw else {}
+        who = state.get("who")
+        log = logger.bind(job_id=delivery_id, step=step, code=code)
+        rules = self.rules
+        if rule.action == "fallback":
+            if fallback:
+                await self.fallback(delivery_id, step)
+            return rule.action
+        if rule.action == "suppress" and who:
+            await suppress_marketing(self.redis, who)
+            log.info("WhatsApp said the person stopped marketing messages (131050): marketing to them is suppressed")
+        elif rule.action == "undeliverable" and who:
+            await self.redis.set(keys.undeliverable(who), str(code), ex=int(rules.undeliverable_ttl))
+            log.info(
+                "WhatsApp cannot deliver to this number (131026): jobs to it fail for {:.0f} s", rules.undeliverable_ttl
+            )
+        elif rule.action in ("resend", "throttle"):
+            if rule.action == "throttle":
+                await pause_fleet(self.redis)
+                log.warning("WhatsApp's throughput limit ({}): every worker's rate limit backs off", code)
+            n = resends(step) + 1
+            if n > rules.resend_max:
+                log.warning(
+                    "WhatsApp failed the message with {} after {} automatic resends: it stays failed", code, n - 1
+                )
+                return "given_up"
+            await self.resend(
+                delivery_id, step, code, resend_delay(n, first=rules.resend_delay, factor=rules.resend_factor)
+            )
+        elif rule.action == "marketing_cap":
+            if not rules.marketing_cap_retry_after or state.get("resendCode") == code:
+                log.info("WhatsApp's per-person marketing cap (131049): not sent again")
+                return "fail"
+            await self.resend(delivery_id, step, code, rules.marketing_cap_retry_after)
+        return rule.action
+
+    async def resend(self, delivery_id: str, step: str, code: int, delay: float) -> None:
+        """Send ``step`` again after ``delay`` seconds, as a job of its own whose id names the step it sends: arq
+        refuses it twice while it or its result lives, and its send log keeps it from being sent twice after."""
+        new_step = next_step(step)
+        job = await self.redis.enqueue_job(
+            "whatsapp_send",
+            resend_of=delivery_id,
+            resend_step=step,
+            resend_code=code,
+            _job_id=f"{delivery_id}:resend:{new_step}",
+            _defer_by=delay,
+        )
+        logger.bind(job_id=delivery_id, step=step).info(
+            "WhatsApp failed the message with {}: {}",
+            code,
+            f"sending it again in {delay:.0f} s as {new_step}" if job is not None else "its resend is already queued",
+        )
+
     async def fallback(self, delivery_id: str, step: str) -> None:
         """The job's text failed with 131047: send its ``whatsappTemplate``, as a job of its own."""
-        fields = await self.redis.hget(keys.sends(delivery_id), f"f:{step}")  # type: ignore[misc]
+        sealed_fields = await self.redis.hget(keys.sends(delivery_id), f"f:{step}")  # type: ignore[misc]
+        fields = unsealed(sealed_fields) if sealed_fields else None
         if not fields:
-            return  # the record expired: nothing to send
+            return  # the record expired (or was sealed under another key): nothing to send
         job = await self.redis.enqueue_job(
             "whatsapp_send", msgspec.json.decode(fields), fallback_of=delivery_id, _job_id=f"{delivery_id}:fallback"
         )
@@ -96,3 +168,12 @@ class Reactor:
             "the text failed outside the 24-hour window (131047): {}",
             "sending the job's whatsappTemplate instead" if job is not None else "its template is already queued",
         )
+
+
+async def suppress_marketing(redis: ArqRedis, who: str) -> None:  # replaced by suppression.py's API at merge
+    await redis.set(keys.suppressed(who), b'{"marketing":{"reason":"131050"}}')
+
+
+def unsealed(value: bytes) -> bytes | None:
+    """A sealed fallback; one written in clear by the previous version is read as it is."""
+    return value if value.startswith(b"{") else sealed.unseal(value)

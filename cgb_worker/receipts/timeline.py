@@ -80,6 +80,10 @@ class StepDelivery(msgspec.Struct, frozen=True, rename="camel"):
     """Set on a template sent automatically after this job's text failed with 131047."""
     category: str | None = None
     """The job's category when this step was sent."""
+    resend_of: str | None = None
+    """Set on a step sent again automatically (``text~1``): the step WhatsApp failed, and its code. The job's
+    status follows the newest."""
+    resend_code: int | None = None
     events: list[DeliveryEvent] = msgspec.field(default_factory=list)
 
 
@@ -87,7 +91,7 @@ class Delivery(msgspec.Struct, frozen=True, rename="camel"):
     """What really happened to a job's messages; :func:`delivery` builds it.
 
     ``status`` is the least advanced of the job's messages (``failed`` when any failed and was not replaced
-    by a fallback template); ``wamid`` is its last message's; ``events`` merges every step's in the order
+    by a fallback template or an automatic resend, whose own status then counts); ``wamid`` is its last message's; ``events`` merges every step's in the order
     they arrived."""
 
     job_id: str
@@ -154,13 +158,15 @@ def build(job_id: str, raw: dict[bytes, bytes], *, unconfirmed_after: float = 86
                 user_id=state.get("userId") or None,
                 fallback_for=state.get("fallbackFor") or None,
                 category=state.get("category") or None,
+                resend_of=state.get("resendOf") or None,
+                resend_code=state.get("resendCode") or None,
                 events=[DeliveryEvent("accepted" if acked else "sending", accepted_at, accepted_at, step), *events],
             )
         )
     if not steps:
         return None
     steps.sort(key=lambda s: s.accepted_at)
-    replaced = {s.fallback_for for s in steps if s.fallback_for}
+    replaced = {s.fallback_for for s in steps if s.fallback_for} | {s.resend_of for s in steps if s.resend_of}
     current = [s for s in steps if s.step not in replaced] or steps
     status = _worst([s.status for s in current])
     error = next((s.error for s in current if s.status == "failed"), None)
