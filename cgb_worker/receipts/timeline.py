@@ -91,8 +91,8 @@ class Delivery(msgspec.Struct, frozen=True, rename="camel"):
     """What really happened to a job's messages; :func:`delivery` builds it.
 
     ``status`` is the least advanced of the job's messages (``failed`` when any failed and was not replaced
-    by a fallback template or an automatic resend, whose own status then counts); ``wamid`` is its last message's; ``events`` merges every step's in the order
-    they arrived."""
+    by a fallback template or an automatic resend, whose own status then counts); ``wamid`` is its last
+    message's; ``events`` merges every step's in the order they arrived."""
 
     job_id: str
     status: str
