@@ -152,7 +152,7 @@ class Reactor:
         logger.bind(job_id=delivery_id, step=step).info(
             "WhatsApp failed the message with {}: {}",
             code,
-            f"sending it again in {delay:.0f} s as {new_step}" if job is not None else "its resend is already queued",
+            f"sending it again in {delay:.1f} s as {new_step}" if job is not None else "its resend is already queued",
         )
 
     async def fallback(self, delivery_id: str, step: str) -> None:

@@ -1,0 +1,296 @@
+"""WhatsApp's rules end to end: the simulator fails sends with Meta's error codes, its signed webhooks reach the
+real receiver (out of order, some twice), real arq workers send on the real Redis, and the tests read what was
+sent (the simulator's outbox and request log) and what was stored (timelines, keys, metrics)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from cgb_worker import errors as E
+from cgb_worker import keys
+from cgb_worker.settings import ReactionSettings
+from cgb_worker.whatsapp_errors import RULES, next_step, resend_delay, resends, rule_for
+
+from .conftest import Harness
+from .test_webhooks import Receiver, eventually, settled, start_receiver, status_of
+
+B = "+12025550100"
+B_DIGITS = B.lstrip("+")
+FAST = ReactionSettings(resend_delay=0.2, resend_factor=1.5, resend_max=3, undeliverable_ttl=60)
+
+
+@pytest.fixture
+async def rules_receiver(redis_url: str, harness: Harness) -> AsyncIterator[Receiver]:
+    rec, stop = await start_receiver(redis_url, reactions=FAST)
+    # production's shape: statuses posted on their own, in any order, a third of them twice
+    harness.sim.configure(
+        webhook_url=rec.url,
+        webhook_secret="test-app-secret-not-real",
+        webhook_delay=0.01,
+        webhook_jitter=0.1,
+        webhook_duplicate_rate=0.3,
+        inbound_on_create=True,
+    )
+    try:
+        yield rec
+    finally:
+        await stop()
+
+
+def sends_to_cgb(harness: Harness) -> list[str]:
+    """The send requests the simulator answered, by endpoint, in order."""
+    return [r["endpoint"] for r in harness.sim.state.requests if r["endpoint"].startswith("send")]
+
+
+async def reacted(receiver: Receiver, code: int) -> None:
+    """The receiver has counted (so carried out) its reaction to a failure with ``code``."""
+
+    async def done() -> bool:
+        return receiver.metric("cgb_whatsapp_errors_total", code=str(code)) >= 1
+
+    await eventually(done)
+
+
+# -- the table ------------------------------------------------------------------------------------------------
+
+
+def test_the_table_covers_every_code_the_issue_names() -> None:
+    named = {131047, 131026, 132000, 132001, 132018, 131049, 131050, 131056, 131042, 131008, 130472}
+    named |= {130429, 131057, 131051, 131052, 131053}
+    assert named <= set(RULES)
+    assert {c: RULES[c].action for c in (131056, 130429, 131057, 131049, 131050, 131026, 131047)} == {
+        131056: "resend",
+        130429: "throttle",
+        131057: "throttle",
+        131049: "marketing_cap",
+        131050: "suppress",
+        131026: "undeliverable",
+        131047: "fallback",
+    }
+    assert all(RULES[c].action == "fail" for c in (132000, 132001, 132018, 131042, 131008, 130472, 131051))
+    unknown = rule_for(999_999)  # a code Meta adds later, and 0 (a failed status with none)
+    assert (unknown.action, unknown.retriable) == ("fail", False)
+    assert rule_for(0).action == "fail"
+
+
+def test_resends_are_named_and_paced() -> None:
+    assert [resends(s) for s in ("text", "text~1", "text~12", "text~x")] == [0, 1, 12, 0]
+    assert [next_step(s) for s in ("text", "text~1", "whatsapp_template~2")] == [
+        "text~1",
+        "text~2",
+        "whatsapp_template~3",
+    ]
+    assert [resend_delay(n, first=6, factor=4) for n in (1, 2, 3)] == [6, 24, 96]
+
+
+# -- 131056: sent again after a backoff -------------------------------------------------------------------------
+
+
+async def test_a_131056_is_sent_exactly_once_more_and_ends_delivered(
+    harness: Harness, rules_receiver: Receiver
+) -> None:
+    harness.sim.configure(webhook_fail={B_DIGITS: [131056]})
+    await harness.known(B)
+    [job] = await harness.enqueue({"to": B, "message": "Documents needed"})
+    await harness.run()
+    assert (await job.result())["category"] == "service"
+    await reacted(rules_receiver, 131056)
+    pool = await harness.pool()
+    [resend] = await pool.queued_jobs()
+    assert (resend.job_id, resend.kwargs) == (
+        f"{job.job_id}:resend:text~1",
+        {"resend_of": job.job_id, "resend_step": "text", "resend_code": 131056},
+    )
+    assert list(resend.args) == []  # the payload (phone, text) stays sealed in the record, not in arq's job
+    await harness.run()
+    await settled(harness)
+    found = await status_of(harness, job.job_id)
+    assert [(s.step, s.status, s.error.code if s.error else None, s.resend_of) for s in found.steps] == [
+        ("text", "failed", 131056, None),
+        ("text~1", "read", None, "text"),
+    ]
+    assert (found.status, found.category) == ("read", "service")
+    assert [o["kind"] for o in harness.sim.state.outbox] == ["text", "text"]
+    assert [o["text"] for o in harness.sim.state.outbox] == ["Documents needed"] * 2
+    await harness.run()  # nothing is left to send: exactly one more
+    assert sends_to_cgb(harness) == ["send_text", "send_text"]
+    assert rules_receiver.metric("cgb_reactions_total", kind="resend") == 1
+
+
+async def test_131056_gives_up_after_the_last_resend(harness: Harness, rules_receiver: Receiver) -> None:
+    harness.sim.configure(webhook_fail={B_DIGITS: [131056] * 5})
+    await harness.known(B)
+    [job] = await harness.enqueue({"to": B, "message": "hello"})
+    for _ in range(FAST.resend_max + 1):
+        await harness.run()
+        await settled(harness)
+    await eventually(lambda: _given_up(rules_receiver))
+    assert await (await harness.pool()).queued_jobs() == []
+    found = await status_of(harness, job.job_id)
+    assert [(s.step, s.status) for s in found.steps] == [
+        ("text", "failed"),
+        ("text~1", "failed"),
+        ("text~2", "failed"),
+        ("text~3", "failed"),
+    ]
+    assert found.status == "failed"
+    assert len(sends_to_cgb(harness)) == 1 + FAST.resend_max
+
+
+async def _given_up(receiver: Receiver) -> bool:
+    return receiver.metric("cgb_reactions_total", kind="given_up") == 1
+
+
+async def test_a_resend_keeps_the_text_of_a_job_that_had_a_template_too(
+    harness: Harness, rules_receiver: Receiver, redis_client: Any
+) -> None:
+    """The text went out because the window was open; its resend is the text again, not the template."""
+    import time
+
+    from cgb_worker.window import window_key
+
+    harness.sim.configure(webhook_fail={B_DIGITS: [131056]})
+    await harness.known(B)
+    await redis_client.set(window_key(B), f"o:{int(time.time() * 1000)}")
+    template = {"name": "visa_approved", "language": "en", "body": ["Dana"]}
+    [job] = await harness.enqueue({"to": B, "message": "Your visa is approved", "whatsappTemplate": template})
+    await harness.run()
+    await reacted(rules_receiver, 131056)
+    await harness.run()
+    await settled(harness)
+    assert [o["kind"] for o in harness.sim.state.outbox] == ["text", "text"]
+    assert (await status_of(harness, job.job_id)).status == "read"
+
+
+# -- throughput: 130429 and 131057 ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [130429, 131057])
+async def test_a_throughput_code_slows_every_worker_and_sends_again(
+    harness: Harness, rules_receiver: Receiver, redis_client: Any, code: int
+) -> None:
+    harness.sim.configure(webhook_fail={B_DIGITS: [code]})
+    await harness.known(B)
+    [job] = await harness.enqueue({"to": B, "message": "hello"})
+    await harness.run()
+    await reacted(rules_receiver, code)
+    assert await redis_client.exists(keys.RATE_PENALTY)  # the fleet's limit runs at half rate for a while
+    assert float(await redis_client.get(keys.RATE_NEXT)) > 0  # and no slot before the pause ends
+    await harness.run()
+    await settled(harness)
+    assert (await status_of(harness, job.job_id)).status == "read"
+    assert sends_to_cgb(harness) == ["send_text", "send_text"]
+
+
+# -- 131049: the marketing cap --------------------------------------------------------------------------------
+
+
+async def test_a_131049_is_never_sent_again_at_once(harness: Harness, rules_receiver: Receiver) -> None:
+    harness.sim.configure(webhook_fail={B_DIGITS: [131049]})
+    await harness.known(B)
+    [job] = await harness.enqueue({"to": B, "message": "Sale!", "category": "marketing"})
+    await harness.run()
+    await reacted(rules_receiver, 131049)
+    await settled(harness)
+    assert await (await harness.pool()).queued_jobs() == []
+    found = await status_of(harness, job.job_id)
+    assert (found.status, found.error.code if found.error else None, found.category) == (
+        "failed",
+        131049,
+        "marketing",
+    )
+    assert sends_to_cgb(harness) == ["send_text"]
+
+
+async def test_a_131049_is_sent_once_more_after_marketing_cap_retry_after(harness: Harness, redis_url: str) -> None:
+    rec, stop = await start_receiver(redis_url, reactions=ReactionSettings(marketing_cap_retry_after=0.3))
+    try:
+        harness.sim.configure(
+            webhook_url=rec.url,
+            webhook_secret="test-app-secret-not-real",
+            webhook_delay=0.01,
+            webhook_jitter=0.05,
+            inbound_on_create=True,
+        )
+        harness.sim.configure(webhook_fail={B_DIGITS: [131049, 131049]})
+        await harness.known(B)
+        [job] = await harness.enqueue({"to": B, "message": "Sale!", "category": "marketing"})
+        await harness.run()
+        await reacted(rec, 131049)
+        [resend] = await (await harness.pool()).queued_jobs()
+        assert resend.kwargs["resend_code"] == 131049
+        await harness.run()  # the resend fails with 131049 again: not a third time
+        await settled(harness)
+        await eventually(lambda: _count(rec, "cgb_whatsapp_errors_total", code="131049", at_least=2))
+        await asyncio.sleep(0.3)
+        assert await (await harness.pool()).queued_jobs() == []
+        found = await status_of(harness, job.job_id)
+        assert [(s.step, s.status) for s in found.steps] == [("text", "failed"), ("text~1", "failed")]
+        assert sends_to_cgb(harness) == ["send_text", "send_text"]
+    finally:
+        await stop()
+
+
+async def _count(receiver: Receiver, name: str, *, at_least: float, **labels: str) -> bool:
+    return receiver.metric(name, **labels) >= at_least
+
+
+# -- 131026: undeliverable ------------------------------------------------------------------------------------
+
+
+async def test_a_131026_refuses_the_next_jobs_without_a_request(
+    harness: Harness, rules_receiver: Receiver, redis_client: Any
+) -> None:
+    harness.sim.configure(webhook_fail={B_DIGITS: [131026]})
+    await harness.known(B)
+    [first] = await harness.enqueue({"to": B, "message": "hello"})
+    await harness.run()
+    await reacted(rules_receiver, 131026)
+    ttl = await redis_client.ttl(keys.undeliverable(keys.who(B)))
+    assert 0 < ttl <= FAST.undeliverable_ttl
+    [second] = await harness.enqueue({"to": B, "message": "hello again", "category": "authentication"})
+    await harness.run()
+    error = await harness.outcome(second)
+    assert isinstance(error, E.UndeliverableError)
+    assert "131026" in str(error)
+    assert sends_to_cgb(harness) == ["send_text"]  # the first job's only
+    assert (await status_of(harness, first.job_id)).status == "failed"
+
+
+# -- every other code -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [131042, 999_999])
+async def test_any_other_code_is_final_and_counted(harness: Harness, rules_receiver: Receiver, code: int) -> None:
+    """Tried: a code of the table (payment problem) and one no table lists."""
+    harness.sim.configure(webhook_fail={B_DIGITS: [code]})
+    await harness.known(B)
+    [job] = await harness.enqueue({"to": B, "message": "hello"})
+    await harness.run()
+    await reacted(rules_receiver, code)
+    await settled(harness)
+    assert await (await harness.pool()).queued_jobs() == []
+    found = await status_of(harness, job.job_id)
+    assert (found.status, found.error.code if found.error else None) == ("failed", code)
+    assert rules_receiver.metric("cgb_reactions_total", kind="fail") == 1
+    assert sends_to_cgb(harness) == ["send_text"]
+
+
+async def test_a_resend_whose_sealed_payload_is_gone_fails_without_a_request(
+    harness: Harness, redis_client: Any
+) -> None:
+    """A resend job names its original; when that record expired (or was sealed under a rotated key), nothing is
+    sent and the job fails as invalid. Tried: no record, and a payload that is not ours."""
+    pool = await harness.pool()
+    gone = await pool.enqueue_job("whatsapp_send", resend_of="job-x", resend_step="text", resend_code=131056)
+    await redis_client.hset(keys.sends("job-y"), "p:text", b"not sealed by us")
+    forged = await pool.enqueue_job("whatsapp_send", resend_of="job-y", resend_step="text", resend_code=131056)
+    bad_step = await pool.enqueue_job("whatsapp_send", resend_of="job-y", resend_step="fax", resend_code=131056)
+    await harness.run()
+    for job in (gone, forged, bad_step):
+        assert isinstance(await harness.outcome(job), E.InvalidJobError)
+    assert sends_to_cgb(harness) == []
