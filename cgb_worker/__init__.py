@@ -17,19 +17,24 @@ from .errors import (
     CGBTransportError,
     CGBWorkerError,
     ConfigError,
+    ExpiredError,
     InvalidJobError,
     InvalidPhoneError,
     JobFailedError,
     OutsideWindowError,
+    QuietHoursError,
     SendOutcomeUnknownError,
+    SuppressedError,
     TemplateMismatchError,
     TemplateNotFoundError,
+    UndeliverableError,
     UnknownVariableError,
 )
 from .models import Account, Contact, CustomField, Flow, SendJob, SendResult
 from .phones import normalize_phone
 from .receipts.timeline import Delivery, DeliveryError, DeliveryEvent, StepDelivery, delivery
 from .settings import ReceiverSettings, Settings, load_receiver_settings, load_settings
+from .whatsapp_errors import ErrorRule, rule_for
 from .worker import create_pool, worker_settings
 
 __version__ = "0.1.0"
@@ -73,19 +78,24 @@ __all__ = [
     "Delivery",
     "DeliveryError",
     "DeliveryEvent",
+    "ErrorRule",
+    "ExpiredError",
     "Flow",
     "InvalidJobError",
     "InvalidPhoneError",
     "JobFailedError",
     "OutsideWindowError",
+    "QuietHoursError",
     "ReceiverSettings",
     "SendJob",
     "SendOutcomeUnknownError",
     "SendResult",
     "Settings",
     "StepDelivery",
+    "SuppressedError",
     "TemplateMismatchError",
     "TemplateNotFoundError",
+    "UndeliverableError",
     "UnknownVariableError",
     "WorkerSettings",
     "create_pool",
@@ -93,5 +103,6 @@ __all__ = [
     "load_receiver_settings",
     "load_settings",
     "normalize_phone",
+    "rule_for",
     "worker_settings",
 ]

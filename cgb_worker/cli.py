@@ -146,11 +146,13 @@ def templates() -> None:
     settings = _settings()
     if settings.wa_templates is None:
         _fail("WA_TEMPLATES_FILE is not set", 2)
-    click.echo(f"{'name':<32} {'languages':<16} {'body':<24} {'header':<10} buttons")
+    click.echo(f"{'name':<32} {'languages':<16} {'body':<24} {'header':<10} {'buttons':<16} category")
     for t in sorted(settings.wa_templates.templates.values(), key=lambda t: t.name):
         body = f"{t.body} positional" if isinstance(t.body, int) else ", ".join(t.body) or "none"
+        buttons = ",".join(t.buttons) or "-"
         click.echo(
-            f"{t.name:<32} {','.join(t.languages):<16} {body:<24} {t.header or '-':<10} {','.join(t.buttons) or '-'}"
+            f"{t.name:<32} {','.join(t.languages):<16} {body:<24} {t.header or '-':<10} {buttons:<16} "
+            f"{t.category or 'utility (default)'}"
         )
 
 

@@ -28,6 +28,11 @@ buttons = ["url"]
 name = "documents_needed"
 languages = ["he", "en_US"]
 body = ["first_name", "country"]
+
+[[template]]
+name = "spring_sale"
+languages = ["en"]
+category = "marketing"
 """
 
 
@@ -43,7 +48,52 @@ def test_the_sample_file_is_read(catalog_file: str) -> None:
     visa = catalog.templates["visa_approval_file_phone"]
     assert (visa.languages, visa.body, visa.header, visa.buttons) == (("he",), 2, "document", ("url",))
     docs = catalog.templates["documents_needed"]
-    assert (docs.body, docs.header, docs.buttons) == (("first_name", "country"), None, ())
+    assert (docs.body, docs.header, docs.buttons, docs.category) == (("first_name", "country"), None, (), None)
+    assert catalog.templates["spring_sale"].category == "marketing"
+
+
+@pytest.mark.parametrize(
+    ("payload", "given", "expected"),
+    [
+        ({"whatsappTemplate": {"name": "spring_sale", "language": "en"}}, None, "marketing"),
+        ({"whatsappTemplate": {"name": "documents_needed", "language": "he"}}, None, "utility"),  # no category key
+        ({"whatsappTemplate": {"name": "not_listed", "language": "he"}}, None, "utility"),
+        ({"whatsappTemplate": {"name": "spring_sale", "language": "en"}}, "utility", "utility"),  # the job's wins
+        ({"template": "visa_approved"}, None, "utility"),
+        ({"message": "hello"}, None, "service"),
+        ({"fileUrl": DOC, "fileType": "document"}, None, "service"),
+        ({"message": "hello"}, "authentication", "authentication"),
+    ],
+)
+def test_a_jobs_category_is_given_or_defaulted(
+    catalog_file: str, payload: dict[str, Any], given: str | None, expected: str
+) -> None:
+    from cgb_worker.jobs import category_of, validate
+
+    job = {"to": A, **payload, **({"category": given} if given else {})}
+    assert category_of(validate(job), load_catalog(catalog_file)) == expected
+
+
+@pytest.mark.parametrize("bad", ["promotional", "", "MARKETING", 3])
+def test_an_unknown_category_is_refused(bad: Any) -> None:
+    from cgb_worker.jobs import validate
+
+    with pytest.raises(E.InvalidJobError, match="category"):
+        validate({"to": A, "message": "hello", "category": bad})
+
+
+async def test_the_category_is_in_the_result_and_the_timeline(harness: Harness, redis_client: Any) -> None:
+    from cgb_worker import keys
+    from cgb_worker.receipts import delivery
+
+    await harness.known(A)
+    await redis_client.set(keys.TRACKING, "1")  # a receiver is deployed: the send is tracked
+    [job] = await harness.enqueue({"to": A, "message": "Sale!", "category": "marketing"})
+    await harness.run()
+    assert (await harness.outcome(job))["category"] == "marketing"
+    found = await delivery(redis_client, job.job_id)
+    assert found is not None
+    assert (found.category, [s.category for s in found.steps]) == ("marketing", ["marketing"])
 
 
 def test_every_problem_in_the_file_is_reported_at_once(tmp_path: Path) -> None:
@@ -60,6 +110,7 @@ body = -1
 header = "audio"
 buttons = ["call"]
 colour = "red"
+category = "service"
 [[template]]
 name = "b"
 languages = ["he"]
@@ -82,6 +133,7 @@ languages = ["en"]
         "template 2 (a): 'body'",
         "template 2 (a): 'header'",
         "template 2 (a): 'buttons'",
+        "template 2 (a): 'category' must be one of marketing, utility, authentication",
         "template 4: 'b' is listed twice",
     ):
         assert any(expected in p for p in problems), (expected, problems)
@@ -198,9 +250,11 @@ async def test_the_cli_checks_and_lists_the_file(harness: Harness, catalog_file:
     assert code == 0, err
     assert "visa_approval_file_phone" in out
     assert "first_name, country" in out
+    [sale] = [line for line in out.splitlines() if line.startswith("spring_sale")]
+    assert sale.split()[-1] == "marketing"
     code, out, _ = await cli(harness, "check", env={"WA_TEMPLATES_FILE": catalog_file})
     assert code == 0
-    assert "wa templates   ok (2 approved template(s)" in out
+    assert "wa templates   ok (3 approved template(s)" in out
     bad = tmp_path / "bad.toml"
     bad.write_text('[[template]]\nname = "x"\nlanguages = []\nheader = "gif"\n')
     code, _, err = await cli(harness, "check", env={"WA_TEMPLATES_FILE": str(bad)})

@@ -233,12 +233,28 @@ def test_receiver_settings_report_every_problem_at_once() -> None:
                 "STATUS_UNCONFIRMED_AFTER": "soon",
                 "DELIVERY_STREAM_MAX": "5",
                 "REDIS_URL": "redis://cache.internal:63790x/0",
+                "WA_RESEND_DELAY": "-1",
+                "WA_RESEND_FACTOR": "0.5",
+                "WA_RESEND_MAX": "eleven",
+                "MARKETING_CAP_RETRY_AFTER": "a day",
+                "UNDELIVERABLE_TTL": "0",
             }
         )
     problems = "\n".join(caught.value.problems)
     for name in ("WABA_APP_SECRET", "PHONE_HASH_KEY", "WEBHOOK_PORT", "STATUS_MATCH_WINDOW", "STATUS_UNCONFIRMED_AFTER",
-                 "DELIVERY_STREAM_MAX", "REDIS_URL"):  # fmt: skip
+                 "DELIVERY_STREAM_MAX", "REDIS_URL", "WA_RESEND_DELAY", "WA_RESEND_FACTOR", "WA_RESEND_MAX",
+                 "MARKETING_CAP_RETRY_AFTER", "UNDELIVERABLE_TTL"):  # fmt: skip
         assert name in problems, name
+
+
+def test_receiver_reaction_settings() -> None:
+    from cgb_worker.settings import ReactionSettings, load_receiver_settings
+
+    base = {"WABA_APP_SECRET": "s", "PHONE_HASH_KEY": "k" * 16}
+    assert load_receiver_settings(base).reactions == ReactionSettings(6.0, 4.0, 3, 0.0, 86400.0)
+    given = {"WA_RESEND_DELAY": "0", "WA_RESEND_MAX": "0", "MARKETING_CAP_RETRY_AFTER": "90000",
+             "UNDELIVERABLE_TTL": "3600"}  # fmt: skip
+    assert load_receiver_settings({**base, **given}).reactions == ReactionSettings(0.0, 4.0, 0, 90000.0, 3600.0)
 
 
 def test_receiver_settings_defaults_and_secrets() -> None:
