@@ -790,7 +790,7 @@ class _Run:
                 self.tracking,
                 open_ms=int((self.services.client.timeout + self.services.settings.turn_wait) * 1000),
                 skew_ms=int(self.services.settings.clock_skew * 1000),
-                fallback=self.fallback if name == "text" else None,
+                fallback=self.fallback if name.partition("~")[0] == "text" else None,
                 fallback_for=self.fallback_for,
                 category=self.category,
                 payload=self.sealed_payload() if self.tracking else None,

@@ -153,17 +153,25 @@ async def test_a_resend_keeps_the_text_of_a_job_that_had_a_template_too(
 
     from cgb_worker.window import window_key
 
-    harness.sim.configure(webhook_fail={B_DIGITS: [131056]})
+    harness.sim.configure(webhook_fail={B_DIGITS: [131056, 131047]})
     await harness.known(B)
     await redis_client.set(window_key(B), f"o:{int(time.time() * 1000)}")
     template = {"name": "visa_approved", "language": "en", "body": ["Dana"]}
     [job] = await harness.enqueue({"to": B, "message": "Your visa is approved", "whatsappTemplate": template})
     await harness.run()
     await reacted(rules_receiver, 131056)
+    await harness.run()  # the text again, which WhatsApp now fails as outside the window: the template follows
+    await reacted(rules_receiver, 131047)
     await harness.run()
     await settled(harness)
-    assert [o["kind"] for o in harness.sim.state.outbox] == ["text", "text"]
-    assert (await status_of(harness, job.job_id)).status == "read"
+    assert [o["kind"] for o in harness.sim.state.outbox] == ["text", "text", "whatsapp_template"]
+    found = await status_of(harness, job.job_id)
+    assert [(s.step, s.status, s.resend_of, s.fallback_for) for s in found.steps] == [
+        ("text", "failed", None, None),
+        ("text~1", "failed", "text", None),
+        ("whatsapp_template", "read", None, "text"),
+    ]
+    assert found.status == "read"
 
 
 # -- throughput: 130429 and 131057 ----------------------------------------------------------------------------

@@ -166,8 +166,10 @@ def build(job_id: str, raw: dict[bytes, bytes], *, unconfirmed_after: float = 86
     if not steps:
         return None
     steps.sort(key=lambda s: s.accepted_at)
-    replaced = {s.fallback_for for s in steps if s.fallback_for} | {s.resend_of for s in steps if s.resend_of}
-    current = [s for s in steps if s.step not in replaced] or steps
+    # a fallback template replaces the text and its resends (``text~1``); a resend replaces the step it resends
+    by_template = {s.fallback_for for s in steps if s.fallback_for}
+    resent = {s.resend_of for s in steps if s.resend_of}
+    current = [s for s in steps if s.step not in resent and s.step.partition("~")[0] not in by_template] or steps
     status = _worst([s.status for s in current])
     error = next((s.error for s in current if s.status == "failed"), None)
     events = sorted((e for s in steps for e in s.events), key=lambda e: e.received)  # stable: a step's order
