@@ -398,7 +398,7 @@ async def test_status_prints_a_delivery_and_fails_without_one(harness: Harness, 
     await harness.run()
     code, out, _ = await cli(harness, "status", job.job_id)
     assert code == 0
-    assert out.splitlines()[0] == f"{job.job_id}: accepted"
+    assert out.splitlines()[0] == f"{job.job_id}: accepted (service)"
     assert out.splitlines()[1] == "  text: accepted"
     code, out, _ = await cli(harness, "status", job.job_id, "--json")
     data = json.loads(out)
@@ -422,3 +422,26 @@ async def test_status_says_how_many_messages_a_step_had_and_what_stayed_unresolv
     code, out, _ = await cli(harness, "status", "visa-7", "--json")
     [step] = json.loads(out)["steps"]
     assert (step["wamids"], step["unresolved"]) == (["wamid.A", "wamid.B"], 2)
+
+
+async def test_status_shows_an_automatic_resend(harness: Harness, redis_client: Any) -> None:
+    failed = {"status": "failed", "at": 1764650000000, "error": {"code": 131056, "title": "pair rate limit"},
+              "category": "utility"}  # fmt: skip
+    again = {
+        "status": "delivered",
+        "at": 1764650006000,
+        "resendOf": "text",
+        "resendCode": 131056,
+        "category": "utility",
+    }
+    await redis_client.hset(
+        "cgb:sends:visa-8",
+        mapping={"d:text": json.dumps(failed), "d:text~1": json.dumps(again), "text": "sent", "a:text~1": "1"},
+    )
+    code, out, _ = await cli(harness, "status", "visa-8")
+    assert code == 0
+    assert out.splitlines()[0] == "visa-8: delivered (utility)"
+    assert [line for line in out.splitlines() if not line.startswith("    ")][1:] == [
+        "  text: failed",
+        "  text~1: delivered, sent again after the text failed with 131056",
+    ]
