@@ -302,3 +302,26 @@ async def test_a_resend_whose_sealed_payload_is_gone_fails_without_a_request(
     for job in (gone, forged, bad_step):
         assert isinstance(await harness.outcome(job), E.InvalidJobError)
     assert sends_to_cgb(harness) == []
+
+
+async def test_a_failure_with_no_kept_payload_is_not_resent(redis_url: str, redis_client: Any) -> None:
+    """A send made while no receiver tracked sends keeps no payload: its 131056 stays failed, nothing is queued.
+    Tried also: no record at all (expired), and WA_RESEND_MAX=0 with a payload kept."""
+    from cgb_worker import create_pool
+    from cgb_worker.metrics import ReceiverMetrics
+    from cgb_worker.receipts.reactions import Reactor
+
+    pool = await create_pool(redis_url, ride_out_outages=False)
+    try:
+        metrics = ReceiverMetrics()
+        reactor = Reactor(pool, metrics, "r-1", FAST)
+        await redis_client.hset(keys.sends("job-1"), "d:text", b'{"status":"failed","at":1}')
+        assert await reactor.failed("job-1", "text", 131056) == "given_up"
+        assert await reactor.failed("job-gone", "text", 130429) == "given_up"
+        await redis_client.hset(keys.sends("job-2"), mapping={"d:text": b'{"status":"failed"}', "p:text": b"x"})
+        never = Reactor(pool, metrics, "r-1", ReactionSettings(resend_max=0))
+        assert await never.failed("job-2", "text", 131056) == "given_up"
+        assert await pool.queued_jobs() == []
+        assert metrics.registry.get_sample_value("cgb_whatsapp_errors_total", {"code": "131056"}) == 2
+    finally:
+        await pool.aclose()

@@ -100,42 +100,57 @@ class Reactor:
         rule = rule_for(code)
         self.metrics.whatsapp_error(code)
         record = keys.sends(delivery_id)
-        state_raw, fallback = await self.redis.hmget(record, [f"d:{step}", f"f:{step}"])  # type: ignore[misc]
+        state_raw, fallback, payload = await self.redis.hmget(  # type: ignore[misc]
+            record, [f"d:{step}", f"f:{step}", f"p:{step}"]
+        )
         state: dict[str, Any] = msgspec.json.decode(state_raw) if state_raw else {}
         who = state.get("who")
         log = logger.bind(job_id=delivery_id, step=step, code=code)
         rules = self.rules
-        if rule.action == "fallback":
+        action = rule.action
+        if action == "fallback":
             if fallback:
                 await self.fallback(delivery_id, step)
-            return rule.action
-        if rule.action == "suppress" and who:
-            await suppress_marketing(self.redis, who)
-            log.info("WhatsApp said the person stopped marketing messages (131050): marketing to them is suppressed")
-        elif rule.action == "undeliverable" and who:
-            await self.redis.set(keys.undeliverable(who), str(code), ex=int(rules.undeliverable_ttl))
-            log.info(
-                "WhatsApp cannot deliver to this number (131026): jobs to it fail for {:.0f} s", rules.undeliverable_ttl
-            )
-        elif rule.action in ("resend", "throttle"):
-            if rule.action == "throttle":
-                await pause_fleet(self.redis)
-                log.warning("WhatsApp's throughput limit ({}): every worker's rate limit backs off", code)
-            n = resends(step) + 1
-            if n > rules.resend_max:
-                log.warning(
-                    "WhatsApp failed the message with {} after {} automatic resends: it stays failed", code, n - 1
+            return action
+        if action == "suppress":
+            if who:
+                await suppress_marketing(self.redis, who)
+                log.info(
+                    "WhatsApp said the person stopped marketing messages (131050): marketing to them is suppressed"
                 )
-                return "given_up"
-            await self.resend(
-                delivery_id, step, code, resend_delay(n, first=rules.resend_delay, factor=rules.resend_factor)
+            return action
+        if action == "undeliverable":
+            if who:
+                await self.redis.set(keys.undeliverable(who), str(code), ex=int(rules.undeliverable_ttl))
+                log.info(
+                    "WhatsApp cannot deliver to this number (131026): jobs to it fail for {:.0f} s",
+                    rules.undeliverable_ttl,
+                )
+            return action
+        if action == "marketing_cap" and (not rules.marketing_cap_retry_after or state.get("resendCode") == code):
+            log.info("WhatsApp's per-person marketing cap (131049): not sent again")
+            return "fail"
+        if action == "fail":
+            return action
+        if action == "throttle":
+            await pause_fleet(self.redis)
+            log.warning("WhatsApp's throughput limit ({}): every worker's rate limit backs off", code)
+        n = resends(step) + 1
+        if not payload or (action != "marketing_cap" and n > rules.resend_max):
+            # beyond the last resend; or sent while no receiver tracked sends, or the record expired
+            why = (
+                f"after {n - 1} automatic resend(s)"
+                if payload
+                else "and it cannot be sent again (its payload is not kept)"
             )
-        elif rule.action == "marketing_cap":
-            if not rules.marketing_cap_retry_after or state.get("resendCode") == code:
-                log.info("WhatsApp's per-person marketing cap (131049): not sent again")
-                return "fail"
-            await self.resend(delivery_id, step, code, rules.marketing_cap_retry_after)
-        return rule.action
+            log.warning("WhatsApp failed the message with {} {}: it stays failed", code, why)
+            return "given_up"
+        if action == "marketing_cap":
+            delay = rules.marketing_cap_retry_after
+        else:
+            delay = resend_delay(n, first=rules.resend_delay, factor=rules.resend_factor)
+        await self.resend(delivery_id, step, code, delay)
+        return action
 
     async def resend(self, delivery_id: str, step: str, code: int, delay: float) -> None:
         """Send ``step`` again after ``delay`` seconds, as a job of its own whose id names the step it sends: arq
