@@ -566,7 +566,7 @@ async def _send(
         raise UndeliverableError(
             "WhatsApp said this number cannot receive messages (131026); not sending until UNDELIVERABLE_TTL passes"
         )
-    _check_quiet_hours(services, plan, category, now, log)
+    _check_quiet_hours(services, plan, category, now)
     if fallback_of is None and OF in record:
         # A replay of a fallback template: it joins the original job's record, as the template itself did.
         fallback_of = record[OF].decode()
@@ -647,7 +647,7 @@ async def _send(
     return run.result
 
 
-def _check_quiet_hours(services: Services, plan: Plan, category: Category, now: datetime, log: Any) -> None:
+def _check_quiet_hours(services: Services, plan: Plan, category: Category, now: datetime) -> None:
     """Defer a job of a quiet category to the end of its recipient's quiet hours (:class:`QuietHoursError`), or fail
     it (:class:`ExpiredError`) when its ``expiresAt`` would pass by then: an ``expiresAt`` inside the quiet period
     wins. Checked once per try, before any CGB call (see the module's docstring)."""
@@ -666,7 +666,6 @@ def _check_quiet_hours(services: Services, plan: Plan, category: Category, now: 
         )
     if services.metrics is not None:
         services.metrics.quiet_deferred.labels(category).inc()
-    log.debug("{} job in the recipient's quiet hours until {}", category, _utc(wake))
     raise QuietHoursError(
         f"quiet hours for the recipient ({quiet} local) until {_utc(wake)}",
         retry_after=(wake - now).total_seconds(),
