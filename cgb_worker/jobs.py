@@ -44,6 +44,16 @@ again, so the recipient may get it twice, and the result says ``possibleDuplicat
 (the job fails with :class:`SendOutcomeUnknownError` and lands in the dead-letter store for a person to
 decide; nothing is sent twice, but a message may be lost). Contact creation and field writes are safe
 to repeat and are simply repeated.
+
+Expiry and quiet hours. A job with ``expiresAt`` is not sent at or after it: a try that starts past it, and
+every send step about to leave past it (the check is in the step's mark, the last thing before the request,
+so first tries, retries, deferrals, replays, fallback templates and automatic resends are all covered), fails
+with :class:`ExpiredError`, before any further CGB call. With ``QUIET_HOURS`` set, a job whose category is in
+``QUIET_HOURS_CATEGORIES`` and whose recipient is in quiet hours (:mod:`cgb_worker.quiet`) is deferred, before
+any CGB call, to the first minute after them (:class:`QuietHoursError`, a deferral that uses up no attempt),
+or fails at once with :class:`ExpiredError` when its ``expiresAt`` would pass by then. Quiet hours are checked
+once, when a try starts: a try lasts seconds, so one that starts just before quiet hours may send a minute
+into them.
 """
 
 from __future__ import annotations
@@ -54,7 +64,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
@@ -74,8 +84,10 @@ from .errors import (
     CGBRateLimitError,
     CGBTimeoutError,
     CGBWorkerError,
+    ExpiredError,
     InvalidJobError,
     OutsideWindowError,
+    QuietHoursError,
     SendOutcomeUnknownError,
     StoreUnavailableError,
     ThrottledError,
@@ -86,6 +98,7 @@ from .locks import redis_lock
 from .metrics import Metrics
 from .models import Category, FileType, Scalar, SendJob, SendResult, SetFieldValue, WhatsAppTemplate
 from .phones import mask_phone, normalize_phone
+from .quiet import quiet_until
 from .ratelimit import reset_deadline, set_deadline
 from .sends import OF, RESULT, SENDING, SENT, SendLog, StepRecord, nothing_sent
 from .settings import Settings, job_deadline
@@ -319,6 +332,16 @@ def retry_delay(
     return max(delay, retry_after) if retry_after is not None else delay
 
 
+def utc_now() -> datetime:
+    """The time expiry and quiet hours are judged by (``Services.clock``)."""
+    return datetime.now(UTC)
+
+
+def _utc(at: datetime) -> str:
+    """An aware time in UTC to the second, as ``2026-11-26T14:32:20Z``."""
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 @dataclass(slots=True)
 class Services:
     """What the job needs, built once in the worker's ``on_startup`` and kept in ``ctx["cgb"]``."""
@@ -331,6 +354,14 @@ class Services:
     sends: SendLog
     dead_letters: DeadLetters
     metrics: Metrics | None = None
+    clock: Callable[[], datetime] = field(default=utc_now)
+    """Now, as an aware datetime: what ``expiresAt`` and quiet hours are judged by (a test may give its own)."""
+
+    def expired(self, reason: str, message: str) -> ExpiredError:
+        """The error for a job refused for its ``expiresAt``, counted (``reason``: ``passed`` or ``quiet_hours``)."""
+        if self.metrics is not None:
+            self.metrics.expired.labels(reason).inc()
+        return ExpiredError(message)
 
 
 async def whatsapp_send(
@@ -412,8 +443,12 @@ async def whatsapp_send(
                 pipe.expire(_throttle_key(job_id), 86400)
                 await pipe.execute()
         except RedisError as store_error:
-            log.warning("could not count a rate-limit deferral: {}", type(store_error).__name__)
+            log.warning("could not count a deferral: {}", type(store_error).__name__)
         delay = exc.retry_after or 1.0
+        if isinstance(exc, QuietHoursError):
+            # Exactly to the first minute after the recipient's quiet hours, however many hours away.
+            event.finish(log, started, "throttled", type(exc).__name__).info("{}; deferred {:.0f}s", exc, delay)
+            raise Retry(defer=delay) from exc
         waiting = isinstance(exc, TurnBusyError)
         if waiting:
             # About a second while the person's previous message awaits its first status; longer the longer a
@@ -558,10 +593,14 @@ async def _send(
         # This job already finished (the worker died before arq stored the result): no CGB call at all.
         return msgspec.msgpack.decode(record[RESULT], type=SendResult)
     category = category_of(plan, settings.wa_templates)
+    now = services.clock()
+    if plan.expires_at is not None and now >= plan.expires_at:
+        raise services.expired("passed", f"the job expired at {_utc(plan.expires_at)} (expiresAt): not sent")
     if undeliverable is not None:
         raise UndeliverableError(
             "WhatsApp said this number cannot receive messages (131026); not sending until UNDELIVERABLE_TTL passes"
         )
+    _check_quiet_hours(services, plan, category, now)
     if fallback_of is None and OF in record:
         # A replay of a fallback template: it joins the original job's record, as the template itself did.
         fallback_of = record[OF].decode()
@@ -580,6 +619,7 @@ async def _send(
         turn=turn.decode() if turn else None,
         category=category,
         raw=raw,
+        expires_at=plan.expires_at,
     )
     if resend is not None:
         run.resend(*resend)
@@ -650,6 +690,31 @@ async def _send(
     return run.result
 
 
+def _check_quiet_hours(services: Services, plan: Plan, category: Category, now: datetime) -> None:
+    """Defer a job of a quiet category to the end of its recipient's quiet hours (:class:`QuietHoursError`), or fail
+    it (:class:`ExpiredError`) when its ``expiresAt`` would pass by then: an ``expiresAt`` inside the quiet period
+    wins. Checked once per try, before any CGB call (see the module's docstring)."""
+    settings = services.settings
+    quiet = settings.quiet_hours
+    if quiet is None or category not in settings.quiet_categories:
+        return
+    wake = quiet_until(plan.to, quiet, now)
+    if wake is None:
+        return
+    if plan.expires_at is not None and plan.expires_at <= wake:
+        raise services.expired(
+            "quiet_hours",
+            f"the job would expire (expiresAt {_utc(plan.expires_at)}) during the recipient's quiet hours "
+            f"({quiet} local, until {_utc(wake)}): not sent",
+        )
+    if services.metrics is not None:
+        services.metrics.quiet_deferred.labels(category).inc()
+    raise QuietHoursError(
+        f"quiet hours for the recipient ({quiet} local) until {_utc(wake)}",
+        retry_after=(wake - now).total_seconds(),
+    )
+
+
 async def _resolve_and_deliver(
     services: Services,
     run: _Run,
@@ -712,9 +777,11 @@ class _Run:
         turn: str | None = None,
         category: Category | None = None,
         raw: Any = None,
+        expires_at: datetime | None = None,
     ) -> None:
         self.services = services
         self.category = category
+        self.expires_at = expires_at
         self.raw = raw
         self.only: str | None = None
         """For an automatic resend: the one step it sends, under :attr:`resent_as`."""
@@ -752,6 +819,11 @@ class _Run:
     def sent(self, name: str) -> bool:
         return self.record.get(self.name(name).encode()) == SENT
 
+    def check_expiry(self) -> None:
+        """Refuse a step due at or after the job's ``expiresAt`` (:class:`ExpiredError`); nothing is sent."""
+        if self.expires_at is not None and self.services.clock() >= self.expires_at:
+            raise self.services.expired("passed", f"the job expired at {_utc(self.expires_at)} (expiresAt): not sent")
+
     def check_turn(self, name: str) -> None:
         """Another message to this person (this job's own file, before its text) awaits its first status: wait as a
         deferral, before a rate-limit slot is taken or a flow's fields are written."""
@@ -766,6 +838,7 @@ class _Run:
         state = self.record.get(name.encode())
         if state == SENT:
             return
+        self.check_expiry()
         self.check_turn(name)
         if state == SENDING:
             # An earlier try may have sent this step. A replay is a person's decision to send it anyway.
@@ -782,6 +855,7 @@ class _Run:
 
         async def mark() -> None:
             nonlocal marked
+            self.check_expiry()  # the last moment before the request leaves: a rate-limit wait may have crossed it
             record = StepRecord(
                 self.delivery_id,
                 name,
@@ -876,6 +950,7 @@ async def _deliver(
         assert flow_id is not None
         flow = flow_id
         if not run.sent("flow"):
+            run.check_expiry()
             run.check_turn("flow")
         if not run.sent("flow") and not contact.created:
             # A new contact got its fields as the actions of its creation; any other is written here, under

@@ -8,7 +8,10 @@ Each worker has its own registry (so several workers in one process, as in the t
 * ``cgb_request_duration_seconds{endpoint, status}``: every CGB call (``status`` is ``error`` when no HTTP
   answer came back);
 * ``cgb_contact_cache_total{result}``: contact lookups, ``hit`` or ``miss``;
-* ``cgb_dead_letters``: entries in the dead-letter store, refreshed at start-up and on every new entry.
+* ``cgb_dead_letters``: entries in the dead-letter store, refreshed at start-up and on every new entry;
+* ``cgb_jobs_expired_total{reason}``: jobs refused, unsent, for their ``expiresAt``: ``passed`` (it had passed
+  when a send was due) or ``quiet_hours`` (it would pass during the recipient's quiet hours);
+* ``cgb_quiet_deferred_total{category}``: tries deferred to the end of the recipient's quiet hours.
 """
 
 from __future__ import annotations
@@ -37,6 +40,15 @@ class Metrics:
         )
         self.cache = Counter("cgb_contact_cache", "Contact cache lookups", ["result"], registry=self.registry)
         self.dead_letters = Gauge("cgb_dead_letters", "Entries in the dead-letter store", registry=self.registry)
+        self.expired = Counter(
+            "cgb_jobs_expired", "Jobs refused, unsent, for their expiresAt", ["reason"], registry=self.registry
+        )
+        self.quiet_deferred = Counter(
+            "cgb_quiet_deferred",
+            "Tries deferred to the end of the recipient's quiet hours",
+            ["category"],
+            registry=self.registry,
+        )
         self._request_children: dict[tuple[str, int | None], Any] = {}
         self._job_children: dict[tuple[str, str], Any] = {}
         self._cache_hit, self._cache_miss = self.cache.labels("hit"), self.cache.labels("miss")

@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import environs
@@ -22,6 +22,8 @@ from marshmallow.validate import OneOf, Range
 from .catalog import TemplateCatalog, load_catalog
 from .errors import ConfigError
 from .keys import PHONE_KEY_MIN
+from .models import CATEGORIES, Category
+from .quiet import QuietHours, parse_quiet_hours
 
 DEFAULT_API_URL = "https://app.chatgptbuilder.io/api"
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
@@ -160,6 +162,10 @@ class Settings:
     """The account's approved WhatsApp templates, from ``WA_TEMPLATES_FILE``; None: sent unchecked."""
     metrics_port: int | None = None
     """Serve Prometheus metrics on this port (all interfaces); None: no metrics server."""
+    quiet_hours: QuietHours | None = None
+    """``QUIET_HOURS``: the recipient's local hours in which jobs of ``quiet_categories`` wait; None: off."""
+    quiet_categories: frozenset[Category] = frozenset({"marketing"})
+    """``QUIET_HOURS_CATEGORIES``: the categories quiet hours apply to."""
     worker: WorkerOptions = field(default_factory=WorkerOptions)
 
     def __repr__(self) -> str:
@@ -253,6 +259,8 @@ def _read(source: Mapping[str, str]) -> Settings:
     metrics_port = env.int("METRICS_PORT", None, validate=Range(min=1, max=65535))
     rate_limit = env.float("CGB_RATE_LIMIT", 10.0, validate=non_negative)
     wa_templates_file = env.str("WA_TEMPLATES_FILE", None)
+    quiet_text = env.str("QUIET_HOURS", "")
+    quiet_categories_text = env.str("QUIET_HOURS_CATEGORIES", "marketing")
     d = WorkerOptions()
     worker_values = {
         name: (env.int if cast is int else env.float)(var, getattr(d, name), validate=Range(min=low, max=high))
@@ -283,6 +291,16 @@ def _read(source: Mapping[str, str]) -> Settings:
             f"CGB_TIMEOUT: must be below {job_deadline(job_timeout):g} s (WORKER_JOB_TIMEOUT less its margin), "
             "or a slow CGB would become a job timeout that arq never retries."
         )
+
+    quiet_hours: QuietHours | None = None
+    if quiet_text and quiet_text.strip():
+        try:
+            quiet_hours = parse_quiet_hours(quiet_text)
+        except ValueError as exc:
+            problems.append(f"QUIET_HOURS: {exc}")
+    quiet_categories, problem = parse_categories(quiet_categories_text or "")
+    if problem:
+        problems.append(f"QUIET_HOURS_CATEGORIES: {problem}")
 
     wa_templates: TemplateCatalog | None = None
     if wa_templates_file:
@@ -340,8 +358,21 @@ def _read(source: Mapping[str, str]) -> Settings:
         metrics_port=metrics_port,
         rate_limit=float(rate_limit or 0.0),
         wa_templates=wa_templates,
+        quiet_hours=quiet_hours,
+        quiet_categories=quiet_categories,
         worker=WorkerOptions(**worker_values),
     )
+
+
+def parse_categories(text: str) -> tuple[frozenset[Category], str | None]:
+    """A comma list of message categories (case and spaces ignored), and what is wrong with it, or None."""
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in CATEGORIES]
+    if unknown:
+        return frozenset(), f"{', '.join(repr(n[:40]) for n in unknown)}: the categories are {', '.join(CATEGORIES)}."
+    if not names:
+        return frozenset(), f"names no category (of {', '.join(CATEGORIES)}); leave QUIET_HOURS unset to turn it off."
+    return frozenset(cast("list[Category]", names)), None
 
 
 def _sealed(env: environs.Env) -> list[str]:

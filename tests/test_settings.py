@@ -320,3 +320,55 @@ def test_the_sample_environment_ships_no_secret() -> None:
         with pytest.raises(ConfigError) as info:
             load(sample)
         assert [p.split(":")[0] for p in info.value.problems] == missing
+
+
+def test_quiet_hours_are_off_by_default_and_read_once() -> None:
+    s = load_settings({**P, "CGB_API_KEY": KEY})
+    assert s.quiet_hours is None
+    assert s.quiet_categories == frozenset({"marketing"})
+    assert load_settings({**P, "CGB_API_KEY": KEY, "QUIET_HOURS": "  "}).quiet_hours is None  # empty: off
+    s = load_settings(
+        {**P, "CGB_API_KEY": KEY, "QUIET_HOURS": "21:00-08:00", "QUIET_HOURS_CATEGORIES": " Marketing ,utility,"}
+    )
+    assert (s.quiet_hours.start, s.quiet_hours.end) == (21 * 60, 8 * 60)  # type: ignore[union-attr]
+    assert s.quiet_categories == frozenset({"marketing", "utility"})
+    assert "quiet_hours=QuietHours(start=1260, end=480)" in repr(s)
+    same_day = load_settings({**P, "CGB_API_KEY": KEY, "QUIET_HOURS": "13:00-14:00"}).quiet_hours
+    assert str(same_day) == "13:00-14:00"
+    every = load_settings(
+        {**P, "CGB_API_KEY": KEY, "QUIET_HOURS_CATEGORIES": "marketing,utility,authentication,service"}
+    )
+    assert every.quiet_categories == frozenset({"marketing", "utility", "authentication", "service"})
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("QUIET_HOURS", "25:00-08:00", "QUIET_HOURS: '25:00-08:00': hours go from 00 to 23 and minutes from 00 to 59."),
+        ("QUIET_HOURS", "21:00", "QUIET_HOURS: '21:00' is not a range of local times such as 21:00-08:00."),
+        ("QUIET_HOURS", "21:00-21:00", "QUIET_HOURS: '21:00-21:00': the start and the end are the same minute."),
+        ("QUIET_HOURS", "nights", "QUIET_HOURS: 'nights' is not a range of local times such as 21:00-08:00."),
+        (
+            "QUIET_HOURS_CATEGORIES",
+            "marketing,promotional",
+            "QUIET_HOURS_CATEGORIES: 'promotional': the categories are marketing, utility, authentication, service.",
+        ),
+        ("QUIET_HOURS_CATEGORIES", " , ", "QUIET_HOURS_CATEGORIES: names no category"),
+    ],
+)
+def test_each_bad_quiet_hours_value_is_one_named_line(variable: str, value: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({**P, "CGB_API_KEY": KEY, variable: value})
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].startswith(expected)
+
+
+def test_bad_quiet_hours_are_reported_with_the_other_problems() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({**P, "QUIET_HOURS": "8-21", "QUIET_HOURS_CATEGORIES": "sales", "CGB_TIMEOUT": "soon"})
+    assert sorted(p.split(":")[0] for p in info.value.problems) == [
+        "CGB_API_KEY",
+        "CGB_TIMEOUT",
+        "QUIET_HOURS",
+        "QUIET_HOURS_CATEGORIES",
+    ]

@@ -318,10 +318,12 @@ async def test_a_failure_with_no_kept_payload_is_not_resent(redis_url: str, redi
         await redis_client.hset(keys.sends("job-1"), "d:text", b'{"status":"failed","at":1}')
         assert await reactor.failed("job-1", "text", 131056) == "given_up"
         assert await reactor.failed("job-gone", "text", 130429) == "given_up"
+        await reactor.react({b"kind": b"failed", b"job": b"job-1", b"step": b"text", b"code": b"131056"})
         await redis_client.hset(keys.sends("job-2"), mapping={"d:text": b'{"status":"failed"}', "p:text": b"x"})
         never = Reactor(pool, metrics, "r-1", ReactionSettings(resend_max=0))
         assert await never.failed("job-2", "text", 131056) == "given_up"
         assert await pool.queued_jobs() == []
-        assert metrics.registry.get_sample_value("cgb_whatsapp_errors_total", {"code": "131056"}) == 2
+        assert metrics.registry.get_sample_value("cgb_whatsapp_errors_total", {"code": "131056"}) == 1
+        assert metrics.registry.get_sample_value("cgb_reactions_total", {"kind": "given_up"}) == 1
     finally:
         await pool.aclose()

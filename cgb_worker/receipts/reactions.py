@@ -89,7 +89,9 @@ class Reactor:
         if kind == "fallback":  # appended by a receiver of the previous version
             await self.fallback(job, step)
         elif kind == "failed":
-            kind = await self.failed(job, step, int(fields.get(b"code") or 0))
+            code = int(fields.get(b"code") or 0)
+            kind = await self.failed(job, step, code)
+            self.metrics.whatsapp_error(code)  # once the action is done: a reaction redone is counted once more
         else:
             logger.warning("an unknown reaction {!r} was dropped", kind[:40])
             return
@@ -98,7 +100,6 @@ class Reactor:
     async def failed(self, delivery_id: str, step: str, code: int) -> str:
         """A message of ``delivery_id`` failed with ``code``: the code's row in the table says what to do."""
         rule = rule_for(code)
-        self.metrics.whatsapp_error(code)
         record = keys.sends(delivery_id)
         state_raw, fallback, payload = await self.redis.hmget(  # type: ignore[misc]
             record, [f"d:{step}", f"f:{step}", f"p:{step}"]
