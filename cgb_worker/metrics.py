@@ -8,6 +8,8 @@ Each worker has its own registry (so several workers in one process, as in the t
 * ``cgb_request_duration_seconds{endpoint, status}``: every CGB call (``status`` is ``error`` when no HTTP
   answer came back);
 * ``cgb_contact_cache_total{result}``: contact lookups, ``hit`` or ``miss``;
+* ``cgb_suppressed_total{reason}``: jobs refused because the person is on the suppression list (``keyword``,
+  ``131050``, ``cgb_unsubscribed``, ``operator``; :mod:`cgb_worker.suppression`), with no CGB call;
 * ``cgb_dead_letters``: entries in the dead-letter store, refreshed at start-up and on every new entry.
 """
 
@@ -36,6 +38,9 @@ class Metrics:
             registry=self.registry,
         )
         self.cache = Counter("cgb_contact_cache", "Contact cache lookups", ["result"], registry=self.registry)
+        self.suppressed = Counter(
+            "cgb_suppressed", "Jobs refused by the suppression list", ["reason"], registry=self.registry
+        )
         self.dead_letters = Gauge("cgb_dead_letters", "Entries in the dead-letter store", registry=self.registry)
         self._request_children: dict[tuple[str, int | None], Any] = {}
         self._job_children: dict[tuple[str, str], Any] = {}
@@ -58,6 +63,9 @@ class Metrics:
         if child is None:
             child = self._job_children[(kind, outcome)] = self.jobs.labels(kind, outcome)
         child.inc()
+
+    def suppressed_job(self, reason: str) -> None:
+        self.suppressed.labels(reason).inc()
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:  # noqa: S104 - scraped from outside the container
         self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
