@@ -22,6 +22,7 @@ from .errors import (
     JobFailedError,
     OutsideWindowError,
     SendOutcomeUnknownError,
+    SuppressedError,
     TemplateMismatchError,
     TemplateNotFoundError,
     UnknownVariableError,
@@ -30,6 +31,15 @@ from .models import Account, Contact, CustomField, Flow, SendJob, SendResult
 from .phones import normalize_phone
 from .receipts.timeline import Delivery, DeliveryError, DeliveryEvent, StepDelivery, delivery
 from .settings import ReceiverSettings, Settings, load_receiver_settings, load_settings
+from .suppression import (
+    Suppression,
+    SuppressionEntry,
+    is_suppressed,
+    list_suppressed,
+    lookup_suppression,
+    suppress,
+    unsuppress,
+)
 from .worker import create_pool, worker_settings
 
 __version__ = "0.1.0"
@@ -84,14 +94,22 @@ __all__ = [
     "SendResult",
     "Settings",
     "StepDelivery",
+    "SuppressedError",
+    "Suppression",
+    "SuppressionEntry",
     "TemplateMismatchError",
     "TemplateNotFoundError",
     "UnknownVariableError",
     "WorkerSettings",
     "create_pool",
     "delivery",
+    "is_suppressed",
+    "list_suppressed",
     "load_receiver_settings",
     "load_settings",
+    "lookup_suppression",
     "normalize_phone",
+    "suppress",
+    "unsuppress",
     "worker_settings",
 ]

@@ -158,6 +158,8 @@ class SimConfig(msgspec.Struct, kw_only=True):
     """The share of messages whose ``sent`` is never posted, only ``delivered`` and ``read`` (with the jitter)."""
     flow_messages: int = 1
     """WhatsApp messages one flow sends (each its own outbox entry, wamid and statuses)."""
+    unsubscribed: list[str] = msgspec.field(default_factory=list)
+    """Phone digits (E.164 without ``+``) whose contacts say ``subscribed: 2`` (unsubscribed) instead of 1."""
 
 
 class FaultRule(msgspec.Struct, kw_only=True):
@@ -242,7 +244,7 @@ class SimState:
             "last_seen": c["last_inbound"] or 0,
             "last_interaction": c["last_inbound"] or 0,
             "subscribed_date": datetime.fromtimestamp(c["created"] / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S"),
-            "subscribed": 1,
+            "subscribed": 2 if str(c["id"]) in self.config.unsubscribed else 1,
             "tags": [{"id": self.tags[t], "name": t} for t in sorted(c["tags"])],
             "custom_fields": [self.field_json(fid, v) for fid, v in sorted(c["fields"].items())],
         }

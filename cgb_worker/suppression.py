@@ -249,3 +249,9 @@ async def list_suppressed(redis: Redis) -> list[Suppression]:
             if entries:
                 found.append(Suppression(who, entries, lifted))
     return sorted(found, key=lambda s: (min(e.at_ms for e in s.entries), s.who))
+
+
+SuppressionEntry = Entry
+"""The name :class:`Entry` goes by in the package's public surface."""
+lookup_suppression = lookup
+"""The name :func:`lookup` goes by in the package's public surface."""
