@@ -63,6 +63,7 @@ _OWN: tuple[tuple[str, str], ...] = (
     (keys.window(""), "24-hour window"),
     (keys.turn(""), "turn"),
     (keys.bsuid(""), "BSUID map"),
+    (keys.suppressed(""), "suppression list"),
     (keys.sends(""), "send records"),
     (keys.throttled(""), "throttle marks"),
     (keys.WAMID_PREFIX, "wamid map"),
