@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 import aiohttp
 import click
@@ -518,13 +518,14 @@ _REGION = click.option("--region", help="region for a number written without a c
 def suppress_add(phone: str, scope: str, region: str | None) -> None:
     """Suppress a number (reason: operator; an opt-in keyword does not lift it)."""
     from .phones import mask_phone
-    from .suppression import lookup_who, suppress_who
+    from .suppression import Scope, lookup_who, suppress_who
 
     e164, _ = _checked_phone(phone, region)
     who = keys.who(e164)
 
     async def go(redis: Any) -> tuple[bool, Any]:
-        return await suppress_who(redis, who, scope=scope, reason="operator"), await lookup_who(redis, who)  # type: ignore[arg-type]
+        added = await suppress_who(redis, who, scope=cast("Scope", scope), reason="operator")
+        return added, await lookup_who(redis, who)
 
     added, found = _run(lambda: _on_redis(go))
     click.echo(f"{mask_phone(e164)} {'suppressed' if added else 'already suppressed'}: {_entries(found.entries)}")

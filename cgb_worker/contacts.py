@@ -34,6 +34,7 @@ from .errors import CGBNotFoundError
 from .locks import redis_lock
 from .models import Contact, ContactAction
 from .phones import contact_id_for
+from .suppression import decode as decode_suppression
 from .suppression import suppress_who
 
 _NOT_READ = object()
@@ -154,6 +155,10 @@ class ContactResolver:
         finally:
             del self._inflight[e164]
 
+    async def _unsubscribed(self, e164: str) -> bool:
+        entries, _lifted = decode_suppression(await self._redis.get(keys.suppressed(phone_key(e164))))
+        return any(e.scope == "all" and e.reason == "cgb_unsubscribed" for e in entries)
+
     async def _find_or_create(
         self,
         e164: str,
@@ -172,10 +177,11 @@ class ContactResolver:
             done=lambda: self.cached(e164),
             request_timeout=self._client.timeout,
         ) as winner:
+            # Another process read the contact meanwhile: it wrote any cgb_unsubscribed entry before the cache.
             if winner and not by_phone:
-                return ResolvedContact(winner, created=False, cached=False)
+                return ResolvedContact(winner, created=False, cached=False, unsubscribed=await self._unsubscribed(e164))
             if not by_phone and (again := await self.cached(e164)) is not None:
-                return ResolvedContact(again, created=False, cached=False)
+                return ResolvedContact(again, created=False, cached=False, unsubscribed=await self._unsubscribed(e164))
             contact_id: str | None = None
             found: Contact | None = None
             if by_phone:
