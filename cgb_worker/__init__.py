@@ -34,6 +34,15 @@ from .models import Account, Contact, CustomField, Flow, SendJob, SendResult
 from .phones import normalize_phone
 from .receipts.timeline import Delivery, DeliveryError, DeliveryEvent, StepDelivery, delivery
 from .settings import ReceiverSettings, Settings, load_receiver_settings, load_settings
+from .suppression import (
+    Suppression,
+    SuppressionEntry,
+    is_suppressed,
+    list_suppressed,
+    lookup_suppression,
+    suppress,
+    unsuppress,
+)
 from .whatsapp_errors import ErrorRule, rule_for
 from .worker import create_pool, worker_settings
 
@@ -93,6 +102,8 @@ __all__ = [
     "Settings",
     "StepDelivery",
     "SuppressedError",
+    "Suppression",
+    "SuppressionEntry",
     "TemplateMismatchError",
     "TemplateNotFoundError",
     "UndeliverableError",
@@ -100,9 +111,14 @@ __all__ = [
     "WorkerSettings",
     "create_pool",
     "delivery",
+    "is_suppressed",
+    "list_suppressed",
     "load_receiver_settings",
     "load_settings",
+    "lookup_suppression",
     "normalize_phone",
     "rule_for",
+    "suppress",
+    "unsuppress",
     "worker_settings",
 ]

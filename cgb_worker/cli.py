@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 import aiohttp
 import click
@@ -458,8 +458,116 @@ def forget(phone: str, region: str | None, yes: bool) -> None:
         click.echo(f"  {kind:<20} {count}")
     if not done.removed:
         click.echo("  nothing: no record names this number")
+    if done.kept_suppression:
+        click.echo(
+            "kept: its suppression (opt-out) entry, which holds only the number's keyed hash: erasing it would let "
+            "the next job message someone who asked us to stop ('cgb-worker suppress remove' lifts it)"
+        )
     if done.running:
         _fail(f"{done.running} of its jobs were running: run forget again once they have ended")
+
+
+# -- suppression -----------------------------------------------------------------------------------------------
+
+
+@main.group()
+def suppress() -> None:
+    """The suppression list (opt-outs): numbers that are not sent some categories of message.
+
+    Numbers are stored only as their keyed hash (PHONE_HASH_KEY), so the list shows each entry by its hash's first
+    12 characters; give a PHONE to see that number's entry."""
+
+
+def _checked_phone(phone: str, region: str | None) -> tuple[str, str | None]:
+    """The phone in E.164 and the region it was read with; exit 2 when it is no phone."""
+    from .errors import InvalidPhoneError
+    from .phones import normalize_phone
+
+    _phone_key(required=True)
+    region = (region or os.environ.get("CGB_DEFAULT_REGION") or "").strip().upper() or None
+    try:
+        return normalize_phone(phone, region), region
+    except InvalidPhoneError as exc:
+        _fail(str(exc), 2)
+
+
+async def _on_redis(use: Callable[[Any], Awaitable[_T]]) -> _T:
+    redis = await _pool()
+    try:
+        return await use(redis)
+    finally:
+        await redis.aclose()
+
+
+def _entries(entries: Any) -> str:
+    return "; ".join(f"{e.scope} since {e.since} ({e.reason})" for e in entries)
+
+
+_REGION = click.option("--region", help="region for a number written without a country code (CGB_DEFAULT_REGION)")
+
+
+@suppress.command("add")
+@click.argument("phone")
+@click.option(
+    "--category",
+    "scope",
+    type=click.Choice(["all", "marketing"]),
+    default="all",
+    show_default=True,
+    help="all: every category but authentication; marketing: marketing only",
+)
+@_REGION
+def suppress_add(phone: str, scope: str, region: str | None) -> None:
+    """Suppress a number (reason: operator; an opt-in keyword does not lift it)."""
+    from .phones import mask_phone
+    from .suppression import Scope, lookup_who, suppress_who
+
+    e164, _ = _checked_phone(phone, region)
+    who = keys.who(e164)
+
+    async def go(redis: Any) -> tuple[bool, Any]:
+        added = await suppress_who(redis, who, scope=cast("Scope", scope), reason="operator")
+        return added, await lookup_who(redis, who)
+
+    added, found = _run(lambda: _on_redis(go))
+    click.echo(f"{mask_phone(e164)} {'suppressed' if added else 'already suppressed'}: {_entries(found.entries)}")
+
+
+@suppress.command("remove")
+@click.argument("phone")
+@_REGION
+def suppress_remove(phone: str, region: str | None) -> None:
+    """Lift every opt-out of a number, whatever put it there (exit 1 when it had none)."""
+    from .phones import mask_phone
+    from .suppression import unsuppress_who
+
+    e164, _ = _checked_phone(phone, region)
+    lifted = _run(lambda: _on_redis(lambda redis: unsuppress_who(redis, keys.who(e164))))
+    if not lifted:
+        _fail(f"{mask_phone(e164)} was not suppressed: nothing removed")
+    click.echo(f"{mask_phone(e164)} no longer suppressed ({lifted} scope(s) lifted)")
+
+
+@suppress.command("list")
+@click.argument("phone", required=False)
+@_REGION
+def suppress_list(phone: str | None, region: str | None) -> None:
+    """Every suppressed number, by hash (oldest first), or one PHONE's entry."""
+    from .phones import mask_phone
+    from .suppression import list_suppressed, lookup_who
+
+    if phone is not None:
+        e164, _ = _checked_phone(phone, region)
+        found = _run(lambda: _on_redis(lambda redis: lookup_who(redis, keys.who(e164))))
+        shown = f"{mask_phone(e164)} (hash {found.who[:12]})"
+        click.echo(f"{shown}: {_entries(found.entries)}" if found.entries else f"{shown}: not suppressed")
+        return
+    _phone_key(required=False)
+    listed = _run(lambda: _on_redis(list_suppressed))
+    click.echo(f"{len(listed)} suppressed number(s)")
+    for s in listed:
+        for e in s.entries:
+            click.echo(f"{s.who[:12]}  {e.scope:<9}  {e.since}  {e.reason}")
 
 
 # -- run: the worker ------------------------------------------------------------------------------------

@@ -32,13 +32,17 @@ from . import keys
 from .client import CGBClient
 from .errors import CGBNotFoundError
 from .locks import redis_lock
-from .models import ContactAction
+from .models import Contact, ContactAction
 from .phones import contact_id_for
+from .suppression import decode as decode_suppression
+from .suppression import suppress_who
 
 _NOT_READ = object()
 LOCAL_TTL = 60.0
 """Seconds a process trusts an id it saw, without asking Redis (never longer than ``CGB_CACHE_TIMEOUT``)."""
 LOCAL_MAX = 10_000
+UNSUBSCRIBED = 2
+"""CGB's ``subscribed`` for a contact who unsubscribed."""
 
 CacheHook = Callable[[bool], None]
 """Called with True on a cache hit and False on a miss."""
@@ -50,6 +54,9 @@ class ResolvedContact:
     created: bool
     """True only when this call created it, with its own ``actions`` applied."""
     cached: bool
+    unsubscribed: bool = False
+    """CGB's contact, read now, says ``subscribed == 2``: the resolver put the person on the suppression list
+    (scope ``all``, reason ``cgb_unsubscribed``), and the job refuses every category but ``authentication``."""
 
 
 def decode_cached(value: bytes | str | None) -> str | None:
@@ -133,7 +140,7 @@ class ContactResolver:
         pending = self._inflight.get(e164)
         if pending is not None:
             leader = await asyncio.shield(pending)
-            return ResolvedContact(leader.id, created=False, cached=False)
+            return ResolvedContact(leader.id, created=False, cached=False, unsubscribed=leader.unsubscribed)
         future: asyncio.Future[ResolvedContact] = asyncio.get_running_loop().create_future()
         self._inflight[e164] = future
         try:
@@ -147,6 +154,10 @@ class ContactResolver:
             return resolved
         finally:
             del self._inflight[e164]
+
+    async def _unsubscribed(self, e164: str) -> bool:
+        entries, _lifted = decode_suppression(await self._redis.get(keys.suppressed(phone_key(e164))))
+        return any(e.scope == "all" and e.reason == "cgb_unsubscribed" for e in entries)
 
     async def _find_or_create(
         self,
@@ -166,19 +177,25 @@ class ContactResolver:
             done=lambda: self.cached(e164),
             request_timeout=self._client.timeout,
         ) as winner:
+            # Another process read the contact meanwhile: it wrote any cgb_unsubscribed entry before the cache.
             if winner and not by_phone:
-                return ResolvedContact(winner, created=False, cached=False)
+                return ResolvedContact(winner, created=False, cached=False, unsubscribed=await self._unsubscribed(e164))
             if not by_phone and (again := await self.cached(e164)) is not None:
-                return ResolvedContact(again, created=False, cached=False)
+                return ResolvedContact(again, created=False, cached=False, unsubscribed=await self._unsubscribed(e164))
             contact_id: str | None = None
+            found: Contact | None = None
             if by_phone:
                 found = await self._client.find_contact_by_phone(e164)
-                contact_id = found.id if found is not None else None
             else:
                 try:
-                    contact_id = (await self._client.get_contact(contact_id_for(e164))).id
+                    found = await self._client.get_contact(contact_id_for(e164))
                 except CGBNotFoundError:
-                    contact_id = None
+                    found = None
+            contact_id = found.id if found is not None else None
+            unsubscribed = found is not None and found.subscribed == UNSUBSCRIBED
+            if unsubscribed:
+                # Before the id is cached: the jobs that read the cache from now on read this too.
+                await suppress_who(self._redis, phone_key(e164), scope="all", reason="cgb_unsubscribed")
             created = contact_id is None
             if contact_id is None:
                 contact_id = await self._client.create_contact(
@@ -186,4 +203,4 @@ class ContactResolver:
                 ) or contact_id_for(e164)
             await self._redis.set(self.cache_key(e164), contact_id, ex=self._cache_ttl)
             self.remember(e164, contact_id)
-            return ResolvedContact(contact_id, created=created, cached=False)
+            return ResolvedContact(contact_id, created=created, cached=False, unsubscribed=unsubscribed)

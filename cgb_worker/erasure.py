@@ -6,7 +6,8 @@ window, turn and awaiting set; its job ids in send records, wamid keys, the deli
 the walk is generic rather than a list of record types that would go stale: find the person's job ids first,
 then visit every key under ``cgb:`` and ``arq:`` and delete each key, hash field, set member or stream entry
 that names the number (its digits, with or without ``+``, or any form :func:`normalize_phone` reads as it),
-the hash, a wamid that encodes the number, or one of those jobs. It costs a read of every key (O(keys)).
+the hash, a wamid that encodes the number, or one of those jobs. It costs a read of every key (O(keys)). The
+person's suppression entry is kept (:func:`forget`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from redis.asyncio import Redis
 from . import keys
 from .errors import InvalidPhoneError
 from .phones import normalize_phone
+from .suppression import decode as decode_suppression
 
 ARQ_PREFIX = "arq:"
 BATCH = 500
@@ -61,6 +63,7 @@ _OWN: tuple[tuple[str, str], ...] = (
     (keys.window(""), "24-hour window"),
     (keys.turn(""), "turn"),
     (keys.bsuid(""), "BSUID map"),
+    (keys.suppressed(""), "suppression list"),
     (keys.sends(""), "send records"),
     (keys.throttled(""), "throttle marks"),
     (keys.WAMID_PREFIX, "wamid map"),
@@ -99,6 +102,8 @@ class Forgotten:
     """The person's jobs that were found (queued, running, finished, dead-lettered or only in send records)."""
     running: int = 0
     """Of them, running while the walk ran: what they write as they end is written after it."""
+    kept_suppression: bool = False
+    """The person is on the suppression list, and stays there (:func:`forget`)."""
 
 
 class _Person:
@@ -158,9 +163,21 @@ def _unbase64(text: bytes) -> bytes:
 
 
 async def forget(redis: Redis, phone: str, *, default_region: str | None = None) -> Forgotten:
-    """Remove every record of ``phone`` (any form :func:`normalize_phone` accepts) from Redis."""
+    """Remove every record of ``phone`` (any form :func:`normalize_phone` accepts) from Redis.
+
+    All but one: the person's suppression entry (``cgb:suppressed:<hash>`` and its hash in the index), while it
+    holds an opt-out, is kept. Honouring an opt-out is why it exists, and erasing it would let the next job
+    message someone who asked us to stop; it holds only the keyed hash, reasons and times (``kept_suppression``
+    says it was kept)."""
     person = _Person(normalize_phone(phone, default_region), default_region)
+    own_suppression = keys.suppressed(person.hash.decode()).encode()
     types = await _types(redis, [k async for k in _every_key(redis)])
+    # Kept while it holds an opt-out (one with only the time opt-outs were last lifted is removed); the index holds
+    # hashes only, of people with an opt-out, and the walk would take the person's out of it.
+    kept = own_suppression in types and bool(decode_suppression(await redis.get(_name(own_suppression)))[0])
+    types.pop(keys.SUPPRESSED_INDEX.encode(), None)
+    if kept:
+        del types[own_suppression]
     jobs = await _jobs_of(redis, person, types)
     person.with_jobs(jobs)
     running = sum(1 for j in jobs if (in_progress_key_prefix + j).encode() in types)
@@ -171,7 +188,8 @@ async def forget(redis: Redis, phone: str, *, default_region: str | None = None)
     for at in walk.wamids:
         if await redis.delete(_name(at + b":at")):
             removed.setdefault("wamid map", set()).add(at)
-    return Forgotten({k: len(v) for k, v in sorted(removed.items()) if v}, jobs=len(jobs), running=running)
+    removed_counts = {k: len(v) for k, v in sorted(removed.items()) if v}
+    return Forgotten(removed_counts, jobs=len(jobs), running=running, kept_suppression=kept)
 
 
 async def _every_key(redis: Redis) -> AsyncIterator[bytes]:

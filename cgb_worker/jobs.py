@@ -90,6 +90,7 @@ from .errors import (
     QuietHoursError,
     SendOutcomeUnknownError,
     StoreUnavailableError,
+    SuppressedError,
     ThrottledError,
     TurnBusyError,
     UndeliverableError,
@@ -102,6 +103,7 @@ from .quiet import quiet_until
 from .ratelimit import reset_deadline, set_deadline
 from .sends import OF, RESULT, SENDING, SENT, SendLog, StepRecord, nothing_sent
 from .settings import Settings, job_deadline
+from .suppression import Entry, refusal
 from .templates import TemplateResolver
 from .whatsapp_errors import next_step
 from .window import Window, job_keys, window_state
@@ -587,7 +589,7 @@ async def _send(
     async with redis.pipeline(transaction=False) as pipe:
         pipe.hgetall(keys.sends(log_id))
         pipe.mget(job_keys(plan.to) if known is not None else [*job_keys(plan.to), cache_key])
-        record, (window, since, tracking, turn, _suppressed, undeliverable, *rest) = await pipe.execute()
+        record, (window, since, tracking, turn, suppressed, undeliverable, *rest) = await pipe.execute()
     cached_contact: Any = known if known is not None else rest[0]
     if RESULT in record:
         # This job already finished (the worker died before arq stored the result): no CGB call at all.
@@ -596,6 +598,8 @@ async def _send(
     now = services.clock()
     if plan.expires_at is not None and now >= plan.expires_at:
         raise services.expired("passed", f"the job expired at {_utc(plan.expires_at)} (expiresAt): not sent")
+    if (refused := refusal(suppressed, category)) is not None:
+        raise _suppressed(services, log, plan.to, refused, category)
     if undeliverable is not None:
         raise UndeliverableError(
             "WhatsApp said this number cannot receive messages (131026); not sending until UNDELIVERABLE_TTL passes"
@@ -715,6 +719,16 @@ def _check_quiet_hours(services: Services, plan: Plan, category: Category, now: 
     )
 
 
+def _suppressed(services: Services, log: Any, to: str, entry: Entry, category: Category) -> SuppressedError:
+    """A job refused by the suppression list: counted, told in a log line (the number masked), and its error."""
+    if services.metrics is not None:
+        services.metrics.suppressed_job(entry.reason)
+    log.bind(event="suppressed", scope=entry.scope, reason=entry.reason, category=category).warning(
+        "not sending a {} message to {}: suppressed for {} ({})", category, mask_phone(to), entry.scope, entry.reason
+    )
+    return SuppressedError(entry.message(category))
+
+
 async def _resolve_and_deliver(
     services: Services,
     run: _Run,
@@ -735,6 +749,10 @@ async def _resolve_and_deliver(
             cached=cached,
             by_phone=by_phone,
         )
+        if contact.unsubscribed and run.category != "authentication":
+            # CGB says the contact unsubscribed (the resolver put them on the suppression list as it read them).
+            entry = Entry("all", "cgb_unsubscribed", int(time.time() * 1000))
+            raise _suppressed(services, run.log, plan.to, entry, run.category or "utility")
         try:
             await _deliver(services, run, plan, kind, contact, flow_id, fields)
             return

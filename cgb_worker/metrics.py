@@ -11,7 +11,9 @@ Each worker has its own registry (so several workers in one process, as in the t
 * ``cgb_dead_letters``: entries in the dead-letter store, refreshed at start-up and on every new entry;
 * ``cgb_jobs_expired_total{reason}``: jobs refused, unsent, for their ``expiresAt``: ``passed`` (it had passed
   when a send was due) or ``quiet_hours`` (it would pass during the recipient's quiet hours);
-* ``cgb_quiet_deferred_total{category}``: tries deferred to the end of the recipient's quiet hours.
+* ``cgb_quiet_deferred_total{category}``: tries deferred to the end of the recipient's quiet hours;
+* ``cgb_suppressed_total{reason}``: jobs refused because the person is on the suppression list (``keyword``,
+  ``131050``, ``cgb_unsubscribed``, ``operator``; :mod:`cgb_worker.suppression`), with no CGB call.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class Metrics:
             registry=self.registry,
         )
         self.cache = Counter("cgb_contact_cache", "Contact cache lookups", ["result"], registry=self.registry)
+        self.suppressed = Counter(
+            "cgb_suppressed", "Jobs refused by the suppression list", ["reason"], registry=self.registry
+        )
         self.dead_letters = Gauge("cgb_dead_letters", "Entries in the dead-letter store", registry=self.registry)
         self.expired = Counter(
             "cgb_jobs_expired", "Jobs refused, unsent, for their expiresAt", ["reason"], registry=self.registry
@@ -70,6 +75,9 @@ class Metrics:
         if child is None:
             child = self._job_children[(kind, outcome)] = self.jobs.labels(kind, outcome)
         child.inc()
+
+    def suppressed_job(self, reason: str) -> None:
+        self.suppressed.labels(reason).inc()
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:  # noqa: S104 - scraped from outside the container
         self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)

@@ -274,3 +274,33 @@ class UnsendScript:
             args=[step, member or "", f"{delivery_id}|{step}", int(keep_mark), int(wrote_record)],
         )
         return int(done) == 1
+
+
+class SuppressScript:
+    """``suppress.lua``: an opt-out added to a person's suppression entry, or opt-outs lifted
+    (:mod:`cgb_worker.suppression`); called, or queued on a pipeline (the receiver's batch)."""
+
+    def __init__(self, redis: Redis, *, lifted_ttl: int) -> None:
+        self._script = redis.register_script(source("suppress"))
+        self._lifted_ttl = lifted_ttl
+
+    def _args(self, op: str, who: str, at_ms: int, scopes: str, reasons: str) -> tuple[list[str], list[Any]]:
+        return [keys.suppressed(who), keys.SUPPRESSED_INDEX], [op, who, at_ms, self._lifted_ttl, scopes, reasons]
+
+    async def add(self, who: str, scope: str, reason: str, at_ms: int) -> bool:
+        """True when the opt-out was added (False: the scope had one already, or opt-outs were lifted later)."""
+        names, args = self._args("add", who, at_ms, scope, reason)
+        return int(await self._script(keys=names, args=args)) == 1
+
+    async def lift(self, who: str, at_ms: int, *, scopes: str = "all,marketing", reasons: str = "*") -> int:
+        """How many scopes were lifted."""
+        names, args = self._args("lift", who, at_ms, scopes, reasons)
+        return int(await self._script(keys=names, args=args))
+
+    def queue_add(self, pipe: Pipeline, who: str, scope: str, reason: str, at_ms: int) -> None:
+        _queue(pipe, self._script, *self._args("add", who, at_ms, scope, reason))
+
+    def queue_lift(
+        self, pipe: Pipeline, who: str, at_ms: int, *, scopes: str = "all,marketing", reasons: str = "*"
+    ) -> None:
+        _queue(pipe, self._script, *self._args("lift", who, at_ms, scopes, reasons))

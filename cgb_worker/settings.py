@@ -24,6 +24,7 @@ from .errors import ConfigError
 from .keys import PHONE_KEY_MIN
 from .models import CATEGORIES, Category
 from .quiet import QuietHours, parse_quiet_hours
+from .suppression import DEFAULT_OPT_IN, DEFAULT_OPT_OUT, parse_keywords
 
 DEFAULT_API_URL = "https://app.chatgptbuilder.io/api"
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
@@ -471,6 +472,12 @@ class ReceiverSettings:
     diagnostics_ttl: float = 7.0
     """``WEBHOOK_DIAGNOSTICS_TTL``: days the malformed and unmatched streams keep an entry."""
     reactions: ReactionSettings = ReactionSettings()
+    opt_out_keywords: frozenset[str] = frozenset({"stop", "unsubscribe"})
+    """``OPT_OUT_KEYWORDS``: an inbound text that is wholly one of these (compared as
+    :func:`~cgb_worker.suppression.normalize_keyword` makes it) suppresses the person for every category but
+    ``authentication``; empty: off."""
+    opt_in_keywords: frozenset[str] = frozenset({"start", "subscribe"})
+    """``OPT_IN_KEYWORDS``: one of these lifts what the person's own opt-outs put on the list; empty: off."""
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -515,7 +522,17 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
         or 0.0,
         undeliverable_ttl=env.float("UNDELIVERABLE_TTL", 86400.0, validate=Range(min=1, max=365 * 86400)) or 86400.0,
     )
+    opt_out_raw = env.str("OPT_OUT_KEYWORDS", ",".join(DEFAULT_OPT_OUT))
+    opt_in_raw = env.str("OPT_IN_KEYWORDS", ",".join(DEFAULT_OPT_IN))
     problems = _sealed(env)
+    opt_out, problem = parse_keywords(opt_out_raw or "")
+    if problem:
+        problems.append(f"OPT_OUT_KEYWORDS: {problem}")
+    opt_in, problem = parse_keywords(opt_in_raw or "")
+    if problem:
+        problems.append(f"OPT_IN_KEYWORDS: {problem}")
+    if both := sorted(opt_out & opt_in):
+        problems.append(f"OPT_IN_KEYWORDS: {', '.join(both)} is an opt-out keyword too; a keyword is one or the other.")
     if max_body is not None and read_memory is not None and read_memory < max_body:
         problems.append("WEBHOOK_READ_MEMORY: must be at least WEBHOOK_MAX_BODY, or no body of that size is read.")
     if port is not None and admin_port is not None and port == admin_port:
@@ -559,4 +576,6 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
         max_lag=float(max_lag or 60.0),
         diagnostics_ttl=float(diagnostics_ttl or 7.0),
         reactions=reactions,
+        opt_out_keywords=opt_out,
+        opt_in_keywords=opt_in,
     )

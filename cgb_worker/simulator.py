@@ -169,6 +169,8 @@ class SimConfig(msgspec.Struct, kw_only=True):
     (``{"12025550100": [131056]}``: the next send fails with 131056, the one after goes through)."""
     webhook_fail_code: int | None = None
     """Every send fails with this code (after ``webhook_fail``'s)."""
+    unsubscribed: list[str] = msgspec.field(default_factory=list)
+    """Phone digits (E.164 without ``+``) whose contacts say ``subscribed: 2`` (unsubscribed) instead of 1."""
 
 
 class FaultRule(msgspec.Struct, kw_only=True):
@@ -253,7 +255,7 @@ class SimState:
             "last_seen": c["last_inbound"] or 0,
             "last_interaction": c["last_inbound"] or 0,
             "subscribed_date": datetime.fromtimestamp(c["created"] / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S"),
-            "subscribed": 1,
+            "subscribed": 2 if str(c["id"]) in self.config.unsubscribed else 1,
             "tags": [{"id": self.tags[t], "name": t} for t in sorted(c["tags"])],
             "custom_fields": [self.field_json(fid, v) for fid, v in sorted(c["fields"].items())],
         }

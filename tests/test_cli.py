@@ -53,6 +53,10 @@ async def cli(harness: Harness, *args: str, env: dict[str, str | None] | None = 
         ["webhooks"],
         ["status"],
         ["forget"],
+        ["suppress"],
+        ["suppress", "add"],
+        ["suppress", "remove"],
+        ["suppress", "list"],
     ],
 )
 async def test_help(harness: Harness, args: list[str]) -> None:
@@ -445,3 +449,74 @@ async def test_status_shows_an_automatic_resend(harness: Harness, redis_client: 
         "  text: failed",
         "  text~1: delivered, sent again after the text failed with 131056",
     ]
+
+
+# -- suppress ---------------------------------------------------------------------------------------------------
+
+
+async def test_suppress_add_list_and_remove(harness: Harness, redis_client: Any) -> None:
+    from cgb_worker import keys
+
+    who = keys.who("+972500000001")
+    code, out, err = await cli(harness, "suppress", "add", "+972 50-000-0001", "--category", "marketing")
+    assert (code, err) == (0, "")
+    assert out.startswith("+972*******01 suppressed: marketing since ")
+    assert out.endswith(" (operator)\n")
+    stored = json.loads(await redis_client.get(keys.suppressed(who)))
+    assert list(stored) == ["marketing"]
+    assert stored["marketing"]["reason"] == "operator"
+    assert await redis_client.smembers(keys.SUPPRESSED_INDEX) == {who.encode()}
+
+    code, out, _ = await cli(harness, "suppress", "add", "050-000-0001", "--region", "il")
+    assert code == 0
+    assert "+972*******01 suppressed: all since " in out
+    code, out, _ = await cli(harness, "suppress", "add", "+972500000001")
+    assert (code, out.split(":")[0]) == (0, "+972*******01 already suppressed")
+    await cli(harness, "suppress", "add", "+12025550100")
+
+    code, out, err = await cli(harness, "suppress", "list")
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0] == "2 suppressed number(s)"
+    assert sorted(line.split()[:2] for line in lines[1:]) == sorted(
+        [[who[:12], "all"], [who[:12], "marketing"], [keys.who("+12025550100")[:12], "all"]]
+    )
+    assert "972500000001" not in out  # hashes only
+    assert "2025550100" not in out
+    code, out, _ = await cli(harness, "suppress", "list", "+972500000001")
+    assert code == 0
+    assert out.startswith(f"+972*******01 (hash {who[:12]}): all since ")
+    assert "(operator); marketing since " in out
+
+    code, out, err = await cli(harness, "suppress", "remove", "+972500000001")
+    assert (code, out, err) == (0, "+972*******01 no longer suppressed (2 scope(s) lifted)\n", "")
+    assert await redis_client.smembers(keys.SUPPRESSED_INDEX) == {keys.who("+12025550100").encode()}
+    assert "all" not in json.loads(await redis_client.get(keys.suppressed(who)))
+    code, out, err = await cli(harness, "suppress", "remove", "+972500000001")
+    assert (code, err) == (1, "cgb-worker: +972*******01 was not suppressed: nothing removed\n")
+    code, out, _ = await cli(harness, "suppress", "list", "+972500000001")
+    assert (code, out) == (0, f"+972*******01 (hash {who[:12]}): not suppressed\n")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["suppress", "add", "12345"], ["suppress", "remove", "050-000-0001"], ["suppress", "list", "not a phone"]],
+)
+async def test_suppress_refuses_what_is_no_phone(harness: Harness, redis_client: Any, args: list[str]) -> None:
+    code, out, err = await cli(harness, *args)
+    assert (code, out) == (2, "")
+    assert err.startswith("cgb-worker: ")
+    assert await redis_client.keys("cgb:suppressed*") == []
+
+
+async def test_suppress_add_refuses_an_unknown_category(harness: Harness, redis_client: Any) -> None:
+    code, _out, err = await cli(harness, "suppress", "add", "+972500000001", "--category", "utility")
+    assert code == 2
+    assert "'utility' is not one of 'all', 'marketing'" in err
+    assert await redis_client.keys("cgb:suppressed*") == []
+
+
+async def test_suppress_needs_the_phone_hash_key(harness: Harness) -> None:
+    code, _out, err = await cli(harness, "suppress", "add", "+972500000001", env={"PHONE_HASH_KEY": None})
+    assert code == 2
+    assert "PHONE_HASH_KEY: required" in err

@@ -139,3 +139,32 @@ async def test_a_process_remembers_ids_for_a_minute_and_forgets_on_404(
     for i in range(3):
         r.remember(f"+1202555020{i}", str(i))
     assert [r.seen(f"+1202555020{i}") for i in range(3)] == [None, "1", "2"]  # the oldest made room
+
+
+class UnsubscribedClient(SlowClient):
+    """CGB has the contact, and it says ``subscribed: 2``."""
+
+    async def get_contact(self, contact_id: str) -> Contact:
+        self.finds += 1
+        await asyncio.sleep(0.05)
+        return Contact(id=contact_id, page_id="1", channel=5, subscribed=2)
+
+
+async def test_an_unsubscribed_contact_is_suppressed_once_and_every_process_and_task_is_told(
+    redis_client: Any,
+) -> None:
+    import json
+
+    from cgb_worker import keys
+
+    client = UnsubscribedClient()
+    resolvers = [resolver(client, redis_client) for _ in range(3)]  # three processes, each with waiting tasks
+    results = await asyncio.gather(*(resolvers[i % 3].resolve("+972500000001") for i in range(9)))
+    assert client.finds == 1
+    assert [r.unsubscribed for r in results] == [True] * 9
+    entry = json.loads(await redis_client.get(keys.suppressed(phone_key("+972500000001"))))
+    assert list(entry) == ["all"]
+    assert entry["all"]["reason"] == "cgb_unsubscribed"
+    # read from the cache later, the contact is not read again: the job reads the entry with the cache
+    again = await resolver(client, redis_client).resolve("+972500000001")
+    assert (again.cached, again.unsubscribed, client.finds) == (True, False, 1)

@@ -173,6 +173,28 @@ async def test_forget_removes_every_record_of_one_person_and_nothing_of_anyone_e
     assert (again.removed, again.jobs, again.running) == ({}, 0, 0)
 
 
+async def test_forget_keeps_an_opt_out_and_says_so(harness: Harness, redis_client: Any) -> None:
+    from cgb_worker.suppression import suppress, unsuppress
+
+    await suppress(redis_client, A, scope="marketing")
+    await suppress(redis_client, B)
+    await redis_client.set(keys.window(keys.who(A)), "o:1764650000000")
+    before = json.loads(await redis_client.get(keys.suppressed(keys.who(A))))
+    code, out, _ = await cli(harness, "forget", A, "--yes")
+    assert code == 0
+    assert "24-hour window" in out
+    assert "kept: its suppression (opt-out) entry, which holds only the number's keyed hash" in out
+    assert not await redis_client.exists(keys.window(keys.who(A)))
+    assert json.loads(await redis_client.get(keys.suppressed(keys.who(A)))) == before
+    assert await redis_client.smembers(keys.SUPPRESSED_INDEX) == {keys.who(A).encode(), keys.who(B).encode()}
+    # once lifted, what is left (the time of the lift) is removed like any record
+    await unsuppress(redis_client, A)
+    done = await forget(redis_client, A)
+    assert (done.kept_suppression, done.removed) == (False, {"suppression list": 1})
+    assert not await redis_client.exists(keys.suppressed(keys.who(A)))
+    assert await redis_client.smembers(keys.SUPPRESSED_INDEX) == {keys.who(B).encode()}
+
+
 async def test_forget_needs_the_phone_hash_key_and_a_number(harness: Harness) -> None:
     code, _, err = await cli(harness, "forget", A, "--yes", env={"PHONE_HASH_KEY": None})
     assert code == 2

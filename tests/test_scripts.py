@@ -493,3 +493,102 @@ async def test_claim_dead_takes_only_a_dead_consumers_entries_then_forgets_it(re
     assert await claim("other", "me") == []  # a second survivor finds nothing left to take
     names = [c["name"] for c in await redis_client.xinfo_consumers(keys.INBOX, keys.INBOX_GROUP)]
     assert names == [b"me"]
+
+
+# -- suppress.lua -------------------------------------------------------------------------------------------------
+
+
+async def _entry(redis: Any, who: str) -> Any:
+    raw = await redis.get(keys.suppressed(who))
+    return None if raw is None else json.loads(raw)
+
+
+async def test_suppress_adds_a_scope_keeps_the_first_and_indexes_the_person(redis_client: Any) -> None:
+    from cgb_worker.scripts import SuppressScript
+
+    script = SuppressScript(redis_client, lifted_ttl=60)
+    who = keys.who(A)
+    assert await script.add(who, "all", "keyword", T0) is True
+    assert await script.add(who, "all", "keyword", T0 + 5000) is False  # a redelivered STOP: still since T0
+    assert await script.add(who, "marketing", "131050", T0 + 1000) is True
+    assert await _entry(redis_client, who) == {
+        "all": {"reason": "keyword", "at": T0},
+        "marketing": {"reason": "131050", "at": T0 + 1000},
+    }
+    assert await redis_client.smembers(keys.SUPPRESSED_INDEX) == {who.encode()}
+    assert await redis_client.ttl(keys.suppressed(who)) == -1  # no expiry: an opt-out stands until lifted
+    assert await redis_client.type(keys.suppressed(who)) == b"string"  # read with the job's MGET
+
+
+async def test_suppress_an_operators_word_replaces_a_keywords_and_is_not_replaced(redis_client: Any) -> None:
+    from cgb_worker.scripts import SuppressScript
+
+    script = SuppressScript(redis_client, lifted_ttl=60)
+    who = keys.who(A)
+    await script.add(who, "all", "keyword", T0)
+    assert await script.add(who, "all", "operator", T0 + 1) is True
+    assert await script.add(who, "all", "cgb_unsubscribed", T0 + 2) is False
+    assert (await _entry(redis_client, who))["all"] == {"reason": "operator", "at": T0 + 1}
+
+
+async def test_suppress_lift_takes_only_the_reasons_given_and_remembers_when(redis_client: Any) -> None:
+    from cgb_worker.scripts import SuppressScript
+
+    script = SuppressScript(redis_client, lifted_ttl=60)
+    who, other = keys.who(A), keys.who(B)
+    await script.add(who, "all", "operator", T0)
+    await script.add(who, "marketing", "131050", T0)
+    await script.add(other, "all", "keyword", T0)
+    assert await script.lift(who, T0 + 10, reasons="keyword,131050,cgb_unsubscribed") == 1
+    assert await _entry(redis_client, who) == {"all": {"reason": "operator", "at": T0}, "lifted": T0 + 10}
+    assert await redis_client.smembers(keys.SUPPRESSED_INDEX) == {who.encode(), other.encode()}
+    assert await script.lift(who, T0 + 20) == 1  # '*': an operator's removal takes any reason
+    assert await _entry(redis_client, who) == {"lifted": T0 + 20}
+    assert 0 < await redis_client.ttl(keys.suppressed(who)) <= 60  # only the lift time is left, for a while
+    assert await redis_client.smembers(keys.SUPPRESSED_INDEX) == {other.encode()}
+
+
+async def test_suppress_an_opt_out_older_than_the_last_lift_changes_nothing(redis_client: Any) -> None:
+    from cgb_worker.scripts import SuppressScript
+
+    script = SuppressScript(redis_client, lifted_ttl=60)
+    who = keys.who(A)
+    await script.add(who, "all", "keyword", T0)  # STOP
+    assert await script.lift(who, T0 + 60_000) == 1  # START a minute later
+    assert await script.add(who, "all", "keyword", T0) is False  # the STOP, redelivered
+    assert await _entry(redis_client, who) == {"lifted": T0 + 60_000}
+    assert await script.lift(who, T0 + 1, reasons="keyword") == 0  # an older START lifts nothing new
+    assert await _entry(redis_client, who) == {"lifted": T0 + 60_000}
+    assert await script.add(who, "all", "keyword", T0 + 60_000) is True  # the same second as the START: kept
+    assert await redis_client.ttl(keys.suppressed(who)) == -1
+
+
+async def test_suppress_a_lift_never_takes_an_opt_out_newer_than_itself(redis_client: Any) -> None:
+    from cgb_worker.scripts import SuppressScript
+
+    script = SuppressScript(redis_client, lifted_ttl=60)
+    who = keys.who(A)
+    await script.add(who, "all", "keyword", T0 + 5000)
+    assert await script.lift(who, T0) == 0  # a START sent before the STOP, processed after it
+    assert (await _entry(redis_client, who))["all"] == {"reason": "keyword", "at": T0 + 5000}
+
+
+async def test_suppress_queued_calls_keep_their_order_in_one_pipeline(redis_client: Any) -> None:
+    from cgb_worker.scripts import SuppressScript
+
+    script = SuppressScript(redis_client, lifted_ttl=60)
+    who = keys.who(A)
+    async with redis_client.pipeline(transaction=False) as pipe:
+        script.queue_add(pipe, who, "all", "keyword", T0)
+        script.queue_lift(pipe, who, T0, reasons="keyword")
+        assert await pipe.execute() == [1, 1]
+    assert await _entry(redis_client, who) == {"lifted": T0}
+
+
+async def test_suppress_a_value_it_cannot_read_is_replaced(redis_client: Any) -> None:
+    from cgb_worker.scripts import SuppressScript
+
+    who = keys.who(A)
+    await redis_client.set(keys.suppressed(who), b"not json")
+    assert await SuppressScript(redis_client, lifted_ttl=60).add(who, "marketing", "operator", T0) is True
+    assert await _entry(redis_client, who) == {"marketing": {"reason": "operator", "at": T0}}

@@ -238,12 +238,14 @@ def test_receiver_settings_report_every_problem_at_once() -> None:
                 "WA_RESEND_MAX": "eleven",
                 "MARKETING_CAP_RETRY_AFTER": "a day",
                 "UNDELIVERABLE_TTL": "0",
+                "OPT_OUT_KEYWORDS": "STOP,,END",
+                "OPT_IN_KEYWORDS": "x" * 65,
             }
         )
     problems = "\n".join(caught.value.problems)
     for name in ("WABA_APP_SECRET", "PHONE_HASH_KEY", "WEBHOOK_PORT", "STATUS_MATCH_WINDOW", "STATUS_UNCONFIRMED_AFTER",
                  "DELIVERY_STREAM_MAX", "REDIS_URL", "WA_RESEND_DELAY", "WA_RESEND_FACTOR", "WA_RESEND_MAX",
-                 "MARKETING_CAP_RETRY_AFTER", "UNDELIVERABLE_TTL"):  # fmt: skip
+                 "MARKETING_CAP_RETRY_AFTER", "UNDELIVERABLE_TTL", "OPT_OUT_KEYWORDS", "OPT_IN_KEYWORDS"):  # fmt: skip
         assert name in problems, name
 
 
@@ -265,6 +267,22 @@ def test_receiver_settings_defaults_and_secrets() -> None:
     assert s.app_secret.get_secret_value() == "app-secret-xyz"
     assert "app-secret-xyz" not in repr(s)
     assert "tok-abc" not in repr(s)
+
+
+def test_receiver_keywords_default_normalise_and_may_be_turned_off() -> None:
+    from cgb_worker.settings import load_receiver_settings
+
+    base = {**P, "WABA_APP_SECRET": "app-secret-xyz"}
+    s = load_receiver_settings(base)
+    assert (s.opt_out_keywords, s.opt_in_keywords) == (
+        frozenset({"stop", "unsubscribe"}),
+        frozenset({"start", "subscribe"}),
+    )
+    s = load_receiver_settings({**base, "OPT_OUT_KEYWORDS": " Stop All , HALT", "OPT_IN_KEYWORDS": ""})
+    assert (s.opt_out_keywords, s.opt_in_keywords) == (frozenset({"stop all", "halt"}), frozenset[str]())
+    with pytest.raises(ConfigError) as caught:
+        load_receiver_settings({**base, "OPT_OUT_KEYWORDS": "STOP,END", "OPT_IN_KEYWORDS": "start,end"})
+    assert caught.value.problems == ["OPT_IN_KEYWORDS: end is an opt-out keyword too; a keyword is one or the other."]
 
 
 def test_outside_window_is_send_or_fail() -> None:

@@ -35,10 +35,11 @@ from redis.exceptions import RedisError, ResponseError
 from .. import keys
 from ..metrics import ReceiverMetrics
 from ..privacy import mask_body, redact
-from ..scripts import ApplyScript, ClaimDeadScript, OpenWindowScript, StatusUpdate
+from ..scripts import ApplyScript, ClaimDeadScript, OpenWindowScript, StatusUpdate, SuppressScript
 from ..sends import TTL as SEND_LOG_TTL
 from ..sends import parse_member
 from ..settings import ReceiverSettings
+from ..suppression import LIFTED_TTL, PERSON_REASONS, keyword_action
 from ..window import WINDOW_TTL
 from .guard import Noise
 from .matching import BSUID_TTL, Matcher, Pending, masked, script_error, who_from
@@ -105,6 +106,7 @@ class Processor:
         self.matcher = Matcher(redis, settings, metrics)
         self.reactor = Reactor(redis, metrics, self.consumer, settings.reactions)
         self._open = OpenWindowScript(redis)
+        self._suppress = SuppressScript(redis, lifted_ttl=LIFTED_TTL)
         self._apply = ApplyScript(redis, stream_max=settings.stream_max, window_ttl=WINDOW_TTL)
         self._claim_dead = ClaimDeadScript(redis)
         self.alive = 0.0
@@ -387,6 +389,10 @@ class Processor:
                         pipe.set(keys.bsuid(op[1]), op[2], ex=BSUID_TTL)
                     elif op[0] == "open":
                         self._open.queue(pipe, op[1], op[2], ttl=WINDOW_TTL)
+                    elif op[0] == "opt-out":
+                        self._suppress.queue_add(pipe, op[1], "all", "keyword", op[2])
+                    elif op[0] == "opt-in":
+                        self._suppress.queue_lift(pipe, op[1], op[2], reasons=",".join(PERSON_REASONS))
                     else:
                         try:
                             self.matcher.queue(pipe, op[1])
@@ -399,6 +405,9 @@ class Processor:
                 if op[0] != "place":
                     if isinstance(answer, Exception):
                         raise answer
+                    if op[0] in ("opt-out", "opt-in") and answer:
+                        # the person's hash, shortened: never the number, never what they wrote
+                        logger.info("an {} keyword {} person {}", op[0], _DID[op[0]], op[1][:8])
                     continue
                 p, e = op[1], op[2]
                 if isinstance(answer, Exception) and not script_error(answer):
@@ -451,7 +460,14 @@ class Processor:
                 for message in change.messages:
                     who_in = keys.who(message.from_) if message.from_ else known.get(message.from_user_id or "")
                     if who_in:
-                        ops.append(("open", who_in, int(message.timestamp) * 1000))
+                        at_ms = int(message.timestamp) * 1000
+                        ops.append(("open", who_in, at_ms))
+                        body = message.body
+                        action = body is not None and keyword_action(
+                            body, opt_out=self.settings.opt_out_keywords, opt_in=self.settings.opt_in_keywords
+                        )
+                        if action:
+                            ops.append(("opt-out" if action == "out" else "opt-in", who_in, at_ms))
                 for status, raw in change.statuses:
                     e.statuses += 1
                     uid = status.recipient_user_id or users.get(status.recipient_id or "")
@@ -545,6 +561,9 @@ class Processor:
             self._swept.add(item)
             swept += 1
         return swept
+
+
+_DID = {"opt-out": "suppressed", "opt-in": "lifted the opt-outs of"}
 
 
 def _kept(body: bytes) -> bytes:

@@ -54,6 +54,18 @@ class MetaMessage(msgspec.Struct):
     timestamp: str
     from_: str | None = msgspec.field(default=None, name="from")
     from_user_id: str | None = None
+    type: Any = None
+    text: Any = None
+    """``{"body": ...}`` for a ``text`` message; read leniently (:attr:`body`): a shape the receiver does not
+    expect here costs only the keyword check, never the message."""
+
+    @property
+    def body(self) -> str | None:
+        """The text of a ``text`` message, else None."""
+        if self.type != "text" or not isinstance(self.text, dict):
+            return None
+        body = self.text.get("body")
+        return body if isinstance(body, str) else None
 
 
 class _Envelope(msgspec.Struct):

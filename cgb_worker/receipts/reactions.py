@@ -23,6 +23,7 @@ from .. import keys, sealed
 from ..metrics import ReceiverMetrics
 from ..ratelimit import pause_fleet
 from ..settings import ReactionSettings
+from ..suppression import suppress_who
 from ..whatsapp_errors import next_step, resend_delay, resends, rule_for
 
 CLAIM_IDLE = 30.0
@@ -115,7 +116,7 @@ class Reactor:
             return action
         if action == "suppress":
             if who:
-                await suppress_marketing(self.redis, who)
+                await suppress_who(self.redis, who, scope="marketing", reason="131050")
                 log.info(
                     "WhatsApp said the person stopped marketing messages (131050): marketing to them is suppressed"
                 )
@@ -184,10 +185,6 @@ class Reactor:
             "the text failed outside the 24-hour window (131047): {}",
             "sending the job's whatsappTemplate instead" if job is not None else "its template is already queued",
         )
-
-
-async def suppress_marketing(redis: ArqRedis, who: str) -> None:  # replaced by suppression.py's API at merge
-    await redis.set(keys.suppressed(who), b'{"marketing":{"reason":"131050"}}')
 
 
 def unsealed(value: bytes) -> bytes | None:
