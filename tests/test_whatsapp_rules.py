@@ -327,3 +327,34 @@ async def test_a_failure_with_no_kept_payload_is_not_resent(redis_url: str, redi
         assert metrics.registry.get_sample_value("cgb_reactions_total", {"kind": "given_up"}) == 1
     finally:
         await pool.aclose()
+
+
+# -- 131050: the person stopped marketing messages ------------------------------------------------------------
+
+
+async def test_a_131050_suppresses_marketing_only(
+    harness: Harness, rules_receiver: Receiver, redis_client: Any
+) -> None:
+    import json
+
+    harness.sim.configure(webhook_fail={B_DIGITS: [131050]})
+    await harness.known(B)
+    [first] = await harness.enqueue({"to": B, "message": "Spring sale", "category": "marketing"})
+    await harness.run()
+    await reacted(rules_receiver, 131050)
+    stored = json.loads(await redis_client.get(keys.suppressed(keys.who(B))))
+    assert list(stored) == ["marketing"]
+    assert stored["marketing"]["reason"] == "131050"
+    [sale, visa] = await harness.enqueue(
+        {"to": B, "message": "Another sale", "category": "marketing"},
+        {"to": B, "message": "Your visa is approved", "category": "utility"},
+    )
+    await harness.run()
+    refused = await harness.outcome(sale)
+    assert isinstance(refused, E.SuppressedError)
+    assert "suppressed for marketing" in str(refused)
+    assert "131050" in str(refused)
+    assert (await harness.outcome(visa))["category"] == "utility"
+    assert [o["text"] for o in harness.sim.state.outbox] == ["Spring sale", "Your visa is approved"]
+    assert (await status_of(harness, first.job_id)).status == "failed"
+    assert rules_receiver.metric("cgb_reactions_total", kind="suppress") == 1
