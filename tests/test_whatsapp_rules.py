@@ -16,6 +16,7 @@ from cgb_worker.settings import ReactionSettings
 from cgb_worker.whatsapp_errors import RULES, next_step, resend_delay, resends, rule_for
 
 from .conftest import Harness
+from .test_optouts import inbound
 from .test_webhooks import Receiver, eventually, settled, start_receiver, status_of
 
 B = "+12025550100"
@@ -267,6 +268,17 @@ async def test_a_131026_refuses_the_next_jobs_without_a_request(
     assert "131026" in str(error)
     assert sends_to_cgb(harness) == ["send_text"]  # the first job's only
     assert (await status_of(harness, first.job_id)).status == "failed"
+    # the person writes to us: they can receive after all, and the mark goes
+    await inbound(harness, B, "hi, it's me")
+    await eventually(lambda: _gone(redis_client, keys.undeliverable(keys.who(B))))
+    [third] = await harness.enqueue({"to": B, "message": "welcome back"})
+    await harness.run()
+    assert (await harness.outcome(third))["kind"] == "text"
+    assert sends_to_cgb(harness) == ["send_text", "send_text"]
+
+
+async def _gone(redis_client: Any, key: str) -> bool:
+    return not await redis_client.exists(key)
 
 
 # -- every other code -----------------------------------------------------------------------------------------

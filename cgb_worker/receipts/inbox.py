@@ -389,6 +389,8 @@ class Processor:
                         pipe.set(keys.bsuid(op[1]), op[2], ex=BSUID_TTL)
                     elif op[0] == "open":
                         self._open.queue(pipe, op[1], op[2], ttl=WINDOW_TTL)
+                    elif op[0] == "reachable":
+                        pipe.delete(keys.undeliverable(op[1]))
                     elif op[0] == "opt-out":
                         self._suppress.queue_add(pipe, op[1], "all", "keyword", op[2])
                     elif op[0] == "opt-in":
@@ -462,6 +464,7 @@ class Processor:
                     if who_in:
                         at_ms = int(message.timestamp) * 1000
                         ops.append(("open", who_in, at_ms))
+                        ops.append(("reachable", who_in))  # a person who writes can receive: 131026's mark goes
                         body = message.body
                         action = body is not None and keyword_action(
                             body, opt_out=self.settings.opt_out_keywords, opt_in=self.settings.opt_in_keywords
