@@ -628,7 +628,7 @@ def status(job_id: str, as_json: bool) -> None:
     if as_json:
         click.echo(msgspec.json.encode(found).decode())
         return
-    error = f" {found.error.code} {found.error.title}" if found.error else ""
+    error = f" {found.error.code} ({found.error.meaning})" if found.error else ""
     category = f" ({found.category})" if found.category else ""
     click.echo(f"{found.job_id}: {found.status}{error}{category}")
     for step in found.steps:

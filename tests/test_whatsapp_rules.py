@@ -295,7 +295,8 @@ async def test_any_other_code_is_final_and_counted(harness: Harness, rules_recei
     await settled(harness)
     assert await (await harness.pool()).queued_jobs() == []
     found = await status_of(harness, job.job_id)
-    assert (found.status, found.error.code if found.error else None) == ("failed", code)
+    assert found.error is not None
+    assert (found.status, found.error.code, found.error.meaning) == ("failed", code, rule_for(code).meaning)
     assert rules_receiver.metric("cgb_reactions_total", kind="fail") == 1
     assert sends_to_cgb(harness) == ["send_text"]
 
@@ -370,3 +371,15 @@ async def test_a_131050_suppresses_marketing_only(
     assert [o["text"] for o in harness.sim.state.outbox] == ["Spring sale", "Your visa is approved"]
     assert (await status_of(harness, first.job_id)).status == "failed"
     assert rules_receiver.metric("cgb_reactions_total", kind="suppress") == 1
+
+
+async def test_the_simulator_switch_fails_every_send_with_one_code(harness: Harness, rules_receiver: Receiver) -> None:
+    harness.sim.configure(webhook_fail_code=131026)
+    await harness.known(B, "+972500000001")
+    jobs = await harness.enqueue({"to": B, "message": "one"}, {"to": "+972500000001", "message": "two"})
+    await harness.run()
+    await eventually(lambda: _count(rules_receiver, "cgb_whatsapp_errors_total", code="131026", at_least=2))
+    for job in jobs:
+        found = await status_of(harness, job.job_id)
+        assert (found.status, found.error.code if found.error else None) == ("failed", 131026)
+    assert [o["status"] for o in harness.sim.state.outbox] == ["failed", "failed"]

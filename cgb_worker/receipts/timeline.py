@@ -19,6 +19,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from .. import keys
+from ..whatsapp_errors import rule_for
 
 Status = Literal["sending", "accepted", "unconfirmed", "sent", "failed", "delivered", "read", "played"]
 RANK: dict[str, int] = {
@@ -39,6 +40,8 @@ class DeliveryError(msgspec.Struct, frozen=True):
     code: int
     title: str = ""
     details: str = ""
+    meaning: str = ""
+    """What the code means, from :mod:`cgb_worker.whatsapp_errors` (Meta's ``title`` is often terse)."""
 
 
 class DeliveryEvent(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -107,6 +110,13 @@ def iso(ms: float) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
+def _error(stored: Any) -> DeliveryError | None:
+    if not isinstance(stored, dict):
+        return None
+    error = msgspec.convert(stored, DeliveryError)
+    return msgspec.structs.replace(error, meaning=rule_for(error.code).meaning)
+
+
 def _worst(statuses: list[str]) -> str:
     if "failed" in statuses:
         return "failed"
@@ -151,7 +161,7 @@ def build(job_id: str, raw: dict[bytes, bytes], *, unconfirmed_after: float = 86
                 accepted_at=accepted_at,
                 wamid=wamid,
                 wamids=[wamid, *(state.get("more") or [])] if wamid else [],
-                error=msgspec.convert(error, DeliveryError) if isinstance(error, dict) else None,
+                error=_error(error),
                 matched_by=state.get("match") or None,
                 unresolved=int(raw.get(b"u:" + step_b, b"0") or 0),
                 wa_id=state.get("waId") or None,
