@@ -284,23 +284,34 @@ class SuppressScript:
         self._script = redis.register_script(source("suppress"))
         self._lifted_ttl = lifted_ttl
 
-    def _args(self, op: str, who: str, at_ms: int, scopes: str, reasons: str) -> tuple[list[str], list[Any]]:
-        return [keys.suppressed(who), keys.SUPPRESSED_INDEX], [op, who, at_ms, self._lifted_ttl, scopes, reasons]
+    def _args(self, op: str, who: str, at_ms: int, scopes: str, reasons: str, ref: str) -> tuple[list[str], list[Any]]:
+        names = [keys.suppressed(who), keys.SUPPRESSED_INDEX]
+        return names, [op, who, at_ms, self._lifted_ttl, scopes, reasons, ref]
 
-    async def add(self, who: str, scope: str, reason: str, at_ms: int) -> bool:
-        """True when the opt-out was added (False: the scope had one already, or opt-outs were lifted later)."""
-        names, args = self._args("add", who, at_ms, scope, reason)
+    async def add(self, who: str, scope: str, reason: str, at_ms: int, *, ref: str = "") -> bool:
+        """True when the opt-out was added (False: the scope had one already, opt-outs were lifted later, or
+        ``ref``, the asking message's keyed hash, was seen before)."""
+        names, args = self._args("add", who, at_ms, scope, reason, ref)
         return int(await self._script(keys=names, args=args)) == 1
 
-    async def lift(self, who: str, at_ms: int, *, scopes: str = "all,marketing", reasons: str = "*") -> int:
+    async def lift(
+        self, who: str, at_ms: int, *, scopes: str = "all,marketing", reasons: str = "*", ref: str = ""
+    ) -> int:
         """How many scopes were lifted."""
-        names, args = self._args("lift", who, at_ms, scopes, reasons)
+        names, args = self._args("lift", who, at_ms, scopes, reasons, ref)
         return int(await self._script(keys=names, args=args))
 
-    def queue_add(self, pipe: Pipeline, who: str, scope: str, reason: str, at_ms: int) -> None:
-        _queue(pipe, self._script, *self._args("add", who, at_ms, scope, reason))
+    def queue_add(self, pipe: Pipeline, who: str, scope: str, reason: str, at_ms: int, *, ref: str = "") -> None:
+        _queue(pipe, self._script, *self._args("add", who, at_ms, scope, reason, ref))
 
     def queue_lift(
-        self, pipe: Pipeline, who: str, at_ms: int, *, scopes: str = "all,marketing", reasons: str = "*"
+        self,
+        pipe: Pipeline,
+        who: str,
+        at_ms: int,
+        *,
+        scopes: str = "all,marketing",
+        reasons: str = "*",
+        ref: str = "",
     ) -> None:
-        _queue(pipe, self._script, *self._args("lift", who, at_ms, scopes, reasons))
+        _queue(pipe, self._script, *self._args("lift", who, at_ms, scopes, reasons, ref))

@@ -34,8 +34,14 @@ async def inbound(harness: Harness, phone: str, text: str) -> None:
 
 
 async def stored(redis: Any, phone: str) -> Any:
+    """The entry, less ``seen`` (the keyed hashes of the last keyword messages, which dedupe redeliveries)."""
     raw = await redis.get(keys.suppressed(keys.who(phone)))
-    return None if raw is None else json.loads(raw)
+    if raw is None:
+        return None
+    entry = json.loads(raw)
+    seen = entry.pop("seen", [])
+    assert all(len(ref) == 16 and A.lstrip("+") not in ref for ref in seen)  # hashes, never the message id
+    return entry
 
 
 def sends(harness: Harness) -> list[dict[str, Any]]:
@@ -108,6 +114,18 @@ async def test_a_stop_then_a_start_in_one_batch_ends_unsuppressed(
     assert (await receiver.post(envelope(value)))[0] == 200
     await settled(harness)
     assert await stored(redis_client, A) == {"all": {"reason": "keyword", "at": now * 1000}, "lifted": now * 1000}
+    # Meta redelivers the START of that body (the same message, the same second): the last word still stands
+    redelivered = {"contacts": [{"wa_id": digits}], "messages": [message(3, "START")]}
+    assert (await receiver.post(envelope(redelivered)))[0] == 200
+    await settled(harness)
+    assert (await stored(redis_client, A))["all"]["reason"] == "keyword"
+    # and the first body's STOP, redelivered after all this, is not a new opt-out either
+    start = {"contacts": [{"wa_id": digits}], "messages": [message(5, "START")]}  # a START of its own lifts it
+    assert (await receiver.post(envelope(start)))[0] == 200
+    redelivered = {"contacts": [{"wa_id": digits}], "messages": [message(1, "STOP")]}
+    assert (await receiver.post(envelope(redelivered)))[0] == 200
+    await settled(harness)
+    assert "all" not in await stored(redis_client, A)
 
 
 async def test_a_stop_from_a_sender_known_only_by_bsuid_suppresses_their_hash(

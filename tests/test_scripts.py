@@ -592,3 +592,35 @@ async def test_suppress_a_value_it_cannot_read_is_replaced(redis_client: Any) ->
     await redis_client.set(keys.suppressed(who), b"not json")
     assert await SuppressScript(redis_client, lifted_ttl=60).add(who, "marketing", "operator", T0) is True
     assert await _entry(redis_client, who) == {"marketing": {"reason": "operator", "at": T0}}
+
+
+async def test_suppress_a_stop_redelivered_in_the_second_of_the_start_changes_nothing(redis_client: Any) -> None:
+    """Meta stamps whole seconds: STOP and START in one second, then the STOP redelivered (the same message), ends
+    lifted; a new STOP in that second, a message of its own, still counts."""
+    from cgb_worker.scripts import SuppressScript
+
+    script = SuppressScript(redis_client, lifted_ttl=60)
+    who = keys.who(A)
+    assert await script.add(who, "all", "keyword", T0, ref="m1") is True  # STOP
+    assert await script.lift(who, T0, reasons="keyword", ref="m2") == 1  # START, the same second
+    assert await script.add(who, "all", "keyword", T0, ref="m1") is False  # the STOP, redelivered
+    assert await script.lift(who, T0, reasons="keyword", ref="m2") == 0  # the START, redelivered
+    assert (await _entry(redis_client, who))["lifted"] == T0
+    assert "all" not in await _entry(redis_client, who)
+    assert await script.add(who, "all", "keyword", T0, ref="m3") is True  # a new STOP, the same second
+    assert (await _entry(redis_client, who))["all"] == {"reason": "keyword", "at": T0}
+    assert (await _entry(redis_client, who))["seen"] == ["m1", "m2", "m3"]
+
+
+async def test_suppress_remembers_a_message_it_refused_and_only_the_last_eight(redis_client: Any) -> None:
+    from cgb_worker.scripts import SuppressScript
+
+    script = SuppressScript(redis_client, lifted_ttl=60)
+    who = keys.who(A)
+    await script.add(who, "all", "keyword", T0, ref="m0")
+    assert await script.add(who, "all", "keyword", T0 + 1000, ref="m1") is False  # already suppressed: kept as seen
+    await script.lift(who, T0 + 2000, reasons="keyword", ref="m2")
+    assert await script.add(who, "all", "keyword", T0 + 2000, ref="m1") is False  # m1 redelivered after the lift
+    for n in range(3, 12):
+        await script.add(who, "marketing", "131050", T0, ref=f"m{n}")
+    assert (await _entry(redis_client, who))["seen"] == [f"m{n}" for n in range(4, 12)]

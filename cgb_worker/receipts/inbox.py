@@ -392,9 +392,9 @@ class Processor:
                     elif op[0] == "reachable":
                         pipe.delete(keys.undeliverable(op[1]))
                     elif op[0] == "opt-out":
-                        self._suppress.queue_add(pipe, op[1], "all", "keyword", op[2])
+                        self._suppress.queue_add(pipe, op[1], "all", "keyword", op[2], ref=op[3])
                     elif op[0] == "opt-in":
-                        self._suppress.queue_lift(pipe, op[1], op[2], reasons=",".join(PERSON_REASONS))
+                        self._suppress.queue_lift(pipe, op[1], op[2], reasons=",".join(PERSON_REASONS), ref=op[3])
                     else:
                         try:
                             self.matcher.queue(pipe, op[1])
@@ -470,7 +470,8 @@ class Processor:
                             body, opt_out=self.settings.opt_out_keywords, opt_in=self.settings.opt_in_keywords
                         )
                         if action:
-                            ops.append(("opt-out" if action == "out" else "opt-in", who_in, at_ms))
+                            ref = keys.wamid(message.id)[len(keys.WAMID_PREFIX) :][:16]  # keyed: ids carry phones
+                            ops.append(("opt-out" if action == "out" else "opt-in", who_in, at_ms, ref))
                 for status, raw in change.statuses:
                     e.statuses += 1
                     uid = status.recipient_user_id or users.get(status.recipient_id or "")
