@@ -484,6 +484,11 @@ async def whatsapp_send(
         raise
     finally:
         reset_deadline(token)
+    if not result.success:  # an automatic resend that was no longer needed
+        event.finish(log, started, "skipped", None).info("not sent: {}", result.error)
+        if services.metrics is not None:
+            services.metrics.job_done(result.kind or event.kind, "skipped")
+        return result
     event.finish(log, started, "sent", None).info(
         "sent {} to {}{}",
         result.kind,
@@ -496,6 +501,12 @@ async def whatsapp_send(
 
 
 _throttle_key = keys.throttled
+
+
+def delivered_since(state: bytes) -> bool:
+    """Whether a step's delivery record (``d:<step>``) says WhatsApp delivered it (or more)."""
+    status = msgspec.json.decode(state).get("status")
+    return status in ("delivered", "read", "played")
 
 
 def _check_resend(resend_of: Any, step: Any, code: Any) -> tuple[str, int]:
@@ -589,11 +600,24 @@ async def _send(
     async with redis.pipeline(transaction=False) as pipe:
         pipe.hgetall(keys.sends(log_id))
         pipe.mget(job_keys(plan.to) if known is not None else [*job_keys(plan.to), cache_key])
-        record, (window, since, tracking, turn, suppressed, undeliverable, *rest) = await pipe.execute()
+        if resend is not None and fallback_of is not None:
+            pipe.hget(keys.sends(fallback_of), f"d:{resend[0]}")  # the step being sent again, as it stands now
+        record, (window, since, tracking, turn, suppressed, undeliverable, *rest), *resent = await pipe.execute()
     cached_contact: Any = known if known is not None else rest[0]
     if RESULT in record:
         # This job already finished (the worker died before arq stored the result): no CGB call at all.
         return msgspec.msgpack.decode(record[RESULT], type=SendResult)
+    if resend is not None and resent and resent[0] and delivered_since(resent[0]):
+        # With several devices WhatsApp can report failed on one and delivered on another, in either order: a
+        # message delivered anywhere was delivered, and is not sent again.
+        return SendResult(
+            success=False,
+            contact_id=None,
+            to=plan.to,
+            timestamp=_now(),
+            kind=plan.kind,
+            error=f"not sent again: the {resend[0]} it would replace was delivered after all",
+        )
     category = category_of(plan, settings.wa_templates)
     now = services.clock()
     if plan.expires_at is not None and now >= plan.expires_at:

@@ -17,7 +17,7 @@ from cgb_worker.whatsapp_errors import RULES, next_step, resend_delay, resends, 
 
 from .conftest import Harness
 from .test_optouts import inbound
-from .test_webhooks import Receiver, eventually, settled, start_receiver, status_of
+from .test_webhooks import Receiver, eventually, settled, start_receiver, status_of, status_payload
 
 B = "+12025550100"
 B_DIGITS = B.lstrip("+")
@@ -120,6 +120,40 @@ async def test_a_131056_is_sent_exactly_once_more_and_ends_delivered(
     await harness.run()  # nothing is left to send: exactly one more
     assert sends_to_cgb(harness) == ["send_text", "send_text"]
     assert rules_receiver.metric("cgb_reactions_total", kind="resend") == 1
+
+
+async def test_a_resend_is_not_sent_once_another_device_reported_delivered(
+    harness: Harness, rules_receiver: Receiver
+) -> None:
+    """failed 131056 then delivered (several devices, either order): the message was delivered, so its queued
+    resend sends nothing, and the job's status is the original's."""
+    harness.sim.configure(webhook_fail={B_DIGITS: [131056]})
+    await harness.known(B)
+    [job] = await harness.enqueue({"to": B, "message": "Hello once"})
+    await harness.run()
+    await reacted(rules_receiver, 131056)
+    await settled(harness)
+    [wamid] = (await status_of(harness, job.job_id)).steps[0].wamids
+    assert (await rules_receiver.post(status_payload(wamid, "delivered", B)))[0] == 200
+    await settled(harness)
+    [resend] = await (await harness.pool()).queued_jobs()
+    await harness.run()
+    result = await harness.outcome(await _job(harness, resend.job_id))
+    assert (result["success"], result["error"]) == (
+        False,
+        "not sent again: the text it would replace was delivered after all",
+    )
+    assert sends_to_cgb(harness) == ["send_text"]
+    found = await status_of(harness, job.job_id)
+    assert ([(s.step, s.status) for s in found.steps], found.status) == ([("text", "delivered")], "delivered")
+
+
+async def _job(harness: Harness, job_id: str) -> Any:
+    from arq.jobs import Job
+
+    from cgb_worker.serialization import deserialize
+
+    return Job(job_id, await harness.pool(), _deserializer=deserialize)
 
 
 async def test_131056_gives_up_after_the_last_resend(harness: Harness, rules_receiver: Receiver) -> None:
