@@ -417,3 +417,36 @@ async def test_the_simulator_switch_fails_every_send_with_one_code(harness: Harn
         found = await status_of(harness, job.job_id)
         assert (found.status, found.error.code if found.error else None) == ("failed", 131026)
     assert [o["status"] for o in harness.sim.state.outbox] == ["failed", "failed"]
+
+
+async def test_the_marketing_cap_is_resent_once_per_message_whatever_came_between(
+    redis_url: str, redis_client: Any
+) -> None:
+    """131049, a 131056 resend, then 131049 again: the cap's one resend was used, so nothing more. Pacing resends
+    count against WA_RESEND_MAX; the cap's one resend does not."""
+    import json
+
+    from cgb_worker import create_pool
+    from cgb_worker.metrics import ReceiverMetrics
+    from cgb_worker.receipts.reactions import Reactor
+
+    def state(code: int | None) -> str:
+        return json.dumps({"status": "failed", "at": 1, **({"resendCode": code} if code else {})})
+
+    pool = await create_pool(redis_url, ride_out_outages=False)
+    try:
+        reactor = Reactor(pool, ReceiverMetrics(), "r-1", ReactionSettings(resend_max=3, marketing_cap_retry_after=60))
+        await redis_client.hset(
+            keys.sends("job-1"),
+            mapping={"d:text": state(None), "d:text~1": state(131049), "d:text~2": state(131056), "p:text~2": "x"},
+        )
+        assert await reactor.failed("job-1", "text~2", 131049) == "fail"
+        assert await pool.queued_jobs() == []
+        paced = {f"d:text~{k}": state(131056) for k in (1, 2, 3)}
+        await redis_client.hset(keys.sends("job-2"), mapping={"d:text": state(None), **paced, "p:text~3": "x"})
+        assert await reactor.failed("job-2", "text~3", 131056) == "given_up"  # the fourth pacing resend: no
+        assert await reactor.failed("job-2", "text~3", 131049) == "marketing_cap"  # the cap's own one: yes
+        [queued] = await pool.queued_jobs()
+        assert queued.job_id == "job-2:resend:text~4"
+    finally:
+        await pool.aclose()

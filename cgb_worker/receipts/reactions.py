@@ -102,10 +102,13 @@ class Reactor:
         """A message of ``delivery_id`` failed with ``code``: the code's row in the table says what to do."""
         rule = rule_for(code)
         record = keys.sends(delivery_id)
-        state_raw, fallback, payload = await self.redis.hmget(  # type: ignore[misc]
-            record, [f"d:{step}", f"f:{step}", f"p:{step}"]
+        # the step, and every earlier send of it (``text``, ``text~1``, ...): what the chain of resends was for
+        chain = [step.partition("~")[0], *(f"{step.partition('~')[0]}~{k}" for k in range(1, resends(step) + 1))]
+        state_raw, fallback, payload, *earlier = await self.redis.hmget(  # type: ignore[misc]
+            record, [f"d:{step}", f"f:{step}", f"p:{step}", *(f"d:{name}" for name in chain)]
         )
         state: dict[str, Any] = msgspec.json.decode(state_raw) if state_raw else {}
+        codes = [msgspec.json.decode(raw).get("resendCode") for raw in earlier if raw]
         who = state.get("who")
         log = logger.bind(job_id=delivery_id, step=step, code=code)
         rules = self.rules
@@ -129,7 +132,7 @@ class Reactor:
                     rules.undeliverable_ttl,
                 )
             return action
-        if action == "marketing_cap" and (not rules.marketing_cap_retry_after or state.get("resendCode") == code):
+        if action == "marketing_cap" and (not rules.marketing_cap_retry_after or code in codes):
             log.info("WhatsApp's per-person marketing cap (131049): not sent again")
             return "fail"
         if action == "fail":
@@ -137,7 +140,8 @@ class Reactor:
         if action == "throttle":
             await pause_fleet(self.redis)
             log.warning("WhatsApp's throughput limit ({}): every worker's rate limit backs off", code)
-        n = resends(step) + 1
+        # the pacing and throughput resends of the chain count against WA_RESEND_MAX; the cap's one does not
+        n = sum(1 for c in codes if c is not None and rule_for(c).action in ("resend", "throttle")) + 1
         if not payload or (action != "marketing_cap" and n > rules.resend_max):
             # beyond the last resend; or sent while no receiver tracked sends, or the record expired
             why = (
