@@ -101,7 +101,8 @@ from .models import Category, FileType, Scalar, SendJob, SendResult, SetFieldVal
 from .phones import mask_phone, normalize_phone
 from .quiet import quiet_until
 from .ratelimit import reset_deadline, set_deadline
-from .sends import OF, RESULT, SENDING, SENT, SendLog, StepRecord, nothing_sent
+from .sends import OF, RESULT, RS, SENDING, SENT, SendLog, StepRecord, nothing_sent
+from .sends import TTL as SEND_LOG_TTL
 from .settings import Settings, job_deadline
 from .suppression import Entry, refusal
 from .templates import TemplateResolver
@@ -408,7 +409,7 @@ async def whatsapp_send(
         resend: tuple[str, int] | None = None
         if resend_of is not None:
             resend = _check_resend(resend_of, resend_step, resend_code)
-            raw = await _resend_payload(services, resend_of, resend[0])
+            raw = await _resend_payload(services, resend_of, resend, job_id)
         try:
             async with asyncio.timeout(deadline):
                 result = await _send(
@@ -519,9 +520,16 @@ def _check_resend(resend_of: Any, step: Any, code: Any) -> tuple[str, int]:
     return step, code
 
 
-async def _resend_payload(services: Services, job_id: str, step: str) -> Any:
-    """The payload of the job whose ``step`` is sent again, unsealed from its record."""
-    stored = await services.redis.hget(keys.sends(job_id), f"p:{step}")  # type: ignore[misc]
+async def _resend_payload(services: Services, job_id: str, resend: tuple[str, int], own_id: str) -> Any:
+    """The payload of the job whose step is sent again, unsealed from its record. The resend's own send log says
+    what it is (``rs``), so that a replay of it from the dead-letter store, which carries the payload alone, is
+    that resend again."""
+    step, code = resend
+    async with services.redis.pipeline(transaction=False) as pipe:
+        pipe.hget(keys.sends(job_id), f"p:{step}")
+        pipe.hset(keys.sends(own_id), RS.decode(), f"{job_id}|{step}|{code}")
+        pipe.expire(keys.sends(own_id), SEND_LOG_TTL)
+        stored, *_ = await pipe.execute()
     payload = sealed.unseal(stored) if stored else None
     if payload is None:
         raise InvalidJobError(f"the {step} of job {job_id[:80]} is no longer kept (or was sealed under another key)")
@@ -629,6 +637,9 @@ async def _send(
             "WhatsApp said this number cannot receive messages (131026); not sending until UNDELIVERABLE_TTL passes"
         )
     _check_quiet_hours(services, plan, category, now)
+    if resend is None and RS in record:  # a replay of an automatic resend: the same resend again
+        of, step, code = record[RS].decode().rsplit("|", 2)
+        fallback_of, resend = of, (step, int(code))
     if fallback_of is None and OF in record:
         # A replay of a fallback template: it joins the original job's record, as the template itself did.
         fallback_of = record[OF].decode()

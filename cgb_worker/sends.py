@@ -49,6 +49,8 @@ SENT = b"sent"
 RESULT = b"result"
 OF = b"of"
 """In a fallback job's own log: the job whose delivery record its template joins."""
+RS = b"rs"
+"""In an automatic resend's own log: ``<job id>|<step>|<code>``, the step it sends again (a replay of it, too)."""
 TTL = 7 * 24 * 3600
 """Longer than any retry horizon plus arq's result lifetime: a re-run always finds its record. A job in the
 dead-letter store keeps its record for as long as the entry lives (see :mod:`cgb_worker.deadletters`)."""

@@ -450,3 +450,32 @@ async def test_the_marketing_cap_is_resent_once_per_message_whatever_came_betwee
         assert queued.job_id == "job-2:resend:text~4"
     finally:
         await pool.aclose()
+
+
+async def test_a_dead_lettered_resend_replayed_is_the_same_resend(harness: Harness, rules_receiver: Receiver) -> None:
+    """The resend hit a permanent CGB error and landed in the dead-letter store; replayed, it goes out as the
+    job's ``text~1`` again (its timeline keeps the failed first attempt), not as a second ``text``."""
+    from cgb_worker.deadletters import DeadLetters
+    from cgb_worker.simulator import FaultRule
+
+    harness.sim.configure(webhook_fail={B_DIGITS: [131056]})
+    await harness.known(B)
+    [job] = await harness.enqueue({"to": B, "message": "Documents needed"})
+    await harness.run()
+    await reacted(rules_receiver, 131056)
+    harness.sim.state.faults.append(FaultRule(status=400, path="/send/text$", count=1))
+    await harness.run()
+    pool = await harness.pool()
+    store = DeadLetters(pool)
+    [dead] = await store.list()
+    assert (dead.job_id, dead.error_type) == (f"{job.job_id}:resend:text~1", "CGBBadRequestError")
+    assert await store.replay(pool, dead.job_id)
+    await harness.run()
+    await settled(harness)
+    found = await status_of(harness, job.job_id)
+    assert [(s.step, s.status, s.resend_of) for s in found.steps] == [
+        ("text", "failed", None),
+        ("text~1", "read", "text"),
+    ]
+    assert found.status == "read"
+    assert [o["text"] for o in harness.sim.state.outbox] == ["Documents needed"] * 2
