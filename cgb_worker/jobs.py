@@ -241,7 +241,10 @@ def _expiry(value: str | None) -> datetime | None:
         raise InvalidJobError(f"expiresAt is not an ISO 8601 time: {value[:40]!r}") from None
     if at.tzinfo is None:
         raise InvalidJobError("expiresAt needs an offset (such as Z or +02:00): a local time is ambiguous")
-    return at
+    try:
+        return at.astimezone(UTC)
+    except OverflowError:  # year 1 or 9999 pushed past the calendar by its offset
+        raise InvalidJobError(f"expiresAt is out of range: {value[:40]!r}") from None
 
 
 MAX_BUTTONS = 10

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import pytest
 from arq.jobs import JobStatus
 
 from cgb_worker import errors as E
@@ -182,3 +183,28 @@ async def test_an_expiry_inside_the_quiet_hours_fails_at_once(harness: Harness, 
     assert counted(worker, "cgb_jobs_expired_total", {"reason": "quiet_hours"}) == 1
     assert counted(worker, "cgb_quiet_deferred_total", {"category": "marketing"}) is None
     assert await redis_client.get(keys.throttled(job.job_id)) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("2026-12-03T10:00:00", "needs an offset"),
+        ("tomorrow", "not an ISO 8601 time"),
+        ("2026-13-01T00:00:00Z", "not an ISO 8601 time"),
+        ("0001-01-01T00:00:00+23:59", "out of range"),
+        ("9999-12-31T23:59:59-23:59", "out of range"),
+        (12345, "invalid payload"),
+    ],
+)
+def test_a_bad_expires_at_is_refused_when_validated(value: Any, why: str) -> None:
+    from cgb_worker.jobs import validate
+
+    with pytest.raises(E.InvalidJobError, match=why):
+        validate({"to": "+12025550100", "message": "hello", "expiresAt": value})
+
+
+def test_expires_at_is_kept_in_utc() -> None:
+    from cgb_worker.jobs import validate
+
+    plan = validate({"to": "+12025550100", "message": "hello", "expiresAt": "2026-12-03T12:00:00+02:00"})
+    assert plan.expires_at == datetime(2026, 12, 3, 10, 0, tzinfo=UTC)

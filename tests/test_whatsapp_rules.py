@@ -479,3 +479,18 @@ async def test_a_dead_lettered_resend_replayed_is_the_same_resend(harness: Harne
     ]
     assert found.status == "read"
     assert [o["text"] for o in harness.sim.state.outbox] == ["Documents needed"] * 2
+
+
+@pytest.mark.parametrize("code", [10**15, 2**63 - 1, -5])
+async def test_an_absurd_code_leaves_the_timeline_readable(
+    harness: Harness, rules_receiver: Receiver, code: int
+) -> None:
+    """Tried: codes Lua's JSON would write as a float, and a negative one: kept as no code (0), final, counted."""
+    harness.sim.configure(webhook_fail={B_DIGITS: [code]})
+    await harness.known(B)
+    [job] = await harness.enqueue({"to": B, "message": "hello"})
+    await harness.run()
+    await reacted(rules_receiver, 0)
+    found = await status_of(harness, job.job_id)
+    assert found.error is not None
+    assert (found.status, found.error.code, found.error.meaning) == ("failed", 0, rule_for(0).meaning)

@@ -48,6 +48,9 @@ sender's, a flood) cannot grow the set without bound."""
 REFUSALS = frozenset({131047, 132000, 132001, 132018})
 """Error codes of a ``failed`` that refuses the send itself (outside the 24-hour window, a template that does not
 match): stamped when the message was sent, so matched by that time, like a ``sent``."""
+MAX_CODE = 10**9
+"""Meta's codes have six digits. A code outside 0..10^9 is kept as none (0): Lua's JSON would turn a huge one into
+a float, which the timeline could not read back as a code."""
 HELD_PER_TURN = 500
 """Held statuses tried in one turn at most, the longest-waiting first: the rest wait for the next turn."""
 
@@ -138,7 +141,7 @@ class Matcher:
                 at_ms=status.at_ms,
                 event=event,
                 refused=status.status == "failed" and any(e.code in REFUSALS for e in status.errors),
-                error_code=str(error.code) if error else "",
+                error_code=str(error.code) if error and 0 <= error.code < MAX_CODE else "",
                 error_title=error.title if error else "",
                 error_details=(error.error_data.details if error.error_data else error.message) if error else "",
                 user_id=p.user_id or "",

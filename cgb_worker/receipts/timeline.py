@@ -113,7 +113,7 @@ def iso(ms: float) -> str:
 def _error(stored: Any) -> DeliveryError | None:
     if not isinstance(stored, dict):
         return None
-    error = msgspec.convert(stored, DeliveryError)
+    error = msgspec.convert(stored, DeliveryError, strict=False)  # lenient: a record another version wrote
     return msgspec.structs.replace(error, meaning=rule_for(error.code).meaning)
 
 
