@@ -25,6 +25,7 @@ An operator's suppression stays until an operator removes it (:func:`unsuppress`
 from __future__ import annotations
 
 import time
+import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -126,8 +127,11 @@ def refusal(value: bytes | str | None, category: Category) -> Entry | None:
 
 
 def normalize_keyword(text: str) -> str:
-    """A message's whole text as keywords are compared: stripped, inner whitespace collapsed to one space,
-    casefolded. ``" Stop "`` is ``stop``; ``"S T O P"`` and ``"stop please"`` stay what they are, no keyword."""
+    """A message's whole text as keywords are compared: NFKC-normalised (full-width letters are plain ones),
+    invisible format characters (zero-width spaces, joiners, direction marks) dropped, stripped, inner
+    whitespace collapsed to one space, casefolded. ``" Stop "`` is ``stop``; ``"S T O P"`` and ``"stop please"``
+    stay what they are, no keyword."""
+    text = "".join(c for c in unicodedata.normalize("NFKC", text) if unicodedata.category(c) != "Cf")
     return " ".join(text.split()).casefold()
 
 

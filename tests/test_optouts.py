@@ -151,7 +151,7 @@ async def test_what_is_not_a_keyword_suppresses_no_one_and_is_not_set_aside(
     messages = [
         {"from": senders[0], "id": "wamid.N1", "timestamp": now, "type": "text", "text": {"body": "stop please"}},
         {"from": senders[1], "id": "wamid.N2", "timestamp": now, "type": "text", "text": {"body": "S T O P"}},
-        {"from": senders[2], "id": "wamid.N3", "timestamp": now, "type": "button", "button": {"text": "STOP"}},
+        {"from": senders[2], "id": "wamid.N3", "timestamp": now, "type": "button", "button": "STOP"},  # bad shape
         {"from": senders[3], "id": "wamid.N4", "timestamp": now, "type": "text", "text": "STOP"},  # not Meta's shape
         {"from": senders[4], "id": "wamid.N5", "timestamp": now, "type": "text", "text": {"body": 7}},
     ]
@@ -227,3 +227,20 @@ async def test_an_operators_marketing_suppression_refuses_marketing_only(harness
     assert (await utility.result())["success"] is True
     assert [r["body"]["text"] for r in sends(harness)] == ["Your visa"]
     assert suppressed_count(workers, "operator") == 1
+
+
+async def test_a_stop_button_tapped_or_an_interactive_reply_opts_out(
+    harness: Harness, receiver: Receiver, redis_client: Any
+) -> None:
+    """A marketing template's quick-reply "STOP" button arrives as ``type: button``; a reply button as
+    ``interactive``. Both are what the person said."""
+    now = str(int(time.time()))
+    tapped = {"from": "972500000001", "id": "wamid.B1", "timestamp": now, "type": "button",
+              "button": {"text": "Stop", "payload": "opt-out"}}  # fmt: skip
+    reply = {"type": "button_reply", "button_reply": {"id": "b1", "title": "UNSUBSCRIBE"}}
+    replied = {"from": "12025550100", "id": "wamid.B2", "timestamp": now, "type": "interactive", "interactive": reply}
+    assert (await receiver.post(envelope({"messages": [tapped, replied]})))[0] == 200
+    await settled(harness)
+    for phone in (A, "+12025550100"):
+        entry = await stored(redis_client, phone)
+        assert entry["all"]["reason"] == "keyword", phone

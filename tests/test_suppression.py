@@ -88,6 +88,12 @@ def test_the_error_message_gives_the_reason_and_since_when() -> None:
         ("stopp", None),
         ("", None),
         ("STOP!", None),
+        ("\uff33\uff34\uff2f\uff30", "out"),  # full-width letters
+        ("STOP\u200b", "out"),  # a zero-width space
+        ("\u200fstart\u200e", "in"),  # direction marks
+        ("\u00a0STOP\u3000", "out"),  # no-break and ideographic spaces
+        ("ST\u00adOP", "out"),  # a soft hyphen is a format character too
+        ("STOP" + " " * 300 + "please", None),
     ],
 )
 def test_keywords_are_the_whole_text_case_and_space_insensitive(text: str, expected: str | None) -> None:

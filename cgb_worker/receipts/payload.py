@@ -56,16 +56,28 @@ class MetaMessage(msgspec.Struct):
     from_user_id: str | None = None
     type: Any = None
     text: Any = None
-    """``{"body": ...}`` for a ``text`` message; read leniently (:attr:`body`): a shape the receiver does not
-    expect here costs only the keyword check, never the message."""
+    """``{"body": ...}`` for a ``text`` message; read leniently (:attr:`body`), as are ``button`` and
+    ``interactive``: a shape the receiver does not expect here costs only the keyword check, never the message."""
+    button: Any = None
+    interactive: Any = None
 
     @property
     def body(self) -> str | None:
-        """The text of a ``text`` message, else None."""
-        if self.type != "text" or not isinstance(self.text, dict):
-            return None
-        body = self.text.get("body")
-        return body if isinstance(body, str) else None
+        """What the person wrote or tapped: a ``text`` message's body, a template's quick-reply button's text
+        (``button``, such as Meta's "Stop promotions" button), or an interactive reply's title; else None."""
+        if self.type == "text":
+            found = _get(self.text, "body")
+        elif self.type == "button":
+            found = _get(self.button, "text")
+        elif self.type == "interactive" and isinstance(self.interactive, dict):
+            found = _get(self.interactive.get("button_reply"), "title")
+        else:
+            found = None
+        return found if isinstance(found, str) else None
+
+
+def _get(obj: Any, key: str) -> Any:
+    return obj.get(key) if isinstance(obj, dict) else None
 
 
 class _Envelope(msgspec.Struct):
