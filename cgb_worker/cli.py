@@ -206,6 +206,10 @@ def _parse_var(value: str) -> tuple[str, Any]:
 @click.option("--header-filename", help="the header document's file name")
 @click.option("--button-url", "button_urls", multiple=True, help="INDEX=SUFFIX for a URL button (repeatable)")
 @click.option("--button-payload", "button_payloads", multiple=True, help="INDEX=PAYLOAD for a quick reply")
+@click.option(
+    "--category", type=click.Choice(["marketing", "utility", "authentication", "service"]), help="WhatsApp's category"
+)
+@click.option("--expires-at", help="ISO 8601 with an offset: not sent after it")
 @click.option("--job-id", help="arq job id (a second enqueue with the same id is refused)")
 @click.option("--wait", is_flag=True, help="wait for the job and print its result or its error")
 @click.option("--timeout", default=60.0, show_default=True, help="seconds --wait waits")
@@ -229,6 +233,8 @@ def send(
     header_filename: str | None,
     button_urls: tuple[str, ...],
     button_payloads: tuple[str, ...],
+    category: str | None,
+    expires_at: str | None,
     job_id: str | None,
     wait: bool,
     timeout: float,
@@ -243,6 +249,8 @@ def send(
         ("firstName", first_name),
         ("lastName", last_name),
         ("email", email),
+        ("category", category),
+        ("expiresAt", expires_at),
     ):
         if value is not None:
             payload[key] = value

@@ -155,6 +155,20 @@ async def test_send_wait_prints_the_result(harness: Harness, redis_client: Any) 
     assert (result["success"], result["to"], result["kind"]) == (True, "+12025550100", "text")
 
 
+async def test_send_takes_a_category_and_an_expiry(harness: Harness, redis_client: Any) -> None:
+    args = ["send", "--to", "+1 202 555 0100", "--message", "Sale!", "--category", "marketing", "--wait"]
+    task = asyncio.ensure_future(cli(harness, *args, "--expires-at", "2099-01-01T00:00:00Z"))
+    await _run_worker_when_queued(harness, redis_client)
+    code, out, _ = await task
+    assert (code, json.loads(out.split("\n", 1)[1])["category"]) == (0, "marketing")
+    task = asyncio.ensure_future(cli(harness, *args, "--expires-at", "2020-01-01T00:00:00+02:00"))
+    await _run_worker_when_queued(harness, redis_client)
+    code, out, err = await task
+    assert code == 1
+    assert err.startswith("cgb-worker: ExpiredError: the job expired at 2019-12-31T22:00:00Z")
+    assert [m["text"] for m in harness.sim.state.outbox] == ["Sale!"]
+
+
 async def test_send_wait_reports_the_error(harness: Harness, redis_client: Any) -> None:
     task = asyncio.ensure_future(cli(harness, "send", "--to", "+972 12", "--message", "hi", "--wait"))
     await _run_worker_when_queued(harness, redis_client)
