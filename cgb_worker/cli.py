@@ -638,12 +638,15 @@ def status(job_id: str, as_json: bool) -> None:
         return
     error = f" {found.error.code} ({found.error.meaning})" if found.error else ""
     category = f" ({found.category})" if found.category else ""
-    click.echo(f"{found.job_id}: {found.status}{error}{category}")
+    pending = ", sent again soon" if found.resending else ""
+    click.echo(f"{found.job_id}: {found.status}{error}{category}{pending}")
     for step in found.steps:
         matched = f", matched by {step.matched_by}" if step.matched_by else ""
         replaces = f", in place of the {step.fallback_for}" if step.fallback_for else ""
         if step.resend_of:
             replaces = f", sent again after the {step.resend_of} failed with {step.resend_code}"
+        if step.resending:
+            replaces += f", to be sent again as {step.resending}"
         more = f", {len(step.wamids)} WhatsApp messages" if len(step.wamids) > 1 else ""
         doubt = f", {step.unresolved} status(es) that could not be told from another send's" if step.unresolved else ""
         click.echo(f"  {step.step}: {step.status}{matched}{replaces}{more}{doubt}")

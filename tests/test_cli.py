@@ -463,6 +463,11 @@ async def test_status_shows_an_automatic_resend(harness: Harness, redis_client: 
         "  text: failed",
         "  text~1: delivered, sent again after the text failed with 131056",
     ]
+    await redis_client.hset("cgb:sends:visa-8", "r:text~1", "text~2")  # text~1 failed too, its resend is queued
+    await redis_client.hset("cgb:sends:visa-8", "d:text~1", json.dumps({**again, "status": "failed"}))
+    code, out, _ = await cli(harness, "status", "visa-8")
+    assert out.splitlines()[0] == "visa-8: failed (utility), sent again soon"
+    assert "  text~1: failed, sent again after the text failed with 131056, to be sent again as text~2" in out
 
 
 # -- suppress ---------------------------------------------------------------------------------------------------

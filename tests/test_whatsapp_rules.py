@@ -107,6 +107,8 @@ async def test_a_131056_is_sent_exactly_once_more_and_ends_delivered(
         {"resend_of": job.job_id, "resend_step": "text", "resend_code": 131056},
     )
     assert list(resend.args) == []  # the payload (phone, text) stays sealed in the record, not in arq's job
+    waiting = await status_of(harness, job.job_id)
+    assert (waiting.status, waiting.resending, waiting.steps[0].resending) == ("failed", True, "text~1")
     await harness.run()
     await settled(harness)
     found = await status_of(harness, job.job_id)
@@ -114,7 +116,8 @@ async def test_a_131056_is_sent_exactly_once_more_and_ends_delivered(
         ("text", "failed", 131056, None),
         ("text~1", "read", None, "text"),
     ]
-    assert (found.status, found.category) == ("read", "service")
+    assert (found.status, found.category, found.resending) == ("read", "service", False)
+    assert [s.resending for s in found.steps] == [None, None]
     assert [o["kind"] for o in harness.sim.state.outbox] == ["text", "text"]
     assert [o["text"] for o in harness.sim.state.outbox] == ["Documents needed"] * 2
     await harness.run()  # nothing is left to send: exactly one more
@@ -494,3 +497,58 @@ async def test_an_absurd_code_leaves_the_timeline_readable(
     found = await status_of(harness, job.job_id)
     assert found.error is not None
     assert (found.status, found.error.code, found.error.meaning) == ("failed", 0, rule_for(0).meaning)
+
+
+async def test_a_flow_is_not_sent_again_automatically(harness: Harness, rules_receiver: Receiver) -> None:
+    """A flow may send several messages; sending it again would send them all again. Its 131056 stays failed."""
+    # the first message only reaches sent (a phone that is off), the second fails: the step turns failed
+    harness.sim.configure(flow_messages=2, webhook_fail={B_DIGITS: [0, 131056]}, webhook_drop=["delivered", "read"])
+    await harness.known(B)
+    [job] = await harness.enqueue({"to": B, "template": "visa_approved"})
+    await harness.run()
+    await reacted(rules_receiver, 131056)
+    await settled(harness)
+    assert await (await harness.pool()).queued_jobs() == []
+    assert rules_receiver.metric("cgb_reactions_total", kind="given_up") == 1
+    assert len(harness.sim.state.outbox) == 2  # the flow's two messages, once
+    found = await status_of(harness, job.job_id)
+    assert ([s.step for s in found.steps], found.resending) == (["flow"], False)
+
+
+async def test_reactions_that_cannot_act_say_so(redis_url: str, redis_client: Any) -> None:
+    """Tried: a 131047 on a text with no template to fall back to, a 131050 and a 131026 on a send whose record
+    does not say who it went to; a stale 131050 (stamped before the person's START); a long cap wait."""
+    import json
+    import time
+
+    from cgb_worker import create_pool
+    from cgb_worker.metrics import ReceiverMetrics
+    from cgb_worker.receipts.reactions import Reactor
+    from cgb_worker.suppression import suppress_who, unsuppress
+
+    pool = await create_pool(redis_url, ride_out_outages=False)
+    try:
+        week = 8 * 86400
+        reactor = Reactor(pool, ReceiverMetrics(), "r-1", ReactionSettings(marketing_cap_retry_after=week))
+        await redis_client.hset(keys.sends("job-1"), "d:text", json.dumps({"status": "failed", "at": 1}))
+        for code in (131047, 131050, 131026):
+            assert await reactor.failed("job-1", "text", code) == "fail", code
+        assert await redis_client.keys("cgb:suppressed:*") == []
+        assert await redis_client.keys("cgb:undeliverable:*") == []
+
+        who = keys.who(B)
+        now = int(time.time() * 1000)
+        state = json.dumps({"status": "failed", "at": 1, "who": who})
+        await redis_client.hset(keys.sends("job-2"), mapping={"d:text": state, "p:text": "x"})
+        await redis_client.expire(keys.sends("job-2"), 7 * 86400)
+        await suppress_who(pool, who, scope="marketing", reason="keyword", at_ms=now - 60_000)
+        assert await unsuppress(pool, B)  # the person wrote START a minute ago
+        assert await reactor.failed("job-2", "text", 131050, at_ms=now - 120_000) == "suppress"
+        assert "marketing" not in json.loads(await redis_client.get(keys.suppressed(who)))  # stale: changed nothing
+        assert await reactor.failed("job-2", "text", 131050, at_ms=now + 5000) == "suppress"  # after the START
+        assert "marketing" in json.loads(await redis_client.get(keys.suppressed(who)))
+
+        assert await reactor.failed("job-2", "text", 131049) == "marketing_cap"
+        assert await redis_client.ttl(keys.sends("job-2")) > week  # the payload outlives the wait for its resend
+    finally:
+        await pool.aclose()

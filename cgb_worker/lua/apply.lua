@@ -43,7 +43,7 @@ if changed then
     s.error = {code = tonumber(code) or 0, title = ARGV[8], details = ARGV[9]}
     if code == '131047' and KEYS[3] ~= '' then redis.call('SET', KEYS[3], 'c:' .. at, 'EX', ARGV[13]) end
     -- every failure is a reaction: the receiver looks its code up (whatsapp_errors.py), counts it, acts once
-    redis.call('XADD', KEYS[4], '*', 'kind', 'failed', 'job', ARGV[11], 'step', step, 'code', code)
+    redis.call('XADD', KEYS[4], '*', 'kind', 'failed', 'job', ARGV[11], 'step', step, 'code', code, 'at', at)
     reacted = 1
   end
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[10], '*', 'job', ARGV[11], 'step', step, 'status', status,

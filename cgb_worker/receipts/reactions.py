@@ -27,6 +27,8 @@ from ..suppression import suppress_who
 from ..whatsapp_errors import next_step, resend_delay, resends, rule_for
 
 CLAIM_IDLE = 30.0
+RECORD_SLACK = 86400
+"""Seconds a job's record outlives the wait for its resend at least."""
 BATCH = 100
 
 
@@ -90,16 +92,17 @@ class Reactor:
         if kind == "fallback":  # appended by a receiver of the previous version
             await self.fallback(job, step)
         elif kind == "failed":
-            code = int(fields.get(b"code") or 0)
-            kind = await self.failed(job, step, code)
+            code, at = int(fields.get(b"code") or 0), fields.get(b"at")
+            kind = await self.failed(job, step, code, int(at) if at else None)
             self.metrics.whatsapp_error(code)  # once the action is done: a reaction redone is counted once more
         else:
             logger.warning("an unknown reaction {!r} was dropped", kind[:40])
             return
         self.metrics.reactions.labels(kind).inc()
 
-    async def failed(self, delivery_id: str, step: str, code: int) -> str:
-        """A message of ``delivery_id`` failed with ``code``: the code's row in the table says what to do."""
+    async def failed(self, delivery_id: str, step: str, code: int, at_ms: int | None = None) -> str:
+        """A message of ``delivery_id`` failed with ``code`` (stamped ``at_ms`` by Meta): the code's row in the table
+        says what to do. Returns what was done: the action, ``fail`` when nothing could be, ``given_up``."""
         rule = rule_for(code)
         record = keys.sends(delivery_id)
         # the step, and every earlier send of it (``text``, ``text~1``, ...): what the chain of resends was for
@@ -109,34 +112,37 @@ class Reactor:
         )
         state: dict[str, Any] = msgspec.json.decode(state_raw) if state_raw else {}
         codes = [msgspec.json.decode(raw).get("resendCode") for raw in earlier if raw]
-        who = state.get("who")
+        who: str = state.get("who") or ""
         log = logger.bind(job_id=delivery_id, step=step, code=code)
         rules = self.rules
         action = rule.action
         if action == "fallback":
-            if fallback:
-                await self.fallback(delivery_id, step)
+            if not fallback:
+                return "fail"  # a text with no whatsappTemplate to fall back to
+            await self.fallback(delivery_id, step)
             return action
+        if action in ("suppress", "undeliverable") and not who:
+            return "fail"  # sent while no receiver tracked sends: the record does not say who it was
         if action == "suppress":
-            if who:
-                await suppress_who(self.redis, who, scope="marketing", reason="131050")
-                log.info(
-                    "WhatsApp said the person stopped marketing messages (131050): marketing to them is suppressed"
-                )
+            # as of Meta's stamp: a 131050 from before the person's START (redelivered, or from a backlog) is stale
+            await suppress_who(self.redis, who, scope="marketing", reason="131050", at_ms=at_ms)
+            log.info("WhatsApp said the person stopped marketing messages (131050): marketing to them is suppressed")
             return action
         if action == "undeliverable":
-            if who:
-                await self.redis.set(keys.undeliverable(who), str(code), ex=int(rules.undeliverable_ttl))
-                log.info(
-                    "WhatsApp cannot deliver to this number (131026): jobs to it fail for {:.0f} s",
-                    rules.undeliverable_ttl,
-                )
+            await self.redis.set(keys.undeliverable(who), str(code), ex=int(rules.undeliverable_ttl))
+            log.info(
+                "WhatsApp cannot deliver to this number (131026): jobs to it fail for {:.0f} s", rules.undeliverable_ttl
+            )
             return action
         if action == "marketing_cap" and (not rules.marketing_cap_retry_after or code in codes):
             log.info("WhatsApp's per-person marketing cap (131049): not sent again")
             return "fail"
         if action == "fail":
             return action
+        if step.partition("~")[0] == "flow":
+            # a flow may have sent several messages, and sending it again would send them all again
+            log.warning("WhatsApp failed a flow's message with {}: a flow is not sent again automatically", code)
+            return "given_up"
         if action == "throttle":
             await pause_fleet(self.redis)
             log.warning("WhatsApp's throughput limit ({}): every worker's rate limit backs off", code)
@@ -162,6 +168,13 @@ class Reactor:
         """Send ``step`` again after ``delay`` seconds, as a job of its own whose id names the step it sends: arq
         refuses it twice while it or its result lives, and its send log keeps it from being sent twice after."""
         new_step = next_step(step)
+        record = keys.sends(delivery_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(record, f"r:{step}", new_step)  # the timeline says a resend is on its way
+            pipe.ttl(record)
+            _, ttl = await pipe.execute()
+        if 0 <= ttl < delay + RECORD_SLACK:  # the resend reads its payload from the record: it must outlive the wait
+            await self.redis.expire(record, int(delay + RECORD_SLACK))
         job = await self.redis.enqueue_job(
             "whatsapp_send",
             resend_of=delivery_id,

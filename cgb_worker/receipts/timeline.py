@@ -87,6 +87,8 @@ class StepDelivery(msgspec.Struct, frozen=True, rename="camel"):
     """Set on a step sent again automatically (``text~1``): the step WhatsApp failed, and its code. The job's
     status follows the newest."""
     resend_code: int | None = None
+    resending: str | None = None
+    """A resend of this step queued by the receiver (its name, ``text~1``), until it is sent."""
     events: list[DeliveryEvent] = msgspec.field(default_factory=list)
 
 
@@ -104,6 +106,13 @@ class Delivery(msgspec.Struct, frozen=True, rename="camel"):
     events: list[DeliveryEvent]
     steps: list[StepDelivery]
     category: str | None = None
+    resending: bool = False
+    """A message of the job failed and the receiver has queued it to be sent again (:mod:`.reactions`): a
+    ``failed`` status is not final yet."""
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode() if value else None
 
 
 def iso(ms: float) -> str:
@@ -170,11 +179,16 @@ def build(job_id: str, raw: dict[bytes, bytes], *, unconfirmed_after: float = 86
                 category=state.get("category") or None,
                 resend_of=state.get("resendOf") or None,
                 resend_code=state.get("resendCode") or None,
+                resending=_text(raw.get(b"r:" + step_b)),
                 events=[DeliveryEvent("accepted" if acked else "sending", accepted_at, accepted_at, step), *events],
             )
         )
     if not steps:
         return None
+    sent_steps = {s.step for s in steps}
+    steps = [
+        msgspec.structs.replace(s, resending=None) if s.resending in sent_steps else s for s in steps
+    ]  # once the resend is sent, its own step says how it went
     steps.sort(key=lambda s: s.accepted_at)
     # a fallback template replaces the text and its resends (``text~1``); a resend replaces the step it resends
     by_template = {s.fallback_for for s in steps if s.fallback_for}
@@ -184,4 +198,5 @@ def build(job_id: str, raw: dict[bytes, bytes], *, unconfirmed_after: float = 86
     error = next((s.error for s in current if s.status == "failed"), None)
     events = sorted((e for s in steps for e in s.events), key=lambda e: e.received)  # stable: a step's order
     category = next((s.category for s in reversed(current) if s.category), None)
-    return Delivery(job_id, status, current[-1].wamid, error, events, steps, category)
+    resending = any(s.resending for s in current)
+    return Delivery(job_id, status, current[-1].wamid, error, events, steps, category, resending)
