@@ -303,7 +303,8 @@ async def test_a_131047_shuts_the_window_and_appends_one_reaction(redis_client: 
     assert (again.outcome, again.reacted) == ("kept", False)
     assert await redis_client.get(window) == f"c:{T0 + 1000}".encode()
     [(_id, fields)] = await redis_client.xrange(keys.REACTIONS)
-    assert fields == {b"kind": b"failed", b"job": b"job-1", b"step": b"text", b"code": b"131047"}
+    at = str(T0 + 1000).encode()  # Meta's stamp, which a 131050 is judged by
+    assert fields == {b"kind": b"failed", b"job": b"job-1", b"step": b"text", b"code": b"131047", b"at": at}
 
 
 @pytest.mark.parametrize("code", ["131056", "131026", "999999", ""])
@@ -316,7 +317,13 @@ async def test_every_failure_appends_one_reaction_with_its_code(redis_client: An
     assert not (await apply("job-1", _update("failed", code=code), window_key=window)).reacted  # a redelivery
     assert not await redis_client.exists(window)  # only 131047 says anything of the window
     [(_id, fields)] = await redis_client.xrange(keys.REACTIONS)
-    assert fields == {b"kind": b"failed", b"job": b"job-1", b"step": b"text", b"code": code.encode()}
+    assert fields == {
+        b"kind": b"failed",
+        b"job": b"job-1",
+        b"step": b"text",
+        b"code": code.encode(),
+        b"at": str(T0 + 1000).encode(),
+    }
 
 
 async def test_a_failure_after_delivered_appends_no_reaction(redis_client: Any) -> None:
