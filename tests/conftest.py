@@ -1,7 +1,8 @@
 """Shared fixtures: a real Redis server, the CGB simulator over real HTTP, an aiohttp session.
 
-Redis: ``CGB_TEST_REDIS_URL`` points the tests at a Redis of your own (it is flushed!); otherwise a
-throwaway ``redis-server`` is started on a free port for the session and stopped at the end.
+Redis: ``CGB_TEST_REDIS_URL`` points the tests at a Redis of your own (it is flushed!; under ``make test``'s two
+processes, the second uses the next database number); otherwise a throwaway ``redis-server`` is started on a free
+port for each test process and stopped at the end.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from urllib.parse import urlsplit, urlunsplit
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, cast
 
@@ -48,6 +50,10 @@ def free_port() -> int:
 def redis_url() -> Iterator[str]:
     given = os.environ.get("CGB_TEST_REDIS_URL")
     if given:
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1 (make test's two processes): a database each
+        if worker.startswith("gw"):
+            parts = urlsplit(given)
+            given = urlunsplit(parts._replace(path=f"/{int(parts.path.strip('/') or 0) + int(worker[2:])}"))
         yield given
         return
     binary = shutil.which("redis-server")
