@@ -14,9 +14,9 @@ import socket
 import subprocess
 import tempfile
 import time
-from urllib.parse import urlsplit, urlunsplit
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import pytest
