@@ -1,15 +1,16 @@
 """What statuses call for, carried out exactly once.
 
-``apply.lua`` appends a reaction to the outbox stream ``cgb:reactions`` in the same atomic step that applies
-the status (today: ``fallback``, a text WhatsApp failed with 131047 whose job carried a ``whatsappTemplate``),
-and only when the status changes the message's status, which it does once. The :class:`Reactor` reads the
-outbox through a consumer group: an entry is acknowledged only once its action is done, so a Redis error or a
-receiver killed mid-way leaves it pending, to be done again by this receiver or, after :data:`CLAIM_IDLE`, by
-another. Doing one again is harmless: the fallback is a ``whatsapp_send`` job with the id ``<job id>:fallback``,
-which arq refuses to enqueue twice while it or its result lives, and whose send log (seven days) keeps it from
-being sent twice after that.
+``apply.lua`` appends a ``failed`` reaction (the job, the step, WhatsApp's code and Meta's stamp) to the outbox
+stream ``cgb:reactions`` in the same atomic step that makes a message ``failed``, which happens once per message.
+The :class:`Reactor` reads the outbox through a consumer group and does what the code's row in
+:mod:`cgb_worker.whatsapp_errors` says: the 131047 fallback template, an automatic resend, a pause of the fleet's
+rate limit, an opt-out, an undeliverable mark. An entry is acknowledged only once its action is done, so a Redis
+error or a receiver killed mid-way leaves it pending, to be done again by this receiver or, after
+:data:`CLAIM_IDLE`, by another. Doing one again is harmless: a fallback or a resend is a ``whatsapp_send`` job
+whose id names what it sends (``<job id>:fallback``, ``<job id>:resend:text~1``), which arq refuses to enqueue
+twice while it or its result lives, and whose send log (seven days) keeps it from being sent twice after that;
+an opt-out or a mark written twice is the same opt-out or mark.
 """
-
 from __future__ import annotations
 
 from typing import Any
