@@ -44,7 +44,7 @@ ORPHANS_SINCE = "cgb:webhooks:orphans:since"
 UNMATCHED = "cgb:webhooks:unmatched"
 """Statuses placed on no message, redacted, with their reasons (capped, and a week at most)."""
 REACTIONS = "cgb:reactions"
-"""The outbox of what statuses call for (the 131047 fallback), appended in the script that applies them."""
+"""The outbox of what statuses call for (every failure, with its code), appended in the script that applies them."""
 REACTIONS_GROUP = "reactors"
 
 
