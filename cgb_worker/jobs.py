@@ -106,7 +106,7 @@ from .sends import TTL as SEND_LOG_TTL
 from .settings import Settings, job_deadline
 from .suppression import Entry, refusal
 from .templates import TemplateResolver
-from .whatsapp_errors import next_step
+from .whatsapp_errors import next_step, resends
 from .window import Window, job_keys, window_state
 
 MAX_TEXT = 4096
@@ -479,6 +479,8 @@ async def whatsapp_send(
             if services.metrics is not None:
                 services.metrics.retries.labels(error_class).inc()
             raise Retry(defer=delay) from exc
+        if resend_of is not None and isinstance(resend_step, str) and _is_the_resend(job_id, resend_of, resend_step):
+            await _drop_resend_flag(services, resend_of, resend_step)
         await _dead_letter(services, ctx, raw, exc, attempt, origin=replay_of or job_id)
         event.finish(log, started, "failed", error_class).error(
             "failed after {} attempt{}: {}: {}", attempt, "" if attempt == 1 else "s", error_class, exc
@@ -505,6 +507,30 @@ async def whatsapp_send(
 
 
 _throttle_key = keys.throttled
+
+
+def _chain(step: str) -> list[str]:
+    """The step and every earlier send of it: ``text~2`` → ``text``, ``text~1``, ``text~2``."""
+    base = step.partition("~")[0]
+    return [base, *(f"{base}~{k}" for k in range(1, resends(step) + 1))]
+
+
+def _step_kind(step: str, kind: Kind) -> Kind:
+    """What an automatic resend of ``step`` sends: a file job's text is a text."""
+    return "text" if step.partition("~")[0] == "text" else kind
+
+
+def _is_the_resend(job_id: str, resend_of: str, step: str) -> bool:
+    """Whether ``job_id`` is the id the receiver gives the resend of ``step`` of ``resend_of``."""
+    return job_id == f"{resend_of}:resend:{next_step(step)}"
+
+
+async def _drop_resend_flag(services: Services, resend_of: str, step: str) -> None:
+    """A resend that will not go out (refused for good): the record no longer says one is on its way."""
+    try:
+        await services.redis.hdel(keys.sends(resend_of), f"r:{step}")  # type: ignore[misc]
+    except RedisError as exc:
+        logger.warning("could not clear a resend's flag: {}", type(exc).__name__)
 
 
 def delivered_since(state: bytes) -> bool:
@@ -612,23 +638,37 @@ async def _send(
         pipe.hgetall(keys.sends(log_id))
         pipe.mget(job_keys(plan.to) if known is not None else [*job_keys(plan.to), cache_key])
         if resend is not None and fallback_of is not None:
-            pipe.hget(keys.sends(fallback_of), f"d:{resend[0]}")  # the step being sent again, as it stands now
+            # every earlier send of the step, as they stand now, and the receiver's word that it asked for this one
+            chain = _chain(resend[0])
+            pipe.hmget(keys.sends(fallback_of), [*(f"d:{name}" for name in chain), f"r:{resend[0]}"])
         record, (window, since, tracking, turn, suppressed, undeliverable, *rest), *resent = await pipe.execute()
     cached_contact: Any = known if known is not None else rest[0]
     if RESULT in record:
         # This job already finished (the worker died before arq stored the result): no CGB call at all.
         return msgspec.msgpack.decode(record[RESULT], type=SendResult)
-    if resend is not None and resent and resent[0] and delivered_since(resent[0]):
-        # With several devices WhatsApp can report failed on one and delivered on another, in either order: a
-        # message delivered anywhere was delivered, and is not sent again.
-        return SendResult(
-            success=False,
-            contact_id=None,
-            to=plan.to,
-            timestamp=_now(),
-            kind=plan.kind,
-            error=f"not sent again: the {resend[0]} it would replace was delivered after all",
+    if resend is not None and fallback_of is not None and resent:
+        *states, asked = resent[0]
+        new_step = next_step(resend[0])
+        if not replay and (asked != new_step.encode() or not _is_the_resend(log_id, fallback_of, resend[0])):
+            # only the receiver's own resend (or a person's replay of one) may send a job's kept payload again
+            raise InvalidJobError(f"job {fallback_of[:80]} has no resend of its {resend[0][:40]} queued as this job")
+        delivered = next(
+            (name for name, state in zip(_chain(resend[0]), states, strict=True) if state and delivered_since(state)),
+            None,
         )
+        if delivered is not None:
+            # With several devices WhatsApp can report failed on one and delivered on another, in either order: a
+            # message delivered anywhere was delivered, and is not sent again.
+            await redis.hdel(keys.sends(fallback_of), f"r:{resend[0]}")  # type: ignore[misc]
+            return SendResult(
+                success=False,
+                contact_id=None,
+                to=plan.to,
+                timestamp=_now(),
+                kind=_step_kind(resend[0], plan.kind),
+                error=f"not sent again: the {delivered} it would replace was delivered after all",
+                category=category_of(plan, settings.wa_templates),
+            )
     category = category_of(plan, settings.wa_templates)
     now = services.clock()
     if plan.expires_at is not None and now >= plan.expires_at:
@@ -977,7 +1017,7 @@ async def _deliver(
         contact_id=cid,
         to=plan.to,
         timestamp="",
-        kind=kind,
+        kind=_step_kind(run.only, kind) if run.only else kind,
         flow_id=flow_id,
         fallback=kind == "text" and plan.kind == "template",
         attempts=run.attempt,

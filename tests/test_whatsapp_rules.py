@@ -552,3 +552,111 @@ async def test_reactions_that_cannot_act_say_so(redis_url: str, redis_client: An
         assert await redis_client.ttl(keys.sends("job-2")) > week  # the payload outlives the wait for its resend
     finally:
         await pool.aclose()
+
+
+async def test_a_resend_is_not_sent_once_any_earlier_copy_was_delivered(
+    harness: Harness, rules_receiver: Receiver
+) -> None:
+    """text and text~1 failed 131056, text~2 is queued; then another device says the first copy was delivered:
+    text~2 sends nothing, and the job no longer says a resend is on its way."""
+    harness.sim.configure(webhook_fail={B_DIGITS: [131056, 131056]})
+    await harness.known(B)
+    [job] = await harness.enqueue({"to": B, "message": "Hello once"})
+    await harness.run()
+    await reacted(rules_receiver, 131056)
+    await harness.run()
+    await eventually(lambda: _count(rules_receiver, "cgb_whatsapp_errors_total", code="131056", at_least=2))
+    await settled(harness)
+    first = (await status_of(harness, job.job_id)).steps[0]
+    assert (await rules_receiver.post(status_payload(first.wamids[0], "delivered", B)))[0] == 200
+    await settled(harness)
+    [resend] = await (await harness.pool()).queued_jobs()
+    assert resend.job_id.endswith(":resend:text~2")
+    await harness.run()
+    result = await harness.outcome(await _job(harness, resend.job_id))
+    assert (result["success"], result["error"]) == (
+        False,
+        "not sent again: the text it would replace was delivered after all",
+    )
+    assert sends_to_cgb(harness) == ["send_text", "send_text"]
+    found = await status_of(harness, job.job_id)
+    assert (found.status, found.resending) == ("delivered", False)
+
+
+async def test_a_resend_refused_for_good_leaves_no_resending_flag(harness: Harness, rules_receiver: Receiver) -> None:
+    harness.sim.configure(webhook_fail={B_DIGITS: [131056]})
+    await harness.known(B)
+    [job] = await harness.enqueue({"to": B, "message": "Documents needed"})
+    await harness.run()
+    await reacted(rules_receiver, 131056)
+    assert (await status_of(harness, job.job_id)).resending
+    await inbound(harness, B, "STOP")  # before the resend is due
+    await settled(harness)
+    await harness.run()
+    [resend_id] = [f"{job.job_id}:resend:text~1"]
+    assert isinstance(await harness.outcome(await _job(harness, resend_id)), E.SuppressedError)
+    found = await status_of(harness, job.job_id)
+    assert (found.status, found.resending, found.steps[0].resending) == ("failed", False, None)
+    assert sends_to_cgb(harness) == ["send_text"]
+
+
+async def test_a_resend_the_receiver_did_not_ask_for_sends_nothing(harness: Harness, rules_receiver: Receiver) -> None:
+    """Tried: a resend enqueued by hand under another id after the real one was sent, and one under the right
+    shape of id for a resend nobody queued (text~5)."""
+    harness.sim.configure(webhook_fail={B_DIGITS: [131056]})
+    await harness.known(B)
+    [job] = await harness.enqueue({"to": B, "message": "Documents needed"})
+    await harness.run()
+    await reacted(rules_receiver, 131056)
+    await harness.run()
+    await settled(harness)
+    pool = await harness.pool()
+    forged = [
+        await pool.enqueue_job(
+            "whatsapp_send", resend_of=job.job_id, resend_step="text", resend_code=131056, _job_id="by-hand-1"
+        ),
+        await pool.enqueue_job(
+            "whatsapp_send",
+            resend_of=job.job_id,
+            resend_step="text~4",
+            resend_code=131056,
+            _job_id=f"{job.job_id}:resend:text~5",
+        ),
+    ]
+    await harness.run()
+    for f in forged:
+        assert isinstance(await harness.outcome(f), E.InvalidJobError)
+    assert sends_to_cgb(harness) == ["send_text", "send_text"]
+    assert [(s.step, s.status) for s in (await status_of(harness, job.job_id)).steps] == [
+        ("text", "failed"),
+        ("text~1", "read"),
+    ]
+
+
+async def test_a_throughput_code_on_a_flow_slows_the_fleet_without_a_resend(
+    harness: Harness, rules_receiver: Receiver, redis_client: Any
+) -> None:
+    harness.sim.configure(webhook_fail={B_DIGITS: [130429]})
+    await harness.known(B)
+    await harness.enqueue({"to": B, "template": "visa_approved"})
+    await harness.run()
+    await reacted(rules_receiver, 130429)
+    assert await redis_client.exists(keys.RATE_PENALTY)
+    assert await (await harness.pool()).queued_jobs() == []
+
+
+async def test_the_resent_text_of_a_file_job_says_it_is_a_text(harness: Harness, rules_receiver: Receiver) -> None:
+    harness.sim.configure(webhook_fail={B_DIGITS: [0, 131056]})  # the file goes through, its text does not
+    await harness.known(B)
+    [job] = await harness.enqueue(
+        {"to": B, "fileUrl": "https://files.example.test/v.pdf", "fileType": "document", "message": "Your visa"}
+    )
+    await harness.run()
+    await reacted(rules_receiver, 131056)
+    await harness.run()
+    await settled(harness)
+    result = await harness.outcome(await _job(harness, f"{job.job_id}:resend:text~1"))
+    assert (result["kind"], result["success"]) == ("text", True)
+    assert [o["kind"] for o in harness.sim.state.outbox] == ["file", "text", "text"]
+    found = await status_of(harness, job.job_id)
+    assert [(s.step, s.status) for s in found.steps] == [("file", "read"), ("text", "failed"), ("text~1", "read")]

@@ -11,6 +11,7 @@ whose id names what it sends (``<job id>:fallback``, ``<job id>:resend:text~1``)
 twice while it or its result lives, and whose send log (seven days) keeps it from being sent twice after that;
 an opt-out or a mark written twice is the same opt-out or mark.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -140,13 +141,13 @@ class Reactor:
             return "fail"
         if action == "fail":
             return action
+        if action == "throttle":
+            await pause_fleet(self.redis)
+            log.warning("WhatsApp's throughput limit ({}): every worker's rate limit backs off", code)
         if step.partition("~")[0] == "flow":
             # a flow may have sent several messages, and sending it again would send them all again
             log.warning("WhatsApp failed a flow's message with {}: a flow is not sent again automatically", code)
             return "given_up"
-        if action == "throttle":
-            await pause_fleet(self.redis)
-            log.warning("WhatsApp's throughput limit ({}): every worker's rate limit backs off", code)
         # the pacing and throughput resends of the chain count against WA_RESEND_MAX; the cap's one does not
         n = sum(1 for c in codes if c is not None and rule_for(c).action in ("resend", "throttle")) + 1
         if not payload or (action != "marketing_cap" and n > rules.resend_max):

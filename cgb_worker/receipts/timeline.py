@@ -194,6 +194,10 @@ def build(job_id: str, raw: dict[bytes, bytes], *, unconfirmed_after: float = 86
     by_template = {s.fallback_for for s in steps if s.fallback_for}
     resent = {s.resend_of for s in steps if s.resend_of}
     current = [s for s in steps if s.step not in resent and s.step.partition("~")[0] not in by_template] or steps
+    # a message delivered anywhere was delivered: a copy that a resend replaced, reported delivered after all,
+    # stands for its chain (text, text~1, ...) in place of the newest
+    best = {s.step.partition("~")[0]: s for s in steps if RANK.get(s.status, 0) >= RANK["delivered"]}
+    current = [best.get(s.step.partition("~")[0], s) if s.status == "failed" else s for s in current]
     status = _worst([s.status for s in current])
     error = next((s.error for s in current if s.status == "failed"), None)
     events = sorted((e for s in steps for e in s.events), key=lambda e: e.received)  # stable: a step's order
