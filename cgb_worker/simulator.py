@@ -283,7 +283,7 @@ class SimState:
         needs_window = kind in ("text", "file", "content") or details.get("flow_kind") == "session"
         window_open = contact["last_inbound"] is not None and now - contact["last_inbound"] < WINDOW_MS
         failed = needs_window and not window_open
-        code = self.fail_code(contact["phone"])
+        code = None if failed else self.fail_code(contact["phone"])  # 131047 comes first; a queued code waits
         entry = {
             "seq": len(self.outbox) + 1,
             "contact_id": str(contact["id"]),
