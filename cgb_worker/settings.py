@@ -254,7 +254,7 @@ def _read(source: Mapping[str, str]) -> Settings:
     dead_letter_max = env.int("DEAD_LETTER_MAX", 10000, validate=positive)
     turn_wait = env.float("STATUS_TURN_WAIT", 10.0, validate=Range(min=0, max=3600))
     clock_skew = env.float("STATUS_CLOCK_SKEW", 2.0, validate=Range(min=0, max=600))
-    log_level = env.str("LOG_LEVEL", "INFO", validate=OneOf(["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"]))
+    log_level = _log_level(env)
     log_json = env.bool("LOG_JSON", False)
     log_diagnose = env.bool("LOG_DIAGNOSE", False)
     metrics_port = env.int("METRICS_PORT", None, validate=Range(min=1, max=65535))
@@ -353,7 +353,7 @@ def _read(source: Mapping[str, str]) -> Settings:
         dead_letter_max=int(dead_letter_max or 0),
         turn_wait=float(turn_wait if turn_wait is not None else 10.0),
         clock_skew=float(clock_skew if clock_skew is not None else 2.0),
-        log_level=str(log_level),
+        log_level=str(log_level).strip().upper(),
         log_json=bool(log_json),
         log_diagnose=bool(log_diagnose),
         metrics_port=metrics_port,
@@ -374,6 +374,21 @@ def parse_categories(text: str) -> tuple[frozenset[Category], str | None]:
     if not names:
         return frozenset(), f"names no category (of {', '.join(CATEGORIES)}); leave QUIET_HOURS unset to turn it off."
     return frozenset(cast("list[Category]", names)), None
+
+
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _log_level(env: environs.Env) -> str | None:
+    """``LOG_LEVEL``, in any case (``info`` is ``INFO``); the upper-cased value is what is kept."""
+    return cast(
+        "str | None",
+        env.str(
+            "LOG_LEVEL",
+            "INFO",
+            validate=lambda v: OneOf(LOG_LEVELS, error="Must be one of: {choices}.")(v.strip().upper()),
+        ),
+    )
 
 
 def _sealed(env: environs.Env) -> list[str]:
@@ -501,7 +516,7 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
     clock_skew = env.float("STATUS_CLOCK_SKEW", 2.0, validate=Range(min=0, max=600))
     hold = env.float("STATUS_HOLD", 300.0, validate=positive)
     consumer = env.str("WEBHOOK_CONSUMER", "")
-    log_level = env.str("LOG_LEVEL", "INFO", validate=OneOf(["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"]))
+    log_level = _log_level(env)
     log_json = env.bool("LOG_JSON", False)
     role = env.str("WEBHOOK_ROLE", "all", validate=OneOf(["all", "answer", "process"]))
     admin_host = env.str("WEBHOOK_ADMIN_HOST", "127.0.0.1")
@@ -562,7 +577,7 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
         clock_skew=float(clock_skew if clock_skew is not None else 2.0),
         hold=float(hold or 300.0),
         consumer=str(consumer or ""),
-        log_level=str(log_level),
+        log_level=str(log_level).strip().upper(),
         log_json=bool(log_json),
         role=str(role),
         admin_host=str(admin_host),

@@ -390,3 +390,21 @@ def test_bad_quiet_hours_are_reported_with_the_other_problems() -> None:
         "QUIET_HOURS",
         "QUIET_HOURS_CATEGORIES",
     ]
+
+
+@pytest.mark.parametrize(("given", "kept"), [("info", "INFO"), (" Debug ", "DEBUG"), ("WARNING", "WARNING")])
+def test_log_level_is_read_in_any_case(given: str, kept: str) -> None:
+    from cgb_worker.settings import load_receiver_settings, load_settings
+
+    worker = load_settings({"CGB_API_KEY": "k", "PHONE_HASH_KEY": "k" * 16, "LOG_LEVEL": given})
+    receiver = load_receiver_settings({"WABA_APP_SECRET": "s", "PHONE_HASH_KEY": "k" * 16, "LOG_LEVEL": given})
+    assert (worker.log_level, receiver.log_level) == (kept, kept)
+
+
+@pytest.mark.parametrize("bad", ["loud", "", "inf0"])
+def test_a_bad_log_level_is_one_line_naming_the_choices(bad: str) -> None:
+    from cgb_worker.settings import load_settings
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"CGB_API_KEY": "k", "PHONE_HASH_KEY": "k" * 16, "LOG_LEVEL": bad})
+    assert caught.value.problems == ["LOG_LEVEL: Must be one of: TRACE, DEBUG, INFO, WARNING, ERROR."]

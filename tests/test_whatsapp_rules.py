@@ -322,13 +322,21 @@ async def _gone(redis_client: Any, key: str) -> bool:
 
 
 @pytest.mark.parametrize("code", [131042, 999_999])
-async def test_any_other_code_is_final_and_counted(harness: Harness, rules_receiver: Receiver, code: int) -> None:
-    """Tried: a code of the table (payment problem) and one no table lists."""
+async def test_any_other_code_is_final_and_counted(
+    harness: Harness, rules_receiver: Receiver, code: int, capfd: Any
+) -> None:
+    """Tried: a code of the table (payment problem) and one no table lists. The receiver logs one line for the
+    failure, with its code and meaning, and no phone."""
     harness.sim.configure(webhook_fail={B_DIGITS: [code]})
     await harness.known(B)
     [job] = await harness.enqueue({"to": B, "message": "hello"})
     await harness.run()
     await reacted(rules_receiver, code)
+    err = capfd.readouterr().err
+    said = [line for line in err.splitlines() if "WhatsApp failed the text of job" in line]
+    assert len(said) == 1
+    assert said[0].endswith(f"WhatsApp failed the text of job {job.job_id}: {code} ({rule_for(code).meaning})")
+    assert B_DIGITS[-7:] not in err
     await settled(harness)
     assert await (await harness.pool()).queued_jobs() == []
     found = await status_of(harness, job.job_id)
