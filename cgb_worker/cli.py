@@ -19,7 +19,7 @@ import aiohttp
 import click
 import msgspec
 
-from . import keys
+from . import __version__, keys
 from .client import CGBClient
 from .deadletters import DeadLetters
 from .errors import CGBWorkerError, ConfigError
@@ -78,6 +78,7 @@ async def _pool() -> Any:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="cgb-worker", message="%(prog)s %(version)s")
 def main() -> None:
     """Operate the cgb-worker WhatsApp sender: check, send, inspect and replay."""
 

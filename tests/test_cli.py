@@ -539,3 +539,11 @@ async def test_suppress_needs_the_phone_hash_key(harness: Harness) -> None:
     code, _out, err = await cli(harness, "suppress", "add", "+972500000001", env={"PHONE_HASH_KEY": None})
     assert code == 2
     assert "PHONE_HASH_KEY: required" in err
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+async def test_version(harness: Harness, flag: str) -> None:
+    import cgb_worker
+
+    code, out, err = await cli(harness, flag, env={"CGB_API_KEY": None, "PHONE_HASH_KEY": None})
+    assert (code, out, err) == (0, f"cgb-worker {cgb_worker.__version__}\n", "")
