@@ -176,6 +176,11 @@ class Settings:
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
 
+EMPTY_IS_A_VALUE = frozenset({"OPT_OUT_KEYWORDS", "OPT_IN_KEYWORDS", "CGB_API_KEY", "WABA_APP_SECRET"})
+"""Variables an empty value means something for (no keywords: that feed off; an empty secret is named as such);
+every other empty one is unset."""
+
+
 class _MappingEnv(environs.Env):
     """environs, reading the given mapping instead of ``os.environ`` (its one lookup, ``_get_value``; a
     test pins that nothing else is read)."""
@@ -185,7 +190,10 @@ class _MappingEnv(environs.Env):
         self._source = source
 
     def _get_value(self, env_key: str, default: Any) -> Any:
-        return self._source.get(env_key, default)
+        value = self._source.get(env_key, default)
+        if isinstance(value, str) and not value.strip() and env_key not in EMPTY_IS_A_VALUE:
+            return default  # `METRICS_PORT=` (as .env.sample ships it, or compose passes it) is not set
+        return value
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:

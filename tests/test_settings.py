@@ -401,10 +401,42 @@ def test_log_level_is_read_in_any_case(given: str, kept: str) -> None:
     assert (worker.log_level, receiver.log_level) == (kept, kept)
 
 
-@pytest.mark.parametrize("bad", ["loud", "", "inf0"])
+@pytest.mark.parametrize("bad", ["loud", "inf0", "INFO!"])
 def test_a_bad_log_level_is_one_line_naming_the_choices(bad: str) -> None:
     from cgb_worker.settings import load_settings
 
     with pytest.raises(ConfigError) as caught:
         load_settings({"CGB_API_KEY": "k", "PHONE_HASH_KEY": "k" * 16, "LOG_LEVEL": bad})
     assert caught.value.problems == ["LOG_LEVEL: Must be one of: TRACE, DEBUG, INFO, WARNING, ERROR."]
+
+
+def _sample() -> dict[str, str]:
+    """.env.sample as shipped: its NAME=value lines (commented ones left out), as `set -a; . .env.sample` reads."""
+    from pathlib import Path
+
+    values: dict[str, str] = {}
+    for line in (Path(__file__).parent.parent / ".env.sample").read_text().splitlines():
+        if line and not line.startswith("#") and "=" in line:
+            name, _, value = line.partition("=")
+            values[name] = value
+    return values
+
+
+def test_the_shipped_env_sample_with_only_the_secrets_filled_in_starts_worker_and_receiver() -> None:
+    from cgb_worker.settings import load_receiver_settings, load_settings
+
+    sample = _sample()
+    assert "" in sample.values()  # it ships empty assignments (METRICS_PORT=, CGB_DEFAULT_REGION=, ...)
+    secrets = {"CGB_API_KEY": "k", "PHONE_HASH_KEY": "k" * 16, "WABA_APP_SECRET": "s"}
+    worker = load_settings({**sample, **secrets})
+    assert (worker.metrics_port, worker.default_region, worker.quiet_hours) == (None, None, None)
+    load_receiver_settings({**sample, **secrets})
+
+
+@pytest.mark.parametrize("name", ["METRICS_PORT", "CGB_DEFAULT_REGION", "CGB_RATE_LIMIT", "QUIET_HOURS", "LOG_LEVEL"])
+def test_an_empty_variable_is_unset(name: str) -> None:
+    """Tried: an integer, a region, a number with a default, a range, a choice; each empty, or blank."""
+    from cgb_worker.settings import load_settings
+
+    base = {"CGB_API_KEY": "k", "PHONE_HASH_KEY": "k" * 16}
+    assert load_settings({**base, name: ""}) == load_settings(base) == load_settings({**base, name: "  "})
