@@ -103,6 +103,12 @@ def _json_line(message: Any) -> None:
     sys.stderr.write(json.dumps(line, default=str, ensure_ascii=False) + "\n")
 
 
+def _text_format(record: Any) -> str:
+    """A text line: time, level, the job's id when the line is about a job (as the JSON lines carry it), message."""
+    job = " [{extra[job_id]}]" if "job_id" in record["extra"] else ""
+    return "{time:HH:mm:ss.SSS} {level: <7}" + job + " {message}\n{exception}"
+
+
 def setup_logging(level: str = "INFO", *, json_lines: bool = False, diagnose: bool = False) -> None:
     """Configure loguru once for the process and route stdlib logging (arq, aiohttp) into it."""
     logger.remove()
@@ -110,13 +116,7 @@ def setup_logging(level: str = "INFO", *, json_lines: bool = False, diagnose: bo
     if json_lines:
         logger.add(_json_line, level=level, backtrace=False, diagnose=diagnose)
     else:
-        logger.add(
-            _stderr,
-            level=level,
-            format="{time:HH:mm:ss.SSS} {level: <7} {message}",
-            backtrace=False,
-            diagnose=diagnose,
-        )
+        logger.add(_stderr, level=level, format=_text_format, backtrace=False, diagnose=diagnose)
     logging.basicConfig(handlers=[_InterceptHandler()], level=logging.getLevelName(level), force=True)
     for name in ARQ_LOGGERS:
         arq_logger = logging.getLogger(name)

@@ -123,3 +123,13 @@ async def test_no_key_or_phone_in_logs_at_debug(harness: Harness, capfd: Any) ->
     assert "retrying in" in err
     for secret in [TOKEN, *(p[1:] for p in phones), "500000009", "50 000 0009"]:
         assert secret not in err, secret
+
+
+async def test_a_text_log_line_about_a_job_carries_its_id(harness: Harness, capfd: Any) -> None:
+    await harness.known("+12025550100")
+    [sent, refused] = await harness.enqueue({"to": "+12025550100", "message": "hi"}, {"to": "+1 202 555 0100"})
+    await harness.run()
+    err = capfd.readouterr().err
+    assert f" [{sent.job_id}] sent text to +1********00" in err
+    assert f" [{refused.job_id}] failed after 1 attempt: InvalidJobError: no content" in err
+    assert " [" not in next(line for line in err.splitlines() if "cgb-worker ready" in line)  # not about a job
