@@ -333,9 +333,9 @@ async def test_any_other_code_is_final_and_counted(
     await harness.run()
     await reacted(rules_receiver, code)
     err = capfd.readouterr().err
-    said = [line for line in err.splitlines() if "WhatsApp failed the text of job" in line]
+    said = [line for line in err.splitlines() if "WhatsApp failed the text:" in line]
     assert len(said) == 1
-    assert said[0].endswith(f"WhatsApp failed the text of job {job.job_id}: {code} ({rule_for(code).meaning})")
+    assert said[0].endswith(f"[{job.job_id}] WhatsApp failed the text: {code} ({rule_for(code).meaning})")
     assert B_DIGITS[-7:] not in err
     await settled(harness)
     assert await (await harness.pool()).queued_jobs() == []

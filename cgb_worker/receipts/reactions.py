@@ -116,8 +116,8 @@ class Reactor:
         codes = [msgspec.json.decode(raw).get("resendCode") for raw in earlier if raw]
         who: str = state.get("who") or ""
         log = logger.bind(job_id=delivery_id, step=step, code=code)
-        # one line per failed message, with its code: the job id and step name it, never the person
-        log.info("WhatsApp failed the {} of job {}: {} ({})", step, delivery_id, code, rule.meaning)
+        # one line per failed message, with its code: the job id (bound) and the step name it, never the person
+        log.info("WhatsApp failed the {}: {} ({})", step, code, rule.meaning)
         rules = self.rules
         action = rule.action
         if action == "fallback":
