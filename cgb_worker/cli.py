@@ -143,12 +143,18 @@ def check() -> None:
 
 @main.command()
 def templates() -> None:
-    """List the approved WhatsApp templates WA_TEMPLATES_FILE holds."""
-    settings = _settings()
-    if settings.wa_templates is None:
+    """List the approved WhatsApp templates WA_TEMPLATES_FILE holds (a local file: no CGB key needed)."""
+    from .catalog import load_catalog
+
+    path = os.environ.get("WA_TEMPLATES_FILE", "").strip()
+    if not path:
         _fail("WA_TEMPLATES_FILE is not set", 2)
+    try:
+        catalog = load_catalog(path)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
     click.echo(f"{'name':<32} {'languages':<16} {'body':<24} {'header':<10} {'buttons':<16} category")
-    for t in sorted(settings.wa_templates.templates.values(), key=lambda t: t.name):
+    for t in sorted(catalog.templates.values(), key=lambda t: t.name):
         body = f"{t.body} positional" if isinstance(t.body, int) else ", ".join(t.body) or "none"
         buttons = ",".join(t.buttons) or "-"
         click.echo(

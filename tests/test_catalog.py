@@ -252,6 +252,12 @@ async def test_the_cli_checks_and_lists_the_file(harness: Harness, catalog_file:
     assert "first_name, country" in out
     [sale] = [line for line in out.splitlines() if line.startswith("spring_sale")]
     assert sale.split()[-1] == "marketing"
+    # a local file: read without a CGB key or a phone key (a producer's machine, a CI job)
+    bare = {"WA_TEMPLATES_FILE": catalog_file, "CGB_API_KEY": None, "PHONE_HASH_KEY": None}
+    code, out2, err = await cli(harness, "templates", env=bare)
+    assert (code, out2, err) == (0, out, "")
+    code, _, err = await cli(harness, "templates", env={**bare, "WA_TEMPLATES_FILE": None})
+    assert (code, err) == (2, "cgb-worker: WA_TEMPLATES_FILE is not set\n")
     code, out, _ = await cli(harness, "check", env={"WA_TEMPLATES_FILE": catalog_file})
     assert code == 0
     assert "wa templates   ok (3 approved template(s)" in out
