@@ -22,7 +22,7 @@ import msgspec
 from . import __version__, keys
 from .client import CGBClient
 from .deadletters import DeadLetters
-from .errors import CGBWorkerError, ConfigError
+from .errors import CGBWorkerError, ConfigError, InvalidJobError
 from .settings import DEFAULT_REDIS_URL, Settings, load_phone_key, load_settings, redact_url
 from .templates import normalize_name
 
@@ -273,6 +273,13 @@ def send(
             button_urls,
             button_payloads,
         )
+
+    from .jobs import validate
+
+    try:  # what the worker would refuse at once is refused here, before anything is enqueued
+        validate(payload, default_region=os.environ.get("CGB_DEFAULT_REGION", "").strip() or None)
+    except InvalidJobError as exc:
+        _fail(f"{type(exc).__name__}: {exc} (nothing enqueued)", 2)
 
     async def enqueue() -> tuple[str, Any, BaseException | None]:
         redis = await _pool()

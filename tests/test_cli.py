@@ -170,12 +170,41 @@ async def test_send_takes_a_category_and_an_expiry(harness: Harness, redis_clien
 
 
 async def test_send_wait_reports_the_error(harness: Harness, redis_client: Any) -> None:
-    task = asyncio.ensure_future(cli(harness, "send", "--to", "+972 12", "--message", "hi", "--wait"))
+    task = asyncio.ensure_future(cli(harness, "send", "--to", "+972 50 000 0001", "--template", "no_such", "--wait"))
     await _run_worker_when_queued(harness, redis_client)
     code, out, err = await task
     assert code == 1
     assert out.startswith("enqueued ")
-    assert err == "cgb-worker: InvalidPhoneError: phone is too short\n"
+    assert err.startswith("cgb-worker: TemplateNotFoundError: ")
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (["--to", "+972 12", "--message", "hi"], "InvalidPhoneError: phone is too short"),
+        (["--to", "+12025550100"], "InvalidJobError: no content"),
+        (["--to", "+12025550100", "--file-url", "https://files.example.test/v.pdf"], "fileUrl needs a fileType"),
+        (["--to", "+12025550100", "--message", "hi", "--expires-at", "tomorrow"], "expiresAt is not an ISO 8601"),
+        (["--to", "050-000-0001", "--message", "hi"], "InvalidPhoneError"),
+    ],
+)
+async def test_send_refuses_locally_what_the_worker_would(
+    harness: Harness, redis_client: Any, args: list[str], why: str
+) -> None:
+    code, out, err = await cli(harness, "send", *args)
+    assert (code, out) == (2, "")
+    assert err.startswith("cgb-worker: ")
+    assert why in err
+    assert err.endswith(" (nothing enqueued)\n")
+    assert await redis_client.zcard("arq:queue") == 0
+
+
+async def test_send_reads_the_default_region_as_the_worker_does(harness: Harness, redis_client: Any) -> None:
+    code, out, _ = await cli(
+        harness, "send", "--to", "050-000-0001", "--message", "hi", env={"CGB_DEFAULT_REGION": "IL"}
+    )
+    assert (code, out.startswith("enqueued ")) == (0, True)
+    assert await redis_client.zcard("arq:queue") == 1
 
 
 async def test_send_usage_errors(harness: Harness) -> None:
