@@ -679,9 +679,18 @@ def status(job_id: str, as_json: bool) -> None:
 @click.option("--port", default=8089, show_default=True)
 @click.option("--token", default="sim-token", show_default=True, help="the X-ACCESS-TOKEN it accepts")
 @click.option("--latency", default=0.0, show_default=True, help="seconds added to every API response")
-def simulator(host: str, port: int, token: str, latency: float) -> None:
-    """Run the local CGB simulator (API at http://HOST:PORT/api)."""
+@click.option("--seed", type=int, help="seed for random faults")
+@click.option("--no-request-log", is_flag=True, help="keep counts only (for long benchmarks)")
+@click.option("--wa-templates", help="a WA_TEMPLATES_FILE of its own: mismatched templates then fail")
+def simulator(
+    host: str, port: int, token: str, latency: float, seed: int | None, no_request_log: bool, wa_templates: str | None
+) -> None:
+    """Run the local CGB simulator (API at http://HOST:PORT/api); every option of python -m cgb_worker.simulator."""
     from .simulator import main as run_simulator
 
+    argv = ["--host", host, "--port", str(port), "--token", token, "--latency", str(latency)]
+    argv += ["--seed", str(seed)] if seed is not None else []
+    argv += ["--no-request-log"] if no_request_log else []
+    argv += ["--wa-templates", wa_templates] if wa_templates else []
     click.echo(f"CGB simulator on http://{host}:{port}/api (token {token!r}); Ctrl-C stops it", err=True)
-    run_simulator(["--host", host, "--port", str(port), "--token", token, "--latency", str(latency)])
+    run_simulator(argv)

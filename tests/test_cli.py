@@ -576,3 +576,50 @@ async def test_version(harness: Harness, flag: str) -> None:
 
     code, out, err = await cli(harness, flag, env={"CGB_API_KEY": None, "PHONE_HASH_KEY": None})
     assert (code, out, err) == (0, f"cgb-worker {cgb_worker.__version__}\n", "")
+
+
+def test_the_simulator_command_takes_every_option_of_the_module() -> None:
+    import argparse
+    from unittest import mock
+
+    from cgb_worker.cli import simulator
+    from cgb_worker.simulator import main as module_main
+
+    seen: list[argparse.ArgumentParser] = []
+
+    def capture(self: argparse.ArgumentParser, *a: Any, **k: Any) -> Any:
+        seen.append(self)  # the module's parser, as built: stop before it serves
+        raise SystemExit(0)
+
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", capture), pytest.raises(SystemExit):
+        module_main([])
+    module = {opt for action in seen[0]._actions for opt in action.option_strings if opt.startswith("--")}
+    command = {opt for p in simulator.params for opt in p.opts if opt.startswith("--")}
+    assert module - {"--help"} == command
+
+
+async def test_the_simulator_command_passes_its_options_on(harness: Harness, tmp_path: Any) -> None:
+    from .conftest import free_port
+
+    catalog = tmp_path / "templates.toml"
+    catalog.write_text('[[template]]\nname = "x"\nlanguages = ["en"]\n')
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        CLI, "simulator", "--port", str(port), "--seed", "7", "--no-request-log", "--wa-templates", str(catalog),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/_sim/config") as resp:
+                        config = await resp.json()
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)
+        assert (config["wa_templates_file"], config["record_requests"]) == (str(catalog), False)
+    finally:
+        proc.terminate()
+        await proc.wait()
