@@ -106,7 +106,7 @@ from .sends import TTL as SEND_LOG_TTL
 from .settings import Settings, job_deadline
 from .suppression import Entry, refusal
 from .templates import TemplateResolver
-from .whatsapp_errors import next_step, resends
+from .whatsapp_errors import base_step, chain, next_step
 from .window import Window, job_keys, window_state
 
 MAX_TEXT = 4096
@@ -509,15 +509,9 @@ async def whatsapp_send(
 _throttle_key = keys.throttled
 
 
-def _chain(step: str) -> list[str]:
-    """The step and every earlier send of it: ``text~2`` → ``text``, ``text~1``, ``text~2``."""
-    base = step.partition("~")[0]
-    return [base, *(f"{base}~{k}" for k in range(1, resends(step) + 1))]
-
-
 def _step_kind(step: str, kind: Kind) -> Kind:
     """What an automatic resend of ``step`` sends: a file job's text is a text."""
-    return "text" if step.partition("~")[0] == "text" else kind
+    return "text" if base_step(step) == "text" else kind
 
 
 def _is_the_resend(job_id: str, resend_of: str, step: str) -> bool:
@@ -542,7 +536,7 @@ def delivered_since(state: bytes) -> bool:
 def _check_resend(resend_of: Any, step: Any, code: Any) -> tuple[str, int]:
     if not isinstance(resend_of, str) or not 0 < len(resend_of) <= MAX_NAME:
         raise InvalidJobError("resend_of must be the id of the job whose step is sent again")
-    if not isinstance(step, str) or step.partition("~")[0] not in STEPS:
+    if not isinstance(step, str) or base_step(step) not in STEPS:
         raise InvalidJobError("resend_step must name the step that failed (text, file, flow or whatsapp_template)")
     if not isinstance(code, int) or isinstance(code, bool):
         raise InvalidJobError("resend_code must be WhatsApp's error code")
@@ -639,8 +633,7 @@ async def _send(
         pipe.mget(job_keys(plan.to) if known is not None else [*job_keys(plan.to), cache_key])
         if resend is not None and fallback_of is not None:
             # every earlier send of the step, as they stand now, and the receiver's word that it asked for this one
-            chain = _chain(resend[0])
-            pipe.hmget(keys.sends(fallback_of), [*(f"d:{name}" for name in chain), f"r:{resend[0]}"])
+            pipe.hmget(keys.sends(fallback_of), [*(f"d:{name}" for name in chain(resend[0])), f"r:{resend[0]}"])
         record, (window, since, tracking, turn, suppressed, undeliverable, *rest), *resent = await pipe.execute()
     cached_contact: Any = known if known is not None else rest[0]
     if RESULT in record:
@@ -653,7 +646,7 @@ async def _send(
             # only the receiver's own resend (or a person's replay of one) may send a job's kept payload again
             raise InvalidJobError(f"job {fallback_of[:80]} has no resend of its {resend[0][:40]} queued as this job")
         delivered = next(
-            (name for name, state in zip(_chain(resend[0]), states, strict=True) if state and delivered_since(state)),
+            (name for name, state in zip(chain(resend[0]), states, strict=True) if state and delivered_since(state)),
             None,
         )
         if delivered is not None:
@@ -901,7 +894,7 @@ class _Run:
 
     def resend(self, step: str, code: int) -> None:
         """This try sends ``step`` of the delivery record again, under its next name, and nothing else."""
-        self.only = step.partition("~")[0]
+        self.only = base_step(step)
         self.resent_as = next_step(step)
         self.resend_of = (step, code)
 
@@ -960,7 +953,7 @@ class _Run:
                 self.tracking,
                 open_ms=int((self.services.client.timeout + self.services.settings.turn_wait) * 1000),
                 skew_ms=int(self.services.settings.clock_skew * 1000),
-                fallback=self.fallback if name.partition("~")[0] == "text" else None,
+                fallback=self.fallback if base_step(name) == "text" else None,
                 fallback_for=self.fallback_for,
                 category=self.category,
                 payload=self.sealed_payload() if self.tracking else None,

@@ -66,6 +66,17 @@ def resend_delay(n: int, *, first: float, factor: float) -> float:
     return first * factor ** (n - 1)
 
 
+def base_step(step: str) -> str:
+    """The step a resend sends again: ``text~2`` is ``text``."""
+    return step.partition("~")[0]
+
+
+def chain(step: str) -> list[str]:
+    """The step and every earlier send of it: ``text~2`` is ``text``, ``text~1``, ``text~2``."""
+    base = base_step(step)
+    return [base, *(f"{base}~{k}" for k in range(1, resends(step) + 1))]
+
+
 def resends(step: str) -> int:
     """How many automatic resends came before this step: ``text`` 0, ``text~2`` 2."""
     _base, _, n = step.partition("~")
@@ -74,4 +85,4 @@ def resends(step: str) -> int:
 
 def next_step(step: str) -> str:
     """The name the next automatic resend of ``step`` goes by in the job's record."""
-    return f"{step.partition('~')[0]}~{resends(step) + 1}"
+    return f"{base_step(step)}~{resends(step) + 1}"

@@ -13,7 +13,7 @@ import pytest
 from cgb_worker import errors as E
 from cgb_worker import keys
 from cgb_worker.settings import ReactionSettings
-from cgb_worker.whatsapp_errors import RULES, next_step, resend_delay, resends, rule_for
+from cgb_worker.whatsapp_errors import RULES, base_step, chain, next_step, resend_delay, resends, rule_for
 
 from .conftest import Harness
 from .test_optouts import inbound
@@ -80,6 +80,8 @@ def test_the_table_covers_every_code_the_issue_names() -> None:
 
 def test_resends_are_named_and_paced() -> None:
     assert [resends(s) for s in ("text", "text~1", "text~12", "text~x")] == [0, 1, 12, 0]
+    assert [base_step(s) for s in ("text", "file~3", "whatsapp_template~1")] == ["text", "file", "whatsapp_template"]
+    assert (chain("text"), chain("text~2")) == (["text"], ["text", "text~1", "text~2"])
     assert [next_step(s) for s in ("text", "text~1", "whatsapp_template~2")] == [
         "text~1",
         "text~2",

@@ -26,7 +26,7 @@ from ..metrics import ReceiverMetrics
 from ..ratelimit import pause_fleet
 from ..settings import ReactionSettings
 from ..suppression import suppress_who
-from ..whatsapp_errors import next_step, resend_delay, resends, rule_for
+from ..whatsapp_errors import base_step, chain, next_step, resend_delay, rule_for
 
 CLAIM_IDLE = 30.0
 RECORD_SLACK = 86400
@@ -108,9 +108,8 @@ class Reactor:
         rule = rule_for(code)
         record = keys.sends(delivery_id)
         # the step, and every earlier send of it (``text``, ``text~1``, ...): what the chain of resends was for
-        chain = [step.partition("~")[0], *(f"{step.partition('~')[0]}~{k}" for k in range(1, resends(step) + 1))]
         state_raw, fallback, payload, *earlier = await self.redis.hmget(  # type: ignore[misc]
-            record, [f"d:{step}", f"f:{step}", f"p:{step}", *(f"d:{name}" for name in chain)]
+            record, [f"d:{step}", f"f:{step}", f"p:{step}", *(f"d:{name}" for name in chain(step))]
         )
         state: dict[str, Any] = msgspec.json.decode(state_raw) if state_raw else {}
         codes = [msgspec.json.decode(raw).get("resendCode") for raw in earlier if raw]
@@ -146,7 +145,7 @@ class Reactor:
         if action == "throttle":
             await pause_fleet(self.redis)
             log.warning("WhatsApp's throughput limit ({}): every worker's rate limit backs off", code)
-        if step.partition("~")[0] == "flow":
+        if base_step(step) == "flow":
             # a flow may have sent several messages, and sending it again would send them all again
             log.warning("WhatsApp failed a flow's message with {}: a flow is not sent again automatically", code)
             return "given_up"

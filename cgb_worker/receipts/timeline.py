@@ -19,7 +19,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from .. import keys
-from ..whatsapp_errors import rule_for
+from ..whatsapp_errors import base_step, rule_for
 
 Status = Literal["sending", "accepted", "unconfirmed", "sent", "failed", "delivered", "read", "played"]
 RANK: dict[str, int] = {
@@ -193,11 +193,11 @@ def build(job_id: str, raw: dict[bytes, bytes], *, unconfirmed_after: float = 86
     # a fallback template replaces the text and its resends (``text~1``); a resend replaces the step it resends
     by_template = {s.fallback_for for s in steps if s.fallback_for}
     resent = {s.resend_of for s in steps if s.resend_of}
-    current = [s for s in steps if s.step not in resent and s.step.partition("~")[0] not in by_template] or steps
+    current = [s for s in steps if s.step not in resent and base_step(s.step) not in by_template] or steps
     # a message delivered anywhere was delivered: a copy that a resend replaced, reported delivered after all,
     # stands for its chain (text, text~1, ...) in place of the newest
-    best = {s.step.partition("~")[0]: s for s in steps if RANK.get(s.status, 0) >= RANK["delivered"]}
-    current = [best.get(s.step.partition("~")[0], s) if s.status == "failed" else s for s in current]
+    best = {base_step(s.step): s for s in steps if RANK.get(s.status, 0) >= RANK["delivered"]}
+    current = [best.get(base_step(s.step), s) if s.status == "failed" else s for s in current]
     status = _worst([s.status for s in current])
     error = next((s.error for s in current if s.status == "failed"), None)
     events = sorted((e for s in steps for e in s.events), key=lambda e: e.received)  # stable: a step's order
