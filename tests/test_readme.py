@@ -312,13 +312,18 @@ def test_every_command_and_option_shown_exists() -> None:
 
 
 def test_the_help_of_every_command_lists_what_the_readme_says() -> None:
-    """``cgb-worker X --help`` itself, for each command the README's table names."""
+    """``cgb-worker --help`` (the installed command) lists every command the README's table has a row for, and
+    ``cgb-worker X --help`` of each answers (in process: a subprocess each costs seconds on a busy machine)."""
+    from click.testing import CliRunner
+
     table = set(re.findall(r"^\| `cgb-worker ([a-z][a-z-]*)", README, re.M))
     assert table == set(cli_main.commands)  # and the table has a row for every command
+    listed = subprocess.run([str(BIN / "cgb-worker"), "--help"], capture_output=True, text=True, check=True).stdout
+    assert table <= set(re.findall(r"^  ([a-z][a-z-]*) ", listed, re.M))
     for name in sorted(table):
-        out = subprocess.run([str(BIN / "cgb-worker"), name, "--help"], capture_output=True, text=True, check=False)
-        assert out.returncode == 0, (name, out.stderr)
-        assert out.stdout.startswith("Usage: cgb-worker " + name), out.stdout
+        out = CliRunner().invoke(cli_main, [name, "--help"], prog_name="cgb-worker")
+        assert out.exit_code == 0, (name, out.output)
+        assert out.output.startswith("Usage: cgb-worker " + name), out.output
 
 
 def _read_by_the_code() -> set[str]:
@@ -363,3 +368,23 @@ def test_every_variable_named_is_read() -> None:
             assert name in where.read_text(), name
             continue
         assert name in strings or any(name.startswith(p) and name != p for p in prefixes), name
+
+
+def test_every_make_target_shown_exists() -> None:
+    shown = re.findall(r"`make ([a-z][a-z-]*)", README)
+    for block in blocks("sh"):
+        shown += re.findall(r"^make ([a-z][a-z-]*)", block, re.M)
+    targets = set(re.findall(r"^([a-z][a-z-]*):", (ROOT / "Makefile").read_text(), re.M))
+    assert {"demo", "test", "image"} <= set(shown)
+    assert set(shown) <= targets, set(shown) - targets
+
+
+def test_the_error_attributes_named_exist() -> None:
+    """``retryable`` on every error, ``retry_after`` on a 429, ``error_type`` on a job that died of another error."""
+    for name in ("JobFailedError", "CGBRateLimitError", "CGBTimeoutError", "InvalidPhoneError"):
+        assert f"`{name}`" in README or name in README
+        assert isinstance(getattr(cgb_worker, name).retryable, bool)
+    assert cgb_worker.CGBRateLimitError("slow down", retry_after=2.0).retry_after == 2.0
+    assert cgb_worker.JobFailedError("boom", error_type="KeyError").error_type == "KeyError"
+    for attribute in ("retryable", "retry_after", "error_type"):
+        assert attribute in README
