@@ -279,10 +279,13 @@ def test_every_cgb_worker_path_resolves() -> None:
 
 
 def _commands() -> list[str]:
-    """Every ``cgb-worker …`` the README shows: in backticks, and on the lines of its ``sh`` blocks."""
-    found = [m.group(0) for m in re.finditer(r"cgb-worker [^`\n]*", " ".join(re.findall(r"`[^`]*`", README)))]
+    """Every ``cgb-worker …`` the README shows: in backticks, and on the lines of its ``sh`` blocks. ``python -m
+    cgb_worker.simulator`` counts as ``cgb-worker simulator``, which takes the same options (``test_cli`` pins it)."""
+    ticked = " ".join(re.findall(r"`[^`]*`", README)).replace("python -m cgb_worker.simulator", "cgb-worker simulator")
+    found = [m.group(0) for m in re.finditer(r"cgb-worker [^`\n]*", ticked)]
     for block in blocks("sh"):
         found += [m.group(0) for m in re.finditer(r"cgb-worker [^#\n]*", block)]
+    assert any(f.startswith("cgb-worker simulator --port") for f in found)
     return found
 
 
