@@ -5,8 +5,9 @@
 ``await`` does not run there: a block wraps its awaits in ``asyncio.run(main())``). It gets the variables the
 README tells a user to set (``REDIS_URL``, ``CGB_API_URL``, ``CGB_API_KEY``, ``PHONE_HASH_KEY``) pointed at
 this test's Redis and simulator, and a real worker (``cgb-worker run``, in its own process) processes what it
-enqueues. Blocks share nothing: none relies on an earlier one. A block that only defines a function (the stream
-consumer) runs as written too, which proves its imports and definitions, and a test below calls the function.
+enqueues. A block must exit 0 without a traceback, and every job it enqueues must succeed and reach the
+simulator's outbox. Blocks share nothing: none relies on an earlier one. A block that only defines a function
+(the stream consumer) runs as written too, which proves its imports and definitions, and a test below calls it.
 What is not a program is fenced otherwise, and not run: ``sh`` for commands, ``toml`` for files, a bare fence
 (or ``text``) for listings such as the exception tree, ``pycon`` for an interactive session.
 
