@@ -4,8 +4,9 @@ Both ways of starting the worker (``arq cgb_worker.WorkerSettings`` and ``cgb-wo
 ``Worker`` with the settings :func:`worker_settings` builds: the configuration is read from the environment
 once, when the settings are built, and a bad one stops the process there (exit 2, one message listing
 every problem), before anything connects anywhere. ``on_startup`` opens the one ``aiohttp.ClientSession``
-the worker has and builds the CGB client, contact resolver and template services into ``ctx["cgb"]``;
-``on_shutdown`` closes the session.
+the worker has and builds the CGB client, contact resolver and template services into ``ctx["cgb"]``,
+starts the worker's heartbeat (:mod:`cgb_worker.heartbeat`, ``ctx["heartbeat"]``) and serves ``/metrics``;
+``on_shutdown`` closes the session and removes the heartbeat.
 
 Redis outages. Every Redis command, arq's own included, is retried by redis-py through a lost connection or
 a Redis that is restarting (:data:`REDIS_RETRY`: backoff from 50 ms to 1 s, about two minutes in all), so
