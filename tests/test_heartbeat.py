@@ -331,3 +331,12 @@ async def test_metrics_leave_the_queue_out_when_redis_does_not_answer(harness: H
     assert "cgb_queue_ready_jobs" not in text
     assert "cgb_dead_letters" not in text
     assert "cgb_jobs_total" in text
+
+
+async def test_health_and_workers_say_in_one_line_that_redis_is_unreachable(worker_env: dict[str, str]) -> None:
+    env = {**worker_env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}  # nothing listens there
+    for command in ("health", "workers"):
+        code, out, err = await cli(env, command)
+        assert (code, out) == (1, ""), err
+        assert err.startswith("cgb-worker: cannot reach Redis: ")
+        assert len(err.splitlines()) == 1
