@@ -598,13 +598,11 @@ def suppress_list(phone: str | None, region: str | None) -> None:
 def _ago(seconds: float | None) -> str:
     if seconds is None:
         return "never"
-    return (
-        f"{seconds:.1f} s"
-        if seconds < 60
-        else f"{seconds / 60:.0f} min"
-        if seconds < 3600
-        else f"{seconds / 3600:.1f} h"
-    )
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 @main.command()
