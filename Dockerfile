@@ -25,10 +25,11 @@ ENV PATH="/app/.venv/bin:$PATH" \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /app
 USER 10001:10001
-# arq's health key is rewritten every WORKER_HEALTH_CHECK_INTERVAL (10 s) and lives one second longer:
-# a worker that stopped working is reported unhealthy within about 11 s.
+# This container's own worker (PID 1 in its PID namespace), not any worker on the Redis as `arq --check`
+# would: its heartbeat is refreshed every WORKER_HEALTH_CHECK_INTERVAL (10 s); it is unhealthy once it missed
+# two refreshes or has not polled the queue for WORKER_JOB_TIMEOUT + 10 s (see cgb_worker/heartbeat.py).
 HEALTHCHECK --interval=15s --timeout=10s --start-period=20s --retries=2 \
-    CMD ["arq", "--check", "cgb_worker.WorkerSettings"]
+    CMD ["cgb-worker", "health"]
 # SIGTERM lets running jobs finish for WORKER_JOB_COMPLETION_WAIT (20 s): give the container longer to stop.
 STOPSIGNAL SIGTERM
 # The webhook receiver runs from the same image: `cgb-worker webhooks` (port 8090; see docker-compose.yml).

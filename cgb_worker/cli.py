@@ -592,6 +592,76 @@ def suppress_list(phone: str | None, region: str | None) -> None:
             click.echo(f"{s.who[:12]}  {e.scope:<9}  {e.since}  {e.reason}")
 
 
+# -- the fleet: workers and health -------------------------------------------------------------------------
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per worker, on one line each")
+def workers(as_json: bool) -> None:
+    """The workers with a live heartbeat: host, pid, up since, jobs running, last poll, version.
+
+    A heartbeat lives three WORKER_HEALTH_CHECK_INTERVALs, so a stopped or killed worker leaves the list on its
+    own; one that missed two refreshes, or has not polled the queue for longer than its job timeout allows, is
+    marked STALE (exit 1 when one is)."""
+    from .heartbeat import live_workers
+
+    found = _run(lambda: _on_redis(live_workers))
+    if as_json:
+        for seen in found:
+            click.echo(
+                json.dumps(
+                    {
+                        **msgspec.to_builtins(seen.beat),
+                        "heartbeat_age": round(seen.age, 3),
+                        "poll_age": None if seen.poll_age is None else round(seen.poll_age, 3),
+                        "stale": seen.stale,
+                    }
+                )
+            )
+    else:
+        click.echo(f"{len(found)} worker(s)")
+        if found:
+            click.echo(f"{'host':<24} {'pid':>7}  {'up since (UTC)':<19}  {'running':>9}  {'last poll':>9}  version")
+        for seen in found:
+            b = seen.beat
+            state = f"  STALE: {seen.stale}" if seen.stale else ""
+            click.echo(
+                f"{b.host:<24} {b.pid:>7}  {_when(b.started):<19}  {f'{b.running}/{b.max_jobs}':>9}  "
+                f"{_ago(seen.poll_age):>9}  {b.version}{state}"
+            )
+    if any(seen.stale for seen in found):
+        sys.exit(1)
+
+
+@main.command()
+def health() -> None:
+    """The image's HEALTHCHECK: exit 0 when every worker running here (this host name, this PID namespace: in
+    a container, the container's worker) has a fresh heartbeat and polled the queue recently; else exit 1 with
+    one line. Unlike ``arq --check``, another worker alive on the same Redis does not make this one healthy."""
+    from .heartbeat import live_workers, this_hosts
+
+    mine = this_hosts(_run(lambda: _on_redis(live_workers)))
+    if not mine:
+        _fail("unhealthy: no worker running here has a live heartbeat")
+    late = [s for s in mine if s.stale]
+    if late:
+        _fail("unhealthy: " + "; ".join(f"worker pid {s.beat.pid} {s.stale}" for s in late))
+    click.echo(
+        "healthy: "
+        + "; ".join(f"worker pid {s.beat.pid}, {s.beat.running} running, polled {_ago(s.poll_age)} ago" for s in mine)
+    )
+
+
 # -- run: the worker ------------------------------------------------------------------------------------
 
 

@@ -597,8 +597,6 @@ async def _dead_letter(
             enqueued_at=enqueued.timestamp() if isinstance(enqueued, datetime) else None,
             origin=origin,
         )
-        if services.metrics is not None:
-            services.metrics.dead_letters.set(await services.dead_letters.count())
     except Exception as store_error:  # the job's own error matters more than the bookkeeping
         logger.error("could not record a dead letter: {}", type(store_error).__name__)
 

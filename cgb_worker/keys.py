@@ -20,6 +20,15 @@ RATE_PENALTY = "cgb:ratelimit:penalty"
 DEAD_INDEX = "cgb:dead:index"
 DEAD_ENTRIES = "cgb:dead:entries"
 DEAD_PAYLOADS = "cgb:dead:payloads"
+WORKERS = "cgb:workers"
+"""Every worker's heartbeat id, scored by when its heartbeat expires (ms): ``cgb-worker workers`` lists them."""
+
+
+def worker(worker_id: str) -> str:
+    """One worker's heartbeat (:mod:`cgb_worker.heartbeat`): refreshed every ``WORKER_HEALTH_CHECK_INTERVAL``,
+    it expires three intervals after the last refresh, so a dead worker disappears on its own."""
+    return f"cgb:worker:{worker_id}"
+
 
 # -- delivery receipts: shared by the worker (which writes sends) and the receiver (which matches statuses) -----
 AWAITING = "cgb:awaiting"

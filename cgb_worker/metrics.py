@@ -1,6 +1,7 @@
-"""Prometheus metrics, served on ``METRICS_PORT`` when it is set.
+"""Prometheus metrics, served at ``/metrics`` on ``METRICS_PORT`` when it is set (any other path is a 404).
 
-Each worker has its own registry (so several workers in one process, as in the tests, do not collide):
+Each worker has its own registry (so several workers in one process, as in the tests, do not collide).
+What this worker counted since it started:
 
 * ``cgb_jobs_total{kind, outcome}``: finished jobs; ``outcome`` is ``sent`` or ``failed``, ``kind`` is
   ``text``, ``template``, ``file`` or ``invalid`` (the payload never got that far);
@@ -8,20 +9,104 @@ Each worker has its own registry (so several workers in one process, as in the t
 * ``cgb_request_duration_seconds{endpoint, status}``: every CGB call (``status`` is ``error`` when no HTTP
   answer came back);
 * ``cgb_contact_cache_total{result}``: contact lookups, ``hit`` or ``miss``;
-* ``cgb_dead_letters``: entries in the dead-letter store, refreshed at start-up and on every new entry;
 * ``cgb_jobs_expired_total{reason}``: jobs refused, unsent, for their ``expiresAt``: ``passed`` (it had passed
   when a send was due) or ``quiet_hours`` (it would pass during the recipient's quiet hours);
 * ``cgb_quiet_deferred_total{category}``: tries deferred to the end of the recipient's quiet hours;
 * ``cgb_suppressed_total{reason}``: jobs refused because the person is on the suppression list (``keyword``,
   ``131050``, ``cgb_unsubscribed``, ``operator``; :mod:`cgb_worker.suppression`), with no CGB call.
+
+The queue and the fleet, read from Redis at each scrape (every worker serves the same values; a scrape
+costs three round trips, whatever the backlog):
+
+* ``cgb_queue_ready_jobs``: jobs due to run and not running yet (waiting for a free slot);
+* ``cgb_queue_oldest_ready_seconds``: how long the oldest of them has been due (0 when there is none): the
+  queue's lag;
+* ``cgb_queue_deferred_jobs``: jobs scheduled for later (``_defer_by``/``_defer_until``, and retries waiting
+  for their next try);
+* ``cgb_jobs_in_progress``: jobs running now, fleet-wide: the sum of the live workers' heartbeats
+  (:mod:`cgb_worker.heartbeat`, as of their last refresh);
+* ``cgb_workers``: workers with a live heartbeat, and ``cgb_workers_stale`` those of them that stopped
+  refreshing it or polling the queue;
+* ``cgb_dead_letters``: entries in the dead-letter store, counted at scrape (so a replay or a purge shows at once).
+
+When Redis does not answer within :data:`SCRAPE_TIMEOUT`, these are left out of the scrape (absent, not
+stale) and the rest is served.
+
+The scrape is served by aiohttp on the worker's own event loop, so the Redis reads above use the worker's
+asyncio client and run right before the registry is rendered; prometheus_client's own HTTP server would run
+its collectors in a thread of their own, away from that loop.
 """
 
 from __future__ import annotations
 
-import threading
+import asyncio
+import time
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from aiohttp import web
+from loguru import logger
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from redis.asyncio import Redis
+
+from .deadletters import DeadLetters
+from .heartbeat import live_workers
+from .scripts import QueueStatsScript
+
+SCRAPE_TIMEOUT = 5.0
+"""Seconds a scrape waits for Redis before serving the worker's own counters without the queue's gauges."""
+
+
+class QueueGauges(Collector):
+    """The queue's and the fleet's gauges: :meth:`refresh` reads them on the worker's loop right before a
+    scrape renders them; :meth:`collect` (prometheus_client's side) yields what it read, or nothing."""
+
+    def __init__(self, redis: Redis, queue_name: str, in_progress_prefix: str, dead_letters: DeadLetters) -> None:
+        self._redis = redis
+        self._stats = QueueStatsScript(redis, queue_name, in_progress_prefix)
+        self._dead_letters = dead_letters
+        self._values: dict[str, float] | None = None
+
+    async def refresh(self) -> None:
+        self._values = None
+        now_ms = int(time.time() * 1000)
+        stats = await self._stats(now_ms)
+        workers = await live_workers(self._redis)
+        dead = await self._dead_letters.count()
+        self._values = {
+            "ready": stats.due - stats.running,
+            "oldest": 0.0 if stats.oldest_ms is None else max(0.0, (now_ms - stats.oldest_ms) / 1000),
+            "deferred": stats.deferred,
+            "in_progress": sum(w.beat.running for w in workers),
+            "workers": len(workers),
+            "stale": sum(1 for w in workers if w.stale),
+            "dead": dead,
+        }
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        values = self._values
+        if values is None:
+            return
+        for name, key, text in (
+            ("cgb_queue_ready_jobs", "ready", "Jobs due to run and not running yet"),
+            ("cgb_queue_oldest_ready_seconds", "oldest", "How long the oldest ready job has been due"),
+            ("cgb_queue_deferred_jobs", "deferred", "Jobs scheduled for later, retries waiting included"),
+            ("cgb_jobs_in_progress", "in_progress", "Jobs running now, fleet-wide (workers' heartbeats)"),
+            ("cgb_workers", "workers", "Workers with a live heartbeat"),
+            ("cgb_workers_stale", "stale", "Workers whose heartbeat or poll is late"),
+            ("cgb_dead_letters", "dead", "Entries in the dead-letter store"),
+        ):
+            yield GaugeMetricFamily(name, text, value=values[key])
+
 
 _LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 2, 5, 10, 30)
 
@@ -44,7 +129,6 @@ class Metrics:
         self.suppressed = Counter(
             "cgb_suppressed", "Jobs refused by the suppression list", ["reason"], registry=self.registry
         )
-        self.dead_letters = Gauge("cgb_dead_letters", "Entries in the dead-letter store", registry=self.registry)
         self.expired = Counter(
             "cgb_jobs_expired", "Jobs refused, unsent, for their expiresAt", ["reason"], registry=self.registry
         )
@@ -57,8 +141,8 @@ class Metrics:
         self._request_children: dict[tuple[str, int | None], Any] = {}
         self._job_children: dict[tuple[str, str], Any] = {}
         self._cache_hit, self._cache_miss = self.cache.labels("hit"), self.cache.labels("miss")
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
+        self.queue: QueueGauges | None = None
+        self._runner: web.AppRunner | None = None
 
     def on_request(self, endpoint: str, status: int | None, seconds: float) -> None:
         child = self._request_children.get((endpoint, status))
@@ -79,14 +163,43 @@ class Metrics:
     def suppressed_job(self, reason: str) -> None:
         self.suppressed.labels(reason).inc()
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:  # noqa: S104 - scraped from outside the container
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+    def watch_queue(
+        self, redis: Redis, queue_name: str, in_progress_prefix: str, dead_letters: DeadLetters
+    ) -> QueueGauges:
+        """Add the queue's and the fleet's gauges, read from ``redis`` at each scrape."""
+        self.queue = QueueGauges(redis, queue_name, in_progress_prefix, dead_letters)
+        self.registry.register(self.queue)
+        return self.queue
 
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+    async def render(self) -> bytes:
+        """The scrape: the queue's gauges read now (left out if Redis does not answer in time), then the rest."""
+        if self.queue is not None:
+            try:
+                await asyncio.wait_for(self.queue.refresh(), SCRAPE_TIMEOUT)
+            except Exception as exc:
+                logger.warning("metrics: the queue's gauges are left out: {}: {}", type(exc).__name__, exc)
+        return generate_latest(self.registry)
+
+    async def _scrape(self, request: web.Request) -> web.Response:
+        return web.Response(body=await self.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def serve(self, port: int, host: str = "0.0.0.0") -> None:  # noqa: S104 - scraped from outside the container
+        """Serve ``/metrics`` (only) on the running loop; a busy port raises ``OSError``."""
+        app = web.Application()
+        app.router.add_get("/metrics", self._scrape)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
 
 
 _DELIVERY_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 3600, 21600, 86400)

@@ -315,3 +315,53 @@ class SuppressScript:
         ref: str = "",
     ) -> None:
         _queue(pipe, self._script, *self._args("lift", who, at_ms, scopes, reasons, ref))
+
+
+class HeartbeatScript:
+    """``heartbeat.lua``: write (or remove) one worker's heartbeat and its entry in the index of workers."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._script = redis.register_script(source("heartbeat"))
+
+    async def write(self, worker_id: str, beat: bytes, *, ttl_ms: int, now_ms: int) -> None:
+        await self._script(keys=[keys.worker(worker_id), keys.WORKERS], args=[worker_id, beat, ttl_ms, now_ms])
+
+    async def remove(self, worker_id: str) -> None:
+        await self._script(keys=[keys.worker(worker_id), keys.WORKERS], args=[worker_id, "", 0, 0])
+
+
+class WorkersScript:
+    """``workers.lua``: every live heartbeat, with the milliseconds it has left to live."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._script = redis.register_script(source("workers"))
+
+    async def __call__(self) -> list[tuple[bytes, int]]:
+        found = await self._script(keys=[keys.WORKERS], args=[keys.worker("")])
+        return [(found[i], int(found[i + 1])) for i in range(0, len(found), 2)]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """:class:`QueueStatsScript`'s answer: jobs due (``running`` of them at the head, being run), jobs deferred to
+    later, and the score (ms) of the oldest due job nobody runs yet (None: there is none)."""
+
+    due: int
+    deferred: int
+    running: int
+    oldest_ms: int | None
+
+
+class QueueStatsScript:
+    """``queue_stats.lua``: arq's queue, counted in one round trip."""
+
+    def __init__(self, redis: Redis, queue_name: str, in_progress_prefix: str, *, head_limit: int = 10_000) -> None:
+        self._script = redis.register_script(source("queue_stats"))
+        self._queue, self._prefix, self._limit = queue_name, in_progress_prefix, head_limit
+
+    async def __call__(self, now_ms: int) -> QueueStats:
+        due, deferred, running, oldest = await self._script(
+            keys=[self._queue], args=[now_ms, self._prefix, self._limit]
+        )
+        oldest_ms = int(float(_text(oldest)))
+        return QueueStats(int(due), int(deferred), int(running), None if oldest_ms < 0 else oldest_ms)

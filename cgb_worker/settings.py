@@ -90,7 +90,8 @@ class WorkerOptions:
     * ``job_timeout`` 15 s: arq locks a running job for this plus 10 s and never renews the lock, so a
       killed worker's jobs run again elsewhere within 25 s. Each try stops itself earlier (its deadline,
       :func:`job_deadline`) and is retried, so arq's own timeout, which arq never retries, is not reached.
-    * ``health_check_interval`` 10 s: ``arq --check`` notices a dead worker within that (plus one).
+    * ``health_check_interval`` 10 s: the worker's heartbeat is rewritten this often and lives three times as
+      long (:mod:`cgb_worker.heartbeat`); ``arq --check`` notices a dead worker within that (plus one).
     * ``job_completion_wait`` 20 s: on SIGTERM, running jobs get this long to finish before being
       cancelled (and re-run elsewhere); above ``job_timeout``, below a container's stop grace period.
     * ``keep_result`` 86400 s: how long ``Job.result()`` can be read, and how long an enqueue with the

@@ -4,8 +4,9 @@ Both ways of starting the worker (``arq cgb_worker.WorkerSettings`` and ``cgb-wo
 ``Worker`` with the settings :func:`worker_settings` builds: the configuration is read from the environment
 once, when the settings are built, and a bad one stops the process there (exit 2, one message listing
 every problem), before anything connects anywhere. ``on_startup`` opens the one ``aiohttp.ClientSession``
-the worker has and builds the CGB client, contact resolver and template services into ``ctx["cgb"]``;
-``on_shutdown`` closes the session.
+the worker has and builds the CGB client, contact resolver and template services into ``ctx["cgb"]``,
+starts the worker's heartbeat (:mod:`cgb_worker.heartbeat`, ``ctx["heartbeat"]``) and serves ``/metrics``;
+``on_shutdown`` closes the session and removes the heartbeat.
 
 Redis outages. Every Redis command, arq's own included, is retried by redis-py through a lost connection or
 a Redis that is restarting (:data:`REDIS_RETRY`: backoff from 50 ms to 1 s, about two minutes in all), so
@@ -32,6 +33,7 @@ import aiohttp
 from arq import ArqRedis
 from arq import create_pool as arq_create_pool
 from arq.connections import RedisSettings
+from arq.constants import default_queue_name, in_progress_key_prefix
 from arq.worker import Worker, func
 from loguru import logger
 from redis.asyncio.retry import Retry
@@ -45,6 +47,7 @@ from .client import CGBClient
 from .contacts import ContactResolver
 from .deadletters import DeadLetters
 from .errors import ConfigError
+from .heartbeat import WorkerHeartbeat
 from .jobs import ARQ_MAX_TRIES, Services, whatsapp_send
 from .logs import setup_logging
 from .metrics import Metrics
@@ -104,6 +107,7 @@ def survive_lost_claims() -> None:
       around its EXEC but not around the two reads before it, so the error ends the worker's main loop,
       after arq has counted the job as started and taken a semaphore permit for it. Here both are given
       back and the next poll claims the job again (it is still in the queue, unclaimed).
+    * **It stamps the time of each poll** for the worker's heartbeat (:mod:`cgb_worker.heartbeat`), in memory.
     * **It does not ask Redis about its own running jobs.** Running jobs stay at the head of arq's queue,
       and every poll that finds a free slot checks each of them in Redis (WATCH, EXISTS, ZSCORE, UNWATCH)
       before it reaches a new one: four commands per running job per freed slot, which, with jobs waiting in
@@ -119,6 +123,9 @@ def survive_lost_claims() -> None:
 
     @functools.wraps(original)
     async def start_jobs(self: Worker, job_ids: list[bytes]) -> None:
+        heartbeat: WorkerHeartbeat | None = self.ctx.get("heartbeat")
+        if heartbeat is not None:  # the time of this poll, in memory (cgb_worker.heartbeat)
+            heartbeat.polled(self)
         running = self.tasks
         fresh = [job_id for job_id in job_ids if job_id.decode() not in running]
         try:
@@ -162,14 +169,24 @@ def _startup(settings: Settings) -> Any:
             dead_letters=dead_letters,
             metrics=metrics,
         )
-        metrics.dead_letters.set(await dead_letters.count())
+        heartbeat = WorkerHeartbeat(
+            redis,
+            queue=default_queue_name,
+            max_jobs=settings.worker.max_jobs,
+            interval=settings.worker.health_check_interval,
+            job_timeout=settings.worker.job_timeout,
+            poll_delay=settings.worker.poll_delay,
+        )
+        await heartbeat.start()
+        ctx["heartbeat"] = heartbeat
         if settings.wa_templates is None:
             logger.warning(
                 "WA_TEMPLATES_FILE is not set: native WhatsApp templates (whatsappTemplate) go out with their "
                 "parameters unchecked, and a mismatch shows only as WhatsApp's failure after CGB's success"
             )
         if settings.metrics_port is not None:
-            metrics.serve(settings.metrics_port)
+            metrics.watch_queue(redis, default_queue_name, in_progress_key_prefix, dead_letters)
+            await metrics.serve(settings.metrics_port)
             logger.info("metrics on :{}/metrics", settings.metrics_port)
         logger.info(
             "cgb-worker ready: CGB at {}, Redis at {}, rate limit {}, {} template mapping(s), max_jobs={}",
@@ -189,7 +206,10 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await session.close()
     metrics: Metrics | None = ctx.get("metrics")
     if metrics is not None:
-        metrics.close()
+        await metrics.close()
+    heartbeat: WorkerHeartbeat | None = ctx.get("heartbeat")
+    if heartbeat is not None:
+        await heartbeat.stop()
     logger.info("cgb-worker stopped")
 
 

@@ -13,6 +13,7 @@ import hmac
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 import uuid
@@ -130,24 +131,61 @@ async def test_the_image_sends_a_text_as_a_non_root_user(
     assert out.split("\0")[:3] == ["/app/.venv/bin/python", "/app/.venv/bin/arq", "cgb_worker.WorkerSettings"]
 
 
-async def test_the_healthcheck_passes_while_the_worker_runs_and_fails_once_it_stopped(
+async def test_the_healthcheck_checks_its_own_worker_not_any_worker_on_the_redis(
     redis_url: str, redis_client: Any, sim: Sim, containers: Containers
 ) -> None:
+    """Two worker containers on one Redis and on the host's network (so one host name): the HEALTHCHECK of
+    each answers for its own worker. Frozen (SIGSTOP), a worker's check fails while the other's, and ``arq
+    --check``, still pass; thawed, it passes again; stopped, its heartbeat is gone."""
     code, out, _ = await engine("image", "inspect", "--format", "{{json .Config.Healthcheck}}", IMAGE)
     check = json.loads(out)
-    assert check["Test"] == ["CMD", "arq", "--check", "cgb_worker.WorkerSettings"]  # kept: the Docker format
+    assert check["Test"] == ["CMD", "cgb-worker", "health"]  # kept: the Docker format
     env = worker_env(redis_url, sim)
-    name = await containers.start(env)
-    await until(lambda: ready(containers, name))
-    await asyncio.sleep(1.5)  # the first health write
-    code, out, err = await engine("healthcheck", "run", name)
-    assert code == 0, out + err
-    code, _, err = await engine("stop", "-t", "30", name)
+    frozen, other = await containers.start(env), await containers.start(env)
+    for name in (frozen, other):
+        await until(lambda name=name: ready(containers, name))
+
+    async def runs(name: str, *command: str) -> tuple[int, str]:
+        code, out, err = await engine("exec", name, *command)
+        return code, out + err
+
+    async def healthcheck_passes(name: str) -> bool:
+        code, _, _ = await engine("healthcheck", "run", name)
+        return code == 0
+
+    for name in (frozen, other):
+        await until(lambda name=name: healthcheck_passes(name))
+    code, out = await runs(frozen, *check["Test"][1:])
+    assert code == 0, out
+    assert out.startswith("healthy: worker pid 1, 0 running, polled ")  # its own worker: PID 1 in its namespace
+
+    _, pid, _ = await engine("inspect", "--format", "{{.State.Pid}}", frozen)
+    os.kill(int(pid), signal.SIGSTOP)  # the worker stops refreshing its heartbeat and polling, without exiting
+    try:
+
+        async def fails() -> str | None:
+            code, out = await runs(frozen, *check["Test"][1:])
+            return out if code == 1 else None
+
+        out = await until(fails)
+        assert out.startswith("cgb-worker: unhealthy: ")
+        assert len(out.splitlines()) == 1
+        code, out = await runs(other, *check["Test"][1:])
+        assert code == 0, out
+        code, out = await runs(other, "arq", "--check", "cgb_worker.WorkerSettings")
+        assert code == 0, out  # arq's one shared key: alive while any worker is
+    finally:
+        os.kill(int(pid), signal.SIGCONT)
+    await until(lambda: healthcheck_passes(frozen))
+
+    code, _, err = await engine("stop", "-t", "30", frozen)
     assert code == 0, err
-    await asyncio.sleep(2.5)  # the health key outlives the last write by one interval (1 s here) plus one
-    code, out, err = await engine("run", "--rm", "--network", "host", *LIMITS,
-                                  *[f"--env={k}={v}" for k, v in env.items()], IMAGE, *check["Test"][1:])  # fmt: skip
-    assert code != 0, out + err
+    from cgb_worker.heartbeat import live_workers
+
+    assert [s.beat.pid for s in await live_workers(redis_client)] == [1]  # the other's; the stopped one's is removed
+    code, out = await runs(other, "cgb-worker", "workers")
+    assert code == 0, out
+    assert out.splitlines()[0] == "1 worker(s)"
 
 
 async def test_sigterm_lets_an_in_flight_send_finish_and_nothing_is_sent_twice(
