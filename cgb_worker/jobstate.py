@@ -73,7 +73,7 @@ class LastRetry(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, r
     """When (epoch seconds)."""
     retry_in: float
     """Seconds the job deferred itself by."""
-    counted: bool = True
+    counted: bool
     """False for a deferral (rate limit, the person's turn, quiet hours): no attempt used up."""
     status: int | None = None
     code: int | None = None
