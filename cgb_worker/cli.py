@@ -1,8 +1,8 @@
 """``cgb-worker``: the operator's command line.
 
 Every command reads the same environment as the worker. Exit codes: 0 success, 1 the thing checked or
-asked for failed, 2 bad usage or configuration; a failure prints one line (or the list of configuration
-problems) on stderr.
+asked for failed, 2 bad usage or configuration (and ``status`` 3: no record of the job); a failure prints one
+line (or the list of configuration problems) on stderr.
 """
 
 from __future__ import annotations
