@@ -12,8 +12,8 @@ the job's last retry and its delivery record), and says which of these the job i
                     it could not deserialize, or one whose dead letter was deleted)
 ``running``         a worker holds it (``arq:in-progress:<id>``); ``job_try`` is arq's try count
 ``retrying``        queued again after a try: ``last_retry`` is what the job recorded when it decided the retry (or
-                    a deferral by the rate limit, the person's turn or quiet hours, which use up no attempt);
-                    ``due_at`` is when the next try is due
+                    a deferral by the rate limit, the person's turn or quiet hours, which use up no attempt), or
+                    none for a try its worker stopped; ``due_at`` is when the next try is due
 ``deferred``        queued, not tried yet, due later (``_defer_by`` / ``_defer_until``)
 ``queued``          queued and due: ``position`` counts the jobs due before it (those running included) plus one
 ``sent``            arq no longer holds the job or its result, and its delivery record (7 days) shows what went out
@@ -296,7 +296,11 @@ def describe(job: JobState, *, now: float | None = None) -> str:
     elif job.state == "retrying":
         assert job.due_at is not None
         assert job.job_try is not None
-        why = _retry(job.last_retry) if job.last_retry else f"try {job.job_try} ended without a recorded error"
+        last = job.last_retry
+        why = _retry(last) if last is not None and last.job_try == job.job_try else ""
+        if not why:  # arq re-queues a try its worker stopped (SIGTERM, a cancelled task), counted as a try
+            why = f"try {job.job_try} was interrupted (its worker stopped)"
+            why += f"; before it, {_retry(last)}" if last is not None else ""
         when = f"due {_at(job.due_at)} (in {_span(job.due_at - now)})" if job.due_at > now else "due now"
         line = f"retrying: {why}; try {job.job_try + 1} {when}{age}"
     elif job.state == "succeeded":

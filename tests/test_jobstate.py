@@ -80,6 +80,31 @@ async def test_a_job_held_by_a_slow_cgb_is_running(
     assert [m["text"] for m in harness.sim.state.outbox] == ["slow"]
 
 
+async def test_a_try_its_worker_stopped_is_retrying_with_no_error(
+    harness: Harness, redis_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    released = asyncio.Event()
+
+    async def held(delay: float) -> None:
+        await released.wait()
+
+    monkeypatch.setattr(simulator, "asyncio", SimpleNamespace(**{**vars(asyncio), "sleep": held}))
+    await harness.known(A)
+    harness.set_env(CGB_TIMEOUT="100000", WORKER_JOB_TIMEOUT="300")
+    harness.sim.state.faults.append(FaultRule(delay=1.0, path="/send/text$", count=1))
+    [job] = await harness.enqueue({"to": A, "message": "stopped"})
+    worker = asyncio.ensure_future(harness.run(max_burst_jobs=1))
+    while not harness.sim.requests("send_text"):
+        assert not worker.done()
+        await asyncio.sleep(0.02)
+    worker.cancel()  # the worker stops mid-send: arq puts the job back, its try counted
+    await asyncio.gather(worker, return_exceptions=True)
+    released.set()
+    code, out, _ = await cli(harness, "status", job.job_id)
+    assert code == 0
+    assert out.startswith(f"{job.job_id}: retrying: try 1 was interrupted (its worker stopped); try 2 due now")
+
+
 async def test_a_job_cgb_answers_5xx_is_retrying_with_its_last_error(harness: Harness, redis_client: Any) -> None:
     await harness.known(A)
     harness.set_env(CGB_RETRY_BASE_DELAY="3600", CGB_RETRY_MAX_DELAY="3600")
