@@ -24,9 +24,9 @@ with full-jitter exponential backoff, ``uniform(0, min(CGB_RETRY_MAX_DELAY, CGB_
 never shorter than CGB's ``Retry-After``; each retry and deferral is recorded for ``cgb-worker status``
 (:func:`cgb_worker.jobstate.record_retry`: the error's class, status and code, no message). After
 ``CGB_RETRY_ATTEMPTS`` retries, or at once for a permanent error, the job fails with the real error (stored
-for ``Job.result()`` and in the dead-letter store). Each
-try stops itself 30 s (or a quarter of a short timeout) before arq's ``job_timeout`` and counts as a
-retryable timeout, so arq's own timeout, which is never retried, is not reached. Deferrals by the
+for ``Job.result()`` and in the dead-letter store). Each try stops itself 30 s (or a quarter of a short
+timeout) before arq's ``job_timeout`` and counts as a retryable timeout, so arq's own timeout, which is never
+retried, is not reached. Deferrals by the
 fleet-wide rate limit (:mod:`cgb_worker.ratelimit`) are not failures and use up no attempt.
 
 The 24-hour window (:mod:`cgb_worker.deliveries`) is read with the contact cache, in the same command, and
