@@ -1,8 +1,8 @@
 """``cgb-worker``: the operator's command line.
 
 Every command reads the same environment as the worker. Exit codes: 0 success, 1 the thing checked or
-asked for failed, 2 bad usage or configuration; a failure prints one line (or the list of configuration
-problems) on stderr.
+asked for failed, 2 bad usage or configuration (and ``status`` 3: no record of the job); a failure prints one
+line (or the list of configuration problems) on stderr.
 """
 
 from __future__ import annotations
@@ -218,7 +218,9 @@ def _parse_var(value: str) -> tuple[str, Any]:
 )
 @click.option("--expires-at", help="ISO 8601 with an offset: not sent after it")
 @click.option("--job-id", help="arq job id (a second enqueue with the same id is refused)")
-@click.option("--wait", is_flag=True, help="wait for the job and print its result or its error")
+@click.option(
+    "--wait", is_flag=True, help="wait for the job and print its result or its error (or, on timeout, where it is)"
+)
 @click.option("--timeout", default=60.0, show_default=True, help="seconds --wait waits")
 def send(
     to: str,
@@ -292,7 +294,10 @@ def send(
             try:
                 return job.job_id, await job.result(timeout=timeout), None
             except TimeoutError:
-                return job.job_id, None, TimeoutError(f"no result within {timeout:g} s")
+                from .jobstate import describe, locate
+
+                where = describe(await locate(redis, job.job_id))
+                return job.job_id, None, TimeoutError(f"no result within {timeout:g} s; {where}")
             except Exception as exc:
                 return job.job_id, None, exc
         finally:
@@ -360,18 +365,20 @@ def _when(ts: float | None) -> str:
 
 @dead_letters.command("list")
 @click.option("--limit", default=50, show_default=True)
-def dl_list(limit: int) -> None:
+@click.option("--error", "error_type", metavar="CLASS", help="only the errors of this class, e.g. CGBAuthError")
+def dl_list(limit: int, error_type: str | None) -> None:
     """The newest failed jobs first."""
 
     async def go() -> tuple[int, list[Any]]:
         redis, store = await _store()
         try:
-            return await store.count(), await store.list(limit)
+            return await store.count(), await store.list(limit, error_type=error_type)
         finally:
             await redis.aclose()
 
     total, entries = _run(go)
-    click.echo(f"{total} dead letter(s)")
+    shown = f", {len(entries)}{'+' if len(entries) == limit else ''} with {error_type}" if error_type else ""
+    click.echo(f"{total} dead letter(s){shown}")
     for d in entries:
         to = d.payload.get("to", "?") if isinstance(d.payload, dict) else "?"
         click.echo(f"{d.job_id}  {_when(d.failed_at)}  {d.attempts:>3} tries  {to:<16} {d.error_type}: {d.error}")
@@ -400,21 +407,36 @@ def dl_show(job_id: str) -> None:
 
 @dead_letters.command("replay")
 @click.argument("job_id", required=False)
-@click.option("--all", "replay_all", is_flag=True, help="replay every dead letter")
-def dl_replay(job_id: str | None, replay_all: bool) -> None:
-    """Enqueue a failed job's original payload again, under a new job id."""
+@click.option("--all", "replay_all", is_flag=True, help="replay every dead letter whose error is retryable")
+@click.option(
+    "--include-permanent", is_flag=True, help="with --all: permanent errors too (an invalid payload, a wrong key...)"
+)
+def dl_replay(job_id: str | None, replay_all: bool, include_permanent: bool) -> None:
+    """Enqueue a failed job's original payload again, under a new job id (linked to the old one both ways).
+
+    ``--all`` skips the entries whose error is permanent (its class in cgb_worker.errors is not retryable: an
+    invalid payload, a refused key, an opt-out...), which would fail again as they are, and says how many it
+    skipped; ``--include-permanent`` replays them too (after a fix, such as a corrected CGB key). One JOB_ID
+    is replayed whatever its error."""
+    from .errors import is_retryable
+
     if bool(job_id) == replay_all:
         _fail("give one JOB_ID or --all", 2)
+    if include_permanent and not replay_all:
+        _fail("--include-permanent goes with --all", 2)
 
-    async def go() -> list[tuple[str, str | None]]:
+    async def go() -> tuple[list[tuple[str, str | None]], int]:
         redis, store = await _store()
         try:
-            ids = [d.job_id for d in await store.list(limit=1_000_000)] if replay_all else [job_id or ""]
-            return [(old, await store.replay(redis, old)) for old in ids]
+            if not replay_all:
+                return [(job_id or "", await store.replay(redis, job_id or ""))], 0
+            entries = await store.list(limit=1_000_000)
+            chosen = [d.job_id for d in entries if include_permanent or is_retryable(d.error_type)]
+            return [(old, await store.replay(redis, old)) for old in chosen], len(entries) - len(chosen)
         finally:
             await redis.aclose()
 
-    replayed = _run(go)
+    replayed, skipped = _run(go)
     missing = [old for old, new in replayed if new is None]
     for old, new in replayed:
         if new is not None:
@@ -422,6 +444,28 @@ def dl_replay(job_id: str | None, replay_all: bool) -> None:
     if missing and not replay_all:
         _fail(f"no dead letter {missing[0]!r}")
     click.echo(f"{len(replayed) - len(missing)} job(s) enqueued again")
+    if skipped:
+        click.echo(
+            f"{skipped} skipped: their error is permanent (dead-letters list shows which); "
+            "--include-permanent replays them too"
+        )
+
+
+@dead_letters.command("delete")
+@click.argument("job_id")
+def dl_delete(job_id: str) -> None:
+    """Delete one dead letter (exit 1 when there is none); its send record keeps its usual 7 days."""
+
+    async def go() -> bool:
+        redis, store = await _store()
+        try:
+            return await store.remove(job_id)
+        finally:
+            await redis.aclose()
+
+    if not _run(go):
+        _fail(f"no dead letter {job_id!r}")
+    click.echo(f"deleted dead letter {job_id}")
 
 
 @dead_letters.command("purge")
@@ -698,32 +742,57 @@ def webhooks(host: str | None, port: int | None) -> None:
     serve(settings, host=host, port=port)
 
 
+STATUS_UNKNOWN = 3
+"""``status``'s exit code for a job id nothing knows."""
+
+
 @main.command()
 @click.argument("job_id")
-@click.option("--json", "as_json", is_flag=True, help="print the Delivery as JSON")
+@click.option("--json", "as_json", is_flag=True, help="print the JobState (with its Delivery) as JSON")
 def status(job_id: str, as_json: bool) -> None:
-    """What happened to a job's messages: its delivery status and timeline (exit 1 when there is none)."""
-    from .receipts.timeline import delivery
+    """Where a job is, and what happened to its messages.
+
+    Queued (its position and age), deferred until, running, retrying (the try and the last error), succeeded,
+    failed or dead-lettered (the error), replayed as another id (and the replay points back), with the delivery
+    status and timeline once it sent. A replayed job is followed to its newest replay.
+
+    Exit codes: 0 the job and its delivery are fine or still under way; 1 the job failed (failed,
+    dead-lettered, or its newest replay did) or its delivery failed; 3 no record of the job at all."""
+    from .jobstate import describe, locate, replays
 
     after = float(os.environ.get("STATUS_UNCONFIRMED_AFTER", "86400") or 86400)
 
-    async def go() -> Any:
+    async def go() -> tuple[Any, list[Any]]:
         redis = await _pool()
         try:
-            return await delivery(redis, job_id, unconfirmed_after=after)
+            found = await locate(redis, job_id, unconfirmed_after=after)
+            return found, await replays(redis, job_id, unconfirmed_after=after)
         finally:
             await redis.aclose()
 
-    found = _run(go)
-    if found is None:
-        _fail(f"no delivery record for {job_id!r} (nothing sent yet, or older than 7 days)")
+    found, later = _run(go)
+    newest = later[-1] if later else found
+    code = STATUS_UNKNOWN if found.state == "unknown" else 1 if newest.failed else 0
     if as_json:
-        click.echo(msgspec.json.encode(found).decode())
-        return
+        data = msgspec.to_builtins(found)
+        if later:
+            data["replays"] = msgspec.to_builtins(later)
+        click.echo(json.dumps(data, ensure_ascii=False))
+        sys.exit(code)
+    click.echo(describe(found))
+    for replay in later:
+        click.echo(f"  then {describe(replay)}")
+    if found.delivery is not None:
+        _print_delivery(found.delivery, found.delivery_of)
+    sys.exit(code)
+
+
+def _print_delivery(found: Any, of: str | None) -> None:
     error = f" {found.error.code} ({found.error.meaning})" if found.error else ""
     category = f" ({found.category})" if found.category else ""
     pending = ", sent again soon" if found.resending else ""
-    click.echo(f"{found.job_id}: {found.status}{error}{category}{pending}")
+    record = f" (the record of {of})" if of else ""
+    click.echo(f"delivery{record}: {found.status}{error}{category}{pending}")
     for step in found.steps:
         matched = f", matched by {step.matched_by}" if step.matched_by else ""
         replaces = f", in place of the {step.fallback_for}" if step.fallback_for else ""

@@ -10,7 +10,8 @@ the cap by any amount leaves nothing behind, and a trim that fails is logged, ne
 A dead-lettered job's send record (:mod:`cgb_worker.sends`) is kept for as long as its entry, and a replay
 continues it: :meth:`DeadLetters.replay` claims the entry atomically (two replays of one entry at once
 enqueue it once) and enqueues the payload with ``replay_of``, the id whose record the new job reads and
-writes, so a step CGB acknowledged is never sent again.
+writes, so a step CGB acknowledged is never sent again. It links the two ids both ways (``keys.replayed_as``,
+``keys.replay_of``, for :data:`LINK_TTL`), which ``cgb-worker status`` follows.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ ENTRIES = keys.DEAD_ENTRIES
 PAYLOADS = keys.DEAD_PAYLOADS
 ORIGINS = PAYLOADS + ":origin"
 """Entry id to the id of the job whose send record it continues (itself, unless it was a replay)."""
+
+LINK_TTL = SEND_LOG_TTL
+"""Replay links live as long as the send record a replay continues: what ``status`` shows lasts that long."""
 
 TRIM_CHUNK = 500
 """Entries one trim call drops at most: Lua's ``unpack`` cannot take many thousands of values at once."""
@@ -116,13 +120,26 @@ class DeadLetters:
     async def count(self) -> int:
         return int(await self._redis.zcard(INDEX))
 
-    async def list(self, limit: int = 100) -> list[DeadLetter]:
-        """Newest first."""
-        ids = await self._redis.zrevrange(INDEX, 0, max(0, limit - 1))
-        if not ids:
-            return []
-        raw = await self._redis.hmget(ENTRIES, ids)  # type: ignore[misc]
-        return [msgspec.msgpack.decode(r, type=DeadLetter) for r in raw if r]
+    async def list(self, limit: int = 100, *, error_type: str | None = None) -> list[DeadLetter]:
+        """Newest first; with ``error_type``, only the entries whose error has that class name (any case)."""
+        if error_type is None:
+            ids = await self._redis.zrevrange(INDEX, 0, max(0, limit - 1))
+            if not ids:
+                return []
+            raw = await self._redis.hmget(ENTRIES, ids)  # type: ignore[misc]
+            return [msgspec.msgpack.decode(r, type=DeadLetter) for r in raw if r]
+        wanted = error_type.lower()
+        found: list[DeadLetter] = []
+        start = 0
+        while len(found) < limit:  # the store is capped (DEAD_LETTER_MAX): reading it in chunks is bounded
+            ids = await self._redis.zrevrange(INDEX, start, start + TRIM_CHUNK - 1)
+            if not ids:
+                break
+            start += len(ids)
+            raw = await self._redis.hmget(ENTRIES, ids)  # type: ignore[misc]
+            entries = (msgspec.msgpack.decode(r, type=DeadLetter) for r in raw if r)
+            found.extend(e for e in entries if e.error_type.lower() == wanted)
+        return found[:limit]
 
     async def get(self, job_id: str) -> DeadLetter | None:
         raw = await self._redis.hget(ENTRIES, job_id)  # type: ignore[misc]
@@ -156,7 +173,11 @@ class DeadLetters:
                 pipe.zadd(INDEX, {job_id: entry.failed_at})
                 await pipe.execute()
             raise
-        await self._redis.expire(send_log_key(origin), SEND_LOG_TTL)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.expire(send_log_key(origin), SEND_LOG_TTL)
+            pipe.set(keys.replayed_as(job_id), job.job_id, ex=LINK_TTL)
+            pipe.set(keys.replay_of(job.job_id), job_id, ex=LINK_TTL)
+            await pipe.execute()
         return job.job_id
 
     async def remove(self, job_id: str) -> bool:

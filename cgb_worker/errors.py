@@ -8,7 +8,8 @@ The tree (``retryable`` is a class attribute, decided by the base class, never b
     │   ├── InvalidPhoneError           the phone cannot be turned into E.164
     │   ├── TemplateNotFoundError       no such flow (and no fallback text), or no such approved WhatsApp template
     │   ├── TemplateMismatchError       a WhatsApp template's parameters differ from the approved one
-    │   └── UnknownVariableError        a variable with no custom field, or a value its type cannot take
+    │   ├── UnknownVariableError        a variable with no custom field, or a value its type cannot take
+    │   └── UndecodableJobError         a job not in cgb-worker's MessagePack (a producer on arq's default pickle)
     ├── SendOutcomeUnknownError         a send may have gone out and policy forbids sending again (permanent)
     ├── OutsideWindowError              free-form content to a contact whose 24-hour window is closed (permanent)
     ├── SuppressedError                 the person opted out of this job's category (permanent, no CGB call)
@@ -92,6 +93,11 @@ class TemplateMismatchError(InvalidJobError):
 
 class UnknownVariableError(InvalidJobError):
     """A template variable has no custom field of that name, or a value its field type cannot hold."""
+
+
+class UndecodableJobError(InvalidJobError):
+    """A job the worker's deserializer cannot read: its producer enqueued it with another serializer (arq's
+    default is pickle). The message says how producers must enqueue."""
 
 
 class SendOutcomeUnknownError(CGBWorkerError):
@@ -267,6 +273,7 @@ _ALL: dict[str, type[CGBWorkerError]] = {
         TemplateNotFoundError,
         TemplateMismatchError,
         UnknownVariableError,
+        UndecodableJobError,
         SendOutcomeUnknownError,
         OutsideWindowError,
         SuppressedError,
@@ -294,9 +301,13 @@ _ALL: dict[str, type[CGBWorkerError]] = {
 
 
 def error_to_dict(exc: BaseException) -> dict[str, Any]:
-    """Any exception as plain data; one that is not ours becomes a :class:`JobFailedError`'s fields."""
+    """Any exception as plain data; one that is not ours becomes a :class:`JobFailedError`'s fields, unless it
+    was raised from one of ours (arq's ``DeserializationError`` from :class:`UndecodableJobError`), which then
+    tells it."""
     if isinstance(exc, CGBWorkerError):
         return exc.to_dict()
+    if isinstance(exc.__cause__, CGBWorkerError):
+        return exc.__cause__.to_dict()
     return {"type": "JobFailedError", "message": str(exc)[:500], "error_type": type(exc).__name__}
 
 
@@ -316,3 +327,10 @@ def error_from_dict(data: dict[str, Any]) -> CGBWorkerError:
             return cls(message, retry_after=data.get("retry_after"), **fields)
         return cls(message, **fields)
     return cls(message)
+
+
+def is_retryable(error_type: str) -> bool:
+    """Whether trying again can help an error of the class named ``error_type`` (a name as a dead letter
+    stores it); a class that is not ours counts as permanent."""
+    cls = _ALL.get(error_type)
+    return cls is not None and cls.retryable

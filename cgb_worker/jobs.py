@@ -21,10 +21,12 @@ wrong types and unknown ``fileType`` values are rejected by the :class:`~cgb_wor
 
 Retries: a retryable error (transport, timeout, 429, 5xx, a busy lock, a Redis error) raises ``arq.Retry``
 with full-jitter exponential backoff, ``uniform(0, min(CGB_RETRY_MAX_DELAY, CGB_RETRY_BASE_DELAY * 2 ** (try - 1)))``,
-never shorter than CGB's ``Retry-After``. After ``CGB_RETRY_ATTEMPTS`` retries, or at once for a permanent
-error, the job fails with the real error (stored for ``Job.result()`` and in the dead-letter store). Each
-try stops itself 30 s (or a quarter of a short timeout) before arq's ``job_timeout`` and counts as a
-retryable timeout, so arq's own timeout, which is never retried, is not reached. Deferrals by the
+never shorter than CGB's ``Retry-After``; each retry and deferral is recorded for ``cgb-worker status``
+(:func:`cgb_worker.jobstate.record_retry`: the error's class, status and code, no message). After
+``CGB_RETRY_ATTEMPTS`` retries, or at once for a permanent error, the job fails with the real error (stored
+for ``Job.result()`` and in the dead-letter store). Each try stops itself 30 s (or a quarter of a short
+timeout) before arq's ``job_timeout`` and counts as a retryable timeout, so arq's own timeout, which is never
+retried, is not reached. Deferrals by the
 fleet-wide rate limit (:mod:`cgb_worker.ratelimit`) are not failures and use up no attempt.
 
 The 24-hour window (:mod:`cgb_worker.deliveries`) is read with the contact cache, in the same command, and
@@ -95,6 +97,7 @@ from .errors import (
     TurnBusyError,
     UndeliverableError,
 )
+from .jobstate import last_retry_of, record_retry
 from .locks import redis_lock
 from .metrics import Metrics
 from .models import Category, FileType, Scalar, SendJob, SendResult, SetFieldValue, WhatsAppTemplate
@@ -451,15 +454,18 @@ async def whatsapp_send(
         except RedisError as store_error:
             log.warning("could not count a deferral: {}", type(store_error).__name__)
         delay = exc.retry_after or 1.0
+        if isinstance(exc, TurnBusyError):
+            # About a second while the person's previous message awaits its first status; longer the longer a
+            # job has waited (a queue of messages to one person), so that waiting does not use up arq's tries.
+            delay *= min(TURN_WAIT_MAX, 1.15 ** min(job_try - 1, 40)) * random.uniform(1.0, 1.25)  # noqa: S311
+        await record_retry(
+            services.redis, job_id, last_retry_of(exc, attempt=attempt, job_try=job_try, retry_in=delay, counted=False)
+        )
         if isinstance(exc, QuietHoursError):
             # Exactly to the first minute after the recipient's quiet hours, however many hours away.
             event.finish(log, started, "throttled", type(exc).__name__).info("{}; deferred {:.0f}s", exc, delay)
             raise Retry(defer=delay) from exc
         waiting = isinstance(exc, TurnBusyError)
-        if waiting:
-            # About a second while the person's previous message awaits its first status; longer the longer a
-            # job has waited (a queue of messages to one person), so that waiting does not use up arq's tries.
-            delay *= min(TURN_WAIT_MAX, 1.15 ** min(job_try - 1, 40)) * random.uniform(1.0, 1.25)  # noqa: S311
         event.finish(log, started, "throttled", type(exc).__name__).info(
             "{}; deferred {:.1f}s", "waiting for the person's turn" if waiting else "throttled", delay
         )
@@ -478,6 +484,11 @@ async def whatsapp_send(
             )
             if services.metrics is not None:
                 services.metrics.retries.labels(error_class).inc()
+            await record_retry(
+                services.redis,
+                job_id,
+                last_retry_of(exc, attempt=attempt, job_try=job_try, retry_in=delay, counted=True),
+            )
             raise Retry(defer=delay) from exc
         if resend_of is not None and isinstance(resend_step, str) and _is_the_resend(job_id, resend_of, resend_step):
             await _drop_resend_flag(services, resend_of, resend_step)

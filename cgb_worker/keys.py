@@ -108,6 +108,22 @@ def throttled(job_id: str) -> str:
     return f"cgb:throttled:{job_id}"
 
 
+def last_retry(job_id: str) -> str:
+    """The job's last retry or deferral as the job decided it (:mod:`cgb_worker.jobstate`): error class, HTTP
+    status and CGB code, never a phone or a text."""
+    return f"cgb:retry:last:{job_id}"
+
+
+def replayed_as(job_id: str) -> str:
+    """The id a dead-letter replay gave this job's payload (``cgb-worker dead-letters replay``)."""
+    return f"cgb:replay:as:{job_id}"
+
+
+def replay_of(job_id: str) -> str:
+    """The dead-lettered job this one replays: :func:`replayed_as` the other way."""
+    return f"cgb:replay:of:{job_id}"
+
+
 def turn(phone_hash: str) -> str:
     """Whose turn it is to send to this person (:mod:`cgb_worker.turns`)."""
     return f"cgb:turn:{phone_hash}"

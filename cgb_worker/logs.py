@@ -72,13 +72,17 @@ def _to_loguru(record: logging.LogRecord) -> None:
     if record.msg == _ARQ_JOB_START and isinstance(record.args, tuple) and len(record.args) == 4:
         record.args = (record.args[0], record.args[1], "…", record.args[3])
     exc_info = record.exc_info
+    message = record.getMessage()
     if exc_info and isinstance(exc_info[1], CGBWorkerError):
         exc_info = None  # an expected failure, fully told by its message: no traceback
+    elif exc_info and isinstance(exc_info[1], Exception) and isinstance(exc_info[1].__cause__, CGBWorkerError):
+        # arq's wrapper of one of ours (a job it cannot deserialize): ours says what to do, in the same line
+        message, exc_info = f"{message}: {exc_info[1].__cause__}", None
     try:
         level: str | int = logger.level(record.levelname).name
     except ValueError:
         level = record.levelno
-    logger.opt(exception=exc_info).bind(logger_name=record.name).log(level, record.getMessage())
+    logger.opt(exception=exc_info).bind(logger_name=record.name).log(level, message)
 
 
 def _stderr(message: str) -> None:

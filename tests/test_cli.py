@@ -49,6 +49,7 @@ async def cli(harness: Harness, *args: str, env: dict[str, str | None] | None = 
         ["dead-letters", "show"],
         ["dead-letters", "replay"],
         ["dead-letters", "purge"],
+        ["dead-letters", "delete"],
         ["simulator"],
         ["webhooks"],
         ["status"],
@@ -249,6 +250,9 @@ async def test_dead_letters_list_show_replay_purge(harness: Harness, redis_clien
     assert (code, err) == (2, "cgb-worker: give one JOB_ID or --all\n")
     code, out, _ = await cli(harness, "dead-letters", "replay", "--all")
     assert code == 0
+    assert "0 job(s) enqueued again\n1 skipped: their error is permanent" in out  # a 401
+    code, out, _ = await cli(harness, "dead-letters", "replay", "--all", "--include-permanent")
+    assert code == 0
     assert "1 job(s) enqueued again" in out
     await harness.run()
     assert sorted(m["text"] for m in harness.sim.state.outbox) == ["one", "two"]
@@ -445,14 +449,17 @@ async def test_status_prints_a_delivery_and_fails_without_one(harness: Harness, 
     await harness.run()
     code, out, _ = await cli(harness, "status", job.job_id)
     assert code == 0
-    assert out.splitlines()[0] == f"{job.job_id}: accepted (service)"
-    assert out.splitlines()[1] == "  text: accepted"
+    assert out.splitlines()[0].startswith(f"{job.job_id}: succeeded (try 1, finished ")
+    assert out.splitlines()[1] == "delivery: accepted (service)"
+    assert out.splitlines()[2] == "  text: accepted"
     code, out, _ = await cli(harness, "status", job.job_id, "--json")
     data = json.loads(out)
-    assert (data["jobId"], data["status"], [s["step"] for s in data["steps"]]) == (job.job_id, "accepted", ["text"])
+    assert (data["jobId"], data["state"]) == (job.job_id, "succeeded")
+    d = data["delivery"]
+    assert (d["jobId"], d["status"], [s["step"] for s in d["steps"]]) == (job.job_id, "accepted", ["text"])
     code, out, err = await cli(harness, "status", "no-such-job")
-    assert code == 1
-    assert "no delivery record for 'no-such-job'" in err
+    assert (code, err) == (3, "")
+    assert out.startswith("no-such-job: unknown: ")
 
 
 async def test_status_says_how_many_messages_a_step_had_and_what_stayed_unresolved(
@@ -462,12 +469,12 @@ async def test_status_says_how_many_messages_a_step_had_and_what_stayed_unresolv
     await redis_client.hset("cgb:sends:visa-7", mapping={"d:flow": json.dumps(record), "flow": "sent", "u:flow": "2"})
     code, out, _ = await cli(harness, "status", "visa-7")
     assert code == 0
-    assert out.splitlines()[1] == (
+    assert out.splitlines()[2] == (
         "  flow: read, matched by recipient, 2 WhatsApp messages, 2 status(es) that could not be told from another"
         " send's"
     )
     code, out, _ = await cli(harness, "status", "visa-7", "--json")
-    [step] = json.loads(out)["steps"]
+    [step] = json.loads(out)["delivery"]["steps"]
     assert (step["wamids"], step["unresolved"]) == (["wamid.A", "wamid.B"], 2)
 
 
@@ -487,15 +494,16 @@ async def test_status_shows_an_automatic_resend(harness: Harness, redis_client: 
     )
     code, out, _ = await cli(harness, "status", "visa-8")
     assert code == 0
-    assert out.splitlines()[0] == "visa-8: delivered (utility)"
-    assert [line for line in out.splitlines() if not line.startswith("    ")][1:] == [
+    assert out.splitlines()[1] == "delivery: delivered (utility)"
+    assert [line for line in out.splitlines() if not line.startswith("    ")][2:] == [
         "  text: failed",
         "  text~1: delivered, sent again after the text failed with 131056",
     ]
     await redis_client.hset("cgb:sends:visa-8", "r:text~1", "text~2")  # text~1 failed too, its resend is queued
     await redis_client.hset("cgb:sends:visa-8", "d:text~1", json.dumps({**again, "status": "failed"}))
     code, out, _ = await cli(harness, "status", "visa-8")
-    assert out.splitlines()[0] == "visa-8: failed (utility), sent again soon"
+    assert code == 0  # not final yet: it is being sent again
+    assert out.splitlines()[1] == "delivery: failed (utility), sent again soon"
     assert "  text~1: failed, sent again after the text failed with 131056, to be sent again as text~2" in out
 
 

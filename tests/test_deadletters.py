@@ -71,3 +71,82 @@ async def test_removing_an_entry_gives_its_send_record_its_lifetime_back(redis_c
     assert await redis_client.ttl(sends_key("job-9")) == -1  # kept while the entry lives
     assert await store.remove("job-9") is True
     assert TTL - 5 < await redis_client.ttl(sends_key("job-9")) <= TTL
+
+
+# -- the CLI over a real worker: delete, list --error, replay --all and permanent errors ---------------------
+
+
+async def _two_dead_letters(harness: Any) -> tuple[str, str]:
+    """A text CGB refused (401: permanent) and a file CGB failed (503, no retries left: retryable)."""
+    from cgb_worker.simulator import FaultRule
+
+    await harness.known("+972500000001", "+12025550100")
+    harness.set_env(CGB_RETRY_ATTEMPTS="0")
+    harness.sim.state.faults.append(FaultRule(status=401, path="/send/text$", count=1))
+    harness.sim.state.faults.append(FaultRule(status=503, path="/send/file$", count=1))
+    auth, server = await harness.enqueue(
+        {"to": "+972500000001", "message": "refused"},
+        {"to": "+12025550100", "fileUrl": "https://files.example.test/v.pdf", "fileType": "document"},
+    )
+    await harness.run()
+    return auth.job_id, server.job_id
+
+
+async def test_list_filters_by_error_class_and_delete_drops_one(harness: Any, redis_client: Any) -> None:
+    from .test_cli import cli
+
+    auth, server = await _two_dead_letters(harness)
+    code, out, _ = await cli(harness, "dead-letters", "list", "--error", "cgbservererror")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "2 dead letter(s), 1 with cgbservererror"
+    assert len(lines) == 2
+    assert lines[1].startswith(server)
+    assert "CGBServerError: HTTP 503 on send_file" in lines[1]
+    code, out, _ = await cli(harness, "dead-letters", "list", "--error", "NoSuchError")
+    assert (code, out) == (0, "2 dead letter(s), 0 with NoSuchError\n")
+
+    code, out, _ = await cli(harness, "dead-letters", "delete", auth)
+    assert (code, out) == (0, f"deleted dead letter {auth}\n")
+    assert await DeadLetters(redis_client).get(auth) is None
+    code, _, err = await cli(harness, "dead-letters", "delete", auth)
+    assert (code, err) == (1, f"cgb-worker: no dead letter {auth!r}\n")
+    code, out, _ = await cli(harness, "status", auth)
+    assert code == 1  # arq still holds its failed result
+    assert out == f"{auth}: failed: CGBAuthError: HTTP 401 on send_text: Injected 401\n"
+
+
+async def test_replay_all_skips_permanent_errors_unless_asked(harness: Any, redis_client: Any) -> None:
+    from .test_cli import cli
+
+    auth, server = await _two_dead_letters(harness)
+    code, out, _ = await cli(harness, "dead-letters", "replay", "--all")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith(f"replayed {server} as ")
+    assert lines[1:] == [
+        "1 job(s) enqueued again",
+        "1 skipped: their error is permanent (dead-letters list shows which); --include-permanent replays them too",
+    ]
+    assert [d.job_id for d in await DeadLetters(redis_client).list()] == [auth]
+    code, _, err = await cli(harness, "dead-letters", "replay", auth, "--include-permanent")
+    assert (code, err) == (2, "cgb-worker: --include-permanent goes with --all\n")
+    code, out, _ = await cli(harness, "dead-letters", "replay", "--all", "--include-permanent")
+    assert code == 0
+    assert out.splitlines()[0].startswith(f"replayed {auth} as ")
+    assert out.splitlines()[1:] == ["1 job(s) enqueued again"]
+    await harness.run()
+    assert sorted(m.get("text") or m.get("url", "") for m in harness.sim.state.outbox) == [
+        "https://files.example.test/v.pdf",
+        "refused",
+    ]
+    assert await DeadLetters(redis_client).count() == 0
+
+
+def test_permanent_is_decided_by_the_error_class() -> None:
+    assert E.is_retryable("CGBServerError")
+    assert E.is_retryable("CGBRateLimitError")
+    assert E.is_retryable("StoreUnavailableError")
+    assert not E.is_retryable("CGBAuthError")
+    assert not E.is_retryable("InvalidPhoneError")
+    assert not E.is_retryable("ValueError")  # not ours: permanent

@@ -1,0 +1,239 @@
+"""``cgb-worker status``: each place a job can be, reached for real (real Redis, real arq Workers, the simulator
+over HTTP), asserted through the command's output and exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from arq import create_pool as arq_create_pool
+from arq.connections import RedisSettings
+
+from cgb_worker import keys, simulator
+from cgb_worker.jobstate import LastRetry, locate
+from cgb_worker.simulator import FaultRule
+
+from .conftest import Harness
+from .test_cli import cli
+
+A = "+972500000001"
+B = "+12025550100"
+
+
+async def test_queued_jobs_show_their_position_and_age(harness: Harness) -> None:
+    first, second = await harness.enqueue({"to": A, "message": "one"}, {"to": B, "message": "two"})
+    code, out, err = await cli(harness, "status", second.job_id)
+    assert (code, err) == (0, "")
+    assert re.fullmatch(rf"{second.job_id}: queued, position 2, enqueued \d+ s ago\n", out)
+    code, out, _ = await cli(harness, "status", first.job_id, "--json")
+    data = json.loads(out)
+    assert (code, data["state"], data["position"], data["function"]) == (0, "queued", 1, "whatsapp_send")
+    assert "delivery" not in data
+
+
+async def test_a_deferred_job_says_until_when(harness: Harness) -> None:
+    [job] = await harness.enqueue({"to": A, "message": "later"}, _defer_by=3600)
+    code, out, _ = await cli(harness, "status", job.job_id)
+    assert code == 0
+    assert re.fullmatch(
+        rf"{job.job_id}: deferred until \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(in 60 min\), enqueued \d+ s ago\n", out
+    )
+
+
+async def test_a_job_held_by_a_slow_cgb_is_running(
+    harness: Harness, redis_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    released = asyncio.Event()
+
+    async def held(delay: float) -> None:  # the simulator's fault delay lasts until the test lets go
+        await released.wait()
+
+    monkeypatch.setattr(simulator, "asyncio", SimpleNamespace(**{**vars(asyncio), "sleep": held}))
+    await harness.known(A)
+    harness.set_env(CGB_TIMEOUT="100000", WORKER_JOB_TIMEOUT="300")
+    harness.sim.state.faults.append(FaultRule(delay=1.0, path="/send/text$", count=1))
+    [job] = await harness.enqueue({"to": A, "message": "slow"})
+    worker = asyncio.ensure_future(harness.run(max_burst_jobs=1))
+    try:
+        while not harness.sim.requests("send_text"):
+            assert not worker.done()
+            await asyncio.sleep(0.02)
+        code, out, _ = await cli(harness, "status", job.job_id)
+        assert code == 0
+        lines = out.splitlines()
+        assert re.fullmatch(rf"{job.job_id}: running \(try 1\), enqueued \d+ s ago", lines[0])
+        assert lines[1:3] == ["delivery: sending (service)", "  text: sending"]  # the request left, no answer yet
+        data = json.loads((await cli(harness, "status", job.job_id, "--json"))[1])
+        assert (data["state"], data["jobTry"]) == ("running", 1)
+    finally:
+        released.set()
+        await worker
+    code, out, _ = await cli(harness, "status", job.job_id)
+    assert code == 0
+    assert re.match(rf"{job.job_id}: succeeded \(try 1, finished .* UTC\)\n", out)
+    assert out.splitlines()[1:3] == ["delivery: accepted (service)", "  text: accepted"]
+    assert [m["text"] for m in harness.sim.state.outbox] == ["slow"]
+
+
+async def test_a_try_its_worker_stopped_is_retrying_with_no_error(
+    harness: Harness, redis_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    released = asyncio.Event()
+
+    async def held(delay: float) -> None:
+        await released.wait()
+
+    monkeypatch.setattr(simulator, "asyncio", SimpleNamespace(**{**vars(asyncio), "sleep": held}))
+    await harness.known(A)
+    harness.set_env(CGB_TIMEOUT="100000", WORKER_JOB_TIMEOUT="300")
+    harness.sim.state.faults.append(FaultRule(delay=1.0, path="/send/text$", count=1))
+    [job] = await harness.enqueue({"to": A, "message": "stopped"})
+    worker = asyncio.ensure_future(harness.run(max_burst_jobs=1))
+    while not harness.sim.requests("send_text"):
+        assert not worker.done()
+        await asyncio.sleep(0.02)
+    worker.cancel()  # the worker stops mid-send: arq puts the job back, its try counted
+    await asyncio.gather(worker, return_exceptions=True)
+    released.set()
+    code, out, _ = await cli(harness, "status", job.job_id)
+    assert code == 0
+    assert out.startswith(f"{job.job_id}: retrying: try 1 was interrupted (its worker stopped); try 2 due now")
+
+
+async def test_a_job_cgb_answers_5xx_is_retrying_with_its_last_error(harness: Harness, redis_client: Any) -> None:
+    await harness.known(A)
+    harness.set_env(CGB_RETRY_BASE_DELAY="3600", CGB_RETRY_MAX_DELAY="3600")
+    harness.sim.state.faults.append(FaultRule(status=503, path="/send/text$"))
+    [job] = await harness.enqueue({"to": A, "message": "hi"})
+    await harness.run(max_burst_jobs=1)  # one try, then the worker stops
+    code, out, err = await cli(harness, "status", job.job_id)
+    assert (code, err) == (0, "")
+    assert out.startswith(
+        f"{job.job_id}: retrying: attempt 1 failed with CGBServerError (HTTP 503 on send_text); try 2 "
+    )
+    code, out, _ = await cli(harness, "status", job.job_id, "--json")
+    data = json.loads(out)
+    assert (data["state"], data["jobTry"]) == ("retrying", 1)
+    last = data["lastRetry"]
+    assert (last["errorType"], last["attempt"], last["jobTry"], last["status"], last["endpoint"]) == (
+        "CGBServerError",
+        1,
+        1,
+        503,
+        "send_text",
+    )
+    assert last["counted"] is True
+    assert data["dueAt"] > time.time()
+    stored = await redis_client.get(keys.last_retry(job.job_id))
+    assert b"500000001" not in stored  # no phone
+    assert b"hi" not in stored  # no text
+    assert 0 < await redis_client.ttl(keys.last_retry(job.job_id)) <= 86400
+    assert harness.sim.state.outbox == []
+
+
+async def test_dead_lettered_exits_1_and_a_replay_links_both_ways(harness: Harness, redis_client: Any) -> None:
+    await harness.known(A)
+    harness.sim.state.faults.append(FaultRule(status=401, path="/send/text$", count=1))
+    [job] = await harness.enqueue({"to": A, "message": "again"})
+    await harness.run()
+    old = job.job_id
+    code, out, _ = await cli(harness, "status", old)
+    assert code == 1
+    assert (
+        out == f"{old}: failed and dead-lettered after 1 attempt: CGBAuthError: HTTP 401 on send_text: Injected 401\n"
+    )
+
+    code, out, _ = await cli(harness, "dead-letters", "replay", old)
+    assert code == 0
+    new = re.search(rf"replayed {old} as (\S+)", out).group(1)  # type: ignore[union-attr]
+    assert await redis_client.get(keys.replayed_as(old)) == new.encode()
+    assert await redis_client.get(keys.replay_of(new)) == old.encode()
+    assert 0 < await redis_client.ttl(keys.replay_of(new)) <= 7 * 86400
+
+    code, out, _ = await cli(harness, "status", old)
+    assert code == 0  # judged by its replay, which is queued
+    lines = out.splitlines()
+    assert lines[0] == f"{old}: failed (CGBAuthError: HTTP 401 on send_text: Injected 401), replayed as {new}"
+    assert re.fullmatch(rf"  then {new}: queued, position 1, enqueued \d+ s ago \(replay of {old}\)", lines[1])
+
+    await harness.run()
+    assert [m["text"] for m in harness.sim.state.outbox] == ["again"]
+    code, out, _ = await cli(harness, "status", new)
+    assert code == 0
+    lines = out.splitlines()
+    assert re.fullmatch(rf"{new}: succeeded \(try 1, finished .* UTC\) \(replay of {old}\)", lines[0])
+    assert lines[1:3] == [f"delivery (the record of {old}): accepted (service)", "  text: accepted"]
+    code, out, _ = await cli(harness, "status", old, "--json")
+    data = json.loads(out)
+    assert (data["state"], data["replayedAs"], data["replays"][0]["state"]) == ("replayed", new, "succeeded")
+    assert data["delivery"]["status"] == "accepted"
+
+
+async def test_a_failed_delivery_exits_1_and_an_unknown_job_3(harness: Harness, redis_client: Any) -> None:
+    failed = {"status": "failed", "at": 1764650000000, "error": {"code": 131026, "title": "undeliverable"}}
+    await redis_client.hset("cgb:sends:visa-9", mapping={"d:text": json.dumps(failed), "text": "sent"})
+    code, out, _ = await cli(harness, "status", "visa-9")
+    assert code == 1
+    assert out.splitlines()[0] == "visa-9: finished; arq no longer holds its result, its delivery record follows"
+    assert out.splitlines()[1].startswith("delivery: failed 131026 (")
+    code, out, err = await cli(harness, "status", "no-such-job")
+    assert (code, err) == (3, "")
+    assert out.startswith("no-such-job: unknown: no queued, running or finished job, dead letter or delivery record")
+
+
+async def test_send_wait_timing_out_says_where_the_job_is(harness: Harness, redis_client: Any) -> None:
+    code, out, err = await cli(harness, "send", "--to", B, "--message", "hi", "--wait", "--timeout", "0.5")
+    assert code == 1
+    job_id = out.split()[1]
+    assert re.fullmatch(
+        rf"cgb-worker: TimeoutError: no result within 0.5 s; {job_id}: queued, position 1, enqueued \d+ s ago\n", err
+    )
+
+
+async def test_a_pickled_job_gets_one_line_saying_how_to_enqueue(
+    harness: Harness, redis_client: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plain = await arq_create_pool(RedisSettings.from_dsn(harness.redis_url))  # arq's default: pickle
+    try:
+        job = await plain.enqueue_job("whatsapp_send", {"to": A, "message": "pickled"})
+    finally:
+        await plain.aclose()
+    assert job is not None
+    capsys.readouterr()
+    await harness.run()
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "deserializ" in line]
+    assert len(lines) == 1
+    assert lines[0].endswith(
+        f"deserializing job {job.job_id} failed: the job is a pickle (arq's default serializer): producers must "
+        "enqueue with cgb_worker.create_pool(), or give arq.create_pool "
+        "job_serializer=cgb_worker.serialization.serialize and job_deserializer=cgb_worker.serialization.deserialize"
+    )
+    assert "Traceback" not in err
+    assert harness.sim.state.outbox == []
+    code, out, _ = await cli(harness, "status", job.job_id)
+    assert code == 1
+    assert out.startswith(f"{job.job_id}: failed: UndecodableJobError: the job is a pickle (arq's default serializer)")
+
+
+async def test_a_queued_pickled_job_is_told_unreadable(harness: Harness, redis_client: Any) -> None:
+    plain = await arq_create_pool(RedisSettings.from_dsn(harness.redis_url))
+    try:
+        job = await plain.enqueue_job("whatsapp_send", {"to": A, "message": "pickled"})
+    finally:
+        await plain.aclose()
+    assert job is not None
+    found = await locate(redis_client, job.job_id)
+    assert (found.state, found.error_type) == ("queued", "UndecodableJobError")
+    assert found.error is not None
+    assert "producers must enqueue with cgb_worker.create_pool()" in found.error
+
+
+def test_the_last_retry_record_carries_no_message() -> None:
+    assert "error" not in LastRetry.__struct_fields__
+    assert "message" not in LastRetry.__struct_fields__
