@@ -100,6 +100,8 @@ def check() -> None:
     """Validate the configuration, ping Redis and CGB, and check every CGB_TEMPLATE_* mapping."""
     settings = _settings()
     click.echo("configuration  ok")
+    for warning in settings.warnings:
+        click.echo(f"warning        {warning}")
     if settings.wa_templates is not None:
         count = len(settings.wa_templates.templates)
         click.echo(f"wa templates   ok ({count} approved template(s) in {settings.wa_templates.path})")
@@ -615,6 +617,8 @@ def webhooks(host: str | None, port: int | None) -> None:
 
     Needs WABA_APP_SECRET (and WABA_VERIFY_TOKEN for Meta's handshake), the workers' PHONE_HASH_KEY and
     REDIS_URL; not the CGB key."""
+    from loguru import logger
+
     from .logs import setup_logging
     from .receipts.app import serve
     from .settings import load_receiver_settings
@@ -625,6 +629,8 @@ def webhooks(host: str | None, port: int | None) -> None:
         _fail(f"the webhook receiver cannot start: {exc}", 2)
     keys.use_phone_key(settings.phone_hash_key.get_secret_value())
     setup_logging(settings.log_level, json_lines=settings.log_json)
+    for warning in settings.warnings:
+        logger.warning(warning)
     serve(settings, host=host, port=port)
 
 
@@ -692,5 +698,4 @@ def simulator(
     argv += ["--seed", str(seed)] if seed is not None else []
     argv += ["--no-request-log"] if no_request_log else []
     argv += ["--wa-templates", wa_templates] if wa_templates else []
-    click.echo(f"CGB simulator on http://{host}:{port}/api (token {token!r}); Ctrl-C stops it", err=True)
-    run_simulator(argv)
+    run_simulator(argv)  # it says where it listens once it does, or why it cannot, in one line
