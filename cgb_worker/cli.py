@@ -23,7 +23,7 @@ from . import __version__, keys
 from .client import CGBClient
 from .deadletters import DeadLetters
 from .errors import CGBWorkerError, ConfigError, InvalidJobError
-from .settings import DEFAULT_REDIS_URL, Settings, load_phone_key, load_settings, redact_url
+from .settings import DEFAULT_REDIS_URL, Settings, load_phone_key, load_settings, parse_duration, redact_url
 from .templates import normalize_name
 
 _T = TypeVar("_T")
@@ -641,7 +641,10 @@ def status(job_id: str, as_json: bool) -> None:
     """What happened to a job's messages: its delivery status and timeline (exit 1 when there is none)."""
     from .receipts.timeline import delivery
 
-    after = float(os.environ.get("STATUS_UNCONFIRMED_AFTER", "86400") or 86400)
+    try:  # a duration, as the receiver reads it
+        after = parse_duration(os.environ.get("STATUS_UNCONFIRMED_AFTER", "").strip() or "86400")
+    except ValueError as exc:
+        _fail(f"STATUS_UNCONFIRMED_AFTER: {exc}", 2)
 
     async def go() -> Any:
         redis = await _pool()

@@ -136,8 +136,9 @@ VARIABLES: Mapping[str, str] = MappingProxyType(
         "UNDELIVERABLE_TTL": "receiver",
         "OPT_OUT_KEYWORDS": "receiver",
         "OPT_IN_KEYWORDS": "receiver",
-        # the tests' own Redis (tests/conftest.py); known, so a developer's shell is not warned about it
+        # the tests' own (tests/conftest.py, container/test_image.py); known, so a developer's shell is not warned
         "CGB_TEST_REDIS_URL": "tests",
+        "CGB_IMAGE": "tests",
     }
 )
 """Every variable cgb-worker reads, and which processes read it (the simulator reads none: it takes options).

@@ -66,15 +66,17 @@ def test_every_variable_the_loaders_read_is_in_the_registry() -> None:
     assert asked - set(VARIABLES) == set()
 
 
-def test_every_variable_read_elsewhere_in_the_package_is_in_the_registry() -> None:
-    """The CLI and the worker's error path read a few from the environment directly."""
+def test_every_variable_read_elsewhere_is_in_the_registry() -> None:
+    """The CLI and the worker's error path read a few from the environment directly, and the tests their own."""
     names: set[str] = set()
-    for path in (ROOT / "cgb_worker").rglob("*.py"):
+    paths = [*(ROOT / "cgb_worker").rglob("*.py"), *(ROOT / "tests").glob("*.py"), *(ROOT / "container").glob("*.py")]
+    for path in paths:
         text = path.read_text()
         names |= set(re.findall(r"environ(?:\.get\(|\[)\"([A-Z][A-Z0-9_]+)\"", text))
         names |= set(re.findall(r"env\.\w+\(\s*\"([A-Z][A-Z0-9_]+)\"", text))
-    assert {"REDIS_URL", "WA_TEMPLATES_FILE", "LOG_JSON"} <= names
-    assert names - set(VARIABLES) == set()
+    assert {"REDIS_URL", "WA_TEMPLATES_FILE", "LOG_JSON", "CGB_TEST_REDIS_URL", "CGB_IMAGE"} <= names
+    ours = {name for name in names if name.startswith(PREFIXES)}  # not PATH, not pytest-xdist's
+    assert ours - set(VARIABLES) == set()
 
 
 def test_env_sample_documents_every_variable_the_loaders_read() -> None:
@@ -292,3 +294,15 @@ async def test_check_prints_the_warnings_and_still_passes(harness: Harness) -> N
         "did you mean CGB_TEMPLATE_CACHE_TIMEOUT?",
     ]
     assert any(line.startswith("cgb            ok") for line in lines)
+
+
+async def test_status_reads_status_unconfirmed_after_as_a_duration(harness: Harness) -> None:
+    code, _, err = await cli(harness, "status", "no-such-job", env={"STATUS_UNCONFIRMED_AFTER": "a day"})
+    assert code == 2
+    assert err.strip().splitlines() == [
+        "cgb-worker: STATUS_UNCONFIRMED_AFTER: Not a valid duration: a number of seconds, or one with a unit "
+        "(500ms, 30s, 5m, 1h, 1d)."
+    ]
+    code, _, err = await cli(harness, "status", "no-such-job", env={"STATUS_UNCONFIRMED_AFTER": "2d"})
+    assert code == 1
+    assert "no-such-job" in err
