@@ -458,7 +458,7 @@ def _read(source: Mapping[str, str]) -> Settings:
     problems = _sealed(env)
     warnings = unknown_variables(source)
     bare_timeout = (source.get("CGB_TIMEOUT") or "").strip()
-    if bare_timeout and _DURATION.fullmatch(bare_timeout) and bare_timeout[-1].isdigit() and float(bare_timeout) < 100:
+    if (bare := _DURATION.fullmatch(bare_timeout)) and bare.group(2) is None and float(bare.group(1)) < 100:
         warnings.append(f"CGB_TIMEOUT={bare_timeout} is {bare_timeout} ms; write {bare_timeout}s for seconds.")
 
     if api_key is not None and not api_key.strip():
