@@ -23,7 +23,7 @@ from . import __version__, keys
 from .client import CGBClient
 from .deadletters import DeadLetters
 from .errors import CGBWorkerError, ConfigError, InvalidJobError
-from .settings import DEFAULT_REDIS_URL, Settings, load_phone_key, load_settings, redact_url
+from .settings import DEFAULT_REDIS_URL, Settings, load_phone_key, load_settings, parse_duration, redact_url
 from .templates import normalize_name
 
 _T = TypeVar("_T")
@@ -100,6 +100,8 @@ def check() -> None:
     """Validate the configuration, ping Redis and CGB, and check every CGB_TEMPLATE_* mapping."""
     settings = _settings()
     click.echo("configuration  ok")
+    for warning in settings.warnings:
+        click.echo(f"warning        {warning}")
     if settings.wa_templates is not None:
         count = len(settings.wa_templates.templates)
         click.echo(f"wa templates   ok ({count} approved template(s) in {settings.wa_templates.path})")
@@ -729,6 +731,8 @@ def webhooks(host: str | None, port: int | None) -> None:
 
     Needs WABA_APP_SECRET (and WABA_VERIFY_TOKEN for Meta's handshake), the workers' PHONE_HASH_KEY and
     REDIS_URL; not the CGB key."""
+    from loguru import logger
+
     from .logs import setup_logging
     from .receipts.app import serve
     from .settings import load_receiver_settings
@@ -739,6 +743,8 @@ def webhooks(host: str | None, port: int | None) -> None:
         _fail(f"the webhook receiver cannot start: {exc}", 2)
     keys.use_phone_key(settings.phone_hash_key.get_secret_value())
     setup_logging(settings.log_level, json_lines=settings.log_json)
+    for warning in settings.warnings:
+        logger.warning(warning)
     serve(settings, host=host, port=port)
 
 
@@ -760,7 +766,10 @@ def status(job_id: str, as_json: bool) -> None:
     dead-lettered, or its newest replay did) or its delivery failed; 3 no record of the job at all."""
     from .jobstate import describe, locate, replays
 
-    after = float(os.environ.get("STATUS_UNCONFIRMED_AFTER", "86400") or 86400)
+    try:  # a duration, as the receiver reads it
+        after = parse_duration(os.environ.get("STATUS_UNCONFIRMED_AFTER", "").strip() or "86400")
+    except ValueError as exc:
+        _fail(f"STATUS_UNCONFIRMED_AFTER: {exc}", 2)
 
     async def go() -> tuple[Any, list[Any]]:
         redis = await _pool()
@@ -831,5 +840,4 @@ def simulator(
     argv += ["--seed", str(seed)] if seed is not None else []
     argv += ["--no-request-log"] if no_request_log else []
     argv += ["--wa-templates", wa_templates] if wa_templates else []
-    click.echo(f"CGB simulator on http://{host}:{port}/api (token {token!r}); Ctrl-C stops it", err=True)
-    run_simulator(argv)
+    run_simulator(argv)  # it says where it listens once it does, or why it cannot, in one line

@@ -7,8 +7,11 @@ or written, so a caller reading another mapping leaves the process, and its thre
 
 from __future__ import annotations
 
+import difflib
+import errno
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
@@ -66,6 +69,169 @@ def redact_url(url: str) -> str:
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:********@{netloc}"))
+
+
+VARIABLES: Mapping[str, str] = MappingProxyType(
+    {
+        # the worker (load_settings); the CLI reads the same ones
+        "CGB_API_URL": "worker",
+        "CGB_API_KEY": "worker",
+        "CGB_TIMEOUT": "worker",
+        "CGB_RETRY_ATTEMPTS": "worker",
+        "CGB_RETRY_BASE_DELAY": "worker",
+        "CGB_RETRY_MAX_DELAY": "worker",
+        "CGB_CACHE_TIMEOUT": "worker",
+        "CGB_TEMPLATE_CACHE_TIMEOUT": "worker",
+        "CGB_DEFAULT_REGION": "worker, cli",
+        "CGB_UNKNOWN_OUTCOME": "worker",
+        "CGB_OUTSIDE_WINDOW": "worker",
+        "CGB_RATE_LIMIT": "worker",
+        "DEAD_LETTER_MAX": "worker",
+        "STATUS_TURN_WAIT": "worker",
+        "LOG_DIAGNOSE": "worker",
+        "METRICS_PORT": "worker",
+        "WA_TEMPLATES_FILE": "worker, cli",
+        "QUIET_HOURS": "worker",
+        "QUIET_HOURS_CATEGORIES": "worker",
+        "WORKER_MAX_JOBS": "worker",
+        "WORKER_POLL_DELAY": "worker",
+        "WORKER_JOB_TIMEOUT": "worker",
+        "WORKER_HEALTH_CHECK_INTERVAL": "worker",
+        "WORKER_JOB_COMPLETION_WAIT": "worker",
+        "WORKER_KEEP_RESULT": "worker",
+        # both, and the CLI
+        "PHONE_HASH_KEY": "worker, receiver, cli",
+        "REDIS_URL": "worker, receiver, cli",
+        "REDIS_CONNECT_TIMEOUT": "worker, receiver, cli",
+        "REDIS_SENTINELS": "worker, receiver, cli",
+        "REDIS_SENTINEL_MASTER": "worker, receiver, cli",
+        "STATUS_CLOCK_SKEW": "worker, receiver",
+        "LOG_LEVEL": "worker, receiver",
+        "LOG_JSON": "worker, receiver",
+        # the webhook receiver (load_receiver_settings)
+        "WABA_APP_SECRET": "receiver",
+        "WABA_VERIFY_TOKEN": "receiver",
+        "WEBHOOK_HOST": "receiver",
+        "WEBHOOK_PORT": "receiver",
+        "WEBHOOK_ADMIN_HOST": "receiver",
+        "WEBHOOK_ADMIN_PORT": "receiver",
+        "WEBHOOK_ROLE": "receiver",
+        "WEBHOOK_CONSUMER": "receiver",
+        "WEBHOOK_MAX_BODY": "receiver",
+        "WEBHOOK_REDIS_TIMEOUT": "receiver",
+        "WEBHOOK_READ_TIMEOUT": "receiver",
+        "WEBHOOK_MAX_CONNECTIONS": "receiver",
+        "WEBHOOK_READ_MEMORY": "receiver",
+        "WEBHOOK_INBOX_MAX": "receiver",
+        "WEBHOOK_MAX_LAG": "receiver",
+        "WEBHOOK_DIAGNOSTICS_TTL": "receiver",
+        "STATUS_MATCH_WINDOW": "receiver",
+        "STATUS_UNCONFIRMED_AFTER": "receiver, cli",
+        "STATUS_HOLD": "receiver",
+        "DELIVERY_STREAM_MAX": "receiver",
+        "WA_RESEND_DELAY": "receiver",
+        "WA_RESEND_FACTOR": "receiver",
+        "WA_RESEND_MAX": "receiver",
+        "MARKETING_CAP_RETRY_AFTER": "receiver",
+        "UNDELIVERABLE_TTL": "receiver",
+        "OPT_OUT_KEYWORDS": "receiver",
+        "OPT_IN_KEYWORDS": "receiver",
+        # the tests' own (tests/conftest.py, container/test_image.py); known, so a developer's shell is not warned
+        "CGB_TEST_REDIS_URL": "tests",
+        "CGB_IMAGE": "tests",
+    }
+)
+"""Every variable cgb-worker reads, and which processes read it (the simulator reads none: it takes options).
+``CGB_TEMPLATE_<NAME>`` is the one family beyond these. A test records every name the loaders ask for and
+fails on one missing here; a variable under one of :data:`PREFIXES` that is not here is warned about."""
+
+PREFIXES = tuple(sorted({name.split("_")[0] + "_" for name in VARIABLES}))
+"""The first word of every known variable: a name under one of these that is not known is likely a typo."""
+
+_CLUSTER_LINK = re.compile(r"_SERVICE_(HOST|PORT)(_|$)|_PORT_\d+_(TCP|UDP|SCTP)(_|$)")
+"""What Kubernetes (and docker's old links) put in a container's environment for a service named ``redis`` or
+``worker``: ``REDIS_SERVICE_HOST``, ``REDIS_PORT_6379_TCP_ADDR``, and ``REDIS_PORT=tcp://...`` (checked apart)."""
+
+_REDIS_PARTS = ("HOST", "PORT", "PASSWORD", "USER", "USERNAME", "DB", "DATABASE", "SSL", "TLS")
+
+
+def unknown_variables(source: Mapping[str, str]) -> list[str]:
+    """A warning for each variable under :data:`PREFIXES` that cgb-worker does not read, naming the closest known
+    one. Only names are shown: a value may be a secret."""
+    warnings = []
+    for name in sorted(source):
+        if name in VARIABLES or not name.startswith(PREFIXES) or name.startswith(TEMPLATE_PREFIX):
+            continue
+        if _CLUSTER_LINK.search(name) or (name.endswith("_PORT") and source[name].startswith(("tcp://", "udp://"))):
+            continue
+        close = difflib.get_close_matches(name, VARIABLES, n=1, cutoff=0.8)
+        if close:
+            warnings.append(f"{name} is not a setting; did you mean {close[0]}?")
+        elif name.startswith("REDIS_") and name[len("REDIS_") :] in _REDIS_PARTS:
+            warnings.append(
+                f"{name} is not a setting; Redis's host, port, database, user, password and TLS all go in "
+                "REDIS_URL (rediss://user:password@host:6380/0)."
+            )
+        else:
+            warnings.append(f"{name} is not a setting (.env.sample lists every variable); it is ignored.")
+    return warnings
+
+
+def _setting_like(name: str) -> str | None:
+    """The known variable a ``CGB_TEMPLATE_<NAME>`` was probably meant to be, or None: the whole name is close to
+    one (``CGB_TEMPLATE_CACHE_TIMOUT``), or its template name is one's own (``CGB_TEMPLATE_RATE_LIMIT``)."""
+    tail = name[len(TEMPLATE_PREFIX) :]
+    best, best_ratio = None, 0.0
+    for known in VARIABLES:
+        own = known.removeprefix(TEMPLATE_PREFIX).removeprefix("CGB_")
+        for a, b in ((name, known), (tail, own)):
+            ratio = difflib.SequenceMatcher(None, a, b).ratio()
+            if ratio > best_ratio:
+                best, best_ratio = known, ratio
+    return best if best_ratio >= 0.85 else None
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*", re.IGNORECASE)
+DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_UNIT_NAMES = {"ms": "milliseconds", "s": "seconds", "d": "days"}
+
+
+def parse_duration(text: str, unit: str = "s") -> float:
+    """``text`` as a number of ``unit``: a bare number is already in it (``CGB_TIMEOUT`` in milliseconds, most
+    others in seconds), one with a unit (``500ms``, ``30s``, ``1.5s``, ``5m``, ``1h``, ``7d``) is converted.
+    Raises ValueError, saying what is accepted."""
+    match = _DURATION.fullmatch(text)
+    if match is None:
+        raise ValueError(
+            f"Not a valid duration: a number of {_UNIT_NAMES[unit]}, or one with a unit (500ms, 30s, 5m, 1h, 1d)."
+        )
+    number, given = float(match.group(1)), (match.group(2) or unit).lower()
+    return number * DURATION_UNITS[given] / DURATION_UNITS[unit]
+
+
+def _duration(value: Any, *, unit: str = "s", whole: bool = False, validate: Any = None) -> float | int:
+    """environs' parser for a duration variable (``env.duration``); a default passes through as it is."""
+    if not isinstance(value, str):
+        return cast("float | int", value)
+    try:
+        parsed = parse_duration(value, unit)
+    except ValueError as exc:
+        raise environs.EnvError(str(exc)) from None
+    result: float | int = parsed
+    if whole:
+        if not parsed.is_integer():
+            raise environs.EnvError(f"Not a whole number of {_UNIT_NAMES[unit]}.")
+        result = int(parsed)
+    if validate is not None:
+        validate(result)
+    return result
+
+
+def listen_problem(what: str, host: str, port: int, exc: OSError) -> str:
+    """One line for a port that cannot be listened on, naming the variable (or option) that chose it."""
+    if exc.errno == errno.EADDRINUSE:
+        return f"{what} {port} is in use ({host}:{port}: another process listens there)"
+    return f"{what} {port} cannot be listened on ({host}:{port}: {exc.strerror or exc})"
 
 
 MAX_RETRY_ATTEMPTS = 100
@@ -169,9 +335,12 @@ class Settings:
     quiet_categories: frozenset[Category] = frozenset({"marketing"})
     """``QUIET_HOURS_CATEGORIES``: the categories quiet hours apply to."""
     worker: WorkerOptions = field(default_factory=WorkerOptions)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+    """What in the configuration is suspect but not wrong (an unknown variable, ``CGB_TIMEOUT=5``), one line each;
+    logged once logging is set up. Names only: no value that could be a secret."""
 
     def __repr__(self) -> str:
-        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "warnings"}
         shown["redis_url"] = redact_url(self.redis_url)  # the key is a Secret already
         shown["templates"] = dict(self.templates)
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
@@ -189,6 +358,12 @@ class _MappingEnv(environs.Env):
     def __init__(self, source: Mapping[str, str]) -> None:
         super().__init__(eager=False)
         self._source = source
+        self.add_parser("duration_value", _duration)
+
+    def duration(self, name: str, default: float, *, unit: str = "s", whole: bool = False, validate: Any = None) -> Any:
+        """A duration (:func:`parse_duration`): a bare number in ``unit``, or one with its own unit; ``whole``
+        for a value that must be a whole number of ``unit``."""
+        return self.__custom_parsers__["duration_value"](self, name, default, unit=unit, whole=whole, validate=validate)
 
     def _get_value(self, env_key: str, default: Any) -> Any:
         value = self._source.get(env_key, default)
@@ -250,19 +425,19 @@ def _read(source: Mapping[str, str]) -> Settings:
 
     api_url = env.str("CGB_API_URL", DEFAULT_API_URL)
     api_key = env.str("CGB_API_KEY")
-    timeout_ms = env.float("CGB_TIMEOUT", 5000.0, validate=positive)
+    timeout_ms = env.duration("CGB_TIMEOUT", 5000.0, unit="ms", validate=positive)
     retry_attempts = env.int("CGB_RETRY_ATTEMPTS", 10, validate=Range(min=0, max=MAX_RETRY_ATTEMPTS))
-    base_delay = env.float("CGB_RETRY_BASE_DELAY", 2.0, validate=positive)
-    max_delay = env.float("CGB_RETRY_MAX_DELAY", 300.0, validate=positive)
-    cache_timeout = env.int("CGB_CACHE_TIMEOUT", 3600, validate=positive)
-    template_cache_timeout = env.int("CGB_TEMPLATE_CACHE_TIMEOUT", 86400, validate=positive)
+    base_delay = env.duration("CGB_RETRY_BASE_DELAY", 2.0, validate=positive)
+    max_delay = env.duration("CGB_RETRY_MAX_DELAY", 300.0, validate=positive)
+    cache_timeout = env.duration("CGB_CACHE_TIMEOUT", 3600, whole=True, validate=positive)
+    template_cache_timeout = env.duration("CGB_TEMPLATE_CACHE_TIMEOUT", 86400, whole=True, validate=positive)
     default_region = env.str("CGB_DEFAULT_REGION", None)
     redis_url = env.str("REDIS_URL", DEFAULT_REDIS_URL)
     unknown_outcome = env.str("CGB_UNKNOWN_OUTCOME", "resend", validate=OneOf(["resend", "fail"]))
     outside_window = env.str("CGB_OUTSIDE_WINDOW", "send", validate=OneOf(["send", "fail"]))
     dead_letter_max = env.int("DEAD_LETTER_MAX", 10000, validate=positive)
-    turn_wait = env.float("STATUS_TURN_WAIT", 10.0, validate=Range(min=0, max=3600))
-    clock_skew = env.float("STATUS_CLOCK_SKEW", 2.0, validate=Range(min=0, max=600))
+    turn_wait = env.duration("STATUS_TURN_WAIT", 10.0, validate=Range(min=0, max=3600))
+    clock_skew = env.duration("STATUS_CLOCK_SKEW", 2.0, validate=Range(min=0, max=600))
     log_level = _log_level(env)
     log_json = env.bool("LOG_JSON", False)
     log_diagnose = env.bool("LOG_DIAGNOSE", False)
@@ -273,13 +448,19 @@ def _read(source: Mapping[str, str]) -> Settings:
     quiet_categories_text = env.str("QUIET_HOURS_CATEGORIES", "marketing")
     d = WorkerOptions()
     worker_values = {
-        name: (env.int if cast is int else env.float)(var, getattr(d, name), validate=Range(min=low, max=high))
+        name: env.int(var, getattr(d, name), validate=Range(min=low, max=high))
+        if name == "max_jobs"
+        else env.duration(var, getattr(d, name), whole=cast is int, validate=Range(min=low, max=high))
         for name, (var, cast, low, high) in WORKER_VARIABLES.items()
     }
     if "WORKER_MAX_JOBS" not in source and rate_limit is not None:
         worker_values["max_jobs"] = default_max_jobs(rate_limit)
 
     problems = _sealed(env)
+    warnings = unknown_variables(source)
+    bare_timeout = (source.get("CGB_TIMEOUT") or "").strip()
+    if (bare := _DURATION.fullmatch(bare_timeout)) and bare.group(2) is None and float(bare.group(1)) < 100:
+        warnings.append(f"CGB_TIMEOUT={bare_timeout} is {bare_timeout} ms; write {bare_timeout}s for seconds.")
 
     if api_key is not None and not api_key.strip():
         problems.append("CGB_API_KEY: must not be empty.")
@@ -325,12 +506,19 @@ def _read(source: Mapping[str, str]) -> Settings:
             continue
         template = name[len(TEMPLATE_PREFIX) :].lower()
         flow_id = value.strip()
+        meant = _setting_like(name) if template else None
         if not template:
             problems.append(f"{name}: names no template.")
         elif not flow_id.isdigit():
-            problems.append(f"{name}: flow id must be digits, got {value!r}.")
+            looks = "; that looks like a duration, not a flow id" if _DURATION.fullmatch(flow_id) else ""
+            guess = f"; did you mean {meant}?" if meant else "."
+            problems.append(
+                f"{name}: flow id must be digits (CGB_TEMPLATE_<NAME> maps a template to a flow){looks}{guess}"
+            )
         else:
             templates[template] = flow_id
+            if meant:
+                warnings.append(f"{name} maps a template named {template!r} to a CGB flow; did you mean {meant}?")
 
     if problems:
         raise ConfigError(problems)
@@ -371,6 +559,7 @@ def _read(source: Mapping[str, str]) -> Settings:
         quiet_hours=quiet_hours,
         quiet_categories=quiet_categories,
         worker=WorkerOptions(**worker_values),
+        warnings=tuple(warnings),
     )
 
 
@@ -502,9 +691,11 @@ class ReceiverSettings:
     ``authentication``; empty: off."""
     opt_in_keywords: frozenset[str] = frozenset({"start", "subscribe"})
     """``OPT_IN_KEYWORDS``: one of these lifts what the person's own opt-outs put on the list; empty: off."""
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+    """As :attr:`Settings.warnings`: unknown variables, logged once logging is set up."""
 
     def __repr__(self) -> str:
-        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "warnings"}
         shown["redis_url"] = redact_url(self.redis_url)
         return "ReceiverSettings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
@@ -519,11 +710,11 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
     redis_url = env.str("REDIS_URL", DEFAULT_REDIS_URL)
     host = env.str("WEBHOOK_HOST", "0.0.0.0")  # noqa: S104
     port = env.int("WEBHOOK_PORT", 8090, validate=Range(min=1, max=65535))
-    match_window = env.float("STATUS_MATCH_WINDOW", 600.0, validate=positive)
-    unconfirmed_after = env.float("STATUS_UNCONFIRMED_AFTER", 86400.0, validate=positive)
+    match_window = env.duration("STATUS_MATCH_WINDOW", 600.0, validate=positive)
+    unconfirmed_after = env.duration("STATUS_UNCONFIRMED_AFTER", 86400.0, validate=positive)
     stream_max = env.int("DELIVERY_STREAM_MAX", 100000, validate=Range(min=100))
-    clock_skew = env.float("STATUS_CLOCK_SKEW", 2.0, validate=Range(min=0, max=600))
-    hold = env.float("STATUS_HOLD", 300.0, validate=positive)
+    clock_skew = env.duration("STATUS_CLOCK_SKEW", 2.0, validate=Range(min=0, max=600))
+    hold = env.duration("STATUS_HOLD", 300.0, validate=positive)
     consumer = env.str("WEBHOOK_CONSUMER", "")
     log_level = _log_level(env)
     log_json = env.bool("LOG_JSON", False)
@@ -531,20 +722,20 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
     admin_host = env.str("WEBHOOK_ADMIN_HOST", "127.0.0.1")
     admin_port = env.int("WEBHOOK_ADMIN_PORT", 9090, validate=Range(min=1, max=65535))
     max_body = env.int("WEBHOOK_MAX_BODY", 3 * 1024 * 1024, validate=Range(min=64 * 1024, max=64 * 1024 * 1024))
-    redis_timeout = env.float("WEBHOOK_REDIS_TIMEOUT", 2.0, validate=Range(min=0.1, max=60))
-    read_timeout = env.float("WEBHOOK_READ_TIMEOUT", 10.0, validate=Range(min=0.5, max=300))
+    redis_timeout = env.duration("WEBHOOK_REDIS_TIMEOUT", 2.0, validate=Range(min=0.1, max=60))
+    read_timeout = env.duration("WEBHOOK_READ_TIMEOUT", 10.0, validate=Range(min=0.5, max=300))
     max_connections = env.int("WEBHOOK_MAX_CONNECTIONS", 512, validate=Range(min=8, max=1_000_000))
     read_memory = env.int("WEBHOOK_READ_MEMORY", 64 * 1024 * 1024, validate=Range(min=1024 * 1024))
     inbox_max = env.int("WEBHOOK_INBOX_MAX", 1_000_000, validate=Range(min=100))
-    max_lag = env.float("WEBHOOK_MAX_LAG", 60.0, validate=positive)
-    diagnostics_ttl = env.float("WEBHOOK_DIAGNOSTICS_TTL", 7.0, validate=Range(min=0.01, max=365))
+    max_lag = env.duration("WEBHOOK_MAX_LAG", 60.0, validate=positive)
+    diagnostics_ttl = env.duration("WEBHOOK_DIAGNOSTICS_TTL", 7.0, unit="d", validate=Range(min=0.01, max=365))
     reactions = ReactionSettings(
-        resend_delay=env.float("WA_RESEND_DELAY", 6.0, validate=Range(min=0, max=86400)) or 0.0,
+        resend_delay=env.duration("WA_RESEND_DELAY", 6.0, validate=Range(min=0, max=86400)) or 0.0,
         resend_factor=env.float("WA_RESEND_FACTOR", 4.0, validate=Range(min=1, max=100)) or 4.0,
         resend_max=env.int("WA_RESEND_MAX", 3, validate=Range(min=0, max=10)) or 0,
-        marketing_cap_retry_after=env.float("MARKETING_CAP_RETRY_AFTER", 0.0, validate=Range(min=0, max=30 * 86400))
+        marketing_cap_retry_after=env.duration("MARKETING_CAP_RETRY_AFTER", 0.0, validate=Range(min=0, max=30 * 86400))
         or 0.0,
-        undeliverable_ttl=env.float("UNDELIVERABLE_TTL", 86400.0, validate=Range(min=1, max=365 * 86400)) or 86400.0,
+        undeliverable_ttl=env.duration("UNDELIVERABLE_TTL", 86400.0, validate=Range(min=1, max=365 * 86400)) or 86400.0,
     )
     opt_out_raw = env.str("OPT_OUT_KEYWORDS", ",".join(DEFAULT_OPT_OUT))
     opt_in_raw = env.str("OPT_IN_KEYWORDS", ",".join(DEFAULT_OPT_IN))
@@ -602,4 +793,5 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
         reactions=reactions,
         opt_out_keywords=opt_out,
         opt_in_keywords=opt_in,
+        warnings=tuple(unknown_variables(source)),
     )

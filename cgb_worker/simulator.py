@@ -35,6 +35,7 @@ import functools
 import random
 import re
 import signal
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -47,6 +48,7 @@ from aiohttp import web
 
 from .catalog import BAD_SPACING, TemplateCatalog, load_catalog
 from .receipts.app import signature
+from .settings import listen_problem
 
 PAGE_ID = 1000001
 DEFAULT_TOKEN = "sim-token"  # noqa: S105 - the simulator's own, documented token
@@ -1022,11 +1024,20 @@ def main(argv: list[str] | None = None) -> None:
 
 
 async def _serve(app: web.Application, host: str, port: int) -> None:
+    """Serve until SIGTERM or SIGINT. A port it cannot listen on is one line on stderr and exit 2; once it
+    listens, one line says where."""
     runner = web.AppRunner(app, access_log=None, handle_signals=True)
     await runner.setup()
     listener = Listener(runner, host, port)
     app[STATE].listener = listener
-    await listener.start()
+    try:
+        await listener.start()
+    except OSError as exc:
+        await runner.cleanup()
+        sys.stderr.write(f"cgb-simulator: {listen_problem('--port', host, port, exc)}\n")
+        raise SystemExit(2) from None
+    token = app[STATE].config.token
+    sys.stderr.write(f"CGB simulator on http://{host}:{listener.port}/api (token {token!r}); Ctrl-C stops it\n")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -54,7 +54,7 @@ from .metrics import Metrics
 from .ratelimit import RateLimiter
 from .sends import SendLog
 from .serialization import deserialize, serialize
-from .settings import DEFAULT_REDIS_URL, Settings, load_settings, parse_redis_url, redact_url
+from .settings import DEFAULT_REDIS_URL, Settings, listen_problem, load_settings, parse_redis_url, redact_url
 from .templates import Catalog, TemplateResolver
 
 REDIS_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -186,7 +186,12 @@ def _startup(settings: Settings) -> Any:
             )
         if settings.metrics_port is not None:
             metrics.watch_queue(redis, default_queue_name, in_progress_key_prefix, dead_letters)
-            await metrics.serve(settings.metrics_port)
+            try:
+                await metrics.serve(settings.metrics_port)
+            except OSError as exc:
+                problem = listen_problem("METRICS_PORT", "0.0.0.0", settings.metrics_port, exc)  # noqa: S104
+                logger.error("cgb-worker cannot start: {}", problem)
+                raise SystemExit(2) from None
             logger.info("metrics on :{}/metrics", settings.metrics_port)
         logger.info(
             "cgb-worker ready: CGB at {}, Redis at {}, rate limit {}, {} template mapping(s), max_jobs={}",
@@ -221,6 +226,8 @@ def worker_settings(environ: Mapping[str, str] | None = None) -> type:
     settings = load_settings(environ)
     keys.use_phone_key(settings.phone_hash_key.get_secret_value())
     setup_logging(settings.log_level, json_lines=settings.log_json, diagnose=settings.log_diagnose)
+    for warning in settings.warnings:
+        logger.warning(warning)
     options = settings.worker
     redis = redis_settings(settings.redis_url)
 

@@ -40,7 +40,7 @@ from redis.exceptions import RedisError
 
 from .. import keys
 from ..metrics import ReceiverMetrics
-from ..settings import ReceiverSettings, redact_url
+from ..settings import ReceiverSettings, listen_problem, redact_url
 from .guard import (
     Budget,
     ConnectionGuard,
@@ -347,9 +347,19 @@ class Endpoints:
         self._sweeper: asyncio.Task[None] | None = None
         self.port = self.admin_port = 0
 
-    async def start(self, host: str, port: int, admin_host: str, admin_port: int, *, public: bool = True) -> None:
+    async def start(
+        self,
+        host: str,
+        port: int,
+        admin_host: str,
+        admin_port: int,
+        *,
+        public: bool = True,
+        port_name: str = "WEBHOOK_PORT",
+    ) -> None:
         """Listen; without ``public`` (``WEBHOOK_ROLE=process``) the app runs, its processor too, but only the
-        admin port listens."""
+        admin port listens. A port that cannot be had raises :class:`CannotListen`, naming its variable
+        (``port_name``: ``--port`` when the command line chose it)."""
         quiet_accept_errors(self.noise)
         return_big_blocks()
         await self._runner.setup()
@@ -357,11 +367,17 @@ class Endpoints:
         assert server is not None
         if public:
             loop = asyncio.get_running_loop()
-            self._server = await loop.create_server(self.guard.factory(server), host, port, backlog=128)
+            try:
+                self._server = await loop.create_server(self.guard.factory(server), host, port, backlog=128)
+            except OSError as exc:
+                raise CannotListen(listen_problem(port_name, host, port, exc)) from None
             self.port = self._server.sockets[0].getsockname()[1]
         self._sweeper = asyncio.create_task(self.guard.run())
         await self._admin.setup()
-        await web.TCPSite(self._admin, admin_host, admin_port).start()
+        try:
+            await web.TCPSite(self._admin, admin_host, admin_port).start()
+        except OSError as exc:
+            raise CannotListen(listen_problem("WEBHOOK_ADMIN_PORT", admin_host, admin_port, exc)) from None
         self.admin_port = self._admin.addresses[0][1]
 
     async def stop(self) -> None:
@@ -375,16 +391,21 @@ class Endpoints:
         self.public[_STORE_FAILURES].flush()
 
 
+class CannotListen(Exception):
+    """A port the receiver cannot listen on; the message names its variable and says why, in one line."""
+
+
 _ROLES = {"all": "answering and processing", "answer": "answering only", "process": "processing only"}
 
 
 def serve(settings: ReceiverSettings, *, host: str | None = None, port: int | None = None) -> None:
     """Run the receiver until SIGTERM or SIGINT; then stop taking requests, let the processor finish its
     round, and close Redis."""
-    asyncio.run(_serve(settings, host or settings.host, port or settings.port))
+    port_name = "--port" if port else "WEBHOOK_PORT"
+    asyncio.run(_serve(settings, host or settings.host, port or settings.port, port_name))
 
 
-async def _serve(settings: ReceiverSettings, host: str, port: int) -> None:
+async def _serve(settings: ReceiverSettings, host: str, port: int, port_name: str = "WEBHOOK_PORT") -> None:
     from ..worker import create_pool
 
     stop = asyncio.Event()
@@ -396,10 +417,11 @@ async def _serve(settings: ReceiverSettings, host: str, port: int) -> None:
     try:
         try:
             await endpoints.start(
-                host, port, settings.admin_host, settings.admin_port, public=settings.role != "process"
-            )
-        except OSError as exc:
-            logger.error("the webhook receiver cannot listen: {}", exc.strerror or exc)
+                host, port, settings.admin_host, settings.admin_port, public=settings.role != "process",
+                port_name=port_name,
+            )  # fmt: skip
+        except CannotListen as exc:
+            logger.error("the webhook receiver cannot start: {}", exc)
             raise SystemExit(2) from None
         # What start-up built (modules, settings, the app) lives as long as the process: out of the collector's
         # sight, it is not walked again by every full collection a busy port's garbage sets off.
