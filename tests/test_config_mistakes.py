@@ -304,5 +304,5 @@ async def test_status_reads_status_unconfirmed_after_as_a_duration(harness: Harn
         "(500ms, 30s, 5m, 1h, 1d)."
     ]
     code, _, err = await cli(harness, "status", "no-such-job", env={"STATUS_UNCONFIRMED_AFTER": "2d"})
-    assert code == 1
+    assert code == 3  # unknown: nothing has a record of the id
     assert "no-such-job" in err
