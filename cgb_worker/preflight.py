@@ -126,15 +126,16 @@ async def wait_for_redis(connect: Callable[[], Awaitable[_T]], url: str, *, give
             why = cause(exc, url)
         now = time.monotonic()
         waited = now - started
+        # said at the first failure even when it used up the time (a host that never answers), then every 10 s
+        if timeout > 0 and (said_at is None or now - said_at >= REPORT_EVERY):
+            said_at = now
+            say(f"waiting for Redis at {shown}: {why} ({waited:.0f} s of REDIS_CONNECT_TIMEOUT={timeout:g})")
         if waited >= timeout:
             raise StartupError(
                 f"Redis at {shown} unreachable: {why}; gave up after {waited:.0f} s "
                 f"(REDIS_CONNECT_TIMEOUT={timeout:g})",
                 1,
             )
-        if said_at is None or now - said_at >= REPORT_EVERY:
-            said_at = now
-            say(f"waiting for Redis at {shown}: {why} ({waited:.0f} s of REDIS_CONNECT_TIMEOUT={timeout:g})")
         await asyncio.sleep(min(RETRY_EVERY, max(0.0, timeout - waited)))
 
 
