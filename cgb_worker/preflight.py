@@ -143,10 +143,12 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
 
 
-async def check_server(redis: Any, url: str, *, role: Role, say: Say) -> dict[str, Any]:
-    """Refuse a Redis this code cannot use safely (:class:`StartupError`, exit 2); warn about one that loses
-    data on a restart (the receiver: its inbox is what Meta was told was received). Returns what was found."""
+async def check_server(redis: Any, url: str, *, role: Role) -> list[str]:
+    """Refuse a Redis this code cannot use safely (:class:`StartupError`, exit 2); the warnings to say once
+    nothing refused (about a Redis that loses data on a restart, for the receiver, whose inbox is what Meta
+    was told was received)."""
     shown = redact_url(url)
+    warnings: list[str] = []
     async with redis.pipeline(transaction=False) as pipe:
         pipe.info("server")
         pipe.info("memory")
@@ -165,7 +167,7 @@ async def check_server(redis: Any, url: str, *, role: Role, say: Say) -> dict[st
             "sent twice; set it to noeviction"
         )
         if role == "cli":  # an operator's look at a store is still worth having; a writer is refused
-            say(f"warning: {message}")
+            warnings.append(f"warning: {message}")
         else:
             raise StartupError(message, 2)
     if role == "receiver" and not int(persistence.get("aof_enabled", 0)):
@@ -174,11 +176,11 @@ async def check_server(redis: Any, url: str, *, role: Role, say: Say) -> dict[st
         except ResponseError:  # managed Redis often forbids CONFIG; its persistence is the provider's
             saves = None
         if saves == "":
-            say(
+            warnings.append(
                 f"Redis at {shown} persists nothing (no AOF, no RDB saves): a restart loses every stored webhook "
                 "Meta was told was received, and every delivery record; turn on appendonly or save"
             )
-    return {"version": version, "maxmemory_policy": policy}
+    return warnings
 
 
 async def check_format(redis: Any, url: str) -> int:
@@ -205,7 +207,7 @@ async def open_redis(
     """Steps 1 to 3 of the module doc: the client ``connect`` gives, reachable and checked; closed on a refusal."""
     redis: Any = await wait_for_redis(connect, url, give_up_after=give_up_after, say=say)
     try:
-        await check_server(redis, url, role=role, say=say)
+        warnings = await check_server(redis, url, role=role)
         await check_format(redis, url)
     except StartupError:
         await _close(redis)
@@ -213,6 +215,8 @@ async def open_redis(
     except (RedisError, OSError, TimeoutError) as exc:
         await _close(redis)
         raise StartupError(f"Redis at {redact_url(url)} failed the start-up checks: {cause(exc, url)}", 1) from None
+    for warning in warnings:  # after every refusal, so that a refused start is one line
+        say(warning)
     return redis  # type: ignore[no-any-return]
 
 
