@@ -639,7 +639,8 @@ def run() -> None:
 
     It rides out a Redis restart (every Redis command is retried for about two minutes) and exits only when
     Redis stays away longer, or on SIGTERM/SIGINT, which let running sends finish first. A bad configuration
-    exits at once with status 2 and every problem listed."""
+    exits at once with status 2 and every problem listed; then the start-up checks run (README, "Starting up"):
+    Redis awaited up to REDIS_CONNECT_TIMEOUT, the server, the data format, the CGB key."""
     from .worker import main as run_worker
 
     run_worker()
