@@ -3,9 +3,10 @@
 Both ways of starting the worker (``arq cgb_worker.WorkerSettings`` and ``cgb-worker run``) run arq's own
 ``Worker`` with the settings :func:`worker_settings` builds: the configuration is read from the environment
 once, when the settings are built, and a bad one stops the process there (exit 2, one message listing
-every problem), before anything connects anywhere. ``on_startup`` opens the one ``aiohttp.ClientSession``
-the worker has and builds the CGB client, contact resolver and template services into ``ctx["cgb"]``;
-``on_shutdown`` closes the session.
+every problem), before anything connects anywhere; then the start-up checks of :mod:`cgb_worker.preflight` run
+(Redis awaited out loud, the server, the data format, the CGB key), each refusal one line. ``on_startup``
+opens the one ``aiohttp.ClientSession`` the worker has and builds the CGB client, contact resolver and template
+services into ``ctx["cgb"]``; ``on_shutdown`` closes the session.
 
 Redis outages. Every Redis command, arq's own included, is retried by redis-py through a lost connection or
 a Redis that is restarting (:data:`REDIS_RETRY`: backoff from 50 ms to 1 s, about two minutes in all), so
