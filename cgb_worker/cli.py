@@ -114,6 +114,8 @@ def entry() -> None:
     instead of a traceback."""
     try:
         main()
+    except KeyboardInterrupt:  # Ctrl-C while a command waits (for Redis, say): no traceback either
+        _fail("interrupted", 130)
     except Exception as exc:
         _fail(f"{type(exc).__name__}: {exc}")
 

@@ -252,6 +252,9 @@ def worker_settings_or_exit() -> type:
     except StartupError as exc:
         logger.error("cgb-worker cannot start: {}", exc)
         sys.exit(exc.code)
+    except KeyboardInterrupt:  # Ctrl-C while it waits for Redis
+        logger.error("cgb-worker interrupted before it started")
+        sys.exit(130)
     return worker_class
 
 
