@@ -55,7 +55,7 @@ def __getattr__(name: str) -> Any:
     """``cgb_worker.WorkerSettings``, what ``arq cgb_worker.WorkerSettings`` loads: built on first use from the
     process environment (see :func:`cgb_worker.worker.worker_settings`), so that importing the package, as
     producers do, reads no worker configuration. A bad configuration exits with status 2 and the list of
-    problems."""
+    problems; then the start-up checks run (:mod:`cgb_worker.preflight`), each refusal one line."""
     global _worker_settings
     if name == "WorkerSettings":
         if _worker_settings is None:

@@ -23,7 +23,16 @@ from . import __version__, keys
 from .client import CGBClient
 from .deadletters import DeadLetters
 from .errors import CGBWorkerError, ConfigError, InvalidJobError
-from .settings import DEFAULT_REDIS_URL, Settings, load_phone_key, load_settings, parse_duration, redact_url
+from .settings import (
+    DEFAULT_REDIS_URL,
+    Settings,
+    load_connect_timeout,
+    load_phone_key,
+    load_settings,
+    parse_duration,
+    parse_redis_url,
+    redact_url,
+)
 from .templates import normalize_name
 
 _T = TypeVar("_T")
@@ -64,17 +73,35 @@ async def _with_cgb(settings: Settings, use: Callable[[CGBClient], Awaitable[_T]
         return await use(client)
 
 
-async def _pool() -> Any:
-    """The queue. Sending and dead letters need only ``REDIS_URL``, not the CGB key: producers run them too."""
+def _say(message: str) -> None:
+    click.echo(f"cgb-worker: {message}", err=True)
+
+
+async def _open_redis(url: str, give_up_after: float) -> Any:
+    """A fail-fast pool on ``url`` through the start-up checks (:mod:`.preflight`): waiting for Redis is said on
+    stderr; a refusal is the command's one line."""
+    from .preflight import StartupError, open_redis
     from .worker import create_pool
 
+    problem = parse_redis_url(url)
+    if problem:
+        _fail(f"REDIS_URL: {problem}", 2)
+    try:
+        return await open_redis(
+            lambda: create_pool(url, ride_out_outages=False), url, role="cli", give_up_after=give_up_after, say=_say
+        )
+    except StartupError as exc:
+        _fail(str(exc), exc.code)
+
+
+async def _pool() -> Any:
+    """The queue. Sending and dead letters need only ``REDIS_URL``, not the CGB key: producers run them too."""
     _phone_key(required=False)
     try:
-        return await create_pool(os.environ.get("REDIS_URL", DEFAULT_REDIS_URL), conn_retries=0, ride_out_outages=False)
+        give_up_after = load_connect_timeout()
     except ConfigError as exc:
         _fail(str(exc), 2)
-    except Exception as exc:
-        _fail(f"cannot reach Redis: {type(exc).__name__}: {exc}")
+    return await _open_redis(os.environ.get("REDIS_URL", DEFAULT_REDIS_URL), give_up_after)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -88,6 +115,8 @@ def entry() -> None:
     instead of a traceback."""
     try:
         main()
+    except KeyboardInterrupt:  # Ctrl-C while a command waits (for Redis, say): no traceback either
+        _fail("interrupted", 130)
     except Exception as exc:
         _fail(f"{type(exc).__name__}: {exc}")
 
@@ -108,18 +137,29 @@ def check() -> None:
     else:
         click.echo("wa templates   not checked: WA_TEMPLATES_FILE is not set")
 
-    async def probe() -> bool:
+    async def probe() -> list[str]:
+        from .preflight import FORMAT_VERSION, StartupError, open_redis
         from .worker import create_pool
 
-        ok = True
-        try:
-            redis = await create_pool(settings.redis_url, conn_retries=0, ride_out_outages=False)
+        failed: list[str] = []
+        url = settings.redis_url
+        try:  # the worker's own start-up checks: what would stop it stops the check
+            redis = await open_redis(
+                lambda: create_pool(url, ride_out_outages=False),
+                url,
+                role="worker",
+                give_up_after=settings.redis_connect_timeout,
+                say=_say,
+            )
             info = await redis.info("server")
             await redis.aclose()
-            click.echo(f"redis          ok ({redact_url(settings.redis_url)}, Redis {info.get('redis_version')})")
-        except Exception as exc:
-            click.echo(f"redis          FAILED: {type(exc).__name__}: {exc}")
-            ok = False
+            click.echo(
+                f"redis          ok ({redact_url(url)}, Redis {info.get('redis_version')}, "
+                f"maxmemory-policy noeviction, data format {FORMAT_VERSION})"
+            )
+        except StartupError as exc:
+            click.echo(f"redis          FAILED: {exc}")
+            failed.append(f"redis: {exc}")
 
         async def account_and_flows(client: CGBClient) -> tuple[Any, Any]:
             return await client.account(), await client.list_flows()
@@ -128,7 +168,7 @@ def check() -> None:
             account, flows = await _with_cgb(settings, account_and_flows)
         except CGBWorkerError as exc:
             click.echo(f"cgb            FAILED: {type(exc).__name__}: {exc}")
-            return False
+            return [*failed, f"cgb: {type(exc).__name__}: {exc}"]
         click.echo(f"cgb            ok ({settings.api_url}, account {account.name!r}, page {account.page_id})")
         names = {f.id: f.name for f in flows}
         for template, flow_id in sorted(settings.templates.items()):
@@ -136,11 +176,12 @@ def check() -> None:
                 click.echo(f"template       {template} -> {flow_id} ok (flow {names[flow_id]!r})")
             else:
                 click.echo(f"template       {template} -> {flow_id} MISSING: the account has no such flow")
-                ok = False
-        return ok
+                failed.append(f"template {template}: no flow {flow_id}")
+        return failed
 
-    if not _run(probe):
-        _fail("check failed")
+    failed = _run(probe)
+    if failed:
+        _fail("check failed: " + "; ".join(failed))
 
 
 @main.command()
@@ -717,7 +758,8 @@ def run() -> None:
 
     It rides out a Redis restart (every Redis command is retried for about two minutes) and exits only when
     Redis stays away longer, or on SIGTERM/SIGINT, which let running sends finish first. A bad configuration
-    exits at once with status 2 and every problem listed."""
+    exits at once with status 2 and every problem listed; then the start-up checks run (README, "Starting up"):
+    Redis awaited up to REDIS_CONNECT_TIMEOUT, the server, the data format, the CGB key."""
     from .worker import main as run_worker
 
     run_worker()

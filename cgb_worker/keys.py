@@ -14,6 +14,10 @@ from . import sealed
 PREFIX = "cgb:"
 """Every key below starts with it (``cgb-worker forget`` walks them)."""
 
+FORMAT = "cgb:format"
+"""The data format the keys below are written in (:data:`cgb_worker.preflight.FORMAT_VERSION`): a process that
+finds a newer one refuses to start (README, "Upgrading across a fleet")."""
+
 # -- the worker -----------------------------------------------------------------------------------------------
 RATE_NEXT = "cgb:ratelimit:next"
 RATE_PENALTY = "cgb:ratelimit:penalty"

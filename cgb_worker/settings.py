@@ -31,6 +31,7 @@ from .suppression import DEFAULT_OPT_IN, DEFAULT_OPT_OUT, parse_keywords
 
 DEFAULT_API_URL = "https://app.chatgptbuilder.io/api"
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+DEFAULT_REDIS_CONNECT_TIMEOUT = 60.0
 TEMPLATE_PREFIX = "CGB_TEMPLATE_"
 _NOT_TEMPLATES = frozenset({"CGB_TEMPLATE_CACHE_TIMEOUT"})
 
@@ -309,6 +310,8 @@ class Settings:
     """Template name (lower case) to CGB flow id, from ``CGB_TEMPLATE_<NAME>``."""
     default_region: str | None = None
     redis_url: str = DEFAULT_REDIS_URL
+    redis_connect_timeout: float = DEFAULT_REDIS_CONNECT_TIMEOUT
+    """``REDIS_CONNECT_TIMEOUT``: seconds a starting process waits for Redis, saying so, before it gives up."""
     unknown_outcome: str = "resend"
     """What a retry does when an earlier attempt's send may have gone out: ``resend`` or ``fail``."""
     outside_window: str = "send"
@@ -433,6 +436,7 @@ def _read(source: Mapping[str, str]) -> Settings:
     template_cache_timeout = env.duration("CGB_TEMPLATE_CACHE_TIMEOUT", 86400, whole=True, validate=positive)
     default_region = env.str("CGB_DEFAULT_REGION", None)
     redis_url = env.str("REDIS_URL", DEFAULT_REDIS_URL)
+    connect_timeout = _connect_timeout(env)
     unknown_outcome = env.str("CGB_UNKNOWN_OUTCOME", "resend", validate=OneOf(["resend", "fail"]))
     outside_window = env.str("CGB_OUTSIDE_WINDOW", "send", validate=OneOf(["send", "fail"]))
     dead_letter_max = env.int("DEAD_LETTER_MAX", 10000, validate=positive)
@@ -545,6 +549,7 @@ def _read(source: Mapping[str, str]) -> Settings:
         templates=MappingProxyType(templates),
         default_region=default_region or None,
         redis_url=redis_url.strip(),
+        redis_connect_timeout=float(connect_timeout if connect_timeout is not None else DEFAULT_REDIS_CONNECT_TIMEOUT),
         unknown_outcome=str(unknown_outcome),
         outside_window=str(outside_window),
         dead_letter_max=int(dead_letter_max or 0),
@@ -587,6 +592,22 @@ def _log_level(env: environs.Env) -> str | None:
             validate=lambda v: OneOf(LOG_LEVELS, error="Must be one of: {choices}.")(v.strip().upper()),
         ),
     )
+
+
+def _connect_timeout(env: environs.Env) -> float | None:
+    """``REDIS_CONNECT_TIMEOUT``: seconds, 0 (one attempt) to an hour."""
+    return cast(
+        "float | None", env.float("REDIS_CONNECT_TIMEOUT", DEFAULT_REDIS_CONNECT_TIMEOUT, validate=Range(0, 3600))
+    )
+
+
+def load_connect_timeout(environ: Mapping[str, str] | None = None) -> float:
+    """``REDIS_CONNECT_TIMEOUT`` alone, for a command that reads only ``REDIS_URL``; :class:`ConfigError` if bad."""
+    env = _MappingEnv(os.environ if environ is None else environ)
+    value = _connect_timeout(env)
+    if problems := _sealed(env):
+        raise ConfigError(problems)
+    return float(value if value is not None else DEFAULT_REDIS_CONNECT_TIMEOUT)
 
 
 def _sealed(env: environs.Env) -> list[str]:
@@ -638,6 +659,8 @@ class ReceiverSettings:
     verify_token: Secret | None = None
     """``WABA_VERIFY_TOKEN``: what Meta's subscription handshake must present; None refuses every handshake."""
     redis_url: str = DEFAULT_REDIS_URL
+    redis_connect_timeout: float = DEFAULT_REDIS_CONNECT_TIMEOUT
+    """``REDIS_CONNECT_TIMEOUT``, as the worker's."""
     host: str = "0.0.0.0"  # noqa: S104 - Meta posts from outside the container
     port: int = 8090
     match_window: float = 600.0
@@ -708,6 +731,7 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
     app_secret = env.str("WABA_APP_SECRET")
     verify_token = env.str("WABA_VERIFY_TOKEN", None)
     redis_url = env.str("REDIS_URL", DEFAULT_REDIS_URL)
+    connect_timeout = _connect_timeout(env)
     host = env.str("WEBHOOK_HOST", "0.0.0.0")  # noqa: S104
     port = env.int("WEBHOOK_PORT", 8090, validate=Range(min=1, max=65535))
     match_window = env.duration("STATUS_MATCH_WINDOW", 600.0, validate=positive)
@@ -769,6 +793,7 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
         phone_hash_key=Secret(source["PHONE_HASH_KEY"].strip()),
         verify_token=Secret(verify_token) if verify_token else None,
         redis_url=redis_url.strip(),
+        redis_connect_timeout=float(connect_timeout if connect_timeout is not None else DEFAULT_REDIS_CONNECT_TIMEOUT),
         host=str(host),
         port=int(port or 8090),
         match_window=float(match_window or 600.0),

@@ -3,10 +3,11 @@
 Both ways of starting the worker (``arq cgb_worker.WorkerSettings`` and ``cgb-worker run``) run arq's own
 ``Worker`` with the settings :func:`worker_settings` builds: the configuration is read from the environment
 once, when the settings are built, and a bad one stops the process there (exit 2, one message listing
-every problem), before anything connects anywhere. ``on_startup`` opens the one ``aiohttp.ClientSession``
-the worker has and builds the CGB client, contact resolver and template services into ``ctx["cgb"]``,
-starts the worker's heartbeat (:mod:`cgb_worker.heartbeat`, ``ctx["heartbeat"]``) and serves ``/metrics``;
-``on_shutdown`` closes the session and removes the heartbeat.
+every problem), before anything connects anywhere; then the start-up checks of :mod:`cgb_worker.preflight` run
+(Redis awaited out loud, the server, the data format, the CGB key), each refusal one line. ``on_startup``
+opens the one ``aiohttp.ClientSession`` the worker has and builds the CGB client, contact resolver and template
+services into ``ctx["cgb"]``, starts the worker's heartbeat (:mod:`cgb_worker.heartbeat`, ``ctx["heartbeat"]``)
+and serves ``/metrics``; ``on_shutdown`` closes the session and removes the heartbeat.
 
 Redis outages. Every Redis command, arq's own included, is retried by redis-py through a lost connection or
 a Redis that is restarting (:data:`REDIS_RETRY`: backoff from 50 ms to 1 s, about two minutes in all), so
@@ -23,10 +24,11 @@ more. A lease renewed while the job runs was the other way; it would rewrite arq
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 import aiohttp
@@ -36,7 +38,6 @@ from arq.connections import RedisSettings
 from arq.constants import default_queue_name, in_progress_key_prefix
 from arq.worker import Worker, func
 from loguru import logger
-from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -51,6 +52,7 @@ from .heartbeat import WorkerHeartbeat
 from .jobs import ARQ_MAX_TRIES, Services, whatsapp_send
 from .logs import setup_logging
 from .metrics import Metrics
+from .preflight import ReportingRetry, StartupError, check_cgb, open_redis, wait_for_redis
 from .ratelimit import RateLimiter
 from .sends import SendLog
 from .serialization import deserialize, serialize
@@ -61,12 +63,13 @@ REDIS_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutE
 """What a lost or refused connection raises. ``OSError`` is there because a refused connection reaches
 redis-py's retry as Python's own ``ConnectionRefusedError``, which is not redis-py's ``ConnectionError``."""
 
-REDIS_RETRY = Retry(
+REDIS_RETRY = ReportingRetry(
     ExponentialBackoff(cap=1.0, base=0.05),
     retries=125,
-    supported_errors=REDIS_ERRORS,  # type: ignore[arg-type]  # redis-py types it as RedisError only
+    supported_errors=REDIS_ERRORS,
 )
-"""About two minutes of retries per command (backoff doubling from 50 ms, at most 1 s apart)."""
+"""About two minutes of retries per command (backoff doubling from 50 ms, at most 1 s apart), each outage said
+at once, every 10 s while it lasts, and when it ends (:class:`~cgb_worker.preflight.ReportingRetry`)."""
 
 
 def redis_settings(url: str, *, ride_out_outages: bool = True) -> RedisSettings:
@@ -77,6 +80,7 @@ def redis_settings(url: str, *, ride_out_outages: bool = True) -> RedisSettings:
         return settings
     # arq's own retries of the first connection would come on top of redis-py's two minutes.
     settings.conn_retries = 0
+    REDIS_RETRY.outage.url = redact_url(url)  # one Redis per process: its outages are said with its URL
     settings.retry = REDIS_RETRY
     settings.retry_on_error = list(REDIS_ERRORS)
     settings.retry_on_timeout = True
@@ -223,7 +227,10 @@ def worker_settings(environ: Mapping[str, str] | None = None) -> type:
 
     Reads and checks the configuration (raising :class:`ConfigError` with every problem) and sets up
     logging, arq's own loggers included, so every line is in the configured format from the first."""
-    settings = load_settings(environ)
+    return _worker_class(load_settings(environ))
+
+
+def _worker_class(settings: Settings) -> type:
     keys.use_phone_key(settings.phone_hash_key.get_secret_value())
     setup_logging(settings.log_level, json_lines=settings.log_json, diagnose=settings.log_diagnose)
     for warning in settings.warnings:
@@ -253,13 +260,47 @@ def worker_settings(environ: Mapping[str, str] | None = None) -> type:
 
 
 def worker_settings_or_exit() -> type:
-    """:func:`worker_settings` for a command line: a bad configuration prints its problems and exits 2."""
+    """:func:`worker_settings` for a command line: a bad configuration prints its problems and exits 2; then
+    the start-up checks (:mod:`cgb_worker.preflight`) run, each refusal one line and its exit code.
+
+    They run here, synchronously, because this is where ``arq cgb_worker.WorkerSettings`` first calls our code:
+    arq's ``Worker.main`` connects (``create_pool``, ``log_redis_info``) before ``on_startup``, and its command
+    lets any exception out as a traceback. Under ``arq --check`` (the container's HEALTHCHECK) Redis is tried
+    once and nothing else is checked: no wait, no CGB call."""
     try:
-        return worker_settings()
+        settings = load_settings()
     except ConfigError as exc:
         setup_logging("INFO", json_lines=os.environ.get("LOG_JSON", "").strip().lower() in ("true", "1", "yes"))
         logger.error("cgb-worker cannot start: {}", exc)
         sys.exit(2)
+    worker_class = _worker_class(settings)
+    try:
+        asyncio.run(preflight(settings, health_check="--check" in sys.argv[1:]))
+    except StartupError as exc:
+        logger.error("cgb-worker cannot start: {}", exc)
+        sys.exit(exc.code)
+    except KeyboardInterrupt:  # Ctrl-C while it waits for Redis
+        logger.error("cgb-worker interrupted before it started")
+        sys.exit(130)
+    return worker_class
+
+
+async def preflight(settings: Settings, *, health_check: bool = False) -> None:
+    """The worker's start-up checks: Redis reachable (said while it is not), the server and the data format,
+    then the CGB key. With ``health_check``, only one attempt at Redis."""
+
+    def connect() -> Awaitable[ArqRedis]:
+        return create_pool(settings.redis_url, ride_out_outages=False)
+
+    if health_check:
+        redis = await wait_for_redis(connect, settings.redis_url, give_up_after=0, say=logger.warning)
+    else:
+        redis = await open_redis(
+            connect, settings.redis_url, role="worker", give_up_after=settings.redis_connect_timeout, say=logger.warning
+        )
+    await redis.aclose()
+    if not health_check:
+        await check_cgb(settings, logger.warning)
 
 
 def main() -> None:

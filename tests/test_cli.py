@@ -81,7 +81,7 @@ async def test_check_reports_a_missing_flow(harness: Harness) -> None:
     code, out, err = await cli(harness, "check", env={"CGB_TEMPLATE_VISA_DENIED": "999"})
     assert code == 1
     assert "template       visa_denied -> 999 MISSING: the account has no such flow" in out
-    assert err == "cgb-worker: check failed\n"
+    assert err == "cgb-worker: check failed: template visa_denied: no flow 999\n"
 
 
 async def test_check_reports_every_configuration_problem(harness: Harness) -> None:
@@ -99,7 +99,10 @@ async def test_check_reports_every_configuration_problem(harness: Harness) -> No
     ("env", "line"),
     [
         ({"CGB_API_KEY": "1000001.WrongWrongWrongWrongWrongWrong"}, "cgb            FAILED: CGBAuthError"),
-        ({"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, "redis          FAILED: ConnectionError"),
+        (
+            {"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "REDIS_CONNECT_TIMEOUT": "0"},
+            "redis          FAILED: Redis at redis://127.0.0.1:",
+        ),
     ],
     ids=["wrong-key", "redis-down"],
 )
@@ -272,9 +275,10 @@ async def test_dead_letters_list_show_replay_purge(harness: Harness, redis_clien
 
 
 async def test_redis_unreachable_is_one_line(harness: Harness) -> None:
-    code, _, err = await cli(harness, "dead-letters", "list", env={"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    code, _, err = await cli(harness, "dead-letters", "list", env={"REDIS_URL": url, "REDIS_CONNECT_TIMEOUT": "0"})
     assert code == 1
-    assert err.startswith("cgb-worker: cannot reach Redis: ConnectionError")
+    assert err.startswith(f"cgb-worker: Redis at {url} unreachable: connection refused")
     assert len(err.strip().splitlines()) == 1
 
 

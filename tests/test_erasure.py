@@ -19,7 +19,7 @@ A = "+12025550100"
 """Forgotten."""
 B = "+972500000001"
 """Kept."""
-VOLATILE = (b"arq:queue:health-check", b"cgb:ratelimit:")
+VOLATILE = (b"arq:queue:health-check", b"cgb:ratelimit:", keys.FORMAT.encode())  # the format: the CLI's start-up
 """Rewritten or expiring on their own while the test runs, and naming no one."""
 
 

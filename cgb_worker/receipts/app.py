@@ -30,7 +30,7 @@ import hmac
 import re
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from aiohttp import web
@@ -406,13 +406,27 @@ def serve(settings: ReceiverSettings, *, host: str | None = None, port: int | No
 
 
 async def _serve(settings: ReceiverSettings, host: str, port: int, port_name: str = "WEBHOOK_PORT") -> None:
+    from ..preflight import StartupError, open_redis
     from ..worker import create_pool
 
+    def connect() -> Awaitable[ArqRedis]:
+        return create_pool(settings.redis_url, ride_out_outages=False)
+
+    try:  # before the signal handlers: a SIGTERM while Redis is awaited ends the wait
+        redis = await open_redis(
+            connect,
+            settings.redis_url,
+            role="receiver",
+            give_up_after=settings.redis_connect_timeout,
+            say=logger.warning,
+        )
+    except StartupError as exc:
+        logger.error("the webhook receiver cannot start: {}", exc)
+        raise SystemExit(exc.code) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    redis = await create_pool(settings.redis_url, ride_out_outages=False)
     endpoints = Endpoints(create_app(redis, settings, process=settings.role != "answer"), settings)
     try:
         try:
