@@ -21,9 +21,10 @@ import msgspec
 
 from . import __version__, keys
 from .client import CGBClient
+from .connection import load_redis_config
 from .deadletters import DeadLetters
 from .errors import CGBWorkerError, ConfigError, InvalidJobError
-from .settings import DEFAULT_REDIS_URL, Settings, load_phone_key, load_settings, redact_url
+from .settings import Settings, load_phone_key, load_settings
 from .templates import normalize_name
 
 _T = TypeVar("_T")
@@ -70,7 +71,7 @@ async def _pool() -> Any:
 
     _phone_key(required=False)
     try:
-        return await create_pool(os.environ.get("REDIS_URL", DEFAULT_REDIS_URL), conn_retries=0, ride_out_outages=False)
+        return await create_pool(load_redis_config(os.environ), conn_retries=0, ride_out_outages=False)
     except ConfigError as exc:
         _fail(str(exc), 2)
     except Exception as exc:
@@ -111,10 +112,10 @@ def check() -> None:
 
         ok = True
         try:
-            redis = await create_pool(settings.redis_url, conn_retries=0, ride_out_outages=False)
+            redis = await create_pool(settings.redis, conn_retries=0, ride_out_outages=False)
             info = await redis.info("server")
             await redis.aclose()
-            click.echo(f"redis          ok ({redact_url(settings.redis_url)}, Redis {info.get('redis_version')})")
+            click.echo(f"redis          ok ({settings.redis}, Redis {info.get('redis_version')})")
         except Exception as exc:
             click.echo(f"redis          FAILED: {type(exc).__name__}: {exc}")
             ok = False

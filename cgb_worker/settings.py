@@ -13,13 +13,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import environs
 import phonenumbers
 from marshmallow.validate import OneOf, Range
 
 from .catalog import TemplateCatalog, load_catalog
+from .connection import DEFAULT_REDIS_URL as DEFAULT_REDIS_URL
+from .connection import RedisConfig, read_redis_config
+from .connection import parse_redis_url as parse_redis_url
+from .connection import redact_url as redact_url
 from .errors import ConfigError
 from .keys import PHONE_KEY_MIN
 from .models import CATEGORIES, Category
@@ -27,7 +31,6 @@ from .quiet import QuietHours, parse_quiet_hours
 from .suppression import DEFAULT_OPT_IN, DEFAULT_OPT_OUT, parse_keywords
 
 DEFAULT_API_URL = "https://app.chatgptbuilder.io/api"
-DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 TEMPLATE_PREFIX = "CGB_TEMPLATE_"
 _NOT_TEMPLATES = frozenset({"CGB_TEMPLATE_CACHE_TIMEOUT"})
 
@@ -56,16 +59,6 @@ class Secret:
 
     def __reduce__(self) -> Any:
         raise TypeError("a Secret is not to be pickled")
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced, for logs and reprs (``redis://:pw@host`` holds one)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:********@{netloc}"))
 
 
 MAX_RETRY_ATTEMPTS = 100
@@ -141,7 +134,8 @@ class Settings:
     templates: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     """Template name (lower case) to CGB flow id, from ``CGB_TEMPLATE_<NAME>``."""
     default_region: str | None = None
-    redis_url: str = DEFAULT_REDIS_URL
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    """``REDIS_URL``, ``REDIS_SENTINELS``, ``REDIS_SENTINEL_MASTER`` (:mod:`cgb_worker.connection`)."""
     unknown_outcome: str = "resend"
     """What a retry does when an earlier attempt's send may have gone out: ``resend`` or ``fail``."""
     outside_window: str = "send"
@@ -171,9 +165,12 @@ class Settings:
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
-        shown["redis_url"] = redact_url(self.redis_url)  # the key is a Secret already
-        shown["templates"] = dict(self.templates)
+        shown["templates"] = dict(self.templates)  # the key is a Secret, and RedisConfig hides its password
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
+    @property
+    def redis_url(self) -> str:
+        return self.redis.url
 
 
 EMPTY_IS_A_VALUE = frozenset({"OPT_OUT_KEYWORDS", "OPT_IN_KEYWORDS", "CGB_API_KEY", "WABA_APP_SECRET"})
@@ -200,28 +197,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read and check every variable in ``environ`` (default: ``os.environ``, read, never changed); raise
     one :class:`ConfigError` listing all problems."""
     return _read(os.environ if environ is None else environ)
-
-
-def parse_redis_url(url: str) -> str | None:
-    """What is wrong with a Redis URL, or None: arq and redis-py fall back to localhost on some malformed
-    URLs (``redis://host:63790x/0``) instead of refusing them."""
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        return "must be a redis://, rediss:// or unix:// URL."
-    try:
-        port = parts.port
-    except ValueError:
-        return f"the port in {redact_url(url)!r} is not a number from 0 to 65535."
-    if parts.scheme == "unix":
-        return None if parts.path else "a unix:// URL needs the socket's path."
-    if not parts.hostname:
-        return f"{redact_url(url)!r} names no host."
-    if port == 0:
-        return "the port must not be 0."
-    database = parts.path.lstrip("/")
-    if database and not database.isdigit():
-        return f"the database in {redact_url(url)!r} must be a number (redis://host:6379/0)."
-    return None
 
 
 def phone_key_problem(value: str | None) -> str | None:
@@ -256,7 +231,6 @@ def _read(source: Mapping[str, str]) -> Settings:
     cache_timeout = env.int("CGB_CACHE_TIMEOUT", 3600, validate=positive)
     template_cache_timeout = env.int("CGB_TEMPLATE_CACHE_TIMEOUT", 86400, validate=positive)
     default_region = env.str("CGB_DEFAULT_REGION", None)
-    redis_url = env.str("REDIS_URL", DEFAULT_REDIS_URL)
     unknown_outcome = env.str("CGB_UNKNOWN_OUTCOME", "resend", validate=OneOf(["resend", "fail"]))
     outside_window = env.str("CGB_OUTSIDE_WINDOW", "send", validate=OneOf(["send", "fail"]))
     dead_letter_max = env.int("DEAD_LETTER_MAX", 10000, validate=positive)
@@ -286,8 +260,8 @@ def _read(source: Mapping[str, str]) -> Settings:
         problems.append(problem)
     if api_url is not None and urlsplit(api_url).scheme not in ("http", "https"):
         problems.append("CGB_API_URL: must be an http:// or https:// URL.")
-    if redis_url is not None and (problem := parse_redis_url(redis_url)):
-        problems.append(f"REDIS_URL: {problem}")
+    redis, redis_problems = read_redis_config(source)
+    problems.extend(redis_problems)
     if default_region is not None:
         default_region = default_region.strip().upper()
         if default_region not in phonenumbers.SUPPORTED_REGIONS:
@@ -336,7 +310,7 @@ def _read(source: Mapping[str, str]) -> Settings:
     # environs returns None for a value it rejected; we only get here when it rejected none.
     assert api_key is not None
     assert api_url is not None
-    assert redis_url is not None
+    assert redis is not None
     assert timeout_ms is not None
     assert retry_attempts is not None
     assert base_delay is not None
@@ -355,7 +329,7 @@ def _read(source: Mapping[str, str]) -> Settings:
         template_cache_timeout=template_cache_timeout,
         templates=MappingProxyType(templates),
         default_region=default_region or None,
-        redis_url=redis_url.strip(),
+        redis=redis,
         unknown_outcome=str(unknown_outcome),
         outside_window=str(outside_window),
         dead_letter_max=int(dead_letter_max or 0),
@@ -447,7 +421,8 @@ class ReceiverSettings:
     """``PHONE_HASH_KEY``: the workers' own, or statuses cannot be matched to their sends."""
     verify_token: Secret | None = None
     """``WABA_VERIFY_TOKEN``: what Meta's subscription handshake must present; None refuses every handshake."""
-    redis_url: str = DEFAULT_REDIS_URL
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    """``REDIS_URL``, ``REDIS_SENTINELS``, ``REDIS_SENTINEL_MASTER`` (:mod:`cgb_worker.connection`)."""
     host: str = "0.0.0.0"  # noqa: S104 - Meta posts from outside the container
     port: int = 8090
     match_window: float = 600.0
@@ -504,8 +479,11 @@ class ReceiverSettings:
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
-        shown["redis_url"] = redact_url(self.redis_url)
         return "ReceiverSettings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
+    @property
+    def redis_url(self) -> str:
+        return self.redis.url
 
 
 def load_receiver_settings(environ: Mapping[str, str] | None = None) -> ReceiverSettings:
@@ -515,7 +493,6 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
     positive = Range(min=0, min_inclusive=False)
     app_secret = env.str("WABA_APP_SECRET")
     verify_token = env.str("WABA_VERIFY_TOKEN", None)
-    redis_url = env.str("REDIS_URL", DEFAULT_REDIS_URL)
     host = env.str("WEBHOOK_HOST", "0.0.0.0")  # noqa: S104
     port = env.int("WEBHOOK_PORT", 8090, validate=Range(min=1, max=65535))
     match_window = env.float("STATUS_MATCH_WINDOW", 600.0, validate=positive)
@@ -566,17 +543,17 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
         problems.append("WABA_APP_SECRET: must not be empty.")
     if problem := phone_key_problem(source.get("PHONE_HASH_KEY")):
         problems.append(problem)
-    if redis_url is not None and (problem := parse_redis_url(redis_url)):
-        problems.append(f"REDIS_URL: {problem}")
+    redis, redis_problems = read_redis_config(source)
+    problems.extend(redis_problems)
     if problems:
         raise ConfigError(problems)
     assert app_secret is not None
-    assert redis_url is not None
+    assert redis is not None
     return ReceiverSettings(
         app_secret=Secret(app_secret.strip()),
         phone_hash_key=Secret(source["PHONE_HASH_KEY"].strip()),
         verify_token=Secret(verify_token) if verify_token else None,
-        redis_url=redis_url.strip(),
+        redis=redis,
         host=str(host),
         port=int(port or 8090),
         match_window=float(match_window or 600.0),

@@ -40,7 +40,7 @@ from redis.exceptions import RedisError
 
 from .. import keys
 from ..metrics import ReceiverMetrics
-from ..settings import ReceiverSettings, redact_url
+from ..settings import ReceiverSettings
 from .guard import (
     Budget,
     ConnectionGuard,
@@ -391,7 +391,7 @@ async def _serve(settings: ReceiverSettings, host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    redis = await create_pool(settings.redis_url, ride_out_outages=False)
+    redis = await create_pool(settings.redis, ride_out_outages=False)
     endpoints = Endpoints(create_app(redis, settings, process=settings.role != "answer"), settings)
     try:
         try:
@@ -410,7 +410,7 @@ async def _serve(settings: ReceiverSettings, host: str, port: int) -> None:
             "webhook receiver ({}) on {}, health and metrics on {}:{}, Redis at {}",
             _ROLES[settings.role],
             f"{host}:{endpoints.port}{PATH}" if endpoints.port else "no public port",
-            settings.admin_host, endpoints.admin_port, redact_url(settings.redis_url),
+            settings.admin_host, endpoints.admin_port, settings.redis,
         )  # fmt: skip
         await stop.wait()
     finally:
