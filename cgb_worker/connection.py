@@ -24,6 +24,7 @@ import inspect
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -56,6 +57,7 @@ REDIS_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutE
 redis-py's retry as Python's own ``ConnectionRefusedError``, which is not redis-py's ``ConnectionError``."""
 
 _T = TypeVar("_T")
+_RETRYING: ContextVar[bool] = ContextVar("cgb_redis_retrying", default=False)
 
 
 class _GiveUp(Exception):
@@ -76,6 +78,23 @@ class OutageRetry(Retry):
         self.window = window
 
     async def call_with_retry(self, do: Callable[[], Awaitable[_T]], fail: Callable[[Any], Any]) -> _T:
+        if _RETRYING.get():
+            # Already inside a retry (redis-py nests them: a command's retry reconnects through the connection's,
+            # and a Sentinel connection's retry connects through the plain one): try once and let the outer loop
+            # retry from the top, which for Sentinel means asking the sentinels again where the primary is
+            # rather than knocking for two minutes at a dead one.
+            try:
+                return await do()
+            except REDIS_ERRORS as exc:
+                await fail(exc)
+                raise
+        token = _RETRYING.set(True)
+        try:
+            return await self._retried(do, fail)
+        finally:
+            _RETRYING.reset(token)
+
+    async def _retried(self, do: Callable[[], Awaitable[_T]], fail: Callable[[Any], Any]) -> _T:
         started = time.monotonic()
 
         async def once() -> _T:

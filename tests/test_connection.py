@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
+import hmac
 import ipaddress
 import os
 import shutil
@@ -272,6 +274,17 @@ async def test_the_cli_and_the_receiver_speak_tls(tls_redis: TLSRedis, tls_clien
     assert [g["name"] for g in groups] == [keys.INBOX_GROUP.encode()]
 
 
+def test_arq_check_reads_the_tls_options_too(tls_redis: TLSRedis, sim: Sim) -> None:
+    """``arq --check`` connects by arq's own settings, which carry the URL's TLS files: it reaches the server
+    (and finds no worker's health key), where without them the handshake would fail."""
+    env = _env(REDIS_URL=tls_redis.url, CGB_API_KEY=TOKEN, CGB_API_URL=sim.api_url)
+    proc = subprocess.run(
+        [str(BIN / "arq"), "cgb_worker.WorkerSettings", "--check"], env=env, capture_output=True, timeout=60
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert b"Health check failed: no health check sentinel value found" in proc.stderr + proc.stdout
+
+
 async def test_without_the_ca_every_component_fails_at_once_in_one_line(tls_redis: TLSRedis, sim: Sim) -> None:
     url = tls_redis.url_without_ca
     with pytest.raises(RedisConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
@@ -326,3 +339,160 @@ def test_a_malformed_sentinel_variable_is_a_configuration_problem(variables: dic
         load_settings({"CGB_API_KEY": TOKEN, "PHONE_HASH_KEY": PHONE_KEY, **variables})
     [line] = caught.value.problems
     assert line.startswith(problem)
+
+
+# -- Sentinel: a real primary, a replica and a sentinel; the primary killed under a backlog ----------------------
+
+
+class Failover:
+    """A primary, its replica and one sentinel (quorum 1, down after 1 s), each its own ``redis-server``."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.primary_port, self.replica_port, self.sentinel_port = free_port(), free_port(), free_port()
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.config = RedisConfig("redis://127.0.0.1/0", (("127.0.0.1", self.sentinel_port),), "mymaster")
+
+    def _start(self, name: str, *args: str) -> None:
+        (self.workdir / name).mkdir()
+        with (self.workdir / f"{name}.log").open("wb") as log:
+            self.procs[name] = subprocess.Popen(
+                [shutil.which("redis-server") or "redis-server", *args, "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(self.workdir / name)],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    async def start(self) -> None:
+        self._start("primary", "--port", str(self.primary_port))
+        self._start("replica", "--port", str(self.replica_port), "--replicaof", "127.0.0.1", str(self.primary_port))
+        conf = self.workdir / "sentinel.conf"
+        conf.write_text(
+            f"sentinel monitor mymaster 127.0.0.1 {self.primary_port} 1\n"
+            "sentinel down-after-milliseconds mymaster 1000\n"
+            "sentinel failover-timeout mymaster 2000\n"
+        )
+        self._start("sentinel", str(conf), "--sentinel", "--port", str(self.sentinel_port))
+        sentinel = redis.asyncio.Redis(port=self.sentinel_port)
+        try:
+            for _ in range(300):  # the sentinel must know the replica, in sync, before the primary can fail over
+                try:
+                    replicas = await sentinel.sentinel_slaves("mymaster")  # type: ignore[no-untyped-call]
+                    if replicas and replicas[0].get("master-link-status") == "ok":
+                        return
+                except (RedisConnectionError, OSError):
+                    pass
+                await asyncio.sleep(0.1)
+            pytest.fail("the sentinel never saw the replica in sync")
+        finally:
+            await sentinel.aclose()
+
+    async def primary(self) -> int:
+        sentinel = redis.asyncio.Redis(port=self.sentinel_port)
+        try:
+            _host, port = await sentinel.sentinel_get_master_addr_by_name("mymaster")  # type: ignore[no-untyped-call]
+            return int(port)
+        finally:
+            await sentinel.aclose()
+
+    def kill_primary(self) -> None:
+        self.procs["primary"].kill()  # SIGKILL: no goodbye to the replica or the clients
+        self.procs["primary"].wait()
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)
+
+
+@pytest.fixture
+async def failover() -> AsyncIterator[Failover]:
+    workdir = Path(tempfile.mkdtemp(prefix="cgb-test-sentinel-"))
+    f = Failover(workdir)
+    try:
+        await f.start()
+        yield f
+    finally:
+        f.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _until(check: Any, what: str, within: float = 30) -> None:
+    """Polls ``check()`` until it is true; ``within`` seconds is the bound the issue sets, a failure past it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not await check():
+        assert loop.time() < deadline, f"not within {within:g} s: {what}"
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.slow
+async def test_workers_the_receiver_and_the_cli_follow_a_failover(failover: Failover, sim: Sim) -> None:
+    from arq.worker import create_worker
+
+    from cgb_worker import worker_settings
+
+    sentinel_env = {"REDIS_URL": "redis://127.0.0.1/0", "REDIS_SENTINELS": f"127.0.0.1:{failover.sentinel_port}"}
+    env = {"CGB_API_KEY": TOKEN, "PHONE_HASH_KEY": PHONE_KEY, "CGB_API_URL": sim.api_url, "CGB_RATE_LIMIT": "20",
+           "CGB_RETRY_BASE_DELAY": "0.05", "CGB_RETRY_MAX_DELAY": "0.2", **sentinel_env}  # fmt: skip
+    workers = [create_worker(worker_settings(env), poll_delay=0.01, handle_signals=False) for _ in range(2)]
+    running = [asyncio.create_task(w.main()) for w in workers]
+    admin, port = free_port(), free_port()
+    receiver = await asyncio.create_subprocess_exec(
+        str(BIN / "cgb-worker"), "webhooks", "--host", "127.0.0.1",
+        env=_env(WABA_APP_SECRET="s3cret-for-tests", WEBHOOK_PORT=str(port), WEBHOOK_ADMIN_PORT=str(admin),
+                 **sentinel_env),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    producer = await create_pool(failover.config)
+    body = b'{"object": "whatsapp_business_account", "entry": []}'
+    signed = {"X-Hub-Signature-256": "sha256=" + hmac.new(b"s3cret-for-tests", body, hashlib.sha256).hexdigest()}
+
+    async def stored_by_receiver() -> bool:
+        try:
+            async with http.post(f"http://127.0.0.1:{port}/webhooks/whatsapp", data=body, headers=signed) as r:
+                return r.status == 200  # 200 only once the webhook is stored in Redis (503 otherwise)
+        except aiohttp.ClientConnectionError:
+            return False
+
+    try:
+        async with aiohttp.ClientSession() as http:
+            await _until(stored_by_receiver, "the receiver answers")
+            # A backlog: 60 jobs at 20/s, three seconds of them, the primary killed in the middle.
+            for i in range(60):
+                await producer.enqueue_job("whatsapp_send", {"to": f"+97250000{i:04d}", "message": f"before-{i:03d}"})
+            await _until(lambda: _sent(sim, "before-"), "the backlog starts")
+            failover.kill_primary()
+
+            async def promoted() -> bool:
+                return await failover.primary() == failover.replica_port
+
+            await _until(promoted, "the sentinel promotes the replica")
+            after = [f"after-{i:03d}" for i in range(20)]
+            for i, text in enumerate(after):
+                await producer.enqueue_job("whatsapp_send", {"to": f"+97250001{i:04d}", "message": text})
+
+            async def all_sent() -> bool:
+                return all([await _sent(sim, text) for text in after])
+
+            await _until(all_sent, "the workers send the jobs enqueued after the failover")
+            await _until(stored_by_receiver, "the receiver stores a webhook on the new primary")
+        code, out, err = await _run("dead-letters", "list", env=_env(**sentinel_env))
+        assert (code, err) == (0, ""), err
+        assert out.startswith("0 dead letter(s)"), out
+        texts = [str((r["body"] or {}).get("text", r["body"])) for r in sim.requests("send_text")]
+        assert {text: sum(text in t for t in texts) for text in after} == dict.fromkeys(after, 1)  # each once
+        assert all(not t.done() for t in running)  # no worker stopped: they followed the failover
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        for w in workers:
+            await w.close()
+        await producer.aclose()
+        receiver.terminate()
+        await receiver.wait()
+
+
+async def _sent(sim: Sim, text: str) -> bool:
+    return any(text in str(r["body"]) for r in sim.requests("send_text"))
