@@ -100,10 +100,12 @@ class OutageRetry(Retry):
         async def once() -> _T:
             try:
                 return await do()
-            except ssl.SSLCertVerificationError as exc:
-                raise _GiveUp(exc) from exc
             except REDIS_ERRORS as exc:
-                if time.monotonic() - started > self.window:
+                # redis-py turns the handshake's error into its ConnectionError when a connect inside a
+                # command's retry fails, so the certificate's error may be the context of the one seen here.
+                if time.monotonic() - started > self.window or isinstance(
+                    exc if isinstance(exc, ssl.SSLError) else exc.__context__, ssl.SSLCertVerificationError
+                ):
                     raise _GiveUp(exc) from exc
                 raise
 

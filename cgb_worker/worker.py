@@ -7,7 +7,9 @@ every problem), before anything connects anywhere. ``on_startup`` opens the one 
 the worker has and builds the CGB client, contact resolver and template services into ``ctx["cgb"]``;
 ``on_shutdown`` closes the session.
 
-Redis outages. Every Redis command, arq's own included, is retried by redis-py through a lost connection or
+Redis outages. The worker hands arq its own client (``redis_pool``, from :mod:`cgb_worker.connection`, as every
+component connects: the URL's TLS options, Sentinel). Every Redis command, arq's own included, is retried by
+redis-py through a lost connection or
 a Redis that is restarting (:data:`REDIS_RETRY`: backoff from 50 ms to 1 s, about two minutes in all), so
 a worker rides out a Redis restart instead of exiting (arq issues #435, #498); past that it exits and its
 supervisor (the container's restart policy) brings it back. The one gap left, and arq's re-checking of its
