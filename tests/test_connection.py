@@ -496,3 +496,29 @@ async def test_workers_the_receiver_and_the_cli_follow_a_failover(failover: Fail
 
 async def _sent(sim: Sim, text: str) -> bool:
     return any(text in str(r["body"]) for r in sim.requests("send_text"))
+
+
+async def test_a_retry_inside_a_retry_tries_once_and_leaves_the_retrying_to_the_outer_one() -> None:
+    """redis-py nests retries (a Sentinel connection's connect retries a plain connect that retries too): the
+    inner one must not spend the whole outage knocking at an address the outer one would ask the sentinels
+    about again."""
+    from cgb_worker.connection import REDIS_RETRY
+
+    calls: list[str] = []
+
+    async def fail(error: Exception) -> None:
+        calls.append("fail")
+
+    async def inner_attempt() -> str:
+        calls.append("inner")
+        if calls.count("inner") < 3:
+            raise RedisConnectionError("refused")
+        return "connected"
+
+    async def outer_attempt() -> str:
+        calls.append("outer")
+        return await REDIS_RETRY.call_with_retry(inner_attempt, fail)
+
+    assert await REDIS_RETRY.call_with_retry(outer_attempt, fail) == "connected"
+    # each outer try reached the inner attempt once: its failure went straight back out
+    assert calls == ["outer", "inner", "fail", "fail", "outer", "inner", "fail", "fail", "outer", "inner"]
