@@ -21,17 +21,15 @@ import msgspec
 
 from . import __version__, keys
 from .client import CGBClient
+from .connection import RedisConfig, load_redis_config
 from .deadletters import DeadLetters
 from .errors import CGBWorkerError, ConfigError, InvalidJobError
 from .settings import (
-    DEFAULT_REDIS_URL,
     Settings,
     load_connect_timeout,
     load_phone_key,
     load_settings,
     parse_duration,
-    parse_redis_url,
-    redact_url,
 )
 from .templates import normalize_name
 
@@ -77,18 +75,19 @@ def _say(message: str) -> None:
     click.echo(f"cgb-worker: {message}", err=True)
 
 
-async def _open_redis(url: str, give_up_after: float) -> Any:
-    """A fail-fast pool on ``url`` through the start-up checks (:mod:`.preflight`): waiting for Redis is said on
-    stderr; a refusal is the command's one line."""
+async def _open_redis(config: RedisConfig, give_up_after: float) -> Any:
+    """A fail-fast pool on ``config`` through the start-up checks (:mod:`.preflight`): waiting for Redis is said
+    on stderr; a refusal is the command's one line."""
     from .preflight import StartupError, open_redis
     from .worker import create_pool
 
-    problem = parse_redis_url(url)
-    if problem:
-        _fail(f"REDIS_URL: {problem}", 2)
     try:
         return await open_redis(
-            lambda: create_pool(url, ride_out_outages=False), url, role="cli", give_up_after=give_up_after, say=_say
+            lambda: create_pool(config, ride_out_outages=False),
+            str(config),
+            role="cli",
+            give_up_after=give_up_after,
+            say=_say,
         )
     except StartupError as exc:
         _fail(str(exc), exc.code)
@@ -97,11 +96,18 @@ async def _open_redis(url: str, give_up_after: float) -> Any:
 async def _pool() -> Any:
     """The queue. Sending and dead letters need only ``REDIS_URL``, not the CGB key: producers run them too."""
     _phone_key(required=False)
+    problems: list[str] = []
     try:
         give_up_after = load_connect_timeout()
     except ConfigError as exc:
-        _fail(str(exc), 2)
-    return await _open_redis(os.environ.get("REDIS_URL", DEFAULT_REDIS_URL), give_up_after)
+        problems += exc.problems
+    try:
+        config = load_redis_config(os.environ)
+    except ConfigError as exc:
+        problems += exc.problems
+    if problems:
+        _fail(str(ConfigError(problems)), 2)
+    return await _open_redis(config, give_up_after)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -142,11 +148,11 @@ def check() -> None:
         from .worker import create_pool
 
         failed: list[str] = []
-        url = settings.redis_url
+        where = str(settings.redis)  # the redacted URL, or the sentinels
         try:  # the worker's own start-up checks: what would stop it stops the check
             redis = await open_redis(
-                lambda: create_pool(url, ride_out_outages=False),
-                url,
+                lambda: create_pool(settings.redis, ride_out_outages=False),
+                where,
                 role="worker",
                 give_up_after=settings.redis_connect_timeout,
                 say=_say,
@@ -154,7 +160,7 @@ def check() -> None:
             info = await redis.info("server")
             await redis.aclose()
             click.echo(
-                f"redis          ok ({redact_url(url)}, Redis {info.get('redis_version')}, "
+                f"redis          ok ({where}, Redis {info.get('redis_version')}, "
                 f"maxmemory-policy noeviction, data format {FORMAT_VERSION})"
             )
         except StartupError as exc:

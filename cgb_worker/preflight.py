@@ -17,32 +17,27 @@ Each refusal is a :class:`StartupError` carrying one line and an exit code; each
 one line, so nothing here ever ends in a traceback, under ``arq`` too (the worker's checks run synchronously
 while ``arq`` imports ``cgb_worker.WorkerSettings``, before arq's own ``create_pool`` could raise one).
 
-After start-up, :class:`ReportingRetry` says the same about an outage the worker rides out: at once, every
-:data:`REPORT_EVERY` seconds, and "Redis is back" when it is.
+After start-up, :class:`cgb_worker.connection.OutageRetry` says the same about an outage a process rides out: at
+once, every :data:`REPORT_EVERY` seconds, and "Redis is back" when it is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
 
 import aiohttp
-from loguru import logger
-from redis.asyncio.retry import Retry
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
 from . import keys, scripts
 from .client import CGBClient
+from .connection import REPORT_EVERY, cause
 from .errors import CGBAuthError, CGBWorkerError
 from .settings import Settings, redact_url
 
-REPORT_EVERY = 10.0
-"""Seconds between two lines about the same outage."""
 RETRY_EVERY = 0.5
 """Seconds between two connection attempts at start-up."""
 ATTEMPT_TIMEOUT = 5.0
@@ -65,32 +60,6 @@ class StartupError(Exception):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
-
-
-def cause(exc: BaseException, url: str = "") -> str:
-    """What went wrong connecting, in a few words: the first recognised error in ``exc``'s chain."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        text = str(seen)
-        if isinstance(seen, AuthenticationError) or "WRONGPASS" in text or "NOAUTH" in text:
-            return f"authentication failed ({text.strip() or type(seen).__name__})"
-        if isinstance(seen, ssl.SSLError) or "SSL" in text or "TLS" in text:
-            return f"TLS handshake failed ({getattr(seen, 'reason', None) or text})"
-        if isinstance(seen, socket.gaierror) or "Name or service not known" in text or "name resolution" in text:
-            return "DNS: the host name does not resolve"
-        if isinstance(seen, ConnectionRefusedError) or "Connection refused" in text or "Connect call failed" in text:
-            return "connection refused"
-        if isinstance(seen, FileNotFoundError) or "No such file" in text:
-            return "no such socket"
-        if isinstance(seen, ConnectionResetError) or "reset by peer" in text or "Connection closed" in text:
-            return "the server closed the connection"
-        if isinstance(seen, TimeoutError) or "Timeout" in text or "timed out" in text:
-            hint = (
-                " (rediss:// to a server that does not speak TLS looks like this)" if url.startswith("rediss:") else ""
-            )
-            return f"timed out{hint}"
-        seen = seen.__cause__ or seen.__context__
-    return f"{type(exc).__name__}: {exc}"
 
 
 async def _close(redis: Any) -> None:
@@ -234,61 +203,3 @@ async def check_cgb(settings: Settings, say: Say) -> None:
             ) from None
         except CGBWorkerError as exc:
             say(f"CGB at {settings.api_url} could not be checked ({type(exc).__name__}: {exc}); starting anyway")
-
-
-# -- after start-up -----------------------------------------------------------------------------------------
-
-
-class Outage:
-    """One process's view of its Redis: down since when, and when that was last said. Shared, not copied, by
-    every connection's copy of the retry (redis-py deep-copies it per connection)."""
-
-    def __init__(self, url: str = "") -> None:
-        self.url = url
-        self.down_since: float | None = None
-        self._said_at = 0.0
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Outage:
-        return self
-
-    def failed(self, error: BaseException) -> None:
-        now = time.monotonic()
-        if self.down_since is None:
-            self.down_since = self._said_at = now
-            logger.warning("Redis at {} lost: {}; retrying", self.url or "REDIS_URL", cause(error, self.url))
-        elif now - self._said_at >= REPORT_EVERY:
-            self._said_at = now
-            logger.warning(
-                "Redis at {} still unreachable after {:.0f} s: {}",
-                self.url or "REDIS_URL",
-                now - self.down_since,
-                cause(error, self.url),
-            )
-
-    def ok(self) -> None:
-        if self.down_since is not None:
-            logger.info(
-                "Redis is back at {} after {:.1f} s", self.url or "REDIS_URL", time.monotonic() - self.down_since
-            )
-            self.down_since = None
-
-
-class ReportingRetry(Retry):
-    """redis-py's ``Retry``, telling :class:`Outage` of every failure and of the first success after one."""
-
-    __slots__ = ("outage",)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.outage = Outage()
-
-    async def call_with_retry(self, do: Callable[[], Awaitable[_T]], fail: Callable[[RedisError], Any]) -> _T:
-        outage = self.outage
-
-        async def failed(error: RedisError) -> None:
-            outage.failed(error)
-            await fail(error)
-
-        result = await super().call_with_retry(do, failed)
-        outage.ok()
-        return result

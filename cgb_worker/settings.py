@@ -16,13 +16,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import environs
 import phonenumbers
 from marshmallow.validate import OneOf, Range
 
 from .catalog import TemplateCatalog, load_catalog
+from .connection import DEFAULT_REDIS_URL as DEFAULT_REDIS_URL
+from .connection import RedisConfig, read_redis_config
+from .connection import parse_redis_url as parse_redis_url
+from .connection import redact_url as redact_url
 from .errors import ConfigError
 from .keys import PHONE_KEY_MIN
 from .models import CATEGORIES, Category
@@ -30,7 +34,6 @@ from .quiet import QuietHours, parse_quiet_hours
 from .suppression import DEFAULT_OPT_IN, DEFAULT_OPT_OUT, parse_keywords
 
 DEFAULT_API_URL = "https://app.chatgptbuilder.io/api"
-DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_REDIS_CONNECT_TIMEOUT = 60.0
 TEMPLATE_PREFIX = "CGB_TEMPLATE_"
 _NOT_TEMPLATES = frozenset({"CGB_TEMPLATE_CACHE_TIMEOUT"})
@@ -60,16 +63,6 @@ class Secret:
 
     def __reduce__(self) -> Any:
         raise TypeError("a Secret is not to be pickled")
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced, for logs and reprs (``redis://:pw@host`` holds one)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:********@{netloc}"))
 
 
 VARIABLES: Mapping[str, str] = MappingProxyType(
@@ -309,7 +302,8 @@ class Settings:
     templates: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     """Template name (lower case) to CGB flow id, from ``CGB_TEMPLATE_<NAME>``."""
     default_region: str | None = None
-    redis_url: str = DEFAULT_REDIS_URL
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    """``REDIS_URL``, ``REDIS_SENTINELS``, ``REDIS_SENTINEL_MASTER`` (:mod:`cgb_worker.connection`)."""
     redis_connect_timeout: float = DEFAULT_REDIS_CONNECT_TIMEOUT
     """``REDIS_CONNECT_TIMEOUT``: seconds a starting process waits for Redis, saying so, before it gives up."""
     unknown_outcome: str = "resend"
@@ -344,9 +338,12 @@ class Settings:
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "warnings"}
-        shown["redis_url"] = redact_url(self.redis_url)  # the key is a Secret already
-        shown["templates"] = dict(self.templates)
+        shown["templates"] = dict(self.templates)  # the key is a Secret, and RedisConfig hides its password
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
+    @property
+    def redis_url(self) -> str:
+        return self.redis.url
 
 
 EMPTY_IS_A_VALUE = frozenset({"OPT_OUT_KEYWORDS", "OPT_IN_KEYWORDS", "CGB_API_KEY", "WABA_APP_SECRET"})
@@ -381,28 +378,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return _read(os.environ if environ is None else environ)
 
 
-def parse_redis_url(url: str) -> str | None:
-    """What is wrong with a Redis URL, or None: arq and redis-py fall back to localhost on some malformed
-    URLs (``redis://host:63790x/0``) instead of refusing them."""
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        return "must be a redis://, rediss:// or unix:// URL."
-    try:
-        port = parts.port
-    except ValueError:
-        return f"the port in {redact_url(url)!r} is not a number from 0 to 65535."
-    if parts.scheme == "unix":
-        return None if parts.path else "a unix:// URL needs the socket's path."
-    if not parts.hostname:
-        return f"{redact_url(url)!r} names no host."
-    if port == 0:
-        return "the port must not be 0."
-    database = parts.path.lstrip("/")
-    if database and not database.isdigit():
-        return f"the database in {redact_url(url)!r} must be a number (redis://host:6379/0)."
-    return None
-
-
 def phone_key_problem(value: str | None) -> str | None:
     """What is wrong with ``PHONE_HASH_KEY``, as one configuration line, or None."""
     if value is None or not value.strip():
@@ -435,7 +410,6 @@ def _read(source: Mapping[str, str]) -> Settings:
     cache_timeout = env.duration("CGB_CACHE_TIMEOUT", 3600, whole=True, validate=positive)
     template_cache_timeout = env.duration("CGB_TEMPLATE_CACHE_TIMEOUT", 86400, whole=True, validate=positive)
     default_region = env.str("CGB_DEFAULT_REGION", None)
-    redis_url = env.str("REDIS_URL", DEFAULT_REDIS_URL)
     connect_timeout = _connect_timeout(env)
     unknown_outcome = env.str("CGB_UNKNOWN_OUTCOME", "resend", validate=OneOf(["resend", "fail"]))
     outside_window = env.str("CGB_OUTSIDE_WINDOW", "send", validate=OneOf(["send", "fail"]))
@@ -472,8 +446,8 @@ def _read(source: Mapping[str, str]) -> Settings:
         problems.append(problem)
     if api_url is not None and urlsplit(api_url).scheme not in ("http", "https"):
         problems.append("CGB_API_URL: must be an http:// or https:// URL.")
-    if redis_url is not None and (problem := parse_redis_url(redis_url)):
-        problems.append(f"REDIS_URL: {problem}")
+    redis, redis_problems = read_redis_config(source)
+    problems.extend(redis_problems)
     if default_region is not None:
         default_region = default_region.strip().upper()
         if default_region not in phonenumbers.SUPPORTED_REGIONS:
@@ -529,7 +503,7 @@ def _read(source: Mapping[str, str]) -> Settings:
     # environs returns None for a value it rejected; we only get here when it rejected none.
     assert api_key is not None
     assert api_url is not None
-    assert redis_url is not None
+    assert redis is not None
     assert timeout_ms is not None
     assert retry_attempts is not None
     assert base_delay is not None
@@ -548,7 +522,7 @@ def _read(source: Mapping[str, str]) -> Settings:
         template_cache_timeout=template_cache_timeout,
         templates=MappingProxyType(templates),
         default_region=default_region or None,
-        redis_url=redis_url.strip(),
+        redis=redis,
         redis_connect_timeout=float(connect_timeout if connect_timeout is not None else DEFAULT_REDIS_CONNECT_TIMEOUT),
         unknown_outcome=str(unknown_outcome),
         outside_window=str(outside_window),
@@ -595,9 +569,10 @@ def _log_level(env: environs.Env) -> str | None:
 
 
 def _connect_timeout(env: environs.Env) -> float | None:
-    """``REDIS_CONNECT_TIMEOUT``: seconds, 0 (one attempt) to an hour."""
+    """``REDIS_CONNECT_TIMEOUT``: a duration (bare: seconds), 0 (one attempt) to an hour."""
     return cast(
-        "float | None", env.float("REDIS_CONNECT_TIMEOUT", DEFAULT_REDIS_CONNECT_TIMEOUT, validate=Range(0, 3600))
+        "float | None",
+        env.duration("REDIS_CONNECT_TIMEOUT", DEFAULT_REDIS_CONNECT_TIMEOUT, validate=Range(min=0, max=3600)),
     )
 
 
@@ -658,7 +633,8 @@ class ReceiverSettings:
     """``PHONE_HASH_KEY``: the workers' own, or statuses cannot be matched to their sends."""
     verify_token: Secret | None = None
     """``WABA_VERIFY_TOKEN``: what Meta's subscription handshake must present; None refuses every handshake."""
-    redis_url: str = DEFAULT_REDIS_URL
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    """``REDIS_URL``, ``REDIS_SENTINELS``, ``REDIS_SENTINEL_MASTER`` (:mod:`cgb_worker.connection`)."""
     redis_connect_timeout: float = DEFAULT_REDIS_CONNECT_TIMEOUT
     """``REDIS_CONNECT_TIMEOUT``, as the worker's."""
     host: str = "0.0.0.0"  # noqa: S104 - Meta posts from outside the container
@@ -719,8 +695,11 @@ class ReceiverSettings:
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "warnings"}
-        shown["redis_url"] = redact_url(self.redis_url)
         return "ReceiverSettings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
+    @property
+    def redis_url(self) -> str:
+        return self.redis.url
 
 
 def load_receiver_settings(environ: Mapping[str, str] | None = None) -> ReceiverSettings:
@@ -730,7 +709,6 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
     positive = Range(min=0, min_inclusive=False)
     app_secret = env.str("WABA_APP_SECRET")
     verify_token = env.str("WABA_VERIFY_TOKEN", None)
-    redis_url = env.str("REDIS_URL", DEFAULT_REDIS_URL)
     connect_timeout = _connect_timeout(env)
     host = env.str("WEBHOOK_HOST", "0.0.0.0")  # noqa: S104
     port = env.int("WEBHOOK_PORT", 8090, validate=Range(min=1, max=65535))
@@ -782,17 +760,17 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
         problems.append("WABA_APP_SECRET: must not be empty.")
     if problem := phone_key_problem(source.get("PHONE_HASH_KEY")):
         problems.append(problem)
-    if redis_url is not None and (problem := parse_redis_url(redis_url)):
-        problems.append(f"REDIS_URL: {problem}")
+    redis, redis_problems = read_redis_config(source)
+    problems.extend(redis_problems)
     if problems:
         raise ConfigError(problems)
     assert app_secret is not None
-    assert redis_url is not None
+    assert redis is not None
     return ReceiverSettings(
         app_secret=Secret(app_secret.strip()),
         phone_hash_key=Secret(source["PHONE_HASH_KEY"].strip()),
         verify_token=Secret(verify_token) if verify_token else None,
-        redis_url=redis_url.strip(),
+        redis=redis,
         redis_connect_timeout=float(connect_timeout if connect_timeout is not None else DEFAULT_REDIS_CONNECT_TIMEOUT),
         host=str(host),
         port=int(port or 8090),

@@ -9,7 +9,9 @@ opens the one ``aiohttp.ClientSession`` the worker has and builds the CGB client
 services into ``ctx["cgb"]``, starts the worker's heartbeat (:mod:`cgb_worker.heartbeat`, ``ctx["heartbeat"]``)
 and serves ``/metrics``; ``on_shutdown`` closes the session and removes the heartbeat.
 
-Redis outages. Every Redis command, arq's own included, is retried by redis-py through a lost connection or
+Redis outages. The worker hands arq its own client (``redis_pool``, from :mod:`cgb_worker.connection`, as every
+component connects: the URL's TLS options, Sentinel). Every Redis command, arq's own included, is retried by
+redis-py through a lost connection or
 a Redis that is restarting (:data:`REDIS_RETRY`: backoff from 50 ms to 1 s, about two minutes in all), so
 a worker rides out a Redis restart instead of exiting (arq issues #435, #498); past that it exits and its
 supervisor (the container's restart policy) brings it back. The one gap left, and arq's re-checking of its
@@ -33,18 +35,18 @@ from typing import Any
 
 import aiohttp
 from arq import ArqRedis
-from arq import create_pool as arq_create_pool
-from arq.connections import RedisSettings
-from arq.constants import default_queue_name, in_progress_key_prefix
+from arq.constants import default_queue_name as arq_default_queue_name
+from arq.constants import expires_extra_ms as arq_expires_extra_ms
+from arq.constants import in_progress_key_prefix
 from arq.worker import Worker, func
 from loguru import logger
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
 from . import keys
 from .client import CGBClient
+from .connection import REDIS_ERRORS as REDIS_ERRORS
+from .connection import REDIS_RETRY as REDIS_RETRY
+from .connection import RedisConfig, arq_redis_settings, connect, load_redis_config, parse_redis_url, redis_client
 from .contacts import ContactResolver
 from .deadletters import DeadLetters
 from .errors import ConfigError
@@ -52,55 +54,50 @@ from .heartbeat import WorkerHeartbeat
 from .jobs import ARQ_MAX_TRIES, Services, whatsapp_send
 from .logs import setup_logging
 from .metrics import Metrics
-from .preflight import ReportingRetry, StartupError, check_cgb, open_redis, wait_for_redis
+from .preflight import StartupError, check_cgb, open_redis, wait_for_redis
 from .ratelimit import RateLimiter
 from .sends import SendLog
 from .serialization import deserialize, serialize
-from .settings import DEFAULT_REDIS_URL, Settings, listen_problem, load_settings, parse_redis_url, redact_url
+from .settings import Settings, listen_problem, load_settings
 from .templates import Catalog, TemplateResolver
-
-REDIS_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
-"""What a lost or refused connection raises. ``OSError`` is there because a refused connection reaches
-redis-py's retry as Python's own ``ConnectionRefusedError``, which is not redis-py's ``ConnectionError``."""
-
-REDIS_RETRY = ReportingRetry(
-    ExponentialBackoff(cap=1.0, base=0.05),
-    retries=125,
-    supported_errors=REDIS_ERRORS,
-)
-"""About two minutes of retries per command (backoff doubling from 50 ms, at most 1 s apart), each outage said
-at once, every 10 s while it lasts, and when it ends (:class:`~cgb_worker.preflight.ReportingRetry`)."""
-
-
-def redis_settings(url: str, *, ride_out_outages: bool = True) -> RedisSettings:
-    """arq's settings for ``url`` (already checked by :func:`parse_redis_url`), with every command retried
-    through an outage (``ride_out_outages``; a command line that should fail fast passes False)."""
-    settings = RedisSettings.from_dsn(url)
-    if not ride_out_outages:
-        return settings
-    # arq's own retries of the first connection would come on top of redis-py's two minutes.
-    settings.conn_retries = 0
-    REDIS_RETRY.outage.url = redact_url(url)  # one Redis per process: its outages are said with its URL
-    settings.retry = REDIS_RETRY
-    settings.retry_on_error = list(REDIS_ERRORS)
-    settings.retry_on_timeout = True
-    return settings
 
 
 async def create_pool(
-    redis_url: str | None = None, *, conn_retries: int = 0, ride_out_outages: bool = True, **kwargs: Any
+    redis_url: str | RedisConfig | None = None,
+    *,
+    conn_retries: int = 0,
+    ride_out_outages: bool = True,
+    default_queue_name: str = arq_default_queue_name,
+    expires_extra_ms: int = arq_expires_extra_ms,
 ) -> ArqRedis:
-    """An arq Redis pool that speaks the worker's serializer. ``redis_url`` defaults to ``REDIS_URL``;
-    ``ride_out_outages`` retries every command, the first connection included, through a Redis restart
-    (:data:`REDIS_RETRY`, about two minutes), and ``conn_retries`` adds arq's own retries of the first
-    connection, a second apart, on top. A malformed URL raises :class:`ConfigError` naming it."""
-    url = redis_url or os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
-    problem = parse_redis_url(url)
-    if problem:
+    """An arq Redis pool that speaks the worker's serializer, connected as every component connects
+    (:mod:`cgb_worker.connection`: the URL's TLS and socket options, Sentinel). ``redis_url`` is a URL, a
+    :class:`RedisConfig` (for Sentinel), or None for ``REDIS_URL``, ``REDIS_SENTINELS`` and
+    ``REDIS_SENTINEL_MASTER``; ``ride_out_outages`` retries every command, the first connection included,
+    through a Redis restart (:data:`REDIS_RETRY`, about two minutes), and ``conn_retries`` adds retries of
+    the first connection, a second apart, on top. A malformed configuration raises :class:`ConfigError`
+    naming it."""
+    if redis_url is None:
+        config = load_redis_config(os.environ)
+    elif isinstance(redis_url, RedisConfig):
+        config = redis_url
+    elif problem := parse_redis_url(redis_url):
         raise ConfigError([f"REDIS_URL: {problem}"])
-    settings = redis_settings(url, ride_out_outages=ride_out_outages)
-    settings.conn_retries = conn_retries
-    return await arq_create_pool(settings, job_serializer=serialize, job_deserializer=deserialize, **kwargs)
+    else:
+        config = RedisConfig(url=redis_url.strip())
+    for attempt in range(conn_retries + 1):
+        try:
+            return await connect(
+                config,
+                ride_out_outages=ride_out_outages,
+                default_queue=default_queue_name,
+                expires_extra=expires_extra_ms,
+            )
+        except REDIS_ERRORS:
+            if attempt == conn_retries:
+                raise
+            await asyncio.sleep(1)
+    raise AssertionError("unreachable")
 
 
 def survive_lost_claims() -> None:
@@ -175,7 +172,7 @@ def _startup(settings: Settings) -> Any:
         )
         heartbeat = WorkerHeartbeat(
             redis,
-            queue=default_queue_name,
+            queue=arq_default_queue_name,
             max_jobs=settings.worker.max_jobs,
             interval=settings.worker.health_check_interval,
             job_timeout=settings.worker.job_timeout,
@@ -189,7 +186,7 @@ def _startup(settings: Settings) -> Any:
                 "parameters unchecked, and a mismatch shows only as WhatsApp's failure after CGB's success"
             )
         if settings.metrics_port is not None:
-            metrics.watch_queue(redis, default_queue_name, in_progress_key_prefix, dead_letters)
+            metrics.watch_queue(redis, arq_default_queue_name, in_progress_key_prefix, dead_letters)
             try:
                 await metrics.serve(settings.metrics_port)
             except OSError as exc:
@@ -200,7 +197,7 @@ def _startup(settings: Settings) -> Any:
         logger.info(
             "cgb-worker ready: CGB at {}, Redis at {}, rate limit {}, {} template mapping(s), max_jobs={}",
             settings.api_url,
-            redact_url(settings.redis_url),
+            settings.redis,
             f"{settings.rate_limit:g}/s" if settings.rate_limit > 0 else "off",
             len(settings.templates),
             settings.worker.max_jobs,
@@ -236,7 +233,6 @@ def _worker_class(settings: Settings) -> type:
     for warning in settings.warnings:
         logger.warning(warning)
     options = settings.worker
-    redis = redis_settings(settings.redis_url)
 
     class WorkerSettings:
         """``arq cgb_worker.WorkerSettings``. The knobs come from ``WORKER_*`` (see ``WorkerOptions``)."""
@@ -244,7 +240,10 @@ def _worker_class(settings: Settings) -> type:
         functions = [func(whatsapp_send, name="whatsapp_send", max_tries=ARQ_MAX_TRIES)]
         on_startup = _startup(settings)
         on_shutdown = shutdown
-        redis_settings = redis
+        # The worker's client (every URL option, Sentinel, outages ridden out), made here and connected on first
+        # use; arq's own settings remain for what arq connects to by itself (``arq --check``).
+        redis_pool = redis_client(settings.redis)
+        redis_settings = arq_redis_settings(settings.redis)
         job_serializer = serialize
         job_deserializer = deserialize
         max_jobs = options.max_jobs
@@ -290,13 +289,14 @@ async def preflight(settings: Settings, *, health_check: bool = False) -> None:
     then the CGB key. With ``health_check``, only one attempt at Redis."""
 
     def connect() -> Awaitable[ArqRedis]:
-        return create_pool(settings.redis_url, ride_out_outages=False)
+        return create_pool(settings.redis, ride_out_outages=False)
 
+    where = str(settings.redis)  # the redacted URL, or the sentinels
     if health_check:
-        redis = await wait_for_redis(connect, settings.redis_url, give_up_after=0, say=logger.warning)
+        redis = await wait_for_redis(connect, where, give_up_after=0, say=logger.warning)
     else:
         redis = await open_redis(
-            connect, settings.redis_url, role="worker", give_up_after=settings.redis_connect_timeout, say=logger.warning
+            connect, where, role="worker", give_up_after=settings.redis_connect_timeout, say=logger.warning
         )
     await redis.aclose()
     if not health_check:

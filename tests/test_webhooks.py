@@ -19,6 +19,7 @@ from aiohttp import web
 from loguru import logger
 
 from cgb_worker import errors as E
+from cgb_worker.connection import RedisConfig
 from cgb_worker.keys import AWAITING as ACCEPTED
 from cgb_worker.keys import DELIVERIES as STREAM
 from cgb_worker.keys import INBOX, MALFORMED, ORPHANS, SINCE, TRACKING, UNMATCHED
@@ -74,7 +75,7 @@ def settings(**changes: Any) -> ReceiverSettings:
 async def start_receiver(redis_url: str, **changes: Any) -> tuple[Receiver, Callable[[], Awaitable[None]]]:
     from cgb_worker import create_pool
 
-    config = settings(redis_url=redis_url, **changes)
+    config = settings(redis=RedisConfig(redis_url), **changes)
     pool = await create_pool(redis_url, ride_out_outages=False)
     app = create_app(pool, config)
     endpoints = Endpoints(app, config)
@@ -681,7 +682,7 @@ async def test_a_webhook_stored_by_a_receiver_that_died_is_processed_by_the_next
     pool = await create_pool(redis_url, ride_out_outages=False)
     try:
         # a receiver that stores and answers 200 but never processes (it dies right after)
-        app = create_app(pool, settings(redis_url=redis_url), process=False, monitor=False)
+        app = create_app(pool, settings(redis=RedisConfig(redis_url)), process=False, monitor=False)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         port = free_port()

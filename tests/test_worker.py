@@ -99,13 +99,16 @@ def test_every_redis_command_rides_out_an_outage() -> None:
     settings = worker_settings(
         {"CGB_API_KEY": TOKEN, "PHONE_HASH_KEY": PHONE_KEY, "REDIS_URL": "redis://127.0.0.1:6399/3"}
     )
-    redis = settings.redis_settings  # type: ignore[attr-defined]
-    assert (redis.host, redis.port, redis.database) == ("127.0.0.1", 6399, 3)
-    assert redis.retry is REDIS_RETRY
-    assert redis.conn_retries == 0  # arq's own retries of the first connection would add to redis-py's
-    assert ConnectionRefusedError in redis.retry_on_error or OSError in redis.retry_on_error
+    pool = settings.redis_pool  # type: ignore[attr-defined]
+    options = pool.connection_pool.connection_kwargs
+    assert (options["host"], options["port"], options["db"]) == ("127.0.0.1", 6399, 3)
+    assert options["retry"] is REDIS_RETRY
+    assert ConnectionRefusedError in options["retry_on_error"] or OSError in options["retry_on_error"]
     total = sum(REDIS_RETRY._backoff.compute(n) for n in range(1, REDIS_RETRY._retries + 1))
     assert 100 < total < 150  # about two minutes of retries per command
+    # arq's own settings, for `arq --check`, name the same server
+    redis = settings.redis_settings  # type: ignore[attr-defined]
+    assert (redis.host, redis.port, redis.database, redis.conn_retries) == ("127.0.0.1", 6399, 3, 0)
 
 
 def test_settings_carry_the_configured_knobs() -> None:

@@ -40,7 +40,7 @@ from redis.exceptions import RedisError
 
 from .. import keys
 from ..metrics import ReceiverMetrics
-from ..settings import ReceiverSettings, listen_problem, redact_url
+from ..settings import ReceiverSettings, listen_problem
 from .guard import (
     Budget,
     ConnectionGuard,
@@ -410,12 +410,12 @@ async def _serve(settings: ReceiverSettings, host: str, port: int, port_name: st
     from ..worker import create_pool
 
     def connect() -> Awaitable[ArqRedis]:
-        return create_pool(settings.redis_url, ride_out_outages=False)
+        return create_pool(settings.redis, ride_out_outages=False)
 
     try:  # before the signal handlers: a SIGTERM while Redis is awaited ends the wait
         redis = await open_redis(
             connect,
-            settings.redis_url,
+            str(settings.redis),  # the redacted URL, or the sentinels
             role="receiver",
             give_up_after=settings.redis_connect_timeout,
             say=logger.warning,
@@ -446,7 +446,7 @@ async def _serve(settings: ReceiverSettings, host: str, port: int, port_name: st
             "webhook receiver ({}) on {}, health and metrics on {}:{}, Redis at {}",
             _ROLES[settings.role],
             f"{host}:{endpoints.port}{PATH}" if endpoints.port else "no public port",
-            settings.admin_host, endpoints.admin_port, redact_url(settings.redis_url),
+            settings.admin_host, endpoints.admin_port, settings.redis,
         )  # fmt: skip
         await stop.wait()
     finally:
