@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
@@ -92,6 +93,8 @@ async def wait_for_redis(connect: Callable[[], Awaitable[_T]], url: str, *, give
             raise StartupError(f"Redis at {shown} refused the connection: {exc}", 2) from None
         except (RedisError, OSError, TimeoutError) as exc:
             await _close(client)
+            if _certificate_refused(exc):  # waiting does not fix a certificate: one line, at once
+                raise StartupError(f"Redis at {shown}: {cause(exc, url)}; check REDIS_URL's ssl_* options", 2) from None
             why = cause(exc, url)
         now = time.monotonic()
         waited = now - started
@@ -106,6 +109,16 @@ async def wait_for_redis(connect: Callable[[], Awaitable[_T]], url: str, *, give
                 1,
             )
         await asyncio.sleep(min(RETRY_EVERY, max(0.0, timeout - waited)))
+
+
+def _certificate_refused(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) is a failed certificate verification."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _version(text: str) -> tuple[int, ...]:

@@ -74,6 +74,7 @@ def test_every_variable_read_elsewhere_is_in_the_registry() -> None:
         text = path.read_text()
         names |= set(re.findall(r"environ(?:\.get\(|\[)\"([A-Z][A-Z0-9_]+)\"", text))
         names |= set(re.findall(r"env\.\w+\(\s*\"([A-Z][A-Z0-9_]+)\"", text))
+        names |= set(re.findall(r"source\.get\(\"([A-Z][A-Z0-9_]+)\"", text))
     assert {"REDIS_URL", "WA_TEMPLATES_FILE", "LOG_JSON", "CGB_TEST_REDIS_URL", "CGB_IMAGE"} <= names
     ours = {name for name in names if name.startswith(PREFIXES)}  # not PATH, not pytest-xdist's
     assert ours - set(VARIABLES) == set()
@@ -303,6 +304,6 @@ async def test_status_reads_status_unconfirmed_after_as_a_duration(harness: Harn
         "cgb-worker: STATUS_UNCONFIRMED_AFTER: Not a valid duration: a number of seconds, or one with a unit "
         "(500ms, 30s, 5m, 1h, 1d)."
     ]
-    code, _, err = await cli(harness, "status", "no-such-job", env={"STATUS_UNCONFIRMED_AFTER": "2d"})
+    code, out, err = await cli(harness, "status", "no-such-job", env={"STATUS_UNCONFIRMED_AFTER": "2d"})
     assert code == 3  # unknown: nothing has a record of the id
-    assert "no-such-job" in err
+    assert "no-such-job" in out + err
