@@ -93,12 +93,13 @@ async def _open_redis(config: RedisConfig, give_up_after: float) -> Any:
         _fail(str(exc), exc.code)
 
 
-async def _pool() -> Any:
-    """The queue. Sending and dead letters need only ``REDIS_URL``, not the CGB key: producers run them too."""
+async def _pool(give_up_after: float | None = None) -> Any:
+    """The queue. Sending and dead letters need only ``REDIS_URL``, not the CGB key: producers run them too.
+    ``give_up_after`` overrides ``REDIS_CONNECT_TIMEOUT`` (``health`` tries once: a health check must answer)."""
     _phone_key(required=False)
     problems: list[str] = []
     try:
-        give_up_after = load_connect_timeout()
+        connect_timeout = load_connect_timeout()
     except ConfigError as exc:
         problems += exc.problems
     try:
@@ -107,7 +108,7 @@ async def _pool() -> Any:
         problems += exc.problems
     if problems:
         _fail(str(ConfigError(problems)), 2)
-    return await _open_redis(config, give_up_after)
+    return await _open_redis(config, connect_timeout if give_up_after is None else give_up_after)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -606,8 +607,8 @@ def _checked_phone(phone: str, region: str | None) -> tuple[str, str | None]:
         _fail(str(exc), 2)
 
 
-async def _on_redis(use: Callable[[Any], Awaitable[_T]]) -> _T:
-    redis = await _pool()
+async def _on_redis(use: Callable[[Any], Awaitable[_T]], *, give_up_after: float | None = None) -> _T:
+    redis = await _pool(give_up_after)
     try:
         return await use(redis)
     finally:
@@ -743,7 +744,7 @@ def health() -> None:
     one line. Unlike ``arq --check``, another worker alive on the same Redis does not make this one healthy."""
     from .heartbeat import live_workers, this_hosts
 
-    mine = this_hosts(_run(lambda: _on_redis(live_workers)))
+    mine = this_hosts(_run(lambda: _on_redis(live_workers, give_up_after=0)))  # within the HEALTHCHECK's timeout
     if not mine:
         _fail("unhealthy: no worker running here has a live heartbeat")
     late = [s for s in mine if s.stale]

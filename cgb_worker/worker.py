@@ -264,8 +264,8 @@ def worker_settings_or_exit() -> type:
 
     They run here, synchronously, because this is where ``arq cgb_worker.WorkerSettings`` first calls our code:
     arq's ``Worker.main`` connects (``create_pool``, ``log_redis_info``) before ``on_startup``, and its command
-    lets any exception out as a traceback. Under ``arq --check`` (the container's HEALTHCHECK) Redis is tried
-    once and nothing else is checked: no wait, no CGB call."""
+    lets any exception out as a traceback. Under ``arq --check`` Redis is tried once and nothing else is checked:
+    no wait, no CGB call (the image's HEALTHCHECK is ``cgb-worker health``, which checks this host's worker)."""
     try:
         settings = load_settings()
     except ConfigError as exc:
