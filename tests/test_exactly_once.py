@@ -85,10 +85,12 @@ async def test_a_late_status_is_not_starved_by_foreign_ones(
         assert (await receiver.post(status_payload(f"wamid.BOT{i}", "sent", f"+1202555{i + 1000:04d}", ts=now)))[
             0
         ] == 200
-    await eventually(lambda: _held_at_least(redis_client, 150))
+    await eventually(lambda: _held_at_least(redis_client, 150), within=30)  # 150 posts: slow on a busy machine
     # a status for our coming send, stamped a little ahead (it overtook the worker's record)
     assert (await receiver.post(status_payload("wamid.OURS", "sent", A, ts=now + 2)))[0] == 200
-    await eventually(lambda: _held_at_least(redis_client, 151))  # held behind the 150, before its send exists
+    await eventually(
+        lambda: _held_at_least(redis_client, 151), within=30
+    )  # held behind the 150, before its send exists
     await harness.known(A)
     [job] = await harness.enqueue({"to": A, "message": "hello"})
     await harness.run()
