@@ -144,7 +144,17 @@ class OutageRetry(Retry):
         self.window = window
         self.outage = Outage()
 
+    def given_up(self) -> bool:
+        """Whether the current outage has outlasted the window: then every command tries once, so that the
+        process's way out (arq's own clean-up included) does not wait a window per command."""
+        down_since = self.outage.down_since
+        return down_since is not None and time.monotonic() - down_since > self.window
+
     async def call_with_retry(self, do: Callable[[], Awaitable[_T]], fail: Callable[[Any], Any]) -> _T:
+        if self.given_up() and not _RETRYING.get():
+            result = await do()  # raises at once while Redis stays away
+            self.outage.ok()
+            return result
         if _RETRYING.get():
             # Already inside a retry (redis-py nests them: a command's retry reconnects through the connection's,
             # and a Sentinel connection's retry connects through the plain one): try once and let the outer loop

@@ -30,6 +30,7 @@ import asyncio
 import functools
 import os
 import sys
+import time
 from collections.abc import Awaitable, Mapping
 from typing import Any
 
@@ -46,7 +47,15 @@ from . import keys
 from .client import CGBClient
 from .connection import REDIS_ERRORS as REDIS_ERRORS
 from .connection import REDIS_RETRY as REDIS_RETRY
-from .connection import RedisConfig, arq_redis_settings, connect, load_redis_config, parse_redis_url, redis_client
+from .connection import (
+    RedisConfig,
+    arq_redis_settings,
+    cause,
+    connect,
+    load_redis_config,
+    parse_redis_url,
+    redis_client,
+)
 from .contacts import ContactResolver
 from .deadletters import DeadLetters
 from .errors import ConfigError
@@ -273,6 +282,7 @@ def worker_settings_or_exit() -> type:
         logger.error("cgb-worker cannot start: {}", exc)
         sys.exit(2)
     worker_class = _worker_class(settings)
+    sys.excepthook = _redis_lost_in_one_line(sys.excepthook)
     try:
         asyncio.run(preflight(settings, health_check="--check" in sys.argv[1:]))
     except StartupError as exc:
@@ -282,6 +292,25 @@ def worker_settings_or_exit() -> type:
         logger.error("cgb-worker interrupted before it started")
         sys.exit(130)
     return worker_class
+
+
+def _redis_lost_in_one_line(previous: Any) -> Any:
+    """A ``sys.excepthook`` for the worker's process: Redis lost for longer than :data:`REDIS_RETRY` rides out
+    ends arq's loop with redis-py's error, which arq's command lets out as a traceback; it is told in one line
+    (exit 1, for the supervisor to restart the worker). Any other error keeps its traceback: it is a bug."""
+
+    def hook(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+        if not issubclass(kind, REDIS_ERRORS):
+            previous(kind, error, trace)
+            return
+        down = REDIS_RETRY.outage.down_since
+        lasted = f" for {time.monotonic() - down:.0f} s" if down is not None else ""
+        logger.error(
+            "cgb-worker stopped: Redis at {} unreachable{}: {}", REDIS_RETRY.outage.url or "REDIS_URL", lasted,
+            cause(error, REDIS_RETRY.outage.url),
+        )  # fmt: skip
+
+    return hook
 
 
 async def preflight(settings: Settings, *, health_check: bool = False) -> None:

@@ -404,3 +404,42 @@ async def test_a_running_worker_says_when_redis_goes_and_comes_back(sim: Sim, se
         proc.send_signal(signal.SIGINT)
         await proc.wait()
     assert not any("Traceback" in line for line in lines)
+
+
+ARQ_WITH_A_SHORT_WINDOW = """
+import sys
+from arq.cli import cli
+from cgb_worker import connection
+connection.REDIS_RETRY.window = 3.0  # the two minutes a running worker rides out, shortened for the test
+sys.argv = ["arq", "cgb_worker.WorkerSettings"]
+cli()
+"""
+
+
+async def test_a_worker_that_outlasts_the_outage_window_stops_in_one_line(sim: Sim, server: Any) -> None:
+    """``arq cgb_worker.WorkerSettings`` (arq's own command) with Redis gone past the ride-out window: one line
+    naming Redis and the cause, exit 1 for the supervisor to restart it; no traceback."""
+    s = server("--save", "", "--appendonly", "no")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", ARQ_WITH_A_SHORT_WINDOW,
+        env=_env(s.url, sim), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        while not any("cgb-worker ready" in line for line in lines):
+            raw: bytes = await asyncio.wait_for(proc.stdout.readline(), 60)  # type: ignore[union-attr]
+            assert raw, lines
+            lines.append(raw.decode())
+        s.stop()
+        rest, _ = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    lines += rest.decode().splitlines(keepends=True)
+    transcript = "".join(lines)
+    assert proc.returncode == 1, transcript
+    assert "Traceback" not in transcript
+    assert lines[-1].rstrip().endswith("connection refused"), transcript
+    assert f"cgb-worker stopped: Redis at {s.url} unreachable for " in lines[-1], transcript
+    assert any("lost: connection refused; retrying" in line for line in lines), transcript
