@@ -443,3 +443,37 @@ async def test_a_worker_that_outlasts_the_outage_window_stops_in_one_line(sim: S
     assert lines[-1].rstrip().endswith("connection refused"), transcript
     assert f"cgb-worker stopped: Redis at {s.url} unreachable for " in lines[-1], transcript
     assert any("lost: connection refused; retrying" in line for line in lines), transcript
+
+
+async def test_a_running_receiver_says_when_redis_goes_and_comes_back(sim: Sim, server: Any) -> None:
+    """The receiver's processor: the outage at once with the redacted URL and the cause, then every 10 s, and
+    "Redis is back" when it is."""
+    s = server("--save", "", "--appendonly", "no")
+    proc = await asyncio.create_subprocess_exec(
+        *_argv("webhooks"), env=_env(s.url, sim), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    lines: list[str] = []
+
+    async def until(text: str) -> str:
+        while True:
+            raw: bytes = await asyncio.wait_for(proc.stderr.readline(), 60)  # type: ignore[union-attr]
+            line = raw.decode()
+            assert line, lines
+            lines.append(line)
+            if text in line:
+                return line
+
+    try:
+        await until("webhook receiver (answering and processing)")
+        s.stop()
+        lost = await until("webhook processor: Redis at")
+        assert f"webhook processor: Redis at {s.url} failed (1 " in lost
+        again = await until("webhook processor: Redis at")  # ten seconds later, still down
+        assert "connection refused" in again, lines
+        s.start()
+        back = await until("Redis is back")
+        assert f"webhook processor: Redis is back at {s.url} after" in back
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await proc.wait()
+    assert not any("Traceback" in line for line in lines)

@@ -30,9 +30,12 @@ from typing import Any
 import msgspec
 from arq.connections import ArqRedis
 from loguru import logger
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .. import keys
+from ..connection import cause
 from ..metrics import ReceiverMetrics
 from ..privacy import mask_body, redact
 from ..scripts import ApplyScript, ClaimDeadScript, OpenWindowScript, StatusUpdate, SuppressScript
@@ -119,10 +122,14 @@ class Processor:
         self._monitor: asyncio.Task[None] | None = None
         self._looked = -CLAIM_EVERY
         self._swept: set[bytes] = set()
+        self._where = str(settings.redis)  # the redacted URL, or the sentinels
         self._redis_failures = Noise(
             lambda _kind: None,
-            "webhook processor: Redis failed ({}) since the last such line; trying again each second",
+            f"webhook processor: Redis at {self._where} failed ({{}}) since the last such line; "
+            "trying again each second",
         )
+        self._down_since: float | None = None
+        """time.monotonic() of the first Redis failure of an outage, to say when it ends."""
         self.processing = True
         """False in a receiver that only answers (``WEBHOOK_ROLE=answer``): it samples, for its health and the
         inbox cap, but takes no entries."""
@@ -207,8 +214,18 @@ class Processor:
                 if self.alive - last_sweep > SWEEP_EVERY:
                     await self.sweep()
                     last_sweep = self.alive
+                if self._down_since is not None:
+                    self._redis_failures.flush()
+                    logger.info(
+                        "webhook processor: Redis is back at {} after {:.1f} s",
+                        self._where, time.monotonic() - self._down_since,
+                    )  # fmt: skip
+                    self._down_since = None
             except RedisError as exc:
-                self._redis_failures(type(exc).__name__)
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                lost = isinstance(exc, RedisConnectionError | RedisTimeoutError)
+                self._redis_failures(cause(exc, self._where) if lost else type(exc).__name__)
                 await asyncio.sleep(1.0)
             except Exception:
                 logger.exception("webhook processor: unexpected error; going on in 1 s")
