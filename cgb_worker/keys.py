@@ -112,6 +112,11 @@ def throttled(job_id: str) -> str:
     return f"cgb:throttled:{job_id}"
 
 
+RATE_WAITING = "cgb:rate:waiting"
+"""Sorted set: the jobs our rate limit deferred, scored by their enqueue time (ms), for the queue's age gauge:
+such a job is a backlog, but arq holds it as deferred (queue_stats.lua drops the ones that left the queue)."""
+
+
 def last_retry(job_id: str) -> str:
     """The job's last retry or deferral as the job decided it (:mod:`cgb_worker.jobstate`): error class, HTTP
     status and CGB code, never a phone or a text."""

@@ -82,10 +82,14 @@ class QueueGauges(Collector):
         stats = await self._stats(now_ms)
         workers = await live_workers(self._redis)
         dead = await self._dead_letters.count()
+        # The oldest job's wait: since it fell due, or, for a job our rate limit deferred (arq holds it as
+        # deferred, at its next turn), since it was enqueued: a backlog the limit spreads out is a backlog.
+        starts = [ms for ms in (stats.oldest_ms, stats.waiting_since_ms) if ms is not None]
         self._values = {
             "ready": stats.due - stats.running,
-            "oldest": 0.0 if stats.oldest_ms is None else max(0.0, (now_ms - stats.oldest_ms) / 1000),
+            "oldest": max((max(0.0, (now_ms - ms) / 1000) for ms in starts), default=0.0),
             "deferred": stats.deferred,
+            "waiting": stats.due - stats.running + stats.deferred,
             "in_progress": sum(w.beat.running for w in workers),
             "workers": len(workers),
             "stale": sum(1 for w in workers if w.stale),
@@ -98,8 +102,18 @@ class QueueGauges(Collector):
             return
         for name, key, text in (
             ("cgb_queue_ready_jobs", "ready", "Jobs due to run and not running yet"),
-            ("cgb_queue_oldest_ready_seconds", "oldest", "How long the oldest ready job has been due"),
-            ("cgb_queue_deferred_jobs", "deferred", "Jobs scheduled for later, retries waiting included"),
+            ("cgb_queue_jobs", "waiting", "Jobs in the queue not running: ready and deferred"),
+            (
+                "cgb_queue_oldest_ready_seconds",
+                "oldest",
+                "How long the oldest waiting job has waited: since it fell due, or since it was enqueued for one "
+                "the rate limit deferred",
+            ),
+            (
+                "cgb_queue_deferred_jobs",
+                "deferred",
+                "Jobs scheduled for later: retries and rate-limit turns waiting included",
+            ),
             ("cgb_jobs_in_progress", "in_progress", "Jobs running now, fleet-wide (workers' heartbeats)"),
             ("cgb_workers", "workers", "Workers with a live heartbeat"),
             ("cgb_workers_stale", "stale", "Workers whose heartbeat or poll is late"),

@@ -344,12 +344,14 @@ class WorkersScript:
 @dataclass(frozen=True, slots=True)
 class QueueStats:
     """:class:`QueueStatsScript`'s answer: jobs due (``running`` of them at the head, being run), jobs deferred to
-    later, and the score (ms) of the oldest due job nobody runs yet (None: there is none)."""
+    later, the score (ms) of the oldest due job nobody runs yet (None: there is none), and the enqueue time (ms)
+    of the oldest job our rate limit deferred that is still waiting (None: none is)."""
 
     due: int
     deferred: int
     running: int
     oldest_ms: int | None
+    waiting_since_ms: int | None = None
 
 
 class QueueStatsScript:
@@ -360,8 +362,15 @@ class QueueStatsScript:
         self._queue, self._prefix, self._limit = queue_name, in_progress_prefix, head_limit
 
     async def __call__(self, now_ms: int) -> QueueStats:
-        due, deferred, running, oldest = await self._script(
-            keys=[self._queue], args=[now_ms, self._prefix, self._limit]
+        due, deferred, running, oldest, waiting = await self._script(
+            keys=[self._queue, keys.RATE_WAITING], args=[now_ms, self._prefix, self._limit]
         )
         oldest_ms = int(float(_text(oldest)))
-        return QueueStats(int(due), int(deferred), int(running), None if oldest_ms < 0 else oldest_ms)
+        waiting_ms = int(float(_text(waiting)))
+        return QueueStats(
+            int(due),
+            int(deferred),
+            int(running),
+            None if oldest_ms < 0 else oldest_ms,
+            None if waiting_ms < 0 else waiting_ms,
+        )

@@ -298,6 +298,7 @@ async def test_metrics_are_served_at_metrics_only_and_count_the_queue_at_scrape(
         gauges = _gauges(text)
         oldest = gauges.pop("cgb_queue_oldest_ready_seconds")
         assert gauges == {
+            "cgb_queue_jobs": 3,
             "cgb_queue_ready_jobs": 2,
             "cgb_queue_deferred_jobs": 1,
             "cgb_jobs_in_progress": 1,
@@ -316,6 +317,50 @@ async def test_metrics_are_served_at_metrics_only_and_count_the_queue_at_scrape(
             assert _gauges(await resp.text())["cgb_dead_letters"] == 0
     assert harness.sim.requests("send_text")[0]["body"]["text"] == "slow"
     assert slow.job_id
+
+
+async def test_a_backlog_the_rate_limit_defers_shows_in_the_queue_age(
+    harness: Harness, running: Running, redis_client: redis.asyncio.Redis
+) -> None:
+    """At CGB_RATE_LIMIT=1 the jobs that find no turn within their try are deferred by arq to their turn: arq
+    holds them as deferred, not ready, yet they are a backlog. The queue's age counts them from when they were
+    enqueued, and the queue's depth counts them."""
+    phones = [f"+120255501{i:02d}" for i in range(20)]
+    await harness.known(*phones)
+    port = free_port()
+    await running.start(METRICS_PORT=str(port), CGB_RATE_LIMIT="1", WORKER_MAX_JOBS="10")
+    enqueued_at = time.time()
+    jobs = await harness.enqueue(*({"to": phone, "message": "in turn"} for phone in phones))
+    ids = {job.job_id for job in jobs}
+
+    async def deferred_by_the_rate() -> int:
+        return int(await redis_client.zcard(keys.RATE_WAITING))
+
+    await until(lambda: deferred_by_the_rate())
+    members = dict(await redis_client.zrange(keys.RATE_WAITING, 0, -1, withscores=True))
+    assert {m.decode() for m in members} <= ids
+    assert all(abs(score / 1000 - enqueued_at) < 5 for score in members.values())  # scored by enqueue time
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        gauges = _gauges(await resp.text())
+    elapsed = time.time() - enqueued_at
+    assert gauges["cgb_queue_deferred_jobs"] >= 1
+    assert gauges["cgb_queue_jobs"] == gauges["cgb_queue_ready_jobs"] + gauges["cgb_queue_deferred_jobs"] >= 1
+    assert 0 < gauges["cgb_queue_oldest_ready_seconds"] <= elapsed + 1  # since the enqueue, not since the turn
+
+
+async def test_the_queue_stats_drop_jobs_that_left_the_queue(redis_client: redis.asyncio.Redis) -> None:
+    """queue_stats.lua on its own: of the jobs the rate limit deferred, one that left the queue is dropped, one
+    running is passed over, and the oldest still waiting gives its enqueue time."""
+    from cgb_worker.scripts import QueueStatsScript
+
+    now = int(time.time() * 1000)
+    await redis_client.zadd("arq:queue", {"running": now - 5000, "waiting": now + 2000, "later": now + 3000})
+    await redis_client.set("arq:in-progress:running", b"1")
+    await redis_client.zadd(keys.RATE_WAITING, {"gone": now - 90_000, "running": now - 80_000, "waiting": now - 70_000})
+    stats = await QueueStatsScript(redis_client, "arq:queue", "arq:in-progress:")(now)
+    assert (stats.due, stats.deferred, stats.running, stats.oldest_ms) == (1, 2, 1, None)
+    assert stats.waiting_since_ms == now - 70_000
+    assert await redis_client.zrange(keys.RATE_WAITING, 0, -1) == [b"running", b"waiting"]
 
 
 async def test_metrics_leave_the_queue_out_when_redis_does_not_answer(harness: Harness, redis_url: str) -> None:
