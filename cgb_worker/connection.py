@@ -21,6 +21,8 @@ URL means the same to each of them:
 from __future__ import annotations
 
 import inspect
+import math
+import re
 import socket
 import ssl
 import time
@@ -226,20 +228,31 @@ class RedisConfig:
         return f"Sentinel primary {self.master!r} via {where} ({redact_url(self.url)})"
 
 
+_SECRET_QUERY = re.compile(r"(?i)((?:^|&)(?:password|sentinel_password)=)[^&]*")
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced, for logs and reprs (``redis://:pw@host`` holds one)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:********@{netloc}"))
+    """The URL with any password replaced, for logs and reprs: ``redis://:pw@host`` holds one, and redis-py
+    also takes one from the query (``?password=pw``)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(a Redis URL that cannot be parsed)"
+    if parts.query:
+        parts = parts._replace(query=_SECRET_QUERY.sub(r"\1********", parts.query))
+    if parts.password is not None:
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{parts.username or ''}:********@{netloc}")
+    return urlunsplit(parts)
 
 
 def parse_redis_url(url: str) -> str | None:
     """What is wrong with a Redis URL, or None: arq and redis-py fall back to localhost on some malformed
     URLs (``redis://host:63790x/0``) instead of refusing them; the query's options are checked as well."""
-    parts = urlsplit(url.strip())
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError as exc:  # an unclosed IPv6 bracket
+        return f"cannot be parsed as a URL ({exc})."
     if parts.scheme not in ("redis", "rediss", "unix"):
         return "must be a redis://, rediss:// or unix:// URL."
     try:
@@ -298,6 +311,12 @@ def _converted(name: str, value: Any) -> Any:
     """The few options redis-py's URL parsing leaves as text that its connections need as something else."""
     if name in ("socket_read_size", "socket_type") and isinstance(value, str):
         return int(value)
+    if name in ("socket_timeout", "socket_connect_timeout", "health_check_interval") and value is not None:
+        seconds = float(value)
+        least = 0.0 if name == "health_check_interval" else 0.001
+        if not math.isfinite(seconds) or seconds < least:
+            raise ValueError("a number of seconds" + (", 0 or more" if least == 0 else ", more than 0"))
+        return seconds
     if name == "ssl_min_version" and isinstance(value, str):
         try:
             return ssl.TLSVersion[value]
@@ -331,6 +350,19 @@ def connection_options(url: str) -> dict[str, Any]:
     for name in _FILES:
         if name in options and not Path(options[name]).is_file():
             raise ConfigError([f"{name}: there is no file {options[name]!r}."])
+    if (
+        tls
+        and "ssl_check_hostname" not in options
+        and str(options.get("ssl_cert_reqs", "required")).lower()
+        not in (
+            "none",
+            "cert_none",
+            "0",
+        )
+    ):
+        # redis-py does not check the server's name by default: any certificate the CA signed, for any host,
+        # would do. Checked unless the URL says ssl_check_hostname=false (or turns verification off).
+        options["ssl_check_hostname"] = True
     if tls:
         try:  # builds the TLS context as each connection will, so a bad certificate or key is named now
             SSLConnection(**{k: v for k, v in options.items() if k.startswith("ssl_")}).ssl_context.get()

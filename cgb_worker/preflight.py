@@ -111,11 +111,15 @@ async def wait_for_redis(connect: Callable[[], Awaitable[_T]], url: str, *, give
         await asyncio.sleep(min(RETRY_EVERY, max(0.0, timeout - waited)))
 
 
+_REFUSED_TLS = ("CERTIFICATE_VERIFY_FAILED", "CERTIFICATE_REQUIRED", "UNKNOWN_CA", "BAD_CERTIFICATE")
+"""OpenSSL's words for a certificate refused, ours by the server or the server's by us."""
+
+
 def _certificate_refused(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what it was raised from) is a failed certificate verification."""
+    """Whether ``exc`` (or what it was raised from) is a certificate refused, either way: waiting will not help."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
+        if isinstance(seen, ssl.SSLCertVerificationError) or any(sign in str(seen) for sign in _REFUSED_TLS):
             return True
         seen = seen.__cause__ or seen.__context__
     return False

@@ -28,7 +28,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cgb_worker import create_pool, keys, load_receiver_settings, load_settings
-from cgb_worker.connection import CONNECT_TIMEOUT, RedisConfig, connection_options, parse_sentinels, redis_client
+from cgb_worker.connection import (
+    CONNECT_TIMEOUT,
+    RedisConfig,
+    connection_options,
+    parse_redis_url,
+    parse_sentinels,
+    redact_url,
+    redis_client,
+)
 from cgb_worker.errors import ConfigError
 
 from .conftest import PHONE_KEY, TOKEN, Harness, Sim, free_port
@@ -97,8 +105,8 @@ class TLSRedis:
 
     @property
     def url(self) -> str:
-        """The URL a client with the CA uses (check the host name too: the certificate names 127.0.0.1)."""
-        return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.ca}&ssl_check_hostname=true"
+        """The URL a client with the CA uses (the certificate names 127.0.0.1: its host name checks out)."""
+        return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.ca}"  # the host name is checked by default
 
     @property
     def url_without_ca(self) -> str:
@@ -522,3 +530,57 @@ async def test_a_retry_inside_a_retry_tries_once_and_leaves_the_retrying_to_the_
     assert await REDIS_RETRY.call_with_retry(outer_attempt, fail) == "connected"
     # each outer try reached the inner attempt once: its failure went straight back out
     assert calls == ["outer", "inner", "fail", "fail", "outer", "inner", "fail", "fail", "outer", "inner"]
+
+
+# -- what the attack found ------------------------------------------------------------------------------------
+
+
+def test_a_password_in_the_query_is_redacted_too() -> None:
+    """redis-py takes ``?password=``: it was shown in clear in every "waiting for Redis" line."""
+    assert redact_url("redis://127.0.0.1:6481/0?password=S3cret%21") == "redis://127.0.0.1:6481/0?password=********"
+    assert redact_url("rediss://u:pw@h:1/0?ssl_cert_reqs=required&Password=zz") == (
+        "rediss://u:********@h:1/0?ssl_cert_reqs=required&Password=********"
+    )
+    assert "S3cret" not in str(RedisConfig("redis://h/0?password=S3cret"))
+    assert redact_url("redis://[::1") == "(a Redis URL that cannot be parsed)"
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis://[::1", "cannot be parsed as a URL (Invalid IPv6 URL)."),
+        ("redis://h/0?socket_connect_timeout=nan", "socket_connect_timeout: must be a number of seconds, more than 0."),
+        ("redis://h/0?socket_timeout=0", "socket_timeout: must be a number of seconds, more than 0."),
+        ("redis://h/0?socket_timeout=-1", "socket_timeout: must be a number of seconds, more than 0."),
+        ("redis://h/0?health_check_interval=-1", "health_check_interval: must be a number of seconds, 0 or more."),
+    ],
+)
+def test_urls_that_crashed_or_waited_are_configuration_problems(url: str, problem: str) -> None:
+    assert parse_redis_url(url) == problem
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"CGB_API_KEY": TOKEN, "PHONE_HASH_KEY": PHONE_KEY, "REDIS_URL": url})
+    assert caught.value.problems == [f"REDIS_URL: {problem}"]
+
+
+def test_rediss_checks_the_host_name_unless_told_not_to(tls_redis: TLSRedis) -> None:
+    """redis-py leaves ``ssl_check_hostname`` off: any certificate the CA signed, for any host, would do."""
+    base = f"rediss://127.0.0.1:{tls_redis.port}/0?ssl_ca_certs={tls_redis.ca}"
+    assert connection_options(base)["ssl_check_hostname"] is True
+    assert connection_options(base + "&ssl_check_hostname=false")["ssl_check_hostname"] is False
+    assert "ssl_check_hostname" not in connection_options(base + "&ssl_cert_reqs=none")  # nothing verified at all
+    assert "ssl_check_hostname" not in connection_options(f"redis://127.0.0.1:{tls_redis.port}/0")
+
+
+async def test_a_url_that_cannot_be_parsed_is_one_line_under_arq(harness: Harness) -> None:
+    env = _env(REDIS_URL="redis://[::1", CGB_API_KEY=TOKEN)
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "arq"), "cgb_worker.WorkerSettings", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    text = (out + err).decode()
+    assert proc.returncode == 2, text
+    assert "Traceback" not in text
+    lines = text.strip().splitlines()  # the configuration error's head, then one line per problem
+    assert lines[1:] == ["  - REDIS_URL: cannot be parsed as a URL (Invalid IPv6 URL)."], text
+    assert lines[0].endswith("cgb-worker cannot start: invalid configuration:"), text
