@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -477,3 +478,16 @@ async def test_a_running_receiver_says_when_redis_goes_and_comes_back(sim: Sim, 
         proc.send_signal(signal.SIGTERM)
         await proc.wait()
     assert not any("Traceback" in line for line in lines)
+
+
+def test_a_refused_certificate_is_not_an_outage() -> None:
+    """Waiting does not fix a certificate refused either way: wait_for_redis stops at once (exit 2) on these."""
+    from cgb_worker.preflight import _certificate_refused
+
+    required = ssl.SSLError(1, "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert certificate required")
+    wrapped = redis.exceptions.ConnectionError("Error 1 connecting to 127.0.0.1:6487.")
+    wrapped.__cause__ = required
+    assert _certificate_refused(wrapped)
+    assert _certificate_refused(ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] unable to get"))
+    assert not _certificate_refused(ConnectionRefusedError(111, "Connection refused"))
+    assert not _certificate_refused(redis.exceptions.TimeoutError("Timeout connecting to server"))
