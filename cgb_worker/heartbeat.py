@@ -20,16 +20,26 @@ on its own. It holds:
 
 Ages are read by Redis's clock alone (the key's PTTL), never by comparing the reader's clock with the
 worker's. A heartbeat is *stale* when it missed two refreshes or its poll is older than ``poll_limit``.
+
+A worker that hangs (a frozen process, a blocked event loop) stops refreshing its heartbeat, which then expires
+and would leave ``health`` nothing to judge it by. So each worker also leaves a note on its own machine
+(:func:`local_dir`: a file named by its pid, holding its heartbeat's id and its process's start time, under a
+directory named by a hash of its Redis), and ``health`` judges every worker with a note whose process is still
+there: no heartbeat, or a stale one, is unhealthy. A worker killed outright leaves a note its pid no longer
+matches, which is ignored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import secrets
 import socket
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -92,7 +102,15 @@ class WorkerHeartbeat:
     stop the worker it reports on."""
 
     def __init__(
-        self, redis: Redis, *, queue: str, max_jobs: int, interval: float, job_timeout: float, poll_delay: float
+        self,
+        redis: Redis,
+        *,
+        queue: str,
+        max_jobs: int,
+        interval: float,
+        job_timeout: float,
+        poll_delay: float,
+        where: str = "",
     ) -> None:
         from . import __version__
 
@@ -112,6 +130,7 @@ class WorkerHeartbeat:
             "poll_limit": job_timeout + poll_delay + POLL_SLACK,
         }
         self.interval = interval
+        self._note = local_dir(where) / str(self.pid)
         self._worker: Any = None
         self._last_poll: float | None = None
         self._first_poll = asyncio.Event()
@@ -144,6 +163,11 @@ class WorkerHeartbeat:
 
     async def start(self) -> None:
         await self.write()
+        try:  # best effort: without it, health judges by the heartbeats alone
+            self._note.parent.mkdir(parents=True, exist_ok=True)
+            self._note.write_text(f"{self.id}\n{_process_start(self.pid) or ''}\n")
+        except OSError as exc:
+            logger.warning("could not leave the worker's local note for cgb-worker health: {}", exc)
         self._task = asyncio.create_task(self._refresh(), name="cgb-heartbeat")
 
     async def _refresh(self) -> None:
@@ -166,6 +190,8 @@ class WorkerHeartbeat:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        with contextlib.suppress(OSError):
+            self._note.unlink(missing_ok=True)
         try:
             await self._script.remove(self.id)
         except Exception as exc:  # it expires by itself
@@ -213,3 +239,50 @@ def this_hosts(seen: list[Seen], *, host: str | None = None, pidns: str | None =
         for s in seen
         if s.beat.host == host and (not pidns or not s.beat.pidns or s.beat.pidns == pidns) and _alive(s.beat.pid)
     ]
+
+
+def local_dir(where: str) -> Path:
+    """Where the workers on this machine that use the Redis ``where`` (its redacted URL, or its sentinels) leave
+    their notes for ``health``; a worker on another Redis is another directory."""
+    digest = hashlib.sha256(where.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "cgb-worker-heartbeats" / digest
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, Linux's /proc), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command's parenthesis
+
+
+def running_here(where: str) -> dict[int, str]:
+    """The heartbeat ids of the workers on this machine that use ``where`` and are still running, by pid."""
+    found: dict[int, str] = {}
+    folder = local_dir(where)
+    with contextlib.suppress(OSError):
+        for note in folder.iterdir():
+            if not note.name.isdigit():
+                continue
+            try:
+                beat_id, started, *_ = (*note.read_text().splitlines(), "", "")
+            except OSError:
+                continue
+            pid = int(note.name)
+            if not _alive(pid) or (started and _process_start(pid) not in (None, started)):
+                continue  # the worker is gone (its pid free, or another process's now)
+            found[pid] = beat_id
+    return found
+
+
+def judge_here(seen: list[Seen], where: str) -> tuple[list[Seen], list[str]]:
+    """``health``'s verdict: this machine's heartbeats, and what is wrong here, one phrase per worker: a stale
+    heartbeat, or a worker still running whose heartbeat is gone (it hangs)."""
+    mine = this_hosts(seen)
+    problems = [f"worker pid {s.beat.pid} {s.stale}" for s in mine if s.stale]
+    ids = {s.beat.id for s in seen}
+    for pid, beat_id in sorted(running_here(where).items()):
+        if beat_id and beat_id not in ids:
+            problems.append(f"worker pid {pid} is running but has no heartbeat (it stopped refreshing it)")
+    return mine, problems

@@ -186,6 +186,7 @@ def _startup(settings: Settings) -> Any:
             interval=settings.worker.health_check_interval,
             job_timeout=settings.worker.job_timeout,
             poll_delay=settings.worker.poll_delay,
+            where=str(settings.redis),
         )
         await heartbeat.start()
         ctx["heartbeat"] = heartbeat

@@ -173,10 +173,20 @@ async def test_health_checks_the_worker_running_here_not_any_worker(
         out, err = await until(lambda: health(1))
         assert out == ""
         assert re.fullmatch(
-            rf"cgb-worker: unhealthy: (worker pid {proc.pid} no heartbeat for \d+ s|no worker running here has a "
-            rf"live heartbeat)\n",
+            rf"cgb-worker: unhealthy: worker pid {proc.pid} (no heartbeat for \d+ s|is running but has no "
+            rf"heartbeat \(it stopped refreshing it\))\n",
             err,
         ), err  # stale, then expired
+
+        async def expired() -> str | None:
+            found = await health(1)
+            return found[1] if found and "is running but has no heartbeat" in found[1] else None
+
+        # Its heartbeat gone, the frozen worker is still judged: by the note it left on this machine.
+        err = await until(expired)
+        assert err == (
+            f"cgb-worker: unhealthy: worker pid {proc.pid} is running but has no heartbeat (it stopped refreshing it)\n"
+        )
         arq = await asyncio.create_subprocess_exec(
             str(BIN / "arq"), "--check", "cgb_worker.WorkerSettings", env=env,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
