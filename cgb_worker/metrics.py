@@ -57,7 +57,9 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
+from .connection import cause
 from .deadletters import DeadLetters
 from .heartbeat import live_workers
 from .scripts import QueueStatsScript
@@ -127,6 +129,8 @@ _LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 2, 5, 10, 30)
 
 class Metrics:
     def __init__(self) -> None:
+        self._left_out_said = -10.0
+        """time.monotonic() of the last line saying the queue's gauges were left out of a scrape."""
         self.registry = CollectorRegistry()
         self.jobs = Counter("cgb_jobs", "Finished whatsapp_send jobs", ["kind", "outcome"], registry=self.registry)
         self.retries = Counter(
@@ -191,7 +195,11 @@ class Metrics:
             try:
                 await asyncio.wait_for(self.queue.refresh(), SCRAPE_TIMEOUT)
             except Exception as exc:
-                logger.warning("metrics: the queue's gauges are left out: {}: {}", type(exc).__name__, exc)
+                now = time.monotonic()
+                if now - self._left_out_said >= 10:  # a scrape every few seconds through an outage: a line per 10 s
+                    self._left_out_said = now
+                    why = cause(exc) if isinstance(exc, TimeoutError | OSError | RedisError) else type(exc).__name__
+                    logger.warning("metrics: the queue's gauges are left out of scrapes: Redis {}", why)
         return generate_latest(self.registry)
 
     async def _scrape(self, request: web.Request) -> web.Response:

@@ -374,15 +374,22 @@ async def test_the_queue_stats_drop_jobs_that_left_the_queue(redis_client: redis
 
 
 async def test_metrics_leave_the_queue_out_when_redis_does_not_answer(harness: Harness, redis_url: str) -> None:
+    from loguru import logger
+
     from cgb_worker.metrics import Metrics
 
     metrics = Metrics()
     dead = redis.asyncio.Redis.from_url("redis://127.0.0.1:1/0")  # nothing listens there
     metrics.watch_queue(dead, "arq:queue", "arq:in-progress:", DeadLetters(dead))
+    said: list[str] = []
+    sink = logger.add(lambda message: said.append(str(message).strip()), format="{message}")
     try:
-        text = (await metrics.render()).decode()
+        for _ in range(3):  # a scrape every few seconds through an outage: one line per 10 s, not one per scrape
+            text = (await metrics.render()).decode()
     finally:
+        logger.remove(sink)
         await dead.aclose()
+    assert said == ["metrics: the queue's gauges are left out of scrapes: Redis connection refused"]
     assert "cgb_queue_ready_jobs" not in text
     assert "cgb_dead_letters" not in text
     assert "cgb_jobs_total" in text

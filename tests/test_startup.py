@@ -285,6 +285,17 @@ async def test_a_missing_or_older_format_is_recorded_as_ours(sim: Sim, redis_url
     assert await store.get(keys.FORMAT) == str(FORMAT_VERSION).encode()
 
 
+async def test_a_format_key_that_is_no_format_number_is_left_as_found(sim: Sim, redis_url: str, store: Any) -> None:
+    """``-1`` was overwritten by the first command that refused it, so the next one started on it in silence."""
+    for bad in ("-1", "1.5", "garbage"):
+        await store.set(keys.FORMAT, bad)
+        for name in ("dead-letters list", "status"):
+            code, _, err = await run(name, _env(redis_url, sim))
+            assert code == 2, (bad, name, err)
+            assert f"holds {keys.FORMAT} = {bad!r}, not a format number" in err[-1], (bad, name, err)
+        assert await store.get(keys.FORMAT) == bad.encode()
+
+
 # -- what starts, and what it warns about -----------------------------------------------------------------------
 
 
