@@ -44,6 +44,9 @@ RETRY_EVERY = 0.5
 ATTEMPT_TIMEOUT = 5.0
 """Seconds one connection attempt (connect, TLS, AUTH, PING) may take: a host that never answers is a timeout."""
 
+SAY_CGB_AFTER = 2.0
+"""Seconds the CGB key check may take before the worker says that it waits for CGB."""
+
 MIN_REDIS_VERSION = (7, 0)
 """``EXPIRE ... NX`` (the send log and the receiver's matching keep a record's first expiry) needs 7.0;
 ``XAUTOCLAIM`` (the reactions outbox) and ``XTRIM MINID`` (the diagnostics streams) need 6.2."""
@@ -212,8 +215,12 @@ async def check_cgb(settings: Settings, say: Say) -> None:
     timeout = aiohttp.ClientTimeout(total=settings.timeout)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         client = CGBClient(session, settings.api_key, base_url=settings.api_url, timeout=settings.timeout)
+        asked = asyncio.ensure_future(client.account())
         try:
-            await client.account()
+            done, _ = await asyncio.wait({asked}, timeout=SAY_CGB_AFTER)
+            if not done:  # no silent wait: CGB may take the whole CGB_TIMEOUT to fail
+                say(f"waiting for CGB at {settings.api_url} to check CGB_API_KEY (at most {settings.timeout:g} s)")
+            await asked
         except CGBAuthError as exc:
             raise StartupError(
                 f"CGB at {settings.api_url} refused CGB_API_KEY ({exc.status}): check the key and CGB_API_URL", 2

@@ -335,6 +335,23 @@ async def test_a_refused_cgb_key_stops_the_worker_in_one_line(sim: Sim, redis_ur
     assert err == ["cgb-worker: check failed: cgb: CGBAuthError: " + out[-1].split("CGBAuthError: ", 1)[1]]
 
 
+async def test_a_worker_says_it_waits_for_a_cgb_that_does_not_answer(
+    sim: Sim, redis_url: str, store: Any, silent_port: int
+) -> None:
+    """CGB accepting and never answering: the key check says it waits (after 2 s), then starts with a warning."""
+    env = _env(redis_url, sim, CGB_API_URL=f"http://127.0.0.1:{silent_port}/api", CGB_TIMEOUT="4s")
+    code, _, err = await run("arq", env)
+    assert code == 0, err
+    waiting = [i for i, line in enumerate(err) if "waiting for CGB at" in line]
+    warned = [i for i, line in enumerate(err) if "could not be checked" in line]
+    assert len(waiting) == len(warned) == 1, err
+    assert waiting[0] < warned[0]
+    assert (
+        f"waiting for CGB at http://127.0.0.1:{silent_port}/api to check CGB_API_KEY (at most 4 s)" in err[waiting[0]]
+    )
+    assert "CGBTimeoutError" in err[warned[0]], err
+
+
 async def test_a_worker_starts_with_a_warning_when_cgb_is_away(sim: Sim, redis_url: str, store: Any) -> None:
     env = _env(redis_url, sim, CGB_API_URL=f"http://127.0.0.1:{free_port()}/api")
     code, out, err = await run("arq", env)  # --burst: the queue is empty, so it starts and ends
