@@ -631,3 +631,66 @@ async def test_suppress_remembers_a_message_it_refused_and_only_the_last_eight(r
     for n in range(3, 12):
         await script.add(who, "marketing", "131050", T0, ref=f"m{n}")
     assert (await _entry(redis_client, who))["seen"] == [f"m{n}" for n in range(4, 12)]
+
+
+# -- heartbeat.lua, workers.lua -----------------------------------------------------------------------------------
+
+
+async def test_heartbeat_writes_the_key_and_its_index_entry_together(redis_client: Any) -> None:
+    from cgb_worker.scripts import HeartbeatScript
+
+    script = HeartbeatScript(redis_client)
+    await script.write("host:1:aa", b'{"a":1}', ttl_ms=30_000, now_ms=T0)
+    await script.write("host:2:bb", b'{"b":2}', ttl_ms=30_000, now_ms=T0)
+    assert await redis_client.get(keys.worker("host:1:aa")) == b'{"a":1}'
+    assert 0 < await redis_client.pttl(keys.worker("host:1:aa")) <= 30_000
+    assert await redis_client.zrange(keys.WORKERS, 0, -1, withscores=True) == [
+        (b"host:1:aa", T0 + 30_000),
+        (b"host:2:bb", T0 + 30_000),
+    ]
+    # a worker killed outright: its key expires; the next write after its time drops its index entry
+    await redis_client.delete(keys.worker("host:1:aa"))
+    await script.write("host:2:bb", b'{"b":3}', ttl_ms=30_000, now_ms=T0 + 40_000)
+    assert await redis_client.zrange(keys.WORKERS, 0, -1) == [b"host:2:bb"]
+    await script.remove("host:2:bb")
+    assert await redis_client.exists(keys.worker("host:2:bb"), keys.WORKERS) == 0
+
+
+async def test_workers_lists_live_heartbeats_and_drops_the_index_entries_of_expired_ones(redis_client: Any) -> None:
+    from cgb_worker.scripts import HeartbeatScript, WorkersScript
+
+    beats = HeartbeatScript(redis_client)
+    await beats.write("host:1:aa", b"one", ttl_ms=30_000, now_ms=T0)
+    await beats.write("host:2:bb", b"two", ttl_ms=30_000, now_ms=T0)
+    await redis_client.delete(keys.worker("host:1:aa"))  # expired before any write could drop its entry
+    [(beat, left_ms)] = await WorkersScript(redis_client)()
+    assert beat == b"two"
+    assert 0 < left_ms <= 30_000
+    assert await redis_client.zrange(keys.WORKERS, 0, -1) == [b"host:2:bb"]
+
+
+# -- format.lua ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("held", "answer", "after"),
+    [
+        (None, None, b"3"),  # none: ours is recorded
+        (b"2", b"2", b"3"),  # older: ours is recorded
+        (b"3", b"3", b"3"),
+        (b"4", b"4", b"4"),  # newer: never lowered (the caller refuses to start)
+        (b"-1", b"-1", b"-1"),  # no format number: left as found (the caller refuses)
+        (b"1.5", b"1.5", b"1.5"),
+        (b"garbage", b"garbage", b"garbage"),
+    ],
+)
+async def test_format_records_ours_only_over_nothing_or_an_older_one(
+    redis_client: Any, held: bytes | None, answer: bytes | None, after: bytes
+) -> None:
+    from cgb_worker.scripts import source
+
+    if held is not None:
+        await redis_client.set(keys.FORMAT, held)
+    script = redis_client.register_script(source("format"))
+    assert await script(keys=[keys.FORMAT], args=[3]) == answer
+    assert await redis_client.get(keys.FORMAT) == after
