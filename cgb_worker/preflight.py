@@ -84,7 +84,10 @@ async def wait_for_redis(connect: Callable[[], Awaitable[_T]], url: str, *, give
         client: Any = None
         left = timeout - (time.monotonic() - started)
         try:
-            async with asyncio.timeout(max(0.2, min(ATTEMPT_TIMEOUT, left))):
+            # One attempt (REDIS_CONNECT_TIMEOUT=0, health checks) gets a whole attempt's time: a TLS handshake on a
+            # busy machine can take a while.
+            attempt = ATTEMPT_TIMEOUT if timeout <= 0 else max(0.2, min(ATTEMPT_TIMEOUT, left))
+            async with asyncio.timeout(attempt):
                 client = await connect()
                 await client.ping()
             return client  # type: ignore[no-any-return]

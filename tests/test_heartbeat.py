@@ -364,13 +364,17 @@ async def test_the_queue_stats_drop_jobs_that_left_the_queue(redis_client: redis
     from cgb_worker.scripts import QueueStatsScript
 
     now = int(time.time() * 1000)
-    await redis_client.zadd("arq:queue", {"running": now - 5000, "waiting": now + 2000, "later": now + 3000})
-    await redis_client.set("arq:in-progress:running", b"1")
+    queue, in_progress = "test:queue", "test:in-progress:"  # not arq's: a later test's worker must not find them
+    await redis_client.zadd(queue, {"running": now - 5000, "waiting": now + 2000, "later": now + 3000})
+    await redis_client.set(in_progress + "running", b"1")
     await redis_client.zadd(keys.RATE_WAITING, {"gone": now - 90_000, "running": now - 80_000, "waiting": now - 70_000})
-    stats = await QueueStatsScript(redis_client, "arq:queue", "arq:in-progress:")(now)
-    assert (stats.due, stats.deferred, stats.running, stats.oldest_ms) == (1, 2, 1, None)
-    assert stats.waiting_since_ms == now - 70_000
-    assert await redis_client.zrange(keys.RATE_WAITING, 0, -1) == [b"running", b"waiting"]
+    try:
+        stats = await QueueStatsScript(redis_client, queue, in_progress)(now)
+        assert (stats.due, stats.deferred, stats.running, stats.oldest_ms) == (1, 2, 1, None)
+        assert stats.waiting_since_ms == now - 70_000
+        assert await redis_client.zrange(keys.RATE_WAITING, 0, -1) == [b"running", b"waiting"]
+    finally:
+        await redis_client.delete(queue, in_progress + "running", keys.RATE_WAITING)
 
 
 async def test_metrics_leave_the_queue_out_when_redis_does_not_answer(harness: Harness, redis_url: str) -> None:

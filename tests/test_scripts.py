@@ -691,6 +691,9 @@ async def test_format_records_ours_only_over_nothing_or_an_older_one(
 
     if held is not None:
         await redis_client.set(keys.FORMAT, held)
-    script = redis_client.register_script(source("format"))
-    assert await script(keys=[keys.FORMAT], args=[3]) == answer
-    assert await redis_client.get(keys.FORMAT) == after
+    try:
+        script = redis_client.register_script(source("format"))
+        assert await script(keys=[keys.FORMAT], args=[3]) == answer
+        assert await redis_client.get(keys.FORMAT) == after
+    finally:
+        await redis_client.delete(keys.FORMAT)  # a format this release refuses would stop the next test's commands
