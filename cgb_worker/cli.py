@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,7 @@ from typing import Any, NoReturn, TypeVar, cast
 import aiohttp
 import click
 import msgspec
+from redis.exceptions import RedisError
 
 from . import __version__, keys
 from .client import CGBClient
@@ -272,7 +274,14 @@ def _parse_var(value: str) -> tuple[str, Any]:
 @click.option(
     "--wait", is_flag=True, help="wait for the job and print its result or its error (or, on timeout, where it is)"
 )
-@click.option("--timeout", default=60.0, show_default=True, help="seconds --wait waits")
+@click.option(
+    "--timeout",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True, max=86400),
+    callback=lambda _ctx, _param, value: _finite(value, "--timeout"),
+    help="seconds --wait waits",
+)
 def send(
     to: str,
     message: str | None,
@@ -334,12 +343,16 @@ def send(
     except InvalidJobError as exc:
         _fail(f"{type(exc).__name__}: {exc} (nothing enqueued)", 2)
 
+    enqueued: list[str] = []
+
     async def enqueue() -> tuple[str, Any, BaseException | None]:
         redis = await _pool()
         try:
             job = await redis.enqueue_job("whatsapp_send", payload, _job_id=job_id)
             if job is None:
                 _fail(f"a job with id {job_id!r} already exists")
+            click.echo(f"enqueued {job.job_id}")  # before any wait: an interrupted wait still names the job
+            enqueued.append(job.job_id)
             if not wait:
                 return job.job_id, None, None
             try:
@@ -349,17 +362,34 @@ def send(
 
                 where = describe(await locate(redis, job.job_id))
                 return job.job_id, None, TimeoutError(f"no result within {timeout:g} s; {where}")
+            except (RedisError, OSError) as exc:
+                from .connection import cause
+
+                lost = ConnectionError(
+                    f"Redis went away while waiting ({cause(exc)}); the job is enqueued: cgb-worker status {job.job_id}"
+                )
+                return job.job_id, None, lost
             except Exception as exc:
                 return job.job_id, None, exc
         finally:
             await redis.aclose()
 
-    new_id, result, error = _run(enqueue)
-    click.echo(f"enqueued {new_id}")
+    try:
+        _, result, error = _run(enqueue)
+    except KeyboardInterrupt:
+        if not enqueued:
+            _fail("interrupted: nothing enqueued", 130)
+        _fail(f"interrupted while waiting; the job is enqueued: cgb-worker status {enqueued[0]}", 130)
     if error is not None:
         _fail(f"{type(error).__name__}: {error}")
     if result is not None:
         click.echo(json.dumps(msgspec.to_builtins(result), indent=2, ensure_ascii=False))
+
+
+def _finite(value: float, name: str) -> float:
+    if not math.isfinite(value):  # FloatRange lets nan through: no comparison is false for it
+        raise click.BadParameter(f"{value} is not a number of seconds", param_hint=name)
+    return value
 
 
 def _wa_template(

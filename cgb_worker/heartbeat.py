@@ -24,9 +24,9 @@ worker's. A heartbeat is *stale* when it missed two refreshes or its poll is old
 A worker that hangs (a frozen process, a blocked event loop) stops refreshing its heartbeat, which then expires
 and would leave ``health`` nothing to judge it by. So each worker also leaves a note on its own machine
 (:func:`local_dir`: a file named by its pid, holding its heartbeat's id and its process's start time, under a
-directory named by a hash of its Redis), and ``health`` judges every worker with a note whose process is still
-there: no heartbeat, or a stale one, is unhealthy. A worker killed outright leaves a note its pid no longer
-matches, which is ignored.
+directory of the user's own, 0700, named by a hash of its Redis), and ``health`` judges every worker with a
+note whose process is still there: no heartbeat, or a stale one, is unhealthy. A worker killed outright leaves a
+note its pid no longer matches (gone, or another process's by its start time), which ``health`` removes.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import hashlib
 import os
 import secrets
 import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -163,11 +164,12 @@ class WorkerHeartbeat:
 
     async def start(self) -> None:
         await self.write()
-        try:  # best effort: without it, health judges by the heartbeats alone
-            self._note.parent.mkdir(parents=True, exist_ok=True)
-            self._note.write_text(f"{self.id}\n{_process_start(self.pid) or ''}\n")
-        except OSError as exc:
-            logger.warning("could not leave the worker's local note for cgb-worker health: {}", exc)
+        started = _process_start(self.pid)
+        if started is not None:  # without /proc a note could not tell a reused pid: health judges by heartbeats
+            try:
+                _write_note(self._note, f"{self.id}\n{started}\n")
+            except OSError as exc:
+                logger.warning("could not leave the worker's local note for cgb-worker health: {}", exc)
         self._task = asyncio.create_task(self._refresh(), name="cgb-heartbeat")
 
     async def _refresh(self) -> None:
@@ -242,10 +244,29 @@ def this_hosts(seen: list[Seen], *, host: str | None = None, pidns: str | None =
 
 
 def local_dir(where: str) -> Path:
-    """Where the workers on this machine that use the Redis ``where`` (its redacted URL, or its sentinels) leave
-    their notes for ``health``; a worker on another Redis is another directory."""
+    """Where this user's workers on this machine that use the Redis ``where`` (its redacted URL, or its
+    sentinels) leave their notes for ``health``: a directory of the user's own (0700), so no other user can
+    plant a note or a symlink there; a worker on another Redis is another directory."""
     digest = hashlib.sha256(where.encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / "cgb-worker-heartbeats" / digest
+    return Path(tempfile.gettempdir()) / f"cgb-worker-heartbeats-{os.getuid()}" / digest
+
+
+def _private(folder: Path) -> None:
+    """Make ``folder`` (and its parent) this user's own, or raise OSError: a directory another user owns or can
+    write to could hold a symlink that makes the note overwrite some other file."""
+    for each in (folder.parent, folder):
+        with contextlib.suppress(FileExistsError):
+            each.mkdir(mode=0o700)
+        found = os.lstat(each)
+        if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o077:
+            raise OSError(f"{each} is not a directory of this user's alone (mode 0700)")
+
+
+def _write_note(note: Path, text: str) -> None:
+    _private(note.parent)
+    fd = os.open(note, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
 
 
 def _process_start(pid: int) -> str | None:
@@ -261,18 +282,22 @@ def running_here(where: str) -> dict[int, str]:
     """The heartbeat ids of the workers on this machine that use ``where`` and are still running, by pid."""
     found: dict[int, str] = {}
     folder = local_dir(where)
-    with contextlib.suppress(OSError):
-        for note in folder.iterdir():
-            if not note.name.isdigit():
-                continue
-            try:
-                beat_id, started, *_ = (*note.read_text().splitlines(), "", "")
-            except OSError:
-                continue
-            pid = int(note.name)
-            if not _alive(pid) or (started and _process_start(pid) not in (None, started)):
-                continue  # the worker is gone (its pid free, or another process's now)
-            found[pid] = beat_id
+    try:
+        _private(folder)
+        notes = [note for note in folder.iterdir() if note.name.isdigit()]
+    except OSError:
+        return found  # no notes of ours (or a folder we do not trust): judged by the heartbeats alone
+    for note in notes:
+        try:
+            beat_id, started, *_ = (*note.read_text().splitlines(), "", "")
+        except OSError:
+            continue
+        pid = int(note.name)
+        if not beat_id or not started or _process_start(pid) != started:
+            with contextlib.suppress(OSError):  # the worker is gone (its pid free, or another process's now)
+                note.unlink()
+            continue
+        found[pid] = beat_id
     return found
 
 

@@ -451,7 +451,9 @@ async def whatsapp_send(
                 pipe.incr(_throttle_key(job_id))
                 pipe.expire(_throttle_key(job_id), 86400)
                 if type(exc) is ThrottledError:  # the rate limit's backlog (not a turn, not quiet hours)
-                    _wait_for_the_rate(pipe, job_id, ctx.get("enqueue_time"))
+                    _wait_for_the_rate(pipe, job_id, ctx.get("score"))
+                else:  # waiting for its person or for the morning is no lag of the queue's
+                    pipe.zrem(keys.RATE_WAITING, job_id)
                 await pipe.execute()
         except RedisError as store_error:
             log.warning("could not count a deferral: {}", type(store_error).__name__)
@@ -572,11 +574,12 @@ async def _resend_payload(services: Services, job_id: str, resend: tuple[str, in
     return msgspec.json.decode(payload)
 
 
-def _wait_for_the_rate(pipe: Any, job_id: str, enqueued: Any) -> None:
-    """Note a job deferred by the rate limit, by when it was enqueued, for the queue's age gauge (no round trip
-    of its own: it rides the deferral's pipeline). Kept a day at most, as arq keeps a job waiting."""
+def _wait_for_the_rate(pipe: Any, job_id: str, due_ms: Any) -> None:
+    """Note a job deferred by the rate limit, by when it first fell due (arq's score for this try: a job
+    scheduled for later is no lag before its time), for the queue's age gauge (no round trip of its own: it
+    rides the deferral's pipeline). Kept a day at most."""
     now_ms = int(time.time() * 1000)
-    since_ms = int(enqueued.timestamp() * 1000) if isinstance(enqueued, datetime) else now_ms
+    since_ms = min(int(due_ms), now_ms) if isinstance(due_ms, int | float) else now_ms
     pipe.zadd(keys.RATE_WAITING, {job_id: since_ms}, nx=True)
     pipe.zremrangebyscore(keys.RATE_WAITING, "-inf", now_ms - 86_400_000)
     pipe.expire(keys.RATE_WAITING, 86400)

@@ -113,7 +113,7 @@ def throttled(job_id: str) -> str:
 
 
 RATE_WAITING = "cgb:rate:waiting"
-"""Sorted set: the jobs our rate limit deferred, scored by their enqueue time (ms), for the queue's age gauge:
+"""Sorted set: the jobs our rate limit deferred, scored by when they first fell due (ms), for the queue's age gauge:
 such a job is a backlog, but arq holds it as deferred (queue_stats.lua drops the ones that left the queue)."""
 
 

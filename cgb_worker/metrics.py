@@ -85,7 +85,7 @@ class QueueGauges(Collector):
         workers = await live_workers(self._redis)
         dead = await self._dead_letters.count()
         # The oldest job's wait: since it fell due, or, for a job our rate limit deferred (arq holds it as
-        # deferred, at its next turn), since it was enqueued: a backlog the limit spreads out is a backlog.
+        # deferred, at its next turn), since it first fell due: a backlog the limit spreads out is a backlog.
         starts = [ms for ms in (stats.oldest_ms, stats.waiting_since_ms) if ms is not None]
         self._values = {
             "ready": stats.due - stats.running,
@@ -108,8 +108,8 @@ class QueueGauges(Collector):
             (
                 "cgb_queue_oldest_ready_seconds",
                 "oldest",
-                "How long the oldest waiting job has waited: since it fell due, or since it was enqueued for one "
-                "the rate limit deferred",
+                "How long the oldest waiting job has waited since it fell due (for one the rate limit deferred, "
+                "since it first fell due)",
             ),
             (
                 "cgb_queue_deferred_jobs",

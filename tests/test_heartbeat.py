@@ -10,6 +10,7 @@ import re
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -341,15 +342,20 @@ async def test_a_backlog_the_rate_limit_defers_shows_in_the_queue_age(
     await running.start(METRICS_PORT=str(port), CGB_RATE_LIMIT="1", WORKER_MAX_JOBS="10")
     enqueued_at = time.time()
     jobs = await harness.enqueue(*({"to": phone, "message": "in turn"} for phone in phones))
+    later = await harness.enqueue(*({"to": phone, "message": "later"} for phone in phones[:3]), _defer_by=3)
     ids = {job.job_id for job in jobs}
+    later_ids = {job.job_id.encode() for job in later}
 
-    async def deferred_by_the_rate() -> int:
-        return int(await redis_client.zcard(keys.RATE_WAITING))
+    async def deferred_by_the_rate() -> bool:
+        noted = await redis_client.zrange(keys.RATE_WAITING, 0, -1)
+        return bool(noted) and later_ids <= set(noted)
 
-    await until(lambda: deferred_by_the_rate())
+    await until(deferred_by_the_rate, within=60)
     members = dict(await redis_client.zrange(keys.RATE_WAITING, 0, -1, withscores=True))
-    assert {m.decode() for m in members} <= ids
-    assert all(abs(score / 1000 - enqueued_at) < 5 for score in members.values())  # scored by enqueue time
+    assert {m.decode() for m in members} <= ids | {j.job_id for j in later}
+    # scored by when each fell due: the first ones at their enqueue, the scheduled ones no earlier than 3 s on
+    assert all(abs(members[m] / 1000 - enqueued_at) < 5 for m in members if m not in later_ids)
+    assert all(members[m] / 1000 >= enqueued_at + 3 - 0.05 for m in later_ids)
     async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as resp:
         gauges = _gauges(await resp.text())
     elapsed = time.time() - enqueued_at
@@ -408,3 +414,42 @@ async def test_health_and_workers_say_in_one_line_that_redis_is_unreachable(work
         assert err.startswith("cgb-worker: Redis at redis://127.0.0.1:"), err
         assert "unreachable: connection refused; gave up after 0 s" in err, err
         assert len(err.splitlines()) == 1, err
+
+
+def test_the_local_notes_live_in_a_folder_of_the_users_own_and_follow_no_symlink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another user could plant a symlink named by a coming pid in a shared folder, and a root worker's note
+    would overwrite its target; or plant notes that make health fail."""
+    from cgb_worker import heartbeat
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folder = heartbeat.local_dir("redis://127.0.0.1:6379/0")
+    assert folder.parent.name == f"cgb-worker-heartbeats-{os.getuid()}"
+    victim = tmp_path / "victim"
+    victim.write_text("someone's config")
+
+    folder.parent.mkdir(mode=0o777)
+    folder.parent.chmod(0o777)  # open to all: not trusted
+    with pytest.raises(OSError, match="not a directory of this user's alone"):
+        heartbeat._write_note(folder / "123", "x\n1\n")
+    assert heartbeat.running_here("redis://127.0.0.1:6379/0") == {}
+    folder.parent.chmod(0o700)
+
+    folder.mkdir(mode=0o700)
+    (folder / "123").symlink_to(victim)
+    with pytest.raises(OSError, match="Too many levels of symbolic links"):  # O_NOFOLLOW
+        heartbeat._write_note(folder / "123", "x\n1\n")
+    assert victim.read_text() == "someone's config"
+
+    me = os.getpid()
+    started = heartbeat._process_start(me)
+    assert started is not None
+    (folder / str(me)).write_text("host:1:aa\n\n")  # no start time: cannot be told from a reused pid
+    (folder / "1234567").write_text("host:2:bb\n1\n")  # no such process
+    heartbeat._write_note(folder / "999999", f"host:3:cc\n{started}\n")  # a pid that is not this process's
+    assert heartbeat.running_here("redis://127.0.0.1:6379/0") == {}
+    assert list(folder.iterdir()) == []  # the stale notes are gone, the symlink too (not what it pointed at)
+    assert victim.read_text() == "someone's config"
+    heartbeat._write_note(folder / str(me), f"host:4:dd\n{started}\n")
+    assert heartbeat.running_here("redis://127.0.0.1:6379/0") == {me: "host:4:dd"}

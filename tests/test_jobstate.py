@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -237,3 +241,29 @@ async def test_a_queued_pickled_job_is_told_unreadable(harness: Harness, redis_c
 def test_the_last_retry_record_carries_no_message() -> None:
     assert "error" not in LastRetry.__struct_fields__
     assert "message" not in LastRetry.__struct_fields__
+
+
+@pytest.mark.parametrize("seconds", ["nan", "inf", "-5", "0"])
+async def test_send_wait_refuses_a_timeout_that_is_no_wait(harness: Harness, redis_client: Any, seconds: str) -> None:
+    code, out, err = await cli(harness, "send", "--to", B, "--message", "hi", "--wait", "--timeout", seconds)
+    assert code == 2, err
+    assert "--timeout" in err
+    assert out == ""
+    assert await redis_client.zcard("arq:queue") == 0  # refused before anything was enqueued
+
+
+async def test_send_wait_interrupted_names_the_job_it_enqueued(harness: Harness, redis_client: Any) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CGB_", "WORKER_", "LOG_", "REDIS_"))}
+    env.update(harness.env)
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "cgb-worker"), "send", "--to", B, "--message", "hi", "--wait",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    line = await asyncio.wait_for(proc.stdout.readline(), 60)  # type: ignore[union-attr]
+    job_id = line.decode().split()[1]
+    assert line.decode() == f"enqueued {job_id}\n"  # said before the wait
+    proc.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 130
+    assert err.decode() == (f"cgb-worker: interrupted while waiting; the job is enqueued: cgb-worker status {job_id}\n")
+    assert await redis_client.zscore("arq:queue", job_id) is not None
