@@ -334,34 +334,46 @@ async def test_a_backlog_the_rate_limit_defers_shows_in_the_queue_age(
     harness: Harness, running: Running, redis_client: redis.asyncio.Redis
 ) -> None:
     """At CGB_RATE_LIMIT=1 the jobs that find no turn within their try are deferred by arq to their turn: arq
-    holds them as deferred, not ready, yet they are a backlog. The queue's age counts them from when they were
-    enqueued, and the queue's depth counts them."""
+    holds them as deferred, not ready, yet they are a backlog. The queue's age counts them from when they fell
+    due, and the queue's depth counts them."""
     phones = [f"+120255501{i:02d}" for i in range(20)]
     await harness.known(*phones)
     port = free_port()
     await running.start(METRICS_PORT=str(port), CGB_RATE_LIMIT="1", WORKER_MAX_JOBS="10")
     enqueued_at = time.time()
     jobs = await harness.enqueue(*({"to": phone, "message": "in turn"} for phone in phones))
-    later = await harness.enqueue(*({"to": phone, "message": "later"} for phone in phones[:3]), _defer_by=3)
     ids = {job.job_id for job in jobs}
-    later_ids = {job.job_id.encode() for job in later}
 
-    async def deferred_by_the_rate() -> bool:
-        noted = await redis_client.zrange(keys.RATE_WAITING, 0, -1)
-        return bool(noted) and later_ids <= set(noted)
+    async def deferred_by_the_rate() -> int:
+        return int(await redis_client.zcard(keys.RATE_WAITING))
 
-    await until(deferred_by_the_rate, within=60)
+    await until(lambda: deferred_by_the_rate())
     members = dict(await redis_client.zrange(keys.RATE_WAITING, 0, -1, withscores=True))
-    assert {m.decode() for m in members} <= ids | {j.job_id for j in later}
-    # scored by when each fell due: the first ones at their enqueue, the scheduled ones no earlier than 3 s on
-    assert all(abs(members[m] / 1000 - enqueued_at) < 5 for m in members if m not in later_ids)
-    assert all(members[m] / 1000 >= enqueued_at + 3 - 0.05 for m in later_ids)
+    assert {m.decode() for m in members} <= ids
+    assert all(abs(score / 1000 - enqueued_at) < 5 for score in members.values())  # scored by when each fell due
     async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as resp:
         gauges = _gauges(await resp.text())
     elapsed = time.time() - enqueued_at
     assert gauges["cgb_queue_deferred_jobs"] >= 1
     assert gauges["cgb_queue_jobs"] == gauges["cgb_queue_ready_jobs"] + gauges["cgb_queue_deferred_jobs"] >= 1
-    assert 0 < gauges["cgb_queue_oldest_ready_seconds"] <= elapsed + 1  # since the enqueue, not since the turn
+    assert 0 < gauges["cgb_queue_oldest_ready_seconds"] <= elapsed + 1  # since it fell due, not since its turn
+
+
+async def test_a_job_the_rate_limit_defers_is_noted_by_when_it_fell_due(redis_client: redis.asyncio.Redis) -> None:
+    """arq's score for the try (when it fell due), not its enqueue time: a job scheduled for later is no lag before
+    its time; the first note stands (NX), and a note from the future is taken as now."""
+    from cgb_worker.jobs import _wait_for_the_rate
+
+    now = int(time.time() * 1000)
+    try:
+        for job_id, due in (("scheduled", now - 7_000), ("scheduled", now - 1_000), ("ahead", now + 60_000)):
+            async with redis_client.pipeline(transaction=False) as pipe:
+                _wait_for_the_rate(pipe, job_id, due)
+                await pipe.execute()
+        assert await redis_client.zscore(keys.RATE_WAITING, "scheduled") == now - 7_000
+        assert now <= (await redis_client.zscore(keys.RATE_WAITING, "ahead") or 0) <= int(time.time() * 1000)
+    finally:
+        await redis_client.delete(keys.RATE_WAITING)
 
 
 async def test_the_queue_stats_drop_jobs_that_left_the_queue(redis_client: redis.asyncio.Redis) -> None:
