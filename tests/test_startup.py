@@ -404,6 +404,17 @@ async def test_bad_configuration_is_named_by_every_command(sim: Sim, redis_url: 
 # -- after start-up -------------------------------------------------------------------------------------------
 
 
+async def _line_with(proc: Any, text: str, lines: list[str]) -> str:
+    """The next line of ``proc``'s stderr that holds ``text``; every line read is kept in ``lines``."""
+    while True:
+        raw: bytes = await asyncio.wait_for(proc.stderr.readline(), 60)
+        line = raw.decode()
+        assert line, lines
+        lines.append(line)
+        if text in line:
+            return line
+
+
 async def test_a_running_worker_says_when_redis_goes_and_comes_back(sim: Sim, server: Any) -> None:
     s = server("--save", "", "--appendonly", "no")
     proc = await asyncio.create_subprocess_exec(
@@ -412,13 +423,7 @@ async def test_a_running_worker_says_when_redis_goes_and_comes_back(sim: Sim, se
     lines: list[str] = []
 
     async def until(text: str) -> str:
-        while True:
-            raw: bytes = await asyncio.wait_for(proc.stderr.readline(), 60)  # type: ignore[union-attr]
-            line = raw.decode()
-            assert line, lines
-            lines.append(line)
-            if text in line:
-                return line
+        return await _line_with(proc, text, lines)
 
     try:
         await until("cgb-worker ready")
@@ -484,13 +489,7 @@ async def test_a_running_receiver_says_when_redis_goes_and_comes_back(sim: Sim, 
     lines: list[str] = []
 
     async def until(text: str) -> str:
-        while True:
-            raw: bytes = await asyncio.wait_for(proc.stderr.readline(), 60)  # type: ignore[union-attr]
-            line = raw.decode()
-            assert line, lines
-            lines.append(line)
-            if text in line:
-                return line
+        return await _line_with(proc, text, lines)
 
     try:
         await until("webhook receiver (answering and processing)")
