@@ -87,6 +87,18 @@ def redis_url() -> Iterator[str]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def _redis_left_empty(redis_url: str) -> Iterator[None]:
+    """Every test leaves the test process's Redis empty: a job a test deferred for an hour, or a key it made, must
+    not be found by the next test's worker (a burst worker would wait for that job)."""
+    yield
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
 @pytest.fixture
 async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
     client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(redis_url)
