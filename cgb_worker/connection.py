@@ -101,6 +101,7 @@ class Outage:
     def __init__(self, url: str = "") -> None:
         self.url = url
         self.down_since: float | None = None
+        self.last_failed = 0.0
         self._said_at = 0.0
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Outage:
@@ -108,6 +109,9 @@ class Outage:
 
     def failed(self, error: BaseException) -> None:
         now = time.monotonic()
+        if self.down_since is not None and now - self.last_failed > 2 * REPORT_EVERY:
+            self.down_since = None  # nothing failed for a while (its clients closed): this is another outage
+        self.last_failed = now
         if self.down_since is None:
             self.down_since = self._said_at = now
             logger.warning("Redis at {} lost: {}; retrying", self.url or "REDIS_URL", cause(error, self.url))
@@ -149,8 +153,9 @@ class OutageRetry(Retry):
     def given_up(self) -> bool:
         """Whether the current outage has outlasted the window: then every command tries once, so that the
         process's way out (arq's own clean-up included) does not wait a window per command."""
-        down_since = self.outage.down_since
-        return down_since is not None and time.monotonic() - down_since > self.window
+        down_since, now = self.outage.down_since, time.monotonic()
+        # still failing (within the last 20 s): an outage whose clients all closed before a success is over
+        return down_since is not None and now - down_since > self.window and now - self.outage.last_failed < 20
 
     async def call_with_retry(self, do: Callable[[], Awaitable[_T]], fail: Callable[[Any], Any]) -> _T:
         if self.given_up() and not _RETRYING.get():
