@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -65,7 +66,39 @@ def _phone_key(*, required: bool) -> None:
 
 
 def _run(coro: Callable[[], Awaitable[_T]]) -> _T:
-    return asyncio.run(coro())  # type: ignore[arg-type]
+    """Run a command's coroutine; Ctrl-C cancels it, lets it clean up, then raises :class:`KeyboardInterrupt`.
+
+    asyncio.run's own Ctrl-C handling only cancels the main task, and on Python 3.11 that cancellation can be
+    lost: when it lands while the task runs (printing, say), it takes effect at the next wait, and redis-py
+    writes each command through ``asyncio.wait_for``, which returns the write's result instead of raising when
+    the write finished in the same turn. ``send --wait`` then waited on. So Ctrl-C sets an event raced
+    against the work, and the work is cancelled until it has ended; a second Ctrl-C stops at once."""
+
+    async def supervised() -> tuple[bool, _T | None]:
+        loop = asyncio.get_running_loop()
+        interrupted = asyncio.Event()
+        try:
+            loop.add_signal_handler(signal.SIGINT, interrupted.set)
+        except (RuntimeError, NotImplementedError):  # not the main thread: nothing to catch
+            return False, await coro()
+        work = asyncio.ensure_future(coro())
+        stop = asyncio.ensure_future(interrupted.wait())
+        try:
+            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)  # back to Python's own: a second Ctrl-C raises at once
+        if work.done():
+            stop.cancel()
+            return False, work.result()
+        while not work.done():  # a cancellation can be lost (above): repeat it until the work ends
+            work.cancel()
+            await asyncio.wait({work}, timeout=1.0)
+        return True, None
+
+    interrupted, result = asyncio.run(supervised())
+    if interrupted:
+        raise KeyboardInterrupt
+    return result  # type: ignore[return-value]
 
 
 async def _with_cgb(settings: Settings, use: Callable[[CGBClient], Awaitable[_T]]) -> _T:

@@ -40,6 +40,19 @@ def phone_key() -> str:
     return PHONE_KEY
 
 
+async def communicate(proc: asyncio.subprocess.Process, limit: float) -> tuple[bytes, bytes]:
+    """``proc.communicate()``, bounded: a process still running after ``limit`` seconds (a hang, not a
+    timing) is killed and reaped before the error, so that its pipes are not left for the garbage collector to
+    report in whichever test runs next."""
+    try:
+        return await asyncio.wait_for(proc.communicate(), limit)
+    except TimeoutError:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        raise
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -15,7 +15,7 @@ import pytest
 from cgb_worker.deadletters import DeadLetters
 from cgb_worker.simulator import FaultRule
 
-from .conftest import TOKEN, Harness, free_port
+from .conftest import TOKEN, Harness, communicate, free_port
 
 CLI = str(Path(sys.executable).parent / "cgb-worker")
 
@@ -32,7 +32,7 @@ async def cli(harness: Harness, *args: str, env: dict[str, str | None] | None = 
     proc = await asyncio.create_subprocess_exec(
         CLI, *args, env=full, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    out, err = await communicate(proc, 60)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 

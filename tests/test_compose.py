@@ -17,6 +17,8 @@ import yaml  # podman-compose's own dependency
 
 from cgb_worker.settings import DEFAULT_API_URL, PREFIXES
 
+from .conftest import communicate
+
 ROOT = Path(__file__).resolve().parent.parent
 PODMAN_COMPOSE = Path(sys.executable).parent / "podman-compose"
 SIM_SERVICES = ["sim-redis", "sim-webhooks", "sim-worker", "simulator"]
@@ -31,7 +33,7 @@ async def compose_config(where: Path, *args: str, **env: str) -> dict[str, Any]:
         str(PODMAN_COMPOSE), "--dry-run", "--podman-path", str(where / "no-podman-here"), *args, "config",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=where, env={**clean, **env},
     )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    out, err = await communicate(proc, 60)
     assert proc.returncode == 0, err.decode()
     config: dict[str, Any] = yaml.safe_load(out)
     return config

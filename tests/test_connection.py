@@ -39,7 +39,7 @@ from cgb_worker.connection import (
 )
 from cgb_worker.errors import ConfigError
 
-from .conftest import PHONE_KEY, TOKEN, Harness, Sim, free_port
+from .conftest import PHONE_KEY, TOKEN, Harness, Sim, communicate, free_port
 
 BIN = Path(sys.executable).parent
 PHONE = "+12025550100"
@@ -178,7 +178,7 @@ async def _run(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
         str(BIN / "cgb-worker"), *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        out, err = await communicate(proc, 60)
     except TimeoutError:
         proc.kill()
         await proc.wait()
@@ -577,7 +577,7 @@ async def test_a_url_that_cannot_be_parsed_is_one_line_under_arq(harness: Harnes
         str(BIN / "arq"), "cgb_worker.WorkerSettings", env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    out, err = await communicate(proc, 60)
     text = (out + err).decode()
     assert proc.returncode == 2, text
     assert "Traceback" not in text

@@ -22,7 +22,7 @@ from cgb_worker import keys, simulator
 from cgb_worker.jobstate import LastRetry, locate
 from cgb_worker.simulator import FaultRule
 
-from .conftest import Harness
+from .conftest import Harness, communicate
 from .test_cli import cli
 
 A = "+972500000001"
@@ -263,7 +263,46 @@ async def test_send_wait_interrupted_names_the_job_it_enqueued(harness: Harness,
     job_id = line.decode().split()[1]
     assert line.decode() == f"enqueued {job_id}\n"  # said before the wait
     proc.send_signal(signal.SIGINT)
-    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    _, err = await communicate(proc, 60)
     assert proc.returncode == 130
     assert err.decode() == (f"cgb-worker: interrupted while waiting; the job is enqueued: cgb-worker status {job_id}\n")
     assert await redis_client.zscore("arq:queue", job_id) is not None
+
+
+LOST_CANCEL = """
+import asyncio, os, signal, sys
+from cgb_worker import cli
+
+async def written():  # a socket write that finishes at once, as redis-py's does through asyncio.wait_for
+    return None
+
+async def work():
+    print("waiting", flush=True)
+    os.kill(os.getpid(), signal.SIGINT)  # lands while this task runs: the cancel waits for the next await
+    await asyncio.wait_for(written(), 5)  # finishes in the same turn: Python 3.11's wait_for loses the cancel
+    await asyncio.sleep(float(sys.argv[2]))
+    return "finished"
+
+try:
+    print(cli._run(work) if sys.argv[1] == "cli" else asyncio.run(work()))
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+LOST_BEFORE_312 = "finished" if sys.version_info < (3, 12) else "interrupted"  # 3.12's wait_for keeps it
+
+
+@pytest.mark.parametrize(("runner", "said"), [("cli", "interrupted"), ("asyncio.run", LOST_BEFORE_312)])
+def test_ctrl_c_is_not_lost_in_a_write(tmp_path: Path, runner: str, said: str) -> None:
+    """The CLI's Ctrl-C does not count on cancelling the task: a cancellation that lands mid-step is lost when
+    the next await is a ``wait_for`` whose work finished in the same turn (asyncio.run's own handling, the
+    second case, sleeps on under Python 3.11: run to show the hazard is real)."""
+    import subprocess
+
+    script = tmp_path / "lost.py"
+    script.write_text(LOST_CANCEL)
+    done = subprocess.run(
+        [sys.executable, str(script), runner, "2"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.stdout == f"waiting\n{said}\n"

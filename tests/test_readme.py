@@ -39,7 +39,7 @@ from cgb_worker.cli import main as cli_main
 from cgb_worker.receipts.timeline import Delivery, DeliveryError, DeliveryEvent, StepDelivery
 from cgb_worker.serialization import deserialize
 
-from .conftest import Harness
+from .conftest import Harness, communicate
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -114,7 +114,7 @@ async def run_block(block: str, harness: Harness, tmp_path: Path) -> Ran:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(script), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 120)  # a guard against a hang, not a timing
+    out, err = await communicate(proc, 120)  # a guard against a hang, not a timing
     assert proc.returncode is not None
     return Ran(proc.returncode, out.decode(), err.decode())
 

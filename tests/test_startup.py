@@ -28,7 +28,7 @@ import redis.asyncio
 from cgb_worker import keys
 from cgb_worker.preflight import FORMAT_VERSION
 
-from .conftest import PHONE_KEY, TOKEN, Sim, free_port
+from .conftest import PHONE_KEY, TOKEN, Sim, communicate, free_port
 
 BIN = Path(sys.executable).parent
 WAIT = "1.5"
@@ -79,7 +79,7 @@ async def run(name: str, env: dict[str, str]) -> tuple[int, list[str], list[str]
     proc = await asyncio.create_subprocess_exec(
         *_argv(name), env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 90)
+    out, err = await communicate(proc, 90)
     assert proc.returncode is not None
     return proc.returncode, out.decode().splitlines(), err.decode().splitlines()
 
@@ -465,7 +465,7 @@ async def test_a_worker_that_outlasts_the_outage_window_stops_in_one_line(sim: S
             assert raw, lines
             lines.append(raw.decode())
         s.stop()
-        rest, _ = await asyncio.wait_for(proc.communicate(), 60)
+        rest, _ = await communicate(proc, 60)
     finally:
         if proc.returncode is None:
             proc.kill()
