@@ -35,6 +35,7 @@ from .settings import (
     load_settings,
     parse_duration,
 )
+from .tasks import cancel_and_wait
 from .templates import normalize_name
 
 _T = TypeVar("_T")
@@ -72,16 +73,23 @@ def _run(coro: Callable[[], Awaitable[_T]]) -> _T:
     lost: when it lands while the task runs (printing, say), it takes effect at the next wait, and redis-py
     writes each command through ``asyncio.wait_for``, which returns the write's result instead of raising when
     the write finished in the same turn. ``send --wait`` then waited on. So Ctrl-C sets an event raced
-    against the work, and the work is cancelled until it has ended; a second Ctrl-C stops at once."""
+    against the work, and the work is cancelled until it has ended (:mod:`.tasks`); a second Ctrl-C stops at
+    once."""
 
-    async def supervised() -> tuple[bool, _T | None]:
+    async def command() -> tuple[_T | None, SystemExit | None]:
+        try:
+            return await coro(), None
+        except SystemExit as exc:  # a refusal (_fail): raised again after the loop, as from asyncio.run's own task
+            return None, exc
+
+    async def supervised() -> tuple[bool, _T | None, SystemExit | None]:
         loop = asyncio.get_running_loop()
         interrupted = asyncio.Event()
         try:
             loop.add_signal_handler(signal.SIGINT, interrupted.set)
         except (RuntimeError, NotImplementedError):  # not the main thread: nothing to catch
-            return False, await coro()
-        work = asyncio.ensure_future(coro())
+            return (False, *await command())
+        work = asyncio.ensure_future(command())
         stop = asyncio.ensure_future(interrupted.wait())
         try:
             await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -89,13 +97,13 @@ def _run(coro: Callable[[], Awaitable[_T]]) -> _T:
             loop.remove_signal_handler(signal.SIGINT)  # back to Python's own: a second Ctrl-C raises at once
         if work.done():
             stop.cancel()
-            return False, work.result()
-        while not work.done():  # a cancellation can be lost (above): repeat it until the work ends
-            work.cancel()
-            await asyncio.wait({work}, timeout=1.0)
-        return True, None
+            return (False, *work.result())
+        await cancel_and_wait(work)
+        return True, None, None
 
-    interrupted, result = asyncio.run(supervised())
+    interrupted, result, refused = asyncio.run(supervised())
+    if refused is not None:
+        raise refused
     if interrupted:
         raise KeyboardInterrupt
     return result  # type: ignore[return-value]

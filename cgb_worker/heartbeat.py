@@ -48,6 +48,7 @@ from loguru import logger
 from redis.asyncio import Redis
 
 from .scripts import HeartbeatScript, WorkersScript
+from .tasks import cancel_and_wait
 
 LIFETIMES = 3
 """A heartbeat lives this many refresh intervals."""
@@ -177,7 +178,8 @@ class WorkerHeartbeat:
         while True:
             if first:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._first_poll.wait(), self.interval)
+                    async with asyncio.timeout(self.interval):  # not wait_for: see .tasks
+                        await self._first_poll.wait()
                 first = False
             else:
                 await asyncio.sleep(self.interval)
@@ -188,9 +190,7 @@ class WorkerHeartbeat:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         with contextlib.suppress(OSError):
             self._note.unlink(missing_ok=True)

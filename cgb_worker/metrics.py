@@ -193,7 +193,8 @@ class Metrics:
         """The scrape: the queue's gauges read now (left out if Redis does not answer in time), then the rest."""
         if self.queue is not None:
             try:
-                await asyncio.wait_for(self.queue.refresh(), SCRAPE_TIMEOUT)
+                async with asyncio.timeout(SCRAPE_TIMEOUT):  # not wait_for: see .tasks
+                    await self.queue.refresh()
             except Exception as exc:
                 now = time.monotonic()
                 if now - self._left_out_said >= 10:  # a scrape every few seconds through an outage: a line per 10 s

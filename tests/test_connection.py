@@ -38,6 +38,7 @@ from cgb_worker.connection import (
     redis_client,
 )
 from cgb_worker.errors import ConfigError
+from cgb_worker.tasks import cancel_and_wait
 
 from .conftest import PHONE_KEY, TOKEN, Harness, Sim, communicate, free_port
 
@@ -493,8 +494,7 @@ async def test_workers_the_receiver_and_the_cli_follow_a_failover(failover: Fail
         assert all(not t.done() for t in running)  # no worker stopped: they followed the failover
     finally:
         for task in running:
-            task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
+            await cancel_and_wait(task)
         for w in workers:
             await w.close()
         await producer.aclose()

@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from cgb_worker import __version__, keys
 from cgb_worker.deadletters import DeadLetters
 from cgb_worker.heartbeat import live_workers, this_hosts
+from cgb_worker.tasks import cancel_and_wait
 
 from .conftest import Harness, free_port
 
@@ -255,8 +256,7 @@ async def test_the_heartbeat_adds_no_redis_command_per_job(
         await redis_client.set("monitor-end", "1")
         await until(lambda: _seen(seen, "monitor-end"))
     finally:
-        watching.cancel()
-        await asyncio.gather(watching, return_exceptions=True)
+        await cancel_and_wait(watching)
         await watcher.aclose()
     assert all(r["success"] for r in results)
     assert len(harness.sim.requests("send_text")) == 20

@@ -5,7 +5,6 @@ from sampled state, the held set's cap."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -25,6 +24,7 @@ from cgb_worker.privacy import mask_digits, redact
 from cgb_worker.receipts import Processor
 from cgb_worker.sends import StepRecord
 from cgb_worker.settings import ReceiverSettings, Secret
+from cgb_worker.tasks import cancel_and_wait
 
 from .conftest import PHONE_KEY, free_port
 
@@ -323,9 +323,7 @@ async def test_a_busy_receivers_entries_are_never_taken_a_dead_ones_are(
         pass
 
     slow.leave = killed  # type: ignore[method-assign]
-    slow_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await slow_task
+    await cancel_and_wait(slow_task)
     survivor = make(pool, "survivor")
     survivor.process_entries = counting(survivor, False)  # type: ignore[method-assign]
     stop = asyncio.Event()
@@ -379,9 +377,7 @@ async def test_health_dead_task_lag_and_a_long_batch(pool: Any, redis_client: An
     assert "waited" in why
     release.set()
     await _until(lambda: proc.health()[0])
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await cancel_and_wait(task)
     assert proc.health() == (False, "the processor has stopped")
 
 

@@ -21,6 +21,7 @@ from arq.connections import RedisSettings
 from cgb_worker import keys, simulator
 from cgb_worker.jobstate import LastRetry, locate
 from cgb_worker.simulator import FaultRule
+from cgb_worker.tasks import cancel_and_wait
 
 from .conftest import Harness, communicate
 from .test_cli import cli
@@ -30,7 +31,9 @@ B = "+12025550100"
 
 
 async def test_queued_jobs_show_their_position_and_age(harness: Harness) -> None:
-    first, second = await harness.enqueue({"to": A, "message": "one"}, {"to": B, "message": "two"})
+    [first] = await harness.enqueue({"to": A, "message": "one"})
+    await asyncio.sleep(0.01)  # arq orders by enqueue time in ms, and jobs of the same ms by their random ids
+    [second] = await harness.enqueue({"to": B, "message": "two"})
     code, out, err = await cli(harness, "status", second.job_id)
     assert (code, err) == (0, "")
     assert re.fullmatch(rf"{second.job_id}: queued, position 2, enqueued \d+ s ago\n", out)
@@ -101,8 +104,7 @@ async def test_a_try_its_worker_stopped_is_retrying_with_no_error(
     while not harness.sim.requests("send_text"):
         assert not worker.done()
         await asyncio.sleep(0.02)
-    worker.cancel()  # the worker stops mid-send: arq puts the job back, its try counted
-    await asyncio.gather(worker, return_exceptions=True)
+    await cancel_and_wait(worker)  # the worker stops mid-send: arq puts the job back, its try counted
     released.set()
     code, out, _ = await cli(harness, "status", job.job_id)
     assert code == 0

@@ -16,6 +16,7 @@ from arq.worker import create_worker
 
 from cgb_worker import worker_settings
 from cgb_worker.simulator import FaultRule
+from cgb_worker.tasks import cancel_and_wait
 
 from .conftest import Harness, free_port
 
@@ -57,8 +58,7 @@ async def test_metrics_are_scraped_after_real_jobs(harness: Harness, monkeypatch
             assert resp.status == 200
             text = await resp.text()
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait(task)
         await worker.close()
     assert sample(text, "cgb_jobs_total", kind="text", outcome="sent") == 2
     assert sample(text, "cgb_jobs_total", kind="template", outcome="sent") == 1

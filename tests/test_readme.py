@@ -38,6 +38,7 @@ import cgb_worker
 from cgb_worker.cli import main as cli_main
 from cgb_worker.receipts.timeline import Delivery, DeliveryError, DeliveryEvent, StepDelivery
 from cgb_worker.serialization import deserialize
+from cgb_worker.tasks import cancel_and_wait
 
 from .conftest import Harness, communicate
 
@@ -199,9 +200,7 @@ async def test_the_stream_block_consumes_and_acknowledges(redis_client: Any) -> 
             assert not follow.done(), follow.exception()
             await asyncio.sleep(0.05)
     finally:
-        follow.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await follow
+        await cancel_and_wait(follow)
     assert [g["name"] for g in groups] == [b"visa-backend"]
 
 

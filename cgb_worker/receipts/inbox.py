@@ -43,6 +43,7 @@ from ..sends import TTL as SEND_LOG_TTL
 from ..sends import parse_member
 from ..settings import ReceiverSettings
 from ..suppression import LIFTED_TTL, PERSON_REASONS, keyword_action
+from ..tasks import cancel_and_wait
 from ..window import WINDOW_TTL
 from .guard import Noise
 from .matching import BSUID_TTL, Matcher, Pending, masked, script_error, who_from
@@ -185,9 +186,7 @@ class Processor:
             else:
                 await stop.wait()
         finally:
-            self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor
+            await cancel_and_wait(self._monitor)
             if process:
                 await self.leave()
 
@@ -249,13 +248,15 @@ class Processor:
         """Once a second: renew the heartbeat and sample the backlog, in one round trip."""
         while not stop.is_set():
             try:
-                await asyncio.wait_for(self.sample(), timeout=self.settings.redis_timeout + 5)
+                async with asyncio.timeout(self.settings.redis_timeout + 5):  # not wait_for: see .tasks
+                    await self.sample()
             except (RedisError, TimeoutError) as exc:
                 logger.debug("webhook monitor: Redis failed ({})", type(exc).__name__)
             except Exception:
                 logger.exception("webhook monitor: unexpected error")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), MONITOR_EVERY)
+                async with asyncio.timeout(MONITOR_EVERY):
+                    await stop.wait()
 
     async def sample(self) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
