@@ -10,7 +10,7 @@ VENV := .venv/bin
 # takes about half as long on two cores. Each process starts its own Redis. PYTEST_ARGS= runs them in one.
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: help install redis-bin test lint typecheck format unit demo bench clean container-bin image container-test
+.PHONY: help install redis-bin promtool-bin test lint typecheck format unit demo bench clean container-bin image container-test
 
 help:
 	@echo "make test    lint, type-check and run the tests (with a throwaway Redis)"
@@ -39,6 +39,16 @@ redis-bin:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null \
 	    || { echo "apt-get could not install redis-server" >&2; exit 1; }; }
 
+# promtool checks and unit-tests deploy/prometheus/alerts.yml (tests/test_deploy.py); Debian ships it in prometheus.
+promtool-bin:
+	@command -v promtool >/dev/null || { \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "promtool is missing and installing it needs root: run 'sudo apt-get install prometheus'" >&2; exit 1; fi; \
+	  command -v apt-get >/dev/null || { echo "promtool is missing and there is no apt-get: install Prometheus's promtool yourself" >&2; exit 1; }; \
+	  echo "installing promtool (Debian's prometheus package)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+	    || { echo "apt-get could not install prometheus" >&2; exit 1; }; }
+
 lint: install
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
@@ -59,7 +69,7 @@ demo: install redis-bin
 bench: install redis-bin
 	$(VENV)/python -m benchmarks.run
 
-unit: install redis-bin
+unit: install redis-bin promtool-bin
 	$(VENV)/coverage erase
 	$(VENV)/coverage run -m pytest $(PYTEST_ARGS)
 	$(VENV)/coverage combine -q
