@@ -871,6 +871,28 @@ def webhooks(host: str | None, port: int | None) -> None:
     serve(settings, host=host, port=port)
 
 
+@main.command()
+@click.option("--host", help="address to listen on (CONSOLE_HOST, default 127.0.0.1)")
+@click.option("--port", type=click.IntRange(1, 65535), help="port to listen on (CONSOLE_PORT, default 8070)")
+def console(host: str | None, port: int | None) -> None:
+    """Run the operations console: the queue, jobs and their deliveries, the dead letters, in a browser.
+
+    Needs REDIS_URL and the workers' PHONE_HASH_KEY; not the CGB key. With CONSOLE_TOKEN set, every page and
+    action asks for it (a sign-in form, or Authorization: Bearer); without it the console listens on
+    127.0.0.1 only."""
+    from .console.serve import serve
+    from .logs import setup_logging
+    from .settings import load_console_settings
+
+    try:
+        settings = load_console_settings(host=host, port=port)
+    except ConfigError as exc:
+        _fail(f"the console cannot start: {exc}", 2)
+    keys.use_phone_key(settings.phone_hash_key.get_secret_value())
+    setup_logging(settings.log_level, json_lines=settings.log_json)
+    serve(settings, port_name="--port" if port else "CONSOLE_PORT")
+
+
 STATUS_UNKNOWN = 3
 """``status``'s exit code for a job id nothing knows."""
 

@@ -130,6 +130,10 @@ VARIABLES: Mapping[str, str] = MappingProxyType(
         "UNDELIVERABLE_TTL": "receiver",
         "OPT_OUT_KEYWORDS": "receiver",
         "OPT_IN_KEYWORDS": "receiver",
+        # the operations console (load_console_settings)
+        "CONSOLE_HOST": "console",
+        "CONSOLE_PORT": "console",
+        "CONSOLE_TOKEN": "console",
         # the tests' own (tests/conftest.py, container/test_image.py); known, so a developer's shell is not warned
         "CGB_TEST_REDIS_URL": "tests",
         "CGB_IMAGE": "tests",
@@ -797,4 +801,80 @@ def load_receiver_settings(environ: Mapping[str, str] | None = None) -> Receiver
         opt_out_keywords=opt_out,
         opt_in_keywords=opt_in,
         warnings=tuple(unknown_variables(source)),
+    )
+
+
+# -- the operations console ----------------------------------------------------------------------------------
+
+CONSOLE_TOKEN_MIN = 16
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleSettings:
+    """``cgb-worker console`` (:func:`load_console_settings`): no CGB key; Redis and the phone key only."""
+
+    phone_hash_key: Secret
+    """``PHONE_HASH_KEY``: finding a person's jobs hashes the number typed in, as the workers do."""
+    token: Secret | None = None
+    """``CONSOLE_TOKEN``: every page and action asks for it; without it the console serves 127.0.0.1 only."""
+    host: str = "127.0.0.1"
+    port: int = 8070
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    redis_connect_timeout: float = DEFAULT_REDIS_CONNECT_TIMEOUT
+    log_level: str = "INFO"
+    log_json: bool = False
+
+
+def console_bind_problem(host: str, token: Secret | None) -> str | None:
+    """Why the console may not listen on ``host``: without a token, only this machine may reach it."""
+    if token is None and host.strip("[]") not in LOOPBACK_NAMES:
+        return (
+            f"CONSOLE_HOST: {host} is reachable from other machines; set CONSOLE_TOKEN to serve the console there "
+            "(without it the console listens on 127.0.0.1 only)."
+        )
+    return None
+
+
+def load_console_settings(
+    environ: Mapping[str, str] | None = None, *, host: str | None = None, port: int | None = None
+) -> ConsoleSettings:
+    """Read and check the console's variables (``host``/``port`` from the command line win over
+    ``CONSOLE_HOST``/``CONSOLE_PORT``); one :class:`ConfigError` lists every problem."""
+    source = os.environ if environ is None else environ
+    env = _MappingEnv(source)
+    token = env.str("CONSOLE_TOKEN", None)
+    env_host = env.str("CONSOLE_HOST", "127.0.0.1")
+    env_port = env.int("CONSOLE_PORT", 8070, validate=Range(min=1, max=65535))
+    connect_timeout = _connect_timeout(env)
+    log_level = _log_level(env)
+    log_json = env.bool("LOG_JSON", False)
+    problems = _sealed(env)
+    secret: Secret | None = None
+    if token is not None:
+        if len(token.strip()) < CONSOLE_TOKEN_MIN:
+            problems.append(
+                f"CONSOLE_TOKEN: must be at least {CONSOLE_TOKEN_MIN} characters (a random one: openssl rand -hex 24)."
+            )
+        else:
+            secret = Secret(token.strip())
+    chosen_host = (host if host is not None else str(env_host or "127.0.0.1")).strip()
+    if token is None and (problem := console_bind_problem(chosen_host, None)):
+        problems.append(problem if host is None else problem.replace("CONSOLE_HOST:", "--host:"))
+    if problem := phone_key_problem(source.get("PHONE_HASH_KEY")):
+        problems.append(problem)
+    redis, redis_problems = read_redis_config(source)
+    problems.extend(redis_problems)
+    if problems:
+        raise ConfigError(problems)
+    assert redis is not None
+    return ConsoleSettings(
+        phone_hash_key=Secret(source["PHONE_HASH_KEY"].strip()),
+        token=secret,
+        host=chosen_host,
+        port=int(port if port is not None else (env_port or 8070)),
+        redis=redis,
+        redis_connect_timeout=float(connect_timeout if connect_timeout is not None else DEFAULT_REDIS_CONNECT_TIMEOUT),
+        log_level=str(log_level or "INFO").strip().upper(),
+        log_json=bool(log_json),
     )

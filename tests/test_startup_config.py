@@ -89,7 +89,7 @@ async def start() -> AsyncIterator[Start]:
 
 
 @contextmanager
-def busy(host: str = "0.0.0.0") -> Iterator[int]:  # noqa: S104 - where the metrics server binds
+def busy(host: str = "0.0.0.0") -> Iterator[int]:  # where the metrics server binds
     """A port another process holds: bound and listening."""
     with socket.socket() as holder:
         holder.bind((host, 0))

@@ -1,0 +1,168 @@
+"""Who may see the console, and proof that an action came from its own pages.
+
+- With ``CONSOLE_TOKEN``: no page and no action without it, on any address. A browser signs in once through a
+  form and gets a session cookie (signed, HttpOnly, SameSite=Strict, 12 hours); a script sends
+  ``Authorization: Bearer <token>`` on every request.
+- Without it the console listens on loopback only (:func:`cgb_worker.settings.console_bind_problem`), and a
+  request must name a loopback host in ``Host``: a page elsewhere that rebinds its own name to 127.0.0.1 cannot
+  read it.
+- Every action is a POST carrying the CSRF token of the browser's session (a form field, or ``X-CSRF-Token``).
+  A bearer request needs none: a browser never adds that header by itself, so a foreign page cannot forge one.
+
+Every secret is derived from the token (the cookie's signing key), or made at start when there is none, so
+the console needs nothing else; sessions end when the token changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from ..settings import LOOPBACK_NAMES, Secret
+
+COOKIE = "cgb_console"
+SESSION_TTL = 12 * 3600.0
+"""Seconds a signed-in browser stays signed in."""
+PUBLIC_PATHS = frozenset({"/login", "/static/console.css"})
+"""Served to anyone who may reach the console: the sign-in form and its style."""
+FAILED_SIGN_IN_DELAY = 1.0
+"""Seconds a wrong token waits for its answer: guessing is slow, and a right one is not held up."""
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A browser's session: ``nonce`` ties its CSRF token to it; ``signed_in`` once the token was given."""
+
+    nonce: str
+    issued: int
+    signed_in: bool
+
+
+SESSION = web.RequestKey("session", Session)
+CSRF = web.RequestKey("csrf", str)
+
+
+class ConsoleAuth:
+    """Sessions, CSRF tokens and the token check; :meth:`middleware` applies them to every request."""
+
+    def __init__(self, token: Secret | None) -> None:
+        self.token = token
+        seed = token.get_secret_value().encode() if token is not None else secrets.token_bytes(32)
+        self._key = hmac.new(seed, b"cgb-worker console session v1", hashlib.sha256).digest()
+
+    # -- sessions and CSRF ------------------------------------------------------------------------------------
+
+    def _mac(self, text: str) -> str:
+        return hmac.new(self._key, text.encode(), hashlib.sha256).hexdigest()
+
+    def new_session(self, *, signed_in: bool) -> Session:
+        return Session(nonce=secrets.token_hex(16), issued=int(time.time()), signed_in=signed_in)
+
+    def seal(self, session: Session) -> str:
+        body = f"{session.issued}.{session.nonce}.{int(session.signed_in)}"
+        return body + "." + self._mac("session\0" + body)
+
+    def open(self, cookie: str | None, *, now: float | None = None) -> Session | None:
+        """The session a cookie carries, or None when it is missing, forged, malformed or too old."""
+        if not cookie or len(cookie) > 256:
+            return None
+        parts = cookie.split(".")
+        if len(parts) != 4:
+            return None
+        issued, nonce, signed_in, mac = parts
+        body = f"{issued}.{nonce}.{signed_in}"
+        if not hmac.compare_digest(mac, self._mac("session\0" + body)):
+            return None
+        if not issued.isdigit() or signed_in not in ("0", "1"):
+            return None
+        if (time.time() if now is None else now) - int(issued) > SESSION_TTL:
+            return None
+        return Session(nonce=nonce, issued=int(issued), signed_in=signed_in == "1")
+
+    def csrf(self, session: Session) -> str:
+        return self._mac("csrf\0" + session.nonce)[:40]
+
+    def token_is(self, given: str) -> bool:
+        if self.token is None:
+            return False
+        return hmac.compare_digest(given.encode(), self.token.get_secret_value().encode())
+
+    def bearer(self, request: web.Request) -> bool:
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and self.token_is(value.strip())
+
+    def set_cookie(self, request: web.Request, response: web.StreamResponse, session: Session) -> None:
+        response.set_cookie(
+            COOKIE,
+            self.seal(session),
+            max_age=int(SESSION_TTL),
+            path="/",
+            httponly=True,
+            samesite="Strict",
+            secure=request.secure,
+        )
+
+    # -- the gate -----------------------------------------------------------------------------------------------
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self.token is None and _host_name(request.host) not in LOOPBACK_NAMES:
+            # DNS rebinding: an open console answers only to its own loopback names
+            raise web.HTTPMisdirectedRequest(text="this console answers to 127.0.0.1 and localhost only\n")
+        by_bearer = self.bearer(request)
+        session = self.open(request.cookies.get(COOKIE))
+        fresh = session is None
+        if session is None:
+            session = self.new_session(signed_in=self.token is None)
+        request[SESSION] = session
+        request[CSRF] = self.csrf(session)
+        allowed = by_bearer or self.token is None or session.signed_in
+        if not allowed and request.path not in PUBLIC_PATHS:
+            if request.method in ("GET", "HEAD"):
+                raise web.HTTPSeeOther(f"/login?next={_safe_next(request.path_qs)}")
+            raise web.HTTPUnauthorized(text="sign in first, or send Authorization: Bearer <CONSOLE_TOKEN>\n")
+        if request.method == "POST" and not by_bearer:
+            given = request.headers.get("X-CSRF-Token")
+            if given is None:
+                form = await request.post()
+                value = form.get("csrf")
+                given = value if isinstance(value, str) else ""
+            if fresh or not hmac.compare_digest(given, request[CSRF]):
+                raise web.HTTPForbidden(text="this form has expired or did not come from the console: reload it\n")
+        response = await handler(request)
+        if fresh and COOKIE not in response.cookies:
+            self.set_cookie(request, response, session)
+        return response
+
+
+def _host_name(host: str | None) -> str:
+    """``Host`` without its port (``[::1]:8070`` is ``::1``)."""
+    if not host:
+        return ""
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def _safe_next(path: str) -> str:
+    """Where to go after signing in: a path of this console only (``//evil.example`` is not one)."""
+    from urllib.parse import quote
+
+    if not path.startswith("/") or path.startswith("//") or "\\" in path:
+        return "/"
+    return quote(path, safe="/?=&")
+
+
+def safe_next(value: str | None) -> str:
+    """The ``next`` a sign-in form carries, checked again when it comes back."""
+    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
+        return "/"
+    return value
