@@ -428,6 +428,7 @@ async def whatsapp_send(
                     replay=bool(replay_of),
                     fallback_of=fallback_of or resend_of,
                     resend=resend,
+                    job_id=job_id,
                 )
         except TimeoutError:
             raise CGBTimeoutError(f"the job did not finish within {deadline:.0f} s") from None
@@ -638,6 +639,7 @@ async def _send(
     replay: bool = False,
     fallback_of: str | None = None,
     resend: tuple[str, int] | None = None,
+    job_id: str | None = None,
 ) -> SendResult:
     settings = services.settings
     plan = validate(raw, default_region=settings.default_region)
@@ -658,7 +660,15 @@ async def _send(
         if resend is not None and fallback_of is not None:
             # every earlier send of the step, as they stand now, and the receiver's word that it asked for this one
             pipe.hmget(keys.sends(fallback_of), [*(f"d:{name}" for name in chain(resend[0])), f"r:{resend[0]}"])
-        record, (window, since, tracking, turn, suppressed, undeliverable, *rest), *resent = await pipe.execute()
+        if job_id is not None:  # the person's index of jobs, for the console's find-by-number (riding this trip)
+            person_jobs = keys.jobs_of(keys.who(plan.to))
+            pipe.zadd(person_jobs, {job_id: int(time.time() * 1000)}, nx=True)
+            pipe.zremrangebyrank(person_jobs, 0, -keys.PERSON_JOBS_MAX - 1)
+            pipe.expire(person_jobs, SEND_LOG_TTL)
+        answers = await pipe.execute()
+    if job_id is not None:
+        answers = answers[:-3]
+    record, (window, since, tracking, turn, suppressed, undeliverable, *rest), *resent = answers
     cached_contact: Any = known if known is not None else rest[0]
     if RESULT in record:
         # This job already finished (the worker died before arq stored the result): no CGB call at all.

@@ -108,6 +108,16 @@ def sends(job_id: str) -> str:
     return f"cgb:sends:{job_id}"
 
 
+PERSON_JOBS_MAX = 200
+"""Jobs :func:`jobs_of` keeps per person, the newest."""
+
+
+def jobs_of(phone_hash: str) -> str:
+    """The person's newest jobs (at most :data:`PERSON_JOBS_MAX`, for as long as send records last), scored by
+    when each was first tried (ms): the console finds a person's jobs by the keyed hash of the number typed in."""
+    return f"cgb:jobs:of:{phone_hash}"
+
+
 def throttled(job_id: str) -> str:
     return f"cgb:throttled:{job_id}"
 

@@ -76,7 +76,7 @@ VARIABLES: Mapping[str, str] = MappingProxyType(
         "CGB_RETRY_MAX_DELAY": "worker",
         "CGB_CACHE_TIMEOUT": "worker",
         "CGB_TEMPLATE_CACHE_TIMEOUT": "worker",
-        "CGB_DEFAULT_REGION": "worker, cli",
+        "CGB_DEFAULT_REGION": "worker, cli, console",
         "CGB_UNKNOWN_OUTCOME": "worker",
         "CGB_OUTSIDE_WINDOW": "worker",
         "CGB_RATE_LIMIT": "worker",
@@ -824,6 +824,8 @@ class ConsoleSettings:
     redis_connect_timeout: float = DEFAULT_REDIS_CONNECT_TIMEOUT
     log_level: str = "INFO"
     log_json: bool = False
+    default_region: str | None = None
+    """``CGB_DEFAULT_REGION``: how a number typed without its country code is read, as the workers read it."""
 
 
 def console_bind_problem(host: str, token: Secret | None) -> str | None:
@@ -849,7 +851,10 @@ def load_console_settings(
     connect_timeout = _connect_timeout(env)
     log_level = _log_level(env)
     log_json = env.bool("LOG_JSON", False)
+    region = (env.str("CGB_DEFAULT_REGION", "") or "").strip().upper() or None
     problems = _sealed(env)
+    if region is not None and region not in phonenumbers.SUPPORTED_REGIONS:
+        problems.append(f"CGB_DEFAULT_REGION: {region!r} is not a region code (such as IL or US).")
     secret: Secret | None = None
     if token is not None:
         if len(token.strip()) < CONSOLE_TOKEN_MIN:
@@ -877,4 +882,5 @@ def load_console_settings(
         redis_connect_timeout=float(connect_timeout if connect_timeout is not None else DEFAULT_REDIS_CONNECT_TIMEOUT),
         log_level=str(log_level or "INFO").strip().upper(),
         log_json=bool(log_json),
+        default_region=region,
     )

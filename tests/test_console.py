@@ -354,3 +354,47 @@ def test_masking_keeps_arq_job_ids_whole_and_hides_numbers() -> None:
     assert "555" not in shown
     assert DIGITS not in shown
     assert _masked("call 2025550100 now") == "call +20******00 now"  # as the logs mask it
+
+
+async def test_find_a_persons_jobs_by_number_without_the_number_anywhere(
+    harness: Harness, open_console: Console
+) -> None:
+    other = "+972500000001"
+    jobs = await harness.enqueue({"to": PHONE, "message": "one"}, {"to": other, "message": "two"})
+    await harness.run()
+    [latest] = await harness.enqueue({"to": PHONE, "message": "three"})  # tried later: listed first
+    await harness.run()
+    async with open_console.session() as http:
+        async with http.get(open_console.url + "/find") as resp:
+            csrf = _csrf(await resp.text())
+        pages = {}
+        for typed in ("+1 202 555 0100", "+1 (202) 555-0100", "12025550100x", "", "+972 50 000 0001"):
+            async with http.post(open_console.url + "/find", data={"csrf": csrf, "phone": typed}) as resp:
+                pages[typed] = (resp.status, await resp.text(), str(resp.url))
+    status, html, url = pages["+1 202 555 0100"]
+    assert status == 200
+    assert url.endswith("/find")  # the number went in the body: no URL holds it
+    listed = re.findall(r'<a href="/jobs/([0-9a-f]+)">', html)
+    assert listed == [latest.job_id, jobs[0].job_id]  # newest first, the other person's job not there
+    assert pages["+1 (202) 555-0100"][1].count('href="/jobs/') == 2  # any spelling of the same number
+    assert pages["12025550100x"][0] == 400
+    assert pages[""][0] == 400
+    assert re.findall(r'<a href="/jobs/([0-9a-f]+)">', pages["+972 50 000 0001"][1]) == [jobs[1].job_id]
+    for _status, page, page_url in pages.values():
+        assert DIGITS not in page
+        assert "2025550100" not in page_url
+        assert "500000001" not in page
+
+
+async def test_forget_removes_the_persons_job_index(harness: Harness, redis_client: Any) -> None:
+    from cgb_worker import keys
+    from cgb_worker.erasure import forget
+
+    await harness.enqueue({"to": PHONE, "message": "one"})
+    await harness.run()
+    index = keys.jobs_of(keys.who(PHONE))
+    assert await redis_client.zcard(index) == 1
+    assert 0 < await redis_client.ttl(index) <= 7 * 24 * 3600
+    forgotten = await forget(redis_client, PHONE)
+    assert forgotten.removed.get("job index") == 1
+    assert await redis_client.exists(index) == 0

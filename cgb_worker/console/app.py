@@ -23,14 +23,18 @@ from redis.exceptions import RedisError
 
 from .. import keys
 from ..deadletters import DeadLetters, mask_payload
+from ..errors import InvalidPhoneError
 from ..heartbeat import live_workers
 from ..jobstate import JobState, describe, locate
+from ..phones import normalize_phone
 from ..privacy import mask_text
 from ..scripts import QueueStatsScript
 from .auth import COOKIE, CSRF, FAILED_SIGN_IN_DELAY, SESSION, ConsoleAuth, safe_next
 
 HERE = Path(__file__).parent
 JOB_ID_MAX = 128
+PERSON_PAGE = 50
+"""A person's jobs listed at most, newest first."""
 FAILURES_PAGE = 200
 """Dead letters listed at most on one page, newest first."""
 
@@ -78,8 +82,16 @@ def _job_id(request: web.Request) -> str:
 class Console:
     """The handlers, over one Redis client (the queue's, for replays) and the dead-letter store."""
 
-    def __init__(self, redis: ArqRedis, auth: ConsoleAuth, *, queue_name: str = default_queue_name) -> None:
+    def __init__(
+        self,
+        redis: ArqRedis,
+        auth: ConsoleAuth,
+        *,
+        queue_name: str = default_queue_name,
+        default_region: str | None = None,
+    ) -> None:
         self.redis = redis
+        self.default_region = default_region
         self.auth = auth
         self.dead = DeadLetters(redis)
         self.queue_name = queue_name
@@ -168,13 +180,31 @@ class Console:
 
     # -- finding --------------------------------------------------------------------------------------------------
 
+    async def find_person(self, request: web.Request) -> web.Response:
+        """A person's jobs, newest first, by the keyed hash of the number typed in. A POST, so that the number
+        is in no URL (nor any log of one); the page does not repeat it."""
+        form = await request.post()
+        raw = form.get("phone")
+        try:
+            e164 = normalize_phone(raw if isinstance(raw, str) else None, self.default_region)
+        except InvalidPhoneError:
+            return _page(request, "find.html", status=400, problem="that is not a phone number", results=None)
+        found = await self.redis.zrevrange(keys.jobs_of(keys.who(e164)), 0, PERSON_PAGE - 1, withscores=True)
+        results = []
+        for member, score in found:
+            job_id = member.decode() if isinstance(member, bytes) else str(member)
+            state = await locate(self.redis, job_id)
+            line, failed = describe(state), state.failed
+            results.append({"job_id": job_id, "first_tried": score / 1000, "line": line, "failed": failed})
+        return _page(request, "find.html", problem=None, results=results)
+
     async def find(self, request: web.Request) -> web.Response:
         job_id = request.query.get("job", "").strip()
         if job_id:
             if len(job_id) <= JOB_ID_MAX and job_id.isprintable() and "/" not in job_id:
                 raise web.HTTPSeeOther(f"/jobs/{job_id}")
-            return _page(request, "find.html", status=400, problem="that is not a job id")
-        return _page(request, "find.html", problem=None)
+            return _page(request, "find.html", status=400, problem="that is not a job id", results=None)
+        return _page(request, "find.html", problem=None, results=None)
 
     # -- failures -------------------------------------------------------------------------------------------------
 
@@ -241,9 +271,10 @@ def _secure(response: web.StreamResponse) -> None:
     )
 
 
-def create_console(redis: ArqRedis, auth: ConsoleAuth) -> web.Application:
-    """The console's app: :mod:`.auth`'s gate first, then the pages."""
-    console = Console(redis, auth)
+def create_console(redis: ArqRedis, auth: ConsoleAuth, *, default_region: str | None = None) -> web.Application:
+    """The console's app: :mod:`.auth`'s gate first, then the pages. ``default_region`` reads numbers typed
+    without their country code, as the workers do (``CGB_DEFAULT_REGION``)."""
+    console = Console(redis, auth, default_region=default_region)
     app = web.Application(middlewares=[_headers, auth.middleware], client_max_size=64 * 1024)
     app.add_routes(
         [
@@ -253,6 +284,7 @@ def create_console(redis: ArqRedis, auth: ConsoleAuth) -> web.Application:
             web.get("/", console.overview),
             web.get("/jobs/{job_id}", console.job),
             web.get("/find", console.find),
+            web.post("/find", console.find_person),
             web.get("/failures", console.failures),
             web.get("/failures/{job_id}/{action:replay|delete}", console.confirm),
             web.post("/failures/{job_id}/{action:replay|delete}", console.act),
