@@ -10,7 +10,7 @@ VENV := .venv/bin
 # takes about half as long on two cores. Each process starts its own Redis. PYTEST_ARGS= runs them in one.
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: help install redis-bin promtool-bin test lint typecheck format unit demo bench clean container-bin image container-test
+.PHONY: help install redis-bin promtool-bin browser-bin test lint typecheck format unit demo bench clean container-bin image container-test
 
 help:
 	@echo "make test    lint, type-check and run the tests (with a throwaway Redis)"
@@ -49,6 +49,16 @@ promtool-bin:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
 	    || { echo "apt-get could not install prometheus" >&2; exit 1; }; }
 
+# Headless Chromium and its driver for the console's browser test (tests/test_console_browser.py), from Debian.
+browser-bin:
+	@{ command -v chromium >/dev/null && command -v chromedriver >/dev/null; } || { \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "chromium or chromedriver is missing and installing needs root: run 'sudo apt-get install chromium chromium-driver'" >&2; exit 1; fi; \
+	  command -v apt-get >/dev/null || { echo "chromium is missing and there is no apt-get: install Chromium and its chromedriver yourself" >&2; exit 1; }; \
+	  echo "installing chromium and chromium-driver from Debian's packages"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null \
+	    || { echo "apt-get could not install chromium" >&2; exit 1; }; }
+
 lint: install
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
@@ -69,7 +79,7 @@ demo: install redis-bin
 bench: install redis-bin
 	$(VENV)/python -m benchmarks.run
 
-unit: install redis-bin promtool-bin
+unit: install redis-bin promtool-bin browser-bin
 	$(VENV)/coverage erase
 	$(VENV)/coverage run -m pytest $(PYTEST_ARGS)
 	$(VENV)/coverage combine -q

@@ -137,6 +137,7 @@ VARIABLES: Mapping[str, str] = MappingProxyType(
         # the tests' own (tests/conftest.py, container/test_image.py); known, so a developer's shell is not warned
         "CGB_TEST_REDIS_URL": "tests",
         "CGB_IMAGE": "tests",
+        "CONSOLE_SCREENSHOTS": "tests",
     }
 )
 """Every variable cgb-worker reads, and which processes read it (the simulator reads none: it takes options).
