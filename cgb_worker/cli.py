@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import sys
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, NoReturn, TypeVar, cast
@@ -66,15 +67,19 @@ def _phone_key(*, required: bool) -> None:
         _fail(str(exc), 2)
 
 
-def _run(coro: Callable[[], Awaitable[_T]]) -> _T:
-    """Run a command's coroutine; Ctrl-C cancels it, lets it clean up, then raises :class:`KeyboardInterrupt`.
+def _interrupted_line() -> str:
+    return "interrupted"
+
+
+def _run(coro: Callable[[], Awaitable[_T]], interrupted_line: Callable[[], str] = _interrupted_line) -> _T:
+    """Run a command's coroutine. Ctrl-C cancels it, lets it clean up, then ends the command with
+    ``interrupted_line()`` (exit 130); a second Ctrl-C during that clean-up ends it at once, with the same line.
 
     asyncio.run's own Ctrl-C handling only cancels the main task, and on Python 3.11 that cancellation can be
     lost: when it lands while the task runs (printing, say), it takes effect at the next wait, and redis-py
     writes each command through ``asyncio.wait_for``, which returns the write's result instead of raising when
     the write finished in the same turn. ``send --wait`` then waited on. So Ctrl-C sets an event raced
-    against the work, and the work is cancelled until it has ended (:mod:`.tasks`); a second Ctrl-C stops at
-    once."""
+    against the work, and the work is cancelled until it has ended (:mod:`.tasks`)."""
 
     async def command() -> tuple[_T | None, SystemExit | None]:
         try:
@@ -85,27 +90,40 @@ def _run(coro: Callable[[], Awaitable[_T]]) -> _T:
     async def supervised() -> tuple[bool, _T | None, SystemExit | None]:
         loop = asyncio.get_running_loop()
         interrupted = asyncio.Event()
+
+        def on_sigint(*_: Any) -> None:
+            if interrupted.is_set():  # the second: no clean-up, no traceback from wherever it landed
+                sys.stderr.write(f"cgb-worker: {interrupted_line()}\n")
+                sys.stderr.flush()
+                os._exit(130)
+            interrupted.set()
+            # What the cancelled work leaves half-closed (a pipeline whose answer never came) is not news to
+            # someone who pressed Ctrl-C: no "Unclosed ... client" lines on the way out.
+            loop.set_exception_handler(lambda _loop, _context: None)
+
         try:
-            loop.add_signal_handler(signal.SIGINT, interrupted.set)
+            loop.add_signal_handler(signal.SIGINT, on_sigint)
         except (RuntimeError, NotImplementedError):  # not the main thread: nothing to catch
             return (False, *await command())
         work = asyncio.ensure_future(command())
         stop = asyncio.ensure_future(interrupted.wait())
         try:
             await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                stop.cancel()
+                return (False, *work.result())
+            await cancel_and_wait(work)
+            return True, None, None
         finally:
-            loop.remove_signal_handler(signal.SIGINT)  # back to Python's own: a second Ctrl-C raises at once
-        if work.done():
-            stop.cancel()
-            return (False, *work.result())
-        await cancel_and_wait(work)
-        return True, None, None
+            loop.remove_signal_handler(signal.SIGINT)
+            if interrupted.is_set():  # until the process ends, a second Ctrl-C is still the second
+                signal.signal(signal.SIGINT, on_sigint)
 
     interrupted, result, refused = asyncio.run(supervised())
     if refused is not None:
         raise refused
     if interrupted:
-        raise KeyboardInterrupt
+        _fail(interrupted_line(), 130)
     return result  # type: ignore[return-value]
 
 
@@ -165,11 +183,20 @@ def entry() -> None:
     """The ``cgb-worker`` command: :func:`main`, with any error it did not expect told in one line (exit 1)
     instead of a traceback."""
     try:
-        main()
-    except KeyboardInterrupt:  # Ctrl-C while a command waits (for Redis, say): no traceback either
+        # not click's standalone mode: it turns Ctrl-C into "Aborted!" and exit 1
+        code = main.main(standalone_mode=False)
+    except KeyboardInterrupt:  # Ctrl-C outside a command's loop: one line, exit 130
         _fail("interrupted", 130)
+    except click.exceptions.Abort as exc:  # click's own: Ctrl-C, or no answer to a question (stdin closed)
+        if isinstance(exc.__cause__, KeyboardInterrupt):
+            _fail("interrupted", 130)
+        _fail("aborted: no answer (stdin closed); nothing done")
+    except click.ClickException as exc:  # usage errors, as click's standalone mode shows them
+        exc.show()
+        sys.exit(exc.exit_code)
     except Exception as exc:
         _fail(f"{type(exc).__name__}: {exc}")
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 # -- check and flows --------------------------------------------------------------------------------------
@@ -384,16 +411,26 @@ def send(
     except InvalidJobError as exc:
         _fail(f"{type(exc).__name__}: {exc} (nothing enqueued)", 2)
 
-    enqueued: list[str] = []
+    # arq's own kind of id, chosen here so that a Ctrl-C while the enqueue is in flight can still name the job
+    new_id = job_id or uuid.uuid4().hex
+    phase = ["connecting"]
+
+    def interrupted_line() -> str:
+        if phase[0] == "connecting":
+            return "interrupted: nothing enqueued"
+        if phase[0] == "enqueuing":
+            return f"interrupted while enqueuing; the job may be enqueued: cgb-worker status {new_id}"
+        return f"interrupted while waiting; the job is enqueued: cgb-worker status {new_id}"
 
     async def enqueue() -> tuple[str, Any, BaseException | None]:
         redis = await _pool()
         try:
-            job = await redis.enqueue_job("whatsapp_send", payload, _job_id=job_id)
+            phase[0] = "enqueuing"
+            job = await redis.enqueue_job("whatsapp_send", payload, _job_id=new_id)
             if job is None:
                 _fail(f"a job with id {job_id!r} already exists")
+            phase[0] = "enqueued"
             click.echo(f"enqueued {job.job_id}")  # before any wait: an interrupted wait still names the job
-            enqueued.append(job.job_id)
             if not wait:
                 return job.job_id, None, None
             try:
@@ -415,12 +452,7 @@ def send(
         finally:
             await redis.aclose()
 
-    try:
-        _, result, error = _run(enqueue)
-    except KeyboardInterrupt:
-        if not enqueued:
-            _fail("interrupted: nothing enqueued", 130)
-        _fail(f"interrupted while waiting; the job is enqueued: cgb-worker status {enqueued[0]}", 130)
+    _, result, error = _run(enqueue, interrupted_line)
     if error is not None:
         _fail(f"{type(error).__name__}: {error}")
     if result is not None:

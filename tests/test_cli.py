@@ -270,6 +270,7 @@ async def test_dead_letters_list_show_replay_purge(harness: Harness, redis_clien
     )
     code, _, err = await cli(harness, "dead-letters", "purge")
     assert code == 1  # no --yes and no terminal to say yes
+    assert err.endswith("cgb-worker: aborted: no answer (stdin closed); nothing done\n")
     code, out, _ = await cli(harness, "dead-letters", "purge", "--yes")
     assert (code, out) == (0, "purged 1 dead letter(s)\n")
 

@@ -289,13 +289,15 @@ try:
     print(cli._run(work) if sys.argv[1] == "cli" else asyncio.run(work()))
 except KeyboardInterrupt:
     print("interrupted")
+except SystemExit as exc:  # the CLI's one line (on stderr) and exit 130
+    print("interrupted", exc.code)
 """
 
 
 LOST_BEFORE_312 = "finished" if sys.version_info < (3, 12) else "interrupted"  # 3.12's wait_for keeps it
 
 
-@pytest.mark.parametrize(("runner", "said"), [("cli", "interrupted"), ("asyncio.run", LOST_BEFORE_312)])
+@pytest.mark.parametrize(("runner", "said"), [("cli", "interrupted 130"), ("asyncio.run", LOST_BEFORE_312)])
 def test_ctrl_c_is_not_lost_in_a_write(tmp_path: Path, runner: str, said: str) -> None:
     """The CLI's Ctrl-C does not count on cancelling the task: a cancellation that lands mid-step is lost when
     the next await is a ``wait_for`` whose work finished in the same turn (asyncio.run's own handling, the
@@ -308,3 +310,96 @@ def test_ctrl_c_is_not_lost_in_a_write(tmp_path: Path, runner: str, said: str) -
         [sys.executable, str(script), runner, "2"], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.stdout == f"waiting\n{said}\n"
+    assert done.stderr == ("cgb-worker: interrupted\n" if runner == "cli" else "")
+
+
+async def test_ctrl_c_while_waiting_for_redis_is_one_line_and_130(harness: Harness) -> None:
+    """Not click's "Aborted!" and exit 1: any command, interrupted while it waits for Redis."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CGB_", "WORKER_", "LOG_", "REDIS_"))}
+    env |= {**harness.env, "REDIS_URL": "redis://127.0.0.1:1/0", "REDIS_CONNECT_TIMEOUT": "60"}
+    for args in (["status", "x"], ["workers"], ["dead-letters", "list"], ["send", "--to", B, "--message", "m"]):
+        proc = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "cgb-worker"), *args, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        first = await asyncio.wait_for(proc.stderr.readline(), 60)  # type: ignore[union-attr]
+        assert b"waiting for Redis" in first, first
+        proc.send_signal(signal.SIGINT)
+        out, err = await communicate(proc, 60)
+        said = "interrupted: nothing enqueued" if args[0] == "send" else "interrupted"
+        assert (proc.returncode, out, err.decode()) == (130, b"", f"cgb-worker: {said}\n"), args
+
+
+async def test_a_second_ctrl_c_ends_at_once_in_one_line(harness: Harness) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CGB_", "WORKER_", "LOG_", "REDIS_"))}
+    env.update(harness.env)
+    for gap in (0.0, 0.002, 0.05):
+        proc = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "cgb-worker"), "send", "--to", B, "--message", "hi", "--wait",
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)  # type: ignore[union-attr]
+        job_id = line.decode().split()[1]
+        proc.send_signal(signal.SIGINT)
+        await asyncio.sleep(gap)
+        proc.send_signal(signal.SIGINT)
+        _, err = await communicate(proc, 60)
+        # 130, or the second SIGINT's own death once the first had ended the command (a shell says 130 for both)
+        assert proc.returncode in (130, -signal.SIGINT), gap
+        assert (
+            err.decode() == f"cgb-worker: interrupted while waiting; the job is enqueued: cgb-worker status {job_id}\n"
+        )
+
+
+async def _holding_proxy(target_port: int, held: asyncio.Event) -> tuple[asyncio.Server, int]:
+    """A proxy to Redis that stops passing Redis's answers on once a client has sent EXEC: an enqueue whose
+    transaction reached Redis and whose answer has not come back."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answers: bool) -> None:
+        try:
+            while data := await reader.read(65536):
+                if not answers and b"EXEC" in data:
+                    held.set()
+                if answers and held.is_set():
+                    await asyncio.sleep(3600)
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, True))
+
+    server = await asyncio.start_server(client, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_ctrl_c_while_the_enqueue_is_in_flight_names_the_job(harness: Harness, redis_client: Any) -> None:
+    from urllib.parse import urlsplit
+
+    held = asyncio.Event()
+    server, port = await _holding_proxy(urlsplit(harness.redis_url).port or 6379, held)
+    db = urlsplit(harness.redis_url).path
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CGB_", "WORKER_", "LOG_", "REDIS_"))}
+    env |= {**harness.env, "REDIS_URL": f"redis://127.0.0.1:{port}{db}"}
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "cgb-worker"), "send", "--to", B, "--message", "hi",
+            "--job-id", "inflight-1", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        await asyncio.wait_for(held.wait(), 60)
+        while not await redis_client.exists("arq:job:inflight-1"):
+            await asyncio.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        out, err = await communicate(proc, 60)
+    finally:
+        server.close()
+    assert proc.returncode == 130
+    assert out == b""  # its answer never came: not said to be enqueued
+    assert err.decode() == (
+        "cgb-worker: interrupted while enqueuing; the job may be enqueued: cgb-worker status inflight-1\n"
+    )
+    assert await redis_client.zscore("arq:queue", "inflight-1") is not None  # and it was
