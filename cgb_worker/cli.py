@@ -93,8 +93,9 @@ def _run(coro: Callable[[], Awaitable[_T]], interrupted_line: Callable[[], str] 
 
         def on_sigint(*_: Any) -> None:
             if interrupted.is_set():  # the second: no clean-up, no traceback from wherever it landed
-                sys.stderr.write(f"cgb-worker: {interrupted_line()}\n")
-                sys.stderr.flush()
+                if not said:
+                    sys.stderr.write(f"cgb-worker: {interrupted_line()}\n")
+                    sys.stderr.flush()
                 os._exit(130)
             interrupted.set()
             # What the cancelled work leaves half-closed (a pipeline whose answer never came) is not news to
@@ -119,10 +120,12 @@ def _run(coro: Callable[[], Awaitable[_T]], interrupted_line: Callable[[], str] 
             if interrupted.is_set():  # until the process ends, a second Ctrl-C is still the second
                 signal.signal(signal.SIGINT, on_sigint)
 
+    said: list[bool] = []  # the line is said once, by whichever Ctrl-C ends the command
     interrupted, result, refused = asyncio.run(supervised())
     if refused is not None:
         raise refused
     if interrupted:
+        said.append(True)
         _fail(interrupted_line(), 130)
     return result  # type: ignore[return-value]
 

@@ -103,6 +103,11 @@ class Outage:
         self.down_since: float | None = None
         self.last_failed = 0.0
         self._said_at = 0.0
+        self.stopping = False
+        """Set when the process is told to stop (SIGTERM, SIGINT): from then on every command tries once, so
+        that a worker stopped during an outage leaves at once instead of waiting out a window per clean-up
+        command. Kept here because redis-py deep-copies the retry into each connection, and the copies share
+        this :class:`Outage`."""
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Outage:
         return self
@@ -151,8 +156,11 @@ class OutageRetry(Retry):
         self.outage = Outage()
 
     def given_up(self) -> bool:
-        """Whether the current outage has outlasted the window: then every command tries once, so that the
-        process's way out (arq's own clean-up included) does not wait a window per command."""
+        """Whether the current outage has outlasted the window, or the process is stopping: then every command
+        tries once, so that the process's way out (arq's own clean-up included) does not wait a window per
+        command."""
+        if self.outage.stopping:
+            return True
         down_since, now = self.outage.down_since, time.monotonic()
         # still failing (within the last 20 s): an outage whose clients all closed before a success is over
         return down_since is not None and now - down_since > self.window and now - self.outage.last_failed < 20

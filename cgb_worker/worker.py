@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Mapping
@@ -109,6 +110,11 @@ async def create_pool(
     raise AssertionError("unreachable")
 
 
+def _stopping(sig: signal.Signals) -> None:
+    if sig in (signal.SIGTERM, signal.SIGINT):  # not arq's SIGUSR1 of a close() without signal handling
+        REDIS_RETRY.outage.stopping = True
+
+
 def survive_lost_claims() -> None:
     """arq's ``Worker.start_jobs``, with two guarantees it lacks; the worker's one override of arq.
 
@@ -117,6 +123,9 @@ def survive_lost_claims() -> None:
       around its EXEC but not around the two reads before it, so the error ends the worker's main loop,
       after arq has counted the job as started and taken a semaphore permit for it. Here both are given
       back and the next poll claims the job again (it is still in the queue, unclaimed).
+    * **A stop during an outage is prompt.** It sets arq's ``on_stop`` hook (:func:`_stopping`): on SIGTERM or
+      SIGINT every Redis command tries once, so arq's clean-up does not wait out two minutes of retries per
+      command while Redis is away.
     * **It stamps the time of each poll** for the worker's heartbeat (:mod:`cgb_worker.heartbeat`), in memory.
     * **It does not ask Redis about its own running jobs.** Running jobs stay at the head of arq's queue,
       and every poll that finds a free slot checks each of them in Redis (WATCH, EXISTS, ZSCORE, UNWATCH)
@@ -133,6 +142,8 @@ def survive_lost_claims() -> None:
 
     @functools.wraps(original)
     async def start_jobs(self: Worker, job_ids: list[bytes]) -> None:
+        if self.on_stop is None:  # arq's hook, called from its signal handler
+            self.on_stop = _stopping
         heartbeat: WorkerHeartbeat | None = self.ctx.get("heartbeat")
         if heartbeat is not None:  # the time of this poll, in memory (cgb_worker.heartbeat)
             heartbeat.polled(self)
@@ -337,7 +348,12 @@ def main() -> None:
     """What ``cgb-worker run`` starts: arq's worker, exactly as ``arq cgb_worker.WorkerSettings`` runs it."""
     from arq.worker import run_worker
 
-    run_worker(worker_settings_or_exit())
+    settings = worker_settings_or_exit()
+    try:
+        run_worker(settings)
+    except REDIS_ERRORS as exc:  # told as arq's own command tells it (the excepthook above): one line, exit 1
+        _redis_lost_in_one_line(sys.__excepthook__)(type(exc), exc, exc.__traceback__)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -518,3 +518,30 @@ def test_a_refused_certificate_is_not_an_outage() -> None:
     assert _certificate_refused(ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] unable to get"))
     assert not _certificate_refused(ConnectionRefusedError(111, "Connection refused"))
     assert not _certificate_refused(redis.exceptions.TimeoutError("Timeout connecting to server"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_a_worker_told_to_stop_during_an_outage_stops_at_once(sim: Sim, server: Any, sig: signal.Signals) -> None:
+    """SIGTERM (or Ctrl-C) while Redis is away: arq's clean-up tries each Redis command once instead of riding
+    out two minutes per command, so the worker leaves within the 60 s bound here (a supervisor's kill timeout
+    is typically 30 s); it says why in one line, no traceback."""
+    s = server("--save", "", "--appendonly", "no")
+    proc = await asyncio.create_subprocess_exec(
+        *WORKERS["run"], env=_env(s.url, sim), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    lines: list[str] = []
+    try:
+        await _line_with(proc, "cgb-worker ready", lines)
+        s.stop()
+        await _line_with(proc, f"Redis at {s.url} lost", lines)
+        proc.send_signal(sig)
+        _, rest = await communicate(proc, 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    lines += rest.decode().splitlines(keepends=True)
+    transcript = "".join(lines)
+    assert "Traceback" not in transcript
+    assert proc.returncode == 1, transcript
+    assert f"cgb-worker stopped: Redis at {s.url} unreachable" in lines[-1], transcript
