@@ -315,6 +315,8 @@ async def test_find_by_job_id_and_hostile_ids(open_console: Console) -> None:
         async with http.get(open_console.url + "/find?job=abc123", allow_redirects=False) as resp:
             assert resp.status == 303
             assert resp.headers["Location"] == "/jobs/abc123"
+        async with http.get(open_console.url + "/find", params={"job": "a?b#c d"}, allow_redirects=False) as resp:
+            assert resp.headers["Location"] == "/jobs/a%3Fb%23c%20d"  # the whole id, as one path segment
         for bad in ("x" * 500, "a/b", "a\x00b"):
             async with http.get(open_console.url + "/find", params={"job": bad}, allow_redirects=False) as resp:
                 assert resp.status == 400, bad

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 from arq.connections import ArqRedis
@@ -202,7 +203,7 @@ class Console:
         job_id = request.query.get("job", "").strip()
         if job_id:
             if len(job_id) <= JOB_ID_MAX and job_id.isprintable() and "/" not in job_id:
-                raise web.HTTPSeeOther(f"/jobs/{job_id}")
+                raise web.HTTPSeeOther("/jobs/" + quote(job_id, safe=""))
             return _page(request, "find.html", status=400, problem="that is not a job id", results=None)
         return _page(request, "find.html", problem=None, results=None)
 
