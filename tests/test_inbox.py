@@ -328,11 +328,13 @@ async def test_a_busy_receivers_entries_are_never_taken_a_dead_ones_are(
     survivor.process_entries = counting(survivor, False)  # type: ignore[method-assign]
     stop = asyncio.Event()
     survivor_task = asyncio.create_task(survivor.run(stop))
-    await _until(lambda: len(seen) == 8)  # taken over once the heartbeat expired
-    await _until(lambda: redis_client.xlen(keys.DELIVERIES), want=7)
-    await _until(lambda: _consumers(redis_client, {"survivor"}))  # the dead one's name removed
-    stop.set()
-    await survivor_task
+    try:
+        await _until(lambda: len(seen) == 8)  # taken over once the heartbeat expired
+        await _until(lambda: redis_client.xlen(keys.DELIVERIES), want=7)
+        assert await _consumers(redis_client, {"survivor"})  # the dead one's name removed with its last entry
+    finally:  # a failed check must not leave a processor running into the next test
+        stop.set()
+        await survivor_task
     assert await _consumers(redis_client, set())
 
 

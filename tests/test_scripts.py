@@ -497,9 +497,28 @@ async def test_claim_dead_takes_only_a_dead_consumers_entries_then_forgets_it(re
     assert await claim("other", "me") == []  # alive: never taken, however long it has held it
     await redis_client.delete(keys.consumer("other"))
     assert await claim("other", "me") == [(entry_id, {b"body": b"x"})]
-    assert await claim("other", "me") == []  # a second survivor finds nothing left to take
     names = [c["name"] for c in await redis_client.xinfo_consumers(keys.INBOX, keys.INBOX_GROUP)]
-    assert names == [b"me"]
+    assert names == [b"me"]  # forgotten in the same call that took its last entry
+    assert await claim("other", "me") == []  # a second survivor finds nothing left to take
+
+
+async def test_claim_dead_takes_a_batch_at_a_time_and_forgets_the_name_with_the_last(redis_client: Any) -> None:
+    from cgb_worker.scripts import ClaimDeadScript
+
+    claim = ClaimDeadScript(redis_client)
+    await redis_client.xgroup_create(keys.INBOX, keys.INBOX_GROUP, id="0", mkstream=True)
+    ids = [await redis_client.xadd(keys.INBOX, {"body": str(i).encode()}) for i in range(3)]
+    await redis_client.xreadgroup(keys.INBOX_GROUP, "other", {keys.INBOX: ">"})
+
+    async def names() -> set[bytes]:
+        return {c["name"] for c in await redis_client.xinfo_consumers(keys.INBOX, keys.INBOX_GROUP)}
+
+    assert [e for e, _f in await claim("other", "me", count=2)] == ids[:2]
+    assert await names() == {b"me", b"other"}  # still holds one: kept
+    assert [e for e, _f in await claim("other", "me", count=2)] == ids[2:]
+    assert await names() == {b"me"}
+    pending = await redis_client.xpending_range(keys.INBOX, keys.INBOX_GROUP, "-", "+", 10)
+    assert [(p["message_id"], p["consumer"]) for p in pending] == [(i, b"me") for i in ids]
 
 
 # -- suppress.lua -------------------------------------------------------------------------------------------------
