@@ -25,7 +25,7 @@ from loguru import logger
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from . import keys
+from . import keys, series
 from .phones import mask_phone
 from .scripts import source
 from .sends import TTL as SEND_LOG_TTL
@@ -105,6 +105,7 @@ class DeadLetters:
             pipe.hset(ORIGINS, mapping={job_id: origin})
             pipe.zadd(INDEX, {job_id: entry.failed_at})
             pipe.persist(send_log_key(origin))  # kept as long as the entry, for a replay to continue
+            series.count(pipe, entry.failed_at, "dead")
             await pipe.execute()
         try:
             await self.trim()

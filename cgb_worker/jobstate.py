@@ -40,7 +40,7 @@ from loguru import logger
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from . import keys
+from . import keys, series
 from .deadletters import DeadLetters
 from .errors import CGBAPIError, CGBWorkerError, JobFailedError
 from .receipts.timeline import Delivery, delivery
@@ -55,6 +55,11 @@ LAST_RETRY_TTL = 86400
 
 RECORD_TIMEOUT = 1.0
 """Seconds the job gives the last-retry record at most: bookkeeping must not eat the try's deadline."""
+TRIES_KEPT = 25
+"""A job's tries that ended in a retry or deferral kept for its page, the newest (a job waiting its person's
+turn may defer hundreds of times)."""
+TRIES_TTL = 7 * 86400
+"""As long as a send record: a week."""
 
 CHAIN_MAX = 20
 """Replay links followed at most, either way (a replay of a replay of ...)."""
@@ -95,12 +100,32 @@ def last_retry_of(exc: BaseException, *, attempt: int, job_try: int, retry_in: f
     )
 
 
+async def tries(redis: Redis, job_id: str) -> list[LastRetry]:
+    """The job's tries that ended in a retry or a deferral, newest first (at most :data:`TRIES_KEPT`); a record
+    that does not decode (another version's) is skipped, not fatal."""
+    out: list[LastRetry] = []
+    for raw in await redis.lrange(keys.tries(job_id), 0, TRIES_KEPT - 1):  # type: ignore[misc]
+        try:
+            out.append(msgspec.msgpack.decode(raw, type=LastRetry))
+        except msgspec.DecodeError:
+            continue
+    return out
+
+
 async def record_retry(redis: Redis, job_id: str, record: LastRetry) -> None:
-    """Keep ``record`` as the job's last retry; never raises, and gives up after :data:`RECORD_TIMEOUT` (the
-    retry goes ahead either way: this is for ``status`` to show)."""
+    """Keep ``record`` as the job's last retry and in its list of tries (the console's job page), and count a
+    counted retry in the series; never raises, and gives up after :data:`RECORD_TIMEOUT` (the retry goes ahead
+    either way: this is for ``status`` and the console to show)."""
+    encoded = msgspec.msgpack.encode(record)
     try:
-        async with asyncio.timeout(RECORD_TIMEOUT):
-            await redis.set(keys.last_retry(job_id), msgspec.msgpack.encode(record), ex=LAST_RETRY_TTL)
+        async with asyncio.timeout(RECORD_TIMEOUT), redis.pipeline(transaction=True) as pipe:
+            pipe.set(keys.last_retry(job_id), encoded, ex=LAST_RETRY_TTL)
+            pipe.lpush(keys.tries(job_id), encoded)
+            pipe.ltrim(keys.tries(job_id), 0, TRIES_KEPT - 1)
+            pipe.expire(keys.tries(job_id), TRIES_TTL)
+            if record.counted:
+                series.count(pipe, record.at, "retried")
+            await pipe.execute()
     except (RedisError, OSError, TimeoutError) as exc:
         logger.bind(job_id=job_id).warning("could not record the job's last retry: {}", type(exc).__name__)
 

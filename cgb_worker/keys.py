@@ -118,6 +118,22 @@ def jobs_of(phone_hash: str) -> str:
     return f"cgb:jobs:of:{phone_hash}"
 
 
+def tries(job_id: str) -> str:
+    """The job's tries that ended in a retry or a deferral, newest first (:mod:`cgb_worker.jobstate`; capped,
+    kept as long as its last retry): what the console lists on the job's page."""
+    return f"cgb:tries:{job_id}"
+
+
+def series_minute(minute: int) -> str:
+    """One minute's counters (:mod:`cgb_worker.series`), ``minute`` counted from the epoch."""
+    return f"cgb:series:m:{minute}"
+
+
+def series_hour(hour: int) -> str:
+    """One hour's counters (:mod:`cgb_worker.series`), ``hour`` counted from the epoch."""
+    return f"cgb:series:h:{hour}"
+
+
 def throttled(job_id: str) -> str:
     return f"cgb:throttled:{job_id}"
 

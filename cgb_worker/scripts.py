@@ -7,6 +7,7 @@ answer. Scripts are sent by hash (``EVALSHA``; redis-py loads one again if the s
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal
@@ -14,7 +15,7 @@ from typing import Any, Literal
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from . import keys
+from . import keys, series
 
 
 @functools.cache
@@ -111,10 +112,14 @@ class ApplyScript:
         self._stream_max = stream_max
         self._window_ttl = window_ttl
 
-    async def __call__(self, delivery_id: str, update: StatusUpdate, *, window_key: str | None) -> Applied:
+    async def __call__(
+        self, delivery_id: str, update: StatusUpdate, *, window_key: str | None, now: float | None = None
+    ) -> Applied:
+        """``now`` picks the counters' buckets (the time it is applied, not WhatsApp's timestamp)."""
         u = update
+        now = time.time() if now is None else now
         found = await self._script(
-            keys=[keys.sends(delivery_id), keys.DELIVERIES, window_key or "", keys.REACTIONS],
+            keys=[keys.sends(delivery_id), keys.DELIVERIES, window_key or "", keys.REACTIONS, *series.bucket_keys(now)],
             args=[
                 u.step,
                 u.status,
@@ -129,6 +134,8 @@ class ApplyScript:
                 delivery_id,
                 u.user_id,
                 self._window_ttl,
+                series.MINUTE_TTL,
+                series.HOUR_TTL,
             ],
         )
         outcome = _text(found[0])
@@ -174,8 +181,8 @@ class PlaceScript:
         self._stream_max = stream_max
         self._window_ttl = window_ttl
 
-    def queue(self, pipe: Pipeline, a: PlaceArgs) -> None:
-        """Add the call to ``pipe``; its answer is read with :meth:`answer`."""
+    def queue(self, pipe: Pipeline, a: PlaceArgs, *, now: float | None = None) -> None:
+        """Add the call to ``pipe``; its answer is read with :meth:`answer`. ``now`` picks the counters' buckets."""
         window_ms, skew_ms, wamid_ttl = self._fixed
         who = a.who or ""
         names = [
@@ -187,10 +194,12 @@ class PlaceScript:
             keys.DELIVERIES,
             keys.window(who) if who else "",
             keys.REACTIONS,
+            *series.bucket_keys(time.time() if now is None else now),
         ]
         match_args = [who, a.at_ms, window_ms, skew_ms, wamid_ttl, a.status, "1" if a.refused else ""]
         apply_args = [a.status, a.at_ms, a.event, a.wamid, "", a.error_code, a.error_title, a.error_details,
-                      self._stream_max, "", a.user_id, self._window_ttl]  # fmt: skip
+                      self._stream_max, "", a.user_id, self._window_ttl,
+                      series.MINUTE_TTL, series.HOUR_TTL]  # fmt: skip
         _queue(pipe, self._script, names, [*match_args, keys.sends(""), *apply_args])
 
     @staticmethod

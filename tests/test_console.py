@@ -257,8 +257,9 @@ async def test_the_overview_shows_the_queue_the_failures_and_the_receiver(open_c
     assert re.search(r'id="deferred">1<', html)
     assert re.search(r'id="running">0<', html)
     assert re.search(r'id="dead"><a href="/failures">3</a>', html)
-    assert re.search(r"InvalidJobError</a></td><td>2<", html)
-    assert re.search(r"RuntimeError</a></td><td>1<", html)
+    meaning = "The job payload can never be sent as it is; retrying will not help"
+    assert f'InvalidJobError</a></td><td class="num">2</td><td>{meaning}<' in html
+    assert 'RuntimeError</a></td><td class="num">1</td><td>not one of cgb-worker&#39;s errors' in html
     assert 'id="no-workers"' in html
     assert DIGITS not in html
 

@@ -274,6 +274,45 @@ async def test_apply_moves_forward_only_and_streams_each_change_once(redis_clien
     assert len((await redis_client.hget(keys.sends("job-1"), "e:text")).splitlines()) == 2
 
 
+async def test_apply_counts_each_stage_once_per_message_whatever_the_order(redis_client: Any) -> None:
+    from cgb_worker import series
+
+    apply = ApplyScript(redis_client, stream_max=1000, window_ttl=60)
+    await _put(redis_client, StepRecord("job-1", "text", A, T0, True), StepRecord("job-2", "text", B, T0, True))
+    now = 1_800_000_000.0
+    # job-1: delivered before sent (out of order), then read, a redelivered read, played, and a late failure
+    # on a second device; job-2: failed twice (two wamids), then an 'unconfirmed' sweep that is no stage
+    for status, wamid in [("delivered", "w1"), ("sent", "w1"), ("read", "w1"), ("read", "w1"), ("played", "w1")]:
+        await apply("job-1", _update(status, wamid), window_key=None, now=now)
+    await apply("job-1", _update("failed", "w1b", code="131026"), window_key=None, now=now)
+    await apply("job-2", _update("failed", "w2", code="131049"), window_key=None, now=now)
+    await apply("job-2", _update("failed", "w2b", code="131049"), window_key=None, now=now)
+    minute, hour = series.bucket_keys(now)
+    # job-1's late failure is not counted: the message was delivered (failed ranks below delivered)
+    want = {b"sent": b"1", b"delivered": b"1", b"read": b"1", b"failed": b"1", b"code:131049": b"1"}
+    assert await redis_client.hgetall(minute) == want
+    assert await redis_client.hgetall(hour) == want
+    assert 0 < await redis_client.ttl(minute) <= series.MINUTE_TTL
+    assert series.MINUTE_TTL < await redis_client.ttl(hour) <= series.HOUR_TTL
+    later = now + 3600  # another hour's buckets: nothing more is counted for a message already counted
+    await apply("job-1", _update("delivered", "w1c"), window_key=None, now=later)
+    assert not await redis_client.exists(*series.bucket_keys(later))
+
+
+async def test_apply_in_place_counts_too(redis_client: Any) -> None:
+    from cgb_worker import series
+    from cgb_worker.scripts import PlaceArgs, PlaceScript
+
+    script = PlaceScript(redis_client, window_ms=WINDOW, skew_ms=SKEW, wamid_ttl=60, stream_max=1000, window_ttl=60)
+    await _put(redis_client, StepRecord("job-1", "text", A, T0, True))
+    now = 1_800_000_000.0
+    async with redis_client.pipeline(transaction=False) as pipe:
+        script.queue(pipe, PlaceArgs("wamid.P", keys.who(A), "read", T0 + 500, b"{}"), now=now)
+        (found,) = await pipe.execute()
+    assert PlaceScript.answer(found).applied is not None
+    assert await redis_client.hgetall(series.bucket_keys(now)[0]) == {b"sent": b"1", b"delivered": b"1", b"read": b"1"}
+
+
 async def test_unconfirmed_is_no_event_once_a_status_came(redis_client: Any) -> None:
     apply = ApplyScript(redis_client, stream_max=1000, window_ttl=60)
     await _put(redis_client, StepRecord("job-1", "flow", A, T0, True), StepRecord("job-2", "text", B, T0, True))

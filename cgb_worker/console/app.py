@@ -20,22 +20,27 @@ from arq.connections import ArqRedis
 from arq.constants import default_queue_name, in_progress_key_prefix
 from arq.jobs import Job
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup
 from redis.exceptions import RedisError
 
-from .. import keys
+from .. import errors, keys, series
 from ..deadletters import DeadLetters, mask_payload
 from ..errors import InvalidPhoneError
 from ..heartbeat import live_workers
-from ..jobstate import JobState, describe, locate
+from ..jobstate import JobState, LastRetry, describe, locate, tries
 from ..phones import normalize_phone
 from ..privacy import mask_text
 from ..scripts import QueueStatsScript
+from ..whatsapp_errors import next_step, rule_for
 from .auth import COOKIE, CSRF, FAILED_SIGN_IN_DELAY, SESSION, ConsoleAuth, safe_next
+from .charts import Layer, stacked_bars
 
 HERE = Path(__file__).parent
 JOB_ID_MAX = 128
 PERSON_PAGE = 50
 """A person's jobs listed at most, newest first."""
+RELATED_MAX = 12
+"""Linked jobs looked for at most on a job's page (its fallback, and a resend per step)."""
 FAILURES_PAGE = 200
 """Dead letters listed at most on one page, newest first."""
 
@@ -128,7 +133,8 @@ class Console:
         workers = await live_workers(self.redis)
         dead = await self.dead.count()
         recent = await self.dead.list(FAILURES_PAGE)
-        by_error = Counter(d.error_type for d in recent).most_common()
+        by_error = [(name, n, error_meaning(name)) for name, n in Counter(d.error_type for d in recent).most_common()]
+        hour, day = await series.read(self.redis, now)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xlen(keys.INBOX)
             pipe.zcard(keys.ORPHANS)
@@ -149,6 +155,14 @@ class Console:
             dead=dead,
             by_error=by_error,
             receiver={"inbox": inbox, "held": held, "awaiting": awaiting},
+            charts={
+                "sends_hour": _sends(hour, 60.0, "messages CGB accepted, per minute, the last hour"),
+                "sends_day": _sends(day, 3600.0, "messages CGB accepted, per hour, the last day"),
+                "status_hour": _statuses(hour, 60.0, "statuses, per minute, the last hour"),
+                "status_day": _statuses(day, 3600.0, "statuses, per hour, the last day"),
+            },
+            funnels=[("the last hour", _funnel(hour)), ("the last day", _funnel(day))],
+            codes=[(code, n, rule_for(code).meaning) for code, n in day.codes()],
         )
 
     # -- a job ----------------------------------------------------------------------------------------------------
@@ -157,7 +171,10 @@ class Console:
         job_id = _job_id(request)
         state = await locate(self.redis, job_id)
         if state.state == "unknown":
-            return _page(request, "job.html", status=404, job=state, line=describe(state), payload=None, errors=[])
+            return _page(
+                request, "job.html", status=404, job=state, line=describe(state), payload=None, errors=[],
+                tries=[], related=[], events=[],
+            )  # fmt: skip
         payload = await self._payload(job_id)
         return _page(
             request,
@@ -166,7 +183,28 @@ class Console:
             line=describe(state),
             payload=payload,
             errors=_errors(state),
+            tries=_tries(state, await tries(self.redis, job_id)),
+            related=await self._related(state),
+            events=_events(state),
         )
+
+    async def _related(self, state: JobState) -> list[dict[str, str]]:
+        """The jobs this one is linked to besides its replays (which :class:`JobState` carries): what it falls
+        back or resends for, and its own fallback and resends (ids that name their origin, see
+        :mod:`cgb_worker.receipts.reactions`), each shown only when arq or the send log still knows it."""
+        job_id = state.job_id
+        out: list[dict[str, str]] = []
+        origin, kind = _origin(job_id)
+        if origin is not None:
+            out.append({"rel": f"{kind} of", "job_id": origin})
+        candidates = [(f"{job_id}:fallback", "fallback template")]
+        steps = state.delivery.steps if state.delivery is not None else []
+        for step in sorted({next_step(s.step) for s in steps}):
+            candidates.append((f"{job_id}:resend:{step}", f"automatic resend ({step})"))
+        for candidate, rel in candidates[:RELATED_MAX]:
+            if (await locate(self.redis, candidate)).state != "unknown":
+                out.append({"rel": rel, "job_id": candidate})
+        return out
 
     async def _payload(self, job_id: str) -> Any:
         """The job's payload, its number masked: from the queue while arq holds it, else from the dead letters."""
@@ -235,6 +273,99 @@ class Console:
 
     async def stylesheet(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(HERE / "console.css", headers={"Cache-Control": "max-age=3600"})
+
+
+def _sends(window: series.Window, step: float, title: str) -> Markup:
+    layers = [Layer("accepted", "#2f6f9f", window.series("accepted")), Layer("dead", "#a40000", window.series("dead"))]
+    return stacked_bars(window.starts, layers, step=step, title=title)
+
+
+def _statuses(window: series.Window, step: float, title: str) -> Markup:
+    layers = [
+        Layer("sent", "#9bb7d4", window.series("sent")),
+        Layer("delivered", "#3c8d5a", window.series("delivered")),
+        Layer("read", "#1f5f3a", window.series("read")),
+        Layer("failed", "#c0392b", window.series("failed")),
+    ]
+    return stacked_bars(window.starts, layers, step=step, title=title)
+
+
+def _funnel(window: series.Window) -> list[dict[str, Any]]:
+    """accepted → sent → delivered → read, and failed, each with its share of accepted (None when nothing
+    was accepted in the window)."""
+    accepted = window.totals.get("accepted", 0)
+    rows = []
+    for stage in (*series.FUNNEL, "failed"):
+        n = window.totals.get(stage, 0)
+        rows.append({"stage": stage, "n": n, "rate": (100.0 * n / accepted) if accepted else None})
+    return rows
+
+
+def error_meaning(name: str) -> str:
+    """What a job error class means: the first sentence of its docstring in :mod:`cgb_worker.errors` (the
+    console shows it beside the count); a class that is not ours (a producer's bug, a library's) says so."""
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Exception)) or cls.__module__ != errors.__name__:
+        return "not one of cgb-worker's errors: see the job's message"
+    doc = (cls.__doc__ or "").strip().split("\n\n")[0]
+    return " ".join(doc.replace("``", "").split()).split(". ")[0].rstrip(".")
+
+
+def _origin(job_id: str) -> tuple[str | None, str]:
+    """The job a fallback or an automatic resend was made for, from its id."""
+    if job_id.endswith(":fallback"):
+        return job_id.removesuffix(":fallback"), "fallback template"
+    head, sep, _step = job_id.rpartition(":resend:")
+    return (head, "automatic resend") if sep and head else (None, "")
+
+
+def _tries(state: JobState, retried: list[LastRetry]) -> list[dict[str, Any]]:
+    """Every try the job recorded, the latest first: how it ended (when it has), then each retry or deferral
+    with its time and error (HTTP status and CGB's code for CGB's answers)."""
+    rows: list[dict[str, Any]] = []
+    if state.finished_at is not None:
+        ended = "failed" if state.error_type else "succeeded"
+        rows.append({"at": state.finished_at, "try": state.job_try, "outcome": ended, "error": state.error_type or "",
+                     "detail": state.error or "", "next": ""})  # fmt: skip
+    for r in retried:
+        detail = " ".join(
+            part for part in (
+                f"HTTP {r.status}" if r.status else "", f"CGB code {r.code}" if r.code is not None else "",
+                f"on {r.endpoint}" if r.endpoint else "",
+            ) if part
+        )  # fmt: skip
+        rows.append({
+            "at": r.at, "try": r.job_try, "outcome": "retried" if r.counted else "deferred", "error": r.error_type,
+            "detail": detail, "next": f"again in {r.retry_in:.1f} s",
+        })  # fmt: skip
+    return rows
+
+
+def _events(state: JobState) -> list[dict[str, Any]]:
+    """The delivery timeline, in the order the statuses arrived, each failure with its code's meaning."""
+    if state.delivery is None:
+        return []
+    steps = {s.step: s for s in state.delivery.steps}
+    rows = []
+    for e in state.delivery.events:
+        code, title = _meta_error(e.meta)
+        step = steps.get(e.step)
+        rows.append({
+            "status": e.status, "at": e.at, "received": e.received, "step": e.step, "wamid": e.wamid or "",
+            "matched_by": (step.matched_by or "") if step is not None else "",
+            "code": code, "title": title, "meaning": rule_for(code).meaning if code is not None else "",
+        })  # fmt: skip
+    return rows
+
+
+def _meta_error(meta: dict[str, Any] | None) -> tuple[int | None, str]:
+    """The first error of a status as WhatsApp sent it (lenient: any shape)."""
+    found = (meta or {}).get("errors")
+    if not isinstance(found, list) or not found or not isinstance(found[0], dict):
+        return None, ""
+    code = found[0].get("code")
+    title = found[0].get("title") or found[0].get("message") or ""
+    return (code if isinstance(code, int) and not isinstance(code, bool) else None), str(title)[:200]
 
 
 def _errors(state: JobState) -> list[dict[str, Any]]:
