@@ -54,6 +54,22 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     attempts: int
     enqueued_at: float | None
     failed_at: float
+    code: int | None = None
+    """The code the failure carries, for filtering: CGB's (or the HTTP status) for CGB's answers, WhatsApp's for a
+    refusal that stands for one (131026 undeliverable, 131047 outside the window). None in older entries."""
+
+
+def error_code(error: BaseException) -> int | None:
+    """:attr:`DeadLetter.code` of ``error``."""
+    from .errors import CGBAPIError, OutsideWindowError, UndeliverableError
+
+    if isinstance(error, CGBAPIError):
+        return error.code if error.code is not None else error.status
+    if isinstance(error, UndeliverableError):
+        return 131026
+    if isinstance(error, OutsideWindowError):
+        return 131047
+    return None
 
 
 def mask_payload(payload: Any) -> Any:
@@ -97,6 +113,7 @@ class DeadLetters:
             attempts=attempts,
             enqueued_at=enqueued_at,
             failed_at=time.time(),
+            code=error_code(error),
         )
         origin = origin or job_id
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -121,25 +138,36 @@ class DeadLetters:
     async def count(self) -> int:
         return int(await self._redis.zcard(INDEX))
 
-    async def list(self, limit: int = 100, *, error_type: str | None = None) -> list[DeadLetter]:
-        """Newest first; with ``error_type``, only the entries whose error has that class name (any case)."""
-        if error_type is None:
-            ids = await self._redis.zrevrange(INDEX, 0, max(0, limit - 1))
-            if not ids:
-                return []
-            raw = await self._redis.hmget(ENTRIES, ids)  # type: ignore[misc]
-            return [msgspec.msgpack.decode(r, type=DeadLetter) for r in raw if r]
-        wanted = error_type.lower()
+    async def list(
+        self,
+        limit: int = 100,
+        *,
+        error_type: str | None = None,
+        code: int | None = None,
+        failed_after: float | None = None,
+        failed_before: float | None = None,
+    ) -> list[DeadLetter]:
+        """Newest first; with ``error_type``, only the entries whose error has that class name (any case); with
+        ``code``, only those whose :attr:`DeadLetter.code` it is; with ``failed_after``/``failed_before`` (epoch
+        seconds), only those that failed in that span (read by score: the span costs nothing to skip)."""
+        top: float | str = "+inf" if failed_before is None else failed_before
+        bottom: float | str = "-inf" if failed_after is None else failed_after
+        wanted = error_type.lower() if error_type is not None else None
         found: list[DeadLetter] = []
         start = 0
         while len(found) < limit:  # the store is capped (DEAD_LETTER_MAX): reading it in chunks is bounded
-            ids = await self._redis.zrevrange(INDEX, start, start + TRIM_CHUNK - 1)
+            chunk = TRIM_CHUNK if (wanted is not None or code is not None) else limit - len(found)
+            ids = await self._redis.zrevrangebyscore(INDEX, top, bottom, start=start, num=chunk)
             if not ids:
                 break
             start += len(ids)
             raw = await self._redis.hmget(ENTRIES, ids)  # type: ignore[misc]
             entries = (msgspec.msgpack.decode(r, type=DeadLetter) for r in raw if r)
-            found.extend(e for e in entries if e.error_type.lower() == wanted)
+            found.extend(
+                e
+                for e in entries
+                if (wanted is None or e.error_type.lower() == wanted) and (code is None or e.code == code)
+            )
         return found[:limit]
 
     async def get(self, job_id: str) -> DeadLetter | None:

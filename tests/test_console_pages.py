@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html as html_lib
 import re
+import time
 from typing import Any
 
 import aiohttp
@@ -15,7 +16,7 @@ from cgb_worker.simulator import FaultRule
 
 from .attribution import settle
 from .conftest import Harness
-from .test_console import Console, _serve
+from .test_console import Console, _csrf, _serve
 from .test_webhooks import SECRET, start_receiver
 
 OK, UNREACHABLE = "+12025550130", "+12025550131"
@@ -98,3 +99,183 @@ async def test_the_overview_and_a_jobs_page_tell_what_really_happened(
     for page in (overview, job, bad):
         assert "2025550130" not in page
         assert "2025550131" not in page
+
+
+# -- failures: filters and replaying a selection ------------------------------------------------------------------
+
+
+async def _dead(redis: Any, job_id: str, error: BaseException, age: float) -> None:
+    """A dead letter that failed ``age`` seconds ago."""
+    import msgspec
+
+    from cgb_worker.deadletters import ENTRIES, INDEX, DeadLetters
+
+    entry = await DeadLetters(redis).add(job_id=job_id, function="whatsapp_send", attempts=3, enqueued_at=None,
+                                         payload={"to": OK, "message": f"text of {job_id}"}, error=error)  # fmt: skip
+    at = entry.failed_at - age
+    await redis.hset(ENTRIES, job_id, msgspec.msgpack.encode(msgspec.structs.replace(entry, failed_at=at)))
+    await redis.zadd(INDEX, {job_id: at})
+
+
+async def test_failures_filter_by_error_code_and_age_and_list_what_whatsapp_failed(console: Console) -> None:
+    from cgb_worker import keys
+    from cgb_worker.errors import CGBBadRequestError, InvalidPhoneError, UndeliverableError
+
+    redis = console.redis
+    await _dead(redis, "d-new-400", CGBBadRequestError("bad", status=400, code=4001), 60)
+    await _dead(redis, "d-old-400", CGBBadRequestError("bad", status=400), 3 * 86400)
+    await _dead(redis, "d-undeliverable", UndeliverableError("131026 a day ago"), 7200)
+    await _dead(redis, "d-phone", InvalidPhoneError("no country code"), 30)
+    now_ms = int(time.time() * 1000)
+    for job, step, status, code, ago in [
+        ("m1", "text", "failed", "131026", 10),
+        ("m2", "text", "delivered", "", 5),
+        ("m3", "flow", "failed", "131047", 90_000),
+        ("m4", "text", "failed", "", 1),
+    ]:
+        await redis.xadd(keys.DELIVERIES, {"job": job, "step": step, "status": status, "wamid": "wamid.X",
+                                           "error": code, "at": now_ms - ago * 1000})  # fmt: skip
+
+    async def shown(query: str) -> tuple[list[str], list[str]]:
+        async with aiohttp.ClientSession() as http, http.get(console.url + "/failures" + query) as resp:
+            assert resp.status == 200
+            page = await resp.text()
+        dead = [r[1] for r in _rows(page, "dead-letters")] if 'id="dead-letters"' in page else []
+        failed = [r[0] for r in _rows(page, "failed-messages")] if 'id="failed-messages"' in page else []
+        return dead, failed
+
+    assert await shown("") == (
+        ["d-phone", "d-new-400", "d-undeliverable", "d-old-400"],
+        ["m4", "m3", "m1"],
+    )  # as recorded, newest first
+    assert await shown("?error=cgbbadrequesterror") == (["d-new-400", "d-old-400"], [])  # a class names jobs only
+    assert await shown("?code=4001") == (["d-new-400"], [])
+    assert await shown("?code=400") == (["d-old-400"], [])  # no CGB code: the HTTP status
+    assert await shown("?code=131026") == (["d-undeliverable"], ["m1"])
+    assert await shown("?age=1h") == (["d-phone", "d-new-400"], ["m4", "m1"])
+    assert await shown("?age=older-24h") == (["d-old-400"], ["m3"])
+    assert await shown("?code=131047&age=24h") == ([], [])
+    # bad filters are ignored, never an error: a code that is no number, an unknown age, a control character
+    for query in ("?code=abc", "?code=-1", "?code=99999999999999", "?age=forever", "?error=%00x", "?age=%0a"):
+        dead, _failed = await shown(query)
+        assert len(dead) == 4, query
+
+
+async def test_replaying_a_selection_asks_first_and_links_each_new_job(console: Console) -> None:
+    from cgb_worker.deadletters import DeadLetters
+    from cgb_worker.errors import CGBServerError
+
+    redis = console.redis
+    for name in ("d1", "d2", "d3"):
+        await _dead(redis, name, CGBServerError("down", status=503), 60)
+    async with console.session() as http:
+        async with http.get(console.url + "/failures/replay?job=d1&job=d3&job=d1&job=nope&job=%00") as resp:
+            assert resp.status == 200
+            page = await resp.text()
+        assert [r[0] for r in _rows(page, "selection")] == ["d1", "d3"]  # each once; unknown and bad ids dropped
+        csrf = _csrf(page)
+        async with http.post(console.url + "/failures/replay", data=[("job", "d1"), ("job", "d3")],
+                             allow_redirects=False) as resp:  # fmt: skip
+            assert resp.status == 403  # no CSRF token: nothing done
+        assert await DeadLetters(redis).get("d1") is not None
+        await DeadLetters(redis).remove("d3")  # someone else deleted one meanwhile
+        form = [("csrf", csrf), ("job", "d1"), ("job", "d3")]
+        async with http.post(console.url + "/failures/replay", data=form, allow_redirects=False) as resp:
+            assert resp.status == 303
+            assert resp.headers["Location"] == "/failures?replayed=1&gone=1"
+        new_id = (await redis.get("cgb:replay:as:d1")).decode()
+        assert await redis.zscore("arq:queue", new_id) is not None
+        async with http.get(console.url + f"/jobs/{new_id}") as resp:
+            assert 'id="replay-of" href="/jobs/d1"' in await resp.text()
+        async with http.get(console.url + "/failures?replayed=1&gone=1") as resp:
+            assert "1 replayed; 1 were no longer dead letters" in await resp.text()
+        # every one the filter shows: d2 only is left
+        async with http.get(console.url + "/failures/replay?all=1&error=CGBServerError") as resp:
+            page = await resp.text()
+        assert [r[0] for r in _rows(page, "selection")] == ["d2"]
+        async with http.post(console.url + "/failures/replay", data=[("csrf", _csrf(page)), ("job", "d2")],
+                             allow_redirects=False) as resp:  # fmt: skip
+            assert resp.headers["Location"] == "/failures?replayed=1&gone=0"
+        assert await DeadLetters(redis).count() == 0
+        async with http.get(console.url + "/failures/replay?all=1") as resp:
+            assert resp.status == 400  # nothing left to replay
+
+
+# -- the suppression list -----------------------------------------------------------------------------------------
+
+
+async def test_the_suppression_list_adds_and_removes_behind_a_confirmation(console: Console) -> None:
+    from cgb_worker import keys
+    from cgb_worker.suppression import lookup_who, suppress_who
+
+    redis = console.redis
+    who = keys.who(OK)
+    await suppress_who(redis, keys.who(UNREACHABLE), scope="all", reason="keyword")
+    async with console.session() as http:
+        async with http.get(console.url + "/suppressions") as resp:
+            page = await resp.text()
+        assert _rows(page, "suppressed")[0][:2] == [keys.who(UNREACHABLE)[:12], "all"]
+        csrf = _csrf(page)
+        async with http.post(console.url + "/suppressions", data={"csrf": csrf, "phone": "+1 (202) 555-0130"}) as resp:
+            page = await resp.text()
+        assert "+1********30" in page
+        assert 'id="not-suppressed"' in page
+        for bad in ("", "12", "not a number", "+1 202 555 01300000"):
+            async with http.post(console.url + "/suppressions", data={"csrf": csrf, "phone": bad}) as resp:
+                assert resp.status == 400, bad
+        async with http.get(console.url + f"/suppressions/{who}/add?scope=marketing") as resp:
+            confirm = await resp.text()
+        assert f"Suppress <code>{who[:12]}</code> for marketing?" in confirm
+        async with http.post(console.url + f"/suppressions/{who}/add", data={"csrf": csrf, "scope": "everything"},
+                             allow_redirects=False) as resp:  # fmt: skip
+            assert resp.status == 400
+        async with http.post(console.url + f"/suppressions/{who}/add", data={"scope": "marketing"},
+                             allow_redirects=False) as resp:  # fmt: skip
+            assert resp.status == 403  # no CSRF token
+        assert not (await lookup_who(redis, who)).entries
+        async with http.post(console.url + f"/suppressions/{who}/add", data={"csrf": csrf, "scope": "marketing"},
+                             allow_redirects=False) as resp:  # fmt: skip
+            assert resp.status == 303
+        entries = (await lookup_who(redis, who)).entries
+        assert [(e.scope, e.reason) for e in entries] == [("marketing", "operator")]
+        async with http.get(console.url + f"/suppressions/{who}/remove") as resp:
+            assert "Remove every opt-out" in await resp.text()
+        async with http.post(console.url + f"/suppressions/{who}/remove", data={"csrf": csrf},
+                             allow_redirects=False) as resp:  # fmt: skip
+            assert resp.status == 303
+        assert not (await lookup_who(redis, who)).entries
+        async with http.post(console.url + f"/suppressions/{who}/remove", data={"csrf": csrf}) as resp:
+            assert resp.status == 404  # lifted already
+        for bad in ("ZZ", who.upper(), who + "0", "../" + who[3:]):
+            async with http.get(console.url + f"/suppressions/{bad}/remove") as resp:
+                assert resp.status == 404, bad
+        async with http.get(console.url + "/suppressions") as resp:
+            page = await resp.text()
+    for digits in ("2025550130", "2025550131"):
+        assert digits not in page
+        assert digits not in confirm
+
+
+async def test_a_jobs_fallback_and_resends_are_linked_both_ways(console: Console) -> None:
+    import json
+
+    from cgb_worker import keys
+
+    pool = console.redis
+    record = {"status": "failed", "at": int(time.time() * 1000), "wamid": "wamid.A", "error": {"code": 131047}}
+    await pool.hset(keys.sends("j1"), mapping={"d:text": json.dumps(record), "text": "sent"})
+    for child in ("j1:fallback", "j1:resend:text~1"):
+        await pool.enqueue_job("whatsapp_send", {"to": OK, "message": "x"}, _job_id=child)
+    await pool.enqueue_job("whatsapp_send", {"to": OK, "message": "x"}, _job_id="j2")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(console.url + "/jobs/j1") as resp:
+            page = await resp.text()
+        async with http.get(console.url + "/jobs/j1%3Aresend%3Atext~1") as resp:
+            child = await resp.text()
+        async with http.get(console.url + "/jobs/j2") as resp:
+            lone = await resp.text()
+    links = re.findall(r'<li>([^<]*): <a href="([^"]+)">', page)
+    assert links == [("fallback template", "/jobs/j1%3Afallback"), ("automatic resend (text~1)",
+                                                                    "/jobs/j1%3Aresend%3Atext~1")]  # fmt: skip
+    assert re.findall(r'<li>([^<]*): <a href="([^"]+)">', child) == [("automatic resend of", "/jobs/j1")]
+    assert 'id="related"' not in lone

@@ -11,6 +11,7 @@ import asyncio
 import re
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -28,9 +29,10 @@ from ..deadletters import DeadLetters, mask_payload
 from ..errors import InvalidPhoneError
 from ..heartbeat import live_workers
 from ..jobstate import JobState, LastRetry, describe, locate, tries
-from ..phones import normalize_phone
+from ..phones import mask_phone, normalize_phone
 from ..privacy import mask_text
 from ..scripts import QueueStatsScript
+from ..suppression import REASONS, SCOPES, list_suppressed, lookup_who, suppress_who, unsuppress_who
 from ..whatsapp_errors import next_step, rule_for
 from .auth import COOKIE, CSRF, FAILED_SIGN_IN_DELAY, SESSION, ConsoleAuth, safe_next
 from .charts import Layer, stacked_bars
@@ -42,7 +44,11 @@ PERSON_PAGE = 50
 RELATED_MAX = 12
 """Linked jobs looked for at most on a job's page (its fallback, and a resend per step)."""
 FAILURES_PAGE = 200
-"""Dead letters listed at most on one page, newest first."""
+"""Dead letters listed at most on one page, newest first (and replayed at most at once)."""
+DELIVERIES_SCANNED = 5000
+"""Status changes (the deliveries stream, newest first) the failures page looks through for failed messages."""
+SUPPRESSIONS_PAGE = 500
+"""Suppression entries listed at most, oldest first."""
 
 _templates = Environment(
     loader=FileSystemLoader(HERE / "templates"),
@@ -248,10 +254,42 @@ class Console:
     # -- failures -------------------------------------------------------------------------------------------------
 
     async def failures(self, request: web.Request) -> web.Response:
-        error = request.query.get("error", "").strip() or None
-        entries = await self.dead.list(FAILURES_PAGE, error_type=error)
+        """Dead letters filtered by error class, code and age, newest first; and the messages WhatsApp failed
+        among the newest status changes, filtered alike."""
+        f = _Filters.of(request.query)
+        now = time.time()
+        entries = await self.dead.list(
+            FAILURES_PAGE, error_type=f.error, code=f.code, failed_after=f.after(now), failed_before=f.before(now)
+        )
         total = await self.dead.count()
-        return _page(request, "failures.html", entries=entries, error=error, total=total)
+        failed = await self._failed_messages(f, now)
+        return _page(
+            request, "failures.html", entries=entries, total=total, f=f, ages=AGES, failed=failed,
+            replayed=request.query.get("replayed"), gone=request.query.get("gone"),
+        )  # fmt: skip
+
+    async def _failed_messages(self, f: _Filters, now: float) -> list[dict[str, Any]]:
+        if f.error is not None:  # a job error class names dead letters only
+            return []
+        after, before = f.after(now), f.before(now)
+        out: list[dict[str, Any]] = []
+        for _id, fields in await self.redis.xrevrange(keys.DELIVERIES, count=DELIVERIES_SCANNED):
+            if fields.get(b"status") != b"failed":
+                continue
+            code_raw = fields.get(b"error", b"").decode()
+            code = int(code_raw) if code_raw.isdigit() else None
+            at = int(fields.get(b"at", b"0") or 0) / 1000
+            if (f.code is not None and code != f.code) or (after is not None and at < after):
+                continue
+            if before is not None and at > before:
+                continue
+            out.append({
+                "job_id": fields.get(b"job", b"").decode(), "step": fields.get(b"step", b"").decode(), "code": code,
+                "meaning": rule_for(code).meaning if code is not None else "", "at": at,
+            })  # fmt: skip
+            if len(out) >= FAILURES_PAGE:
+                break
+        return out
 
     async def confirm(self, request: web.Request) -> web.Response:
         job_id, action = _job_id(request), request.match_info["action"]
@@ -270,6 +308,78 @@ class Console:
         if not await self.dead.remove(job_id):
             raise web.HTTPNotFound(text="no such dead letter (replayed or deleted already)\n")
         raise web.HTTPSeeOther("/failures")
+
+    async def confirm_selection(self, request: web.Request) -> web.Response:
+        """The replay of several dead letters, confirmed: the ones ticked on the failures page, or with
+        ``all=1`` every one the filters show (at most a page)."""
+        if request.query.get("all") == "1":
+            f = _Filters.of(request.query)
+            now = time.time()
+            entries = await self.dead.list(
+                FAILURES_PAGE, error_type=f.error, code=f.code, failed_after=f.after(now), failed_before=f.before(now)
+            )
+        else:
+            chosen = [j for j in request.query.getall("job", []) if _valid_id(j)][:FAILURES_PAGE]
+            found = [await self.dead.get(j) for j in dict.fromkeys(chosen)]
+            entries = [e for e in found if e is not None]
+        if not entries:
+            return _page(request, "failures_confirm.html", status=400, entries=[])
+        return _page(request, "failures_confirm.html", entries=entries)
+
+    async def replay_selection(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        chosen = [j for j in form.getall("job", []) if isinstance(j, str) and _valid_id(j)][:FAILURES_PAGE]
+        replayed = gone = 0
+        for job_id in dict.fromkeys(chosen):
+            if await self.dead.replay(self.redis, job_id) is None:
+                gone += 1  # replayed or deleted by someone else meanwhile
+            else:
+                replayed += 1
+        raise web.HTTPSeeOther(f"/failures?replayed={replayed}&gone={gone}")
+
+    # -- the suppression list --------------------------------------------------------------------------------
+
+    async def suppressions(self, request: web.Request) -> web.Response:
+        listed = await list_suppressed(self.redis)
+        return _page(request, "suppressions.html", listed=listed[:SUPPRESSIONS_PAGE], total=len(listed),
+                     looked=None, problem=None, reasons=REASONS)  # fmt: skip
+
+    async def suppression_lookup(self, request: web.Request) -> web.Response:
+        """A number's entry, and the form to add it (confirmed on the next page): a POST, the number in no URL,
+        shown back masked only."""
+        form = await request.post()
+        raw = form.get("phone")
+        try:
+            e164 = normalize_phone(raw if isinstance(raw, str) else None, self.default_region)
+        except InvalidPhoneError:
+            listed = await list_suppressed(self.redis)
+            problem = "that is not a phone number"
+            return _page(request, "suppressions.html", status=400, listed=listed[:SUPPRESSIONS_PAGE],
+                         total=len(listed), looked=None, problem=problem, reasons=REASONS)  # fmt: skip
+        found = await lookup_who(self.redis, keys.who(e164))
+        return _page(request, "suppression.html", entry=found, shown=mask_phone(e164), reasons=REASONS)
+
+    async def suppression_confirm(self, request: web.Request) -> web.Response:
+        who, action = _who(request), request.match_info["action"]
+        scope = request.query.get("scope", "all")
+        if scope not in SCOPES:
+            raise web.HTTPBadRequest(text="scope must be all or marketing\n")
+        entry = await lookup_who(self.redis, who)
+        if action == "remove" and not entry.entries:
+            raise web.HTTPNotFound(text="not suppressed\n")
+        return _page(request, "suppression_confirm.html", entry=entry, action=action, scope=scope, reasons=REASONS)
+
+    async def suppression_act(self, request: web.Request) -> web.Response:
+        who, action = _who(request), request.match_info["action"]
+        if action == "add":
+            form = await request.post()
+            scope = form.get("scope")
+            if scope not in SCOPES:
+                raise web.HTTPBadRequest(text="scope must be all or marketing\n")
+            await suppress_who(self.redis, who, scope=scope, reason="operator")
+        elif not await unsuppress_who(self.redis, who):
+            raise web.HTTPNotFound(text="not suppressed (lifted already)\n")
+        raise web.HTTPSeeOther("/suppressions")
 
     async def stylesheet(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(HERE / "console.css", headers={"Cache-Control": "max-age=3600"})
@@ -309,6 +419,62 @@ def error_meaning(name: str) -> str:
         return "not one of cgb-worker's errors: see the job's message"
     doc = (cls.__doc__ or "").strip().split("\n\n")[0]
     return " ".join(doc.replace("``", "").split()).split(". ")[0].rstrip(".")
+
+
+AGES: dict[str, tuple[float | None, float | None]] = {
+    "": (None, None),
+    "1h": (None, 3600.0),
+    "24h": (None, 86400.0),
+    "7d": (None, 7 * 86400.0),
+    "older-24h": (86400.0, None),
+    "older-7d": (7 * 86400.0, None),
+}
+"""The failures page's age filter: (at least, at most) seconds ago."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Filters:
+    error: str | None
+    code: int | None
+    age: str
+
+    @classmethod
+    def of(cls, query: Any) -> _Filters:
+        error = (query.get("error") or "").strip()
+        code = (query.get("code") or "").strip()
+        age = query.get("age") or ""
+        return cls(
+            error=error[:JOB_ID_MAX] if error and error.isprintable() else None,
+            code=int(code) if code.isdigit() and len(code) <= 9 else None,
+            age=age if age in AGES else "",
+        )
+
+    def after(self, now: float) -> float | None:
+        newest = AGES[self.age][1]
+        return None if newest is None else now - newest
+
+    def before(self, now: float) -> float | None:
+        oldest = AGES[self.age][0]
+        return None if oldest is None else now - oldest
+
+    @property
+    def any(self) -> bool:
+        return bool(self.error or self.code is not None or self.age)
+
+
+def _valid_id(job_id: str) -> bool:
+    return 0 < len(job_id) <= JOB_ID_MAX and job_id.isprintable()
+
+
+_WHO = re.compile(r"[0-9a-f]{32}")
+
+
+def _who(request: web.Request) -> str:
+    """A person's keyed hash from the path (what the suppression pages name people by)."""
+    who = request.match_info["who"]
+    if not _WHO.fullmatch(who):
+        raise web.HTTPNotFound(text="no such entry\n")
+    return who
 
 
 def _origin(job_id: str) -> tuple[str | None, str]:
@@ -418,8 +584,14 @@ def create_console(redis: ArqRedis, auth: ConsoleAuth, *, default_region: str | 
             web.get("/find", console.find),
             web.post("/find", console.find_person),
             web.get("/failures", console.failures),
+            web.get("/failures/replay", console.confirm_selection),
+            web.post("/failures/replay", console.replay_selection),
             web.get("/failures/{job_id}/{action:replay|delete}", console.confirm),
             web.post("/failures/{job_id}/{action:replay|delete}", console.act),
+            web.get("/suppressions", console.suppressions),
+            web.post("/suppressions", console.suppression_lookup),
+            web.get("/suppressions/{who}/{action:add|remove}", console.suppression_confirm),
+            web.post("/suppressions/{who}/{action:add|remove}", console.suppression_act),
             web.get("/static/console.css", console.stylesheet),
         ]
     )
