@@ -10,11 +10,12 @@ VENV := .venv/bin
 # takes about half as long on two cores. Each process starts its own Redis. PYTEST_ARGS= runs them in one.
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: help install redis-bin promtool-bin browser-bin test lint typecheck format unit demo bench clean container-bin image container-test
+.PHONY: help install redis-bin promtool-bin browser-bin test lint typecheck format unit demo console-demo bench clean container-bin image container-test
 
 help:
 	@echo "make test    lint, type-check and run the tests (with a throwaway Redis)"
 	@echo "make demo    run the worker against the CGB simulator and print a report"
+	@echo "make console-demo  the demo, then the operations console over its data until Ctrl-C"
 	@echo "make bench   run the benchmarks and write BENCHMARKS.md"
 	@echo "make format  format the code with ruff"
 	@echo "make image   build the container image (docker or podman; a stand-in base where no registry is reachable)"
@@ -74,6 +75,10 @@ format: install
 # The tests start their own Redis on a free port (tests/conftest.py) and stop it when they end.
 demo: install redis-bin
 	$(VENV)/python -m cgb_worker.demo
+
+# The demo, then the operations console over its data on 127.0.0.1 until Ctrl-C.
+console-demo: install redis-bin
+	$(VENV)/python -m cgb_worker.demo --console
 
 # Writes BENCHMARKS.md (five to eleven minutes, as busy as the machine is; it should be otherwise idle).
 bench: install redis-bin

@@ -5,6 +5,10 @@ receiver (``cgb-worker webhooks``, to which the simulator posts signed status we
 representative jobs, waits for them, prints what happened (each job's outcome and tries, what the simulated
 WhatsApp outbox received, how many CGB calls were made, and each message's delivery status), stops
 everything it started, and exits 0 only when every job ended as expected and every sent message was read.
+
+``make console-demo`` (``python -m cgb_worker.demo --console``) then keeps it all running and starts the
+operations console (``cgb-worker console``, this machine only, no token) over the demo's data, printing its
+address; Ctrl-C stops everything.
 """
 
 from __future__ import annotations
@@ -169,6 +173,27 @@ class Stack:
         self.receiver_url = f"http://127.0.0.1:{receiver_port}"
         self.receiver_admin = f"http://127.0.0.1:{admin_port}"
 
+    def start_console(self) -> str:
+        """``cgb-worker console`` on a free loopback port over the demo's Redis; its address once it listens."""
+        port = _free_port()
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("CGB_", "CONSOLE_", "LOG_"))},
+            "REDIS_URL": self.redis_url,
+            "PHONE_HASH_KEY": self.phone_key,
+            "CONSOLE_PORT": str(port),
+        }
+        cli = str(Path(sys.executable).parent / "cgb-worker")
+        log = self.workdir / "console.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen([cli, "console"], env=env, stdout=out, stderr=out)
+        self.procs.append(proc)
+        deadline = time.monotonic() + 30
+        while "console on http://" not in log.read_text(errors="replace"):  # it says so once it listens
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("demo: the console did not start:\n" + log.read_text(errors="replace"))
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{port}/"
+
     def _spawn(self, args: list[str], **kwargs: Any) -> None:
         kwargs.setdefault("stdout", subprocess.DEVNULL)
         kwargs.setdefault("stderr", subprocess.DEVNULL)
@@ -322,11 +347,14 @@ def _report(
 
 
 def main() -> None:
+    console = "--console" in sys.argv[1:]
     workdir = Path(tempfile.mkdtemp(prefix="cgb-demo-"))
     stack = Stack(workdir)
     try:
         stack.start()
         code = asyncio.run(_run(stack))
+        if console:
+            _keep_serving(stack)
     finally:
         stack.stop()
     if code:
@@ -334,6 +362,24 @@ def main() -> None:
         print("\nreceiver log:\n" + stack.receiver_log.read_text(errors="replace")[-2000:], file=sys.stderr)
     shutil.rmtree(workdir, ignore_errors=True)
     raise SystemExit(code)
+
+
+def _keep_serving(stack: Stack) -> None:
+    """The console over the demo's data, until Ctrl-C or SIGTERM (the worker and receiver keep running, so jobs
+    enqueued meanwhile show up too)."""
+    stopped = False
+
+    def stop(_sig: int, _frame: Any) -> None:
+        nonlocal stopped
+        stopped = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    address = stack.start_console()
+    print(f"\nconsole: {address} (the demo's Redis at {stack.redis_url}; Ctrl-C stops everything)", flush=True)
+    while not stopped:
+        signal.pause()
+    print("demo stopped", flush=True)
 
 
 if __name__ == "__main__":

@@ -147,3 +147,45 @@ def test_make_demo_runs_the_whole_product() -> None:
     assert "contacts created: 4 for 4 numbers" in out
     assert "Hello Dana, your B-2 visa is approved." in out
     assert "972500000001" not in out  # phones are masked in the report too
+
+
+def test_make_console_demo_serves_the_demos_data_until_ctrl_c() -> None:
+    import re
+    import signal
+    import subprocess
+    import urllib.request
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CGB_", "REDIS_", "WABA_", "WEBHOOK_", "CONSOLE_"))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cgb_worker.demo", "--console"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        lines = []
+        for line in proc.stdout:  # the report, then the console's address
+            lines.append(line)
+            if line.startswith("console: "):
+                break
+        address = re.search(r"console: (http://127\.0\.0\.1:\d+/)", "".join(lines))
+        assert address, "".join(lines)
+        assert "9 of 9 jobs ended as expected" in "".join(lines)
+        with urllib.request.urlopen(address.group(1), timeout=10) as resp:
+            page = resp.read().decode()
+        with urllib.request.urlopen(address.group(1) + "failures", timeout=10) as resp:
+            failures = resp.read().decode()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:  # a hang is killed, not left running into the next test
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out
+    assert "demo stopped" in out
+    # the demo's messages, accepted and read, as the workers and the receiver counted them
+    funnel = re.search(r"<td>accepted</td><td class=\"num\">(\d+)</td>.*?<td>read</td><td class=\"num\">(\d+)<",
+                       page, re.S)  # fmt: skip
+    assert funnel, page
+    assert funnel.groups() == ("9", "9")  # eight jobs read, one of them a file and its text
+    assert "InvalidPhoneError" in failures  # the demo's invalid phone, dead-lettered
+    assert "972500000001" not in page + failures
