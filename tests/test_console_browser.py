@@ -24,7 +24,9 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from cgb_worker.deadletters import DeadLetters
 
+from .attribution import settle
 from .conftest import Harness, free_port
+from .test_webhooks import SECRET, start_receiver
 
 TOKEN_VALUE = "browser-test-token-0123456789"
 PHONE = "+12025550100"
@@ -107,6 +109,11 @@ def _browse(driver: webdriver.Chrome, base: str, job_id: str, dead_id: str, fore
     links[0].click()
     seen["job_state"] = _find(driver, By.ID, "state").text
     seen["job_payload"] = driver.find_element(By.ID, "payload").text
+    seen["timeline"] = [
+        [td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+        for tr in driver.find_elements(By.CSS_SELECTOR, "#timeline tr")
+        if tr.find_elements(By.TAG_NAME, "td")
+    ]
     seen["page_sources"] = [driver.page_source]
     _shot(driver, "console-job.png", tmp)
     # replay a dead letter through its confirmation
@@ -130,8 +137,15 @@ def _browse(driver: webdriver.Chrome, base: str, job_id: str, dead_id: str, fore
 async def test_the_console_in_a_browser(
     harness: Harness, console: str, browser: webdriver.Chrome, redis_client: Any, tmp_path: Path
 ) -> None:
-    [job] = await harness.enqueue({"to": PHONE, "message": "Your visa is approved"})
-    await harness.run()
+    rec, stop = await start_receiver(harness.redis_url)
+    harness.sim.configure(webhook_url=rec.url, webhook_secret=SECRET, webhook_delay=0.05, webhook_jitter=0.5,
+                          webhook_duplicate_rate=0.5, inbound_on_create=True)  # fmt: skip
+    try:
+        [job] = await harness.enqueue({"to": PHONE, "message": "Your visa is approved"})
+        await harness.run()
+        await settle(harness.sim.state, redis_client, within=30)
+    finally:
+        await stop()
     dead = DeadLetters(redis_client)
     await dead.add(job_id="dead0000browser", function="whatsapp_send",
                    payload={"to": PHONE, "message": "Documents needed"}, error=RuntimeError("CGB was down"),
@@ -166,6 +180,10 @@ async def test_the_console_in_a_browser(
     assert seen["found"] == [job.job_id]
     assert seen["job_state"].startswith(f"{job.job_id}: succeeded (try 1, finished ")
     assert '"to": "+1********00"' in seen["job_payload"]
+    # its delivery timeline: the worker's 'accepted', then WhatsApp's statuses once each, shuffled as they came
+    assert seen["timeline"][0][0] == "accepted"
+    assert sorted(row[0] for row in seen["timeline"][1:]) == ["delivered", "read", "sent"]
+    assert all(row[4].startswith("wamid.SIM") for row in seen["timeline"][1:])
     new_id = seen["replay_url"].rsplit("/", 1)[1]
     assert seen["replay_url"] == f"{console}/jobs/{new_id}"
     assert seen["replay_of"] == console + "/jobs/dead0000browser"
