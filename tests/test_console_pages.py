@@ -156,7 +156,8 @@ async def test_failures_filter_by_error_code_and_age_and_list_what_whatsapp_fail
     assert await shown("?age=older-24h") == (["d-old-400"], ["m3"])
     assert await shown("?code=131047&age=24h") == ([], [])
     # bad filters are ignored, never an error: a code that is no number, an unknown age, a control character
-    for query in ("?code=abc", "?code=-1", "?code=99999999999999", "?age=forever", "?error=%00x", "?age=%0a"):
+    for query in ("?code=abc", "?code=-1", "?code=99999999999999", "?age=forever", "?error=%00x", "?age=%0a",
+                  "?error=%2B12025550100", "?error=Invalid%20Phone", "?error=" + "E" * 200):  # fmt: skip
         dead, _failed = await shown(query)
         assert len(dead) == 4, query
 

@@ -444,7 +444,7 @@ class _Filters:
         code = (query.get("code") or "").strip()
         age = query.get("age") or ""
         return cls(
-            error=error[:JOB_ID_MAX] if error and error.isprintable() else None,
+            error=error if error.isidentifier() and len(error) <= JOB_ID_MAX else None,  # a class name, or none
             code=int(code) if code.isdigit() and len(code) <= 9 else None,
             age=age if age in AGES else "",
         )
