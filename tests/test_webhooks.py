@@ -226,7 +226,7 @@ async def test_a_body_over_three_mebibytes_is_413_and_three_is_taken(receiver: R
     status, _ = await receiver.post(None, raw=padded(3 * 1024 * 1024))
     assert status == 200
     # taken and stored (the processor may have handled it already: an empty entry list leaves nothing behind)
-    assert receiver.metric("cgb_webhook_requests_total", outcome="ok") == 1
+    assert receiver.metric("cgb_webhook_requests_total", outcome="stored") == 1
     await redis_client.delete(INBOX, MALFORMED)
     status, _ = await receiver.post(None, raw=padded(3 * 1024 * 1024 + 1))
     assert status == 413
