@@ -8,7 +8,6 @@ every number is masked (the payload's ``to``, digit runs in free text).
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,9 +27,9 @@ from ..errors import InvalidPhoneError
 from ..heartbeat import live_workers
 from ..jobstate import JobState, describe, locate
 from ..phones import normalize_phone
-from ..privacy import mask_text
 from ..scripts import QueueStatsScript
 from .auth import COOKIE, CSRF, FAILED_SIGN_IN_DELAY, SESSION, ConsoleAuth, safe_next
+from .masking import mask
 
 HERE = Path(__file__).parent
 JOB_ID_MAX = 128
@@ -45,19 +44,14 @@ _templates = Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
-_ARQ_ID = re.compile(r"\b[0-9a-f]{32}\b")
 
 
 def _masked(value: Any) -> str:
-    """Free text fit to show: phone numbers and digit runs masked, arq's own job ids (32 hex digits, which
-    may hold a run of digits) kept whole so that they can be read and followed."""
-    text = str(value)
-    kept = _ARQ_ID.findall(text)
-    parts = _ARQ_ID.split(text)
-    out = [mask_text(parts[0])]
-    for job_id, part in zip(kept, parts[1:], strict=True):
-        out += [job_id, mask_text(part)]
-    return "".join(out)
+    """Text fit to show (the ``masked`` filter): every number masked in any spelling, arq's own job ids kept
+    whole so that they can be read (:mod:`.masking` says what counts). Every value a client or a user chose
+    (job ids, error classes and messages, payloads, the filters typed in) is shown through it; a link's
+    target carries the real id, URL-quoted, so that it can be followed."""
+    return mask(str(value))
 
 
 _templates.filters["masked"] = _masked

@@ -1,0 +1,158 @@
+"""Attacks on the operations console, each over real HTTP and a real Redis: numbers in any spelling and in ids,
+a frozen Redis, an over-long request, redirects off the console, a cookie kept after signing out, odd host
+names."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from cgb_worker.console import app as app_module
+from cgb_worker.console import auth as auth_module
+from cgb_worker.console.app import _masked
+
+from .test_console import TOKEN_VALUE, Console, _serve
+
+DIGITS = "2025550100"
+
+
+@pytest.fixture
+async def guarded(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Console]:
+    monkeypatch.setattr(auth_module, "FAILED_SIGN_IN_DELAY", 0.0)
+    monkeypatch.setattr(app_module, "FAILED_SIGN_IN_DELAY", 0.0)
+    async for console in _serve(redis_url, TOKEN_VALUE):
+        yield console
+
+
+@pytest.fixture
+async def open_console(redis_url: str) -> AsyncIterator[Console]:
+    async for console in _serve(redis_url, None):
+        yield console
+
+
+def _shown(html: str) -> str:
+    """A page without its link targets and form actions: what a person reads on it."""
+    return re.sub(r'\s(?:href|action)="[^"]*"', "", html)
+
+
+def _runs(text: str) -> str:
+    """Every digit of ``text`` in order, the separators between them dropped: a number spelled with any
+    separators shows here whole."""
+    return "".join(c for c in text if c.isdigit())
+
+
+# -- numbers in any spelling (finding 2) -----------------------------------------------------------------------
+
+SPELLINGS = [
+    "+1 202 555 0101ext",
+    "202_555_0101",
+    "+1/202/555/0101",
+    "+1\u00a0202\u00a0555\u00a00101",  # NBSP
+    "+1\u2009202\u2009555\u20090101",  # thin space
+    "+1\u3000202\u3000555\u30000101",  # ideographic space
+    "+1\u202f202\u202f555\u202f0101",  # narrow NBSP
+    "+1\u2013202\u2014555\u20120101",  # en, em and figure dashes
+    "+1\u2212202\u2212555\u22120101",  # minus sign
+    "+1.202.555.0101",
+    "+1 (202) 555-0101",
+    "(202)555-0101x",
+    "x2025550101",
+    "tel:+12025550101;ext",
+    "202\u200b555\u200b0101",  # zero-width space
+    "202\t555\n0101",
+    "2 0 2 5 5 5 0 1 0 1",
+    "202 - 555 - 0101",
+    "202*555*0101",
+    "\u0662\u0660\u0662\u0665\u0665\u0665\u0660\u0661\u0660\u0661",  # Arabic-Indic digits
+    "\uff12\uff10\uff12\uff15\uff15\uff15\uff10\uff11\uff10\uff11",  # fullwidth digits
+    "20255\u00b9\u00b2\u00b3",  # superscripts
+    "+972 50 000 0001x",
+    "+972-50-000-0001",
+    "12345",
+]
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_a_number_in_any_spelling_is_masked_but_its_last_two_digits(spelling: str) -> None:
+    shown = _masked(f"could not send to {spelling} today")
+    digits = _runs(shown)
+    assert len(digits) == 2, shown  # only the last two digits of the number are left
+    assert shown.startswith("could not send to "), shown
+    assert shown.endswith(" today"), shown
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "+1\\u00a0202\\u00a0555\\u00a00101",  # as tojson writes a NBSP
+        "+1\\xa0202\\xa0555\\xa00101",  # as repr() writes one
+        "202\\n555\\n0101",  # a newline inside a JSON string
+        "\\u0662\\u0660\\u0662\\u0665\\u0665\\u0665\\u0660\\u0661\\u0660\\u0661",  # Arabic-Indic, escaped
+        "202\\u003c555\\u003e0101",  # tojson's escaped < and >
+        '202\\"555\\"0101',
+    ],
+)
+def test_a_number_spelled_with_escape_sequences_is_masked(spelling: str) -> None:
+    shown = _masked(spelling)
+    assert "555" not in shown, shown
+    assert "202" not in shown, shown
+    assert "\\u0665" not in shown, shown
+
+
+def test_a_payload_shown_as_json_has_no_number_in_any_spelling() -> None:
+    from jinja2 import Environment
+
+    env = Environment(autoescape=True)
+    env.filters["masked"] = _masked
+    payload = {"to": "+1********00", "message": "call me on +1\u00a0202\u00a0555\u00a00101 or 202\n555\n0101",
+               "alt": ["202", "555", "0101"], "n": 12025550101}  # fmt: skip
+    shown = env.from_string("{{ p|tojson(indent=2)|masked }}").render(p=payload)
+    assert "555" not in shown
+    assert "+1********00" in shown  # a masked number stays as it was
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "1" * 32,  # 32 hex digits, none a letter
+        "12025550100000000000000000000000",
+        "0" * 31 + "1",
+        "2025550100" * 3 + "01",
+    ],
+)
+def test_an_all_digit_32_hex_string_is_no_job_id(value: str) -> None:
+    shown = _masked(f"job {value}: failed")
+    assert len(_runs(shown)) == 2, shown
+
+
+def test_arq_job_ids_are_kept_whole_and_only_they() -> None:
+    for _ in range(200):
+        job_id = uuid.uuid4().hex
+        assert _masked(f"{job_id}: failed, replayed as {job_id}") == f"{job_id}: failed, replayed as {job_id}"
+    real = "13a614dd9f144908837336b6e035373e"  # holds a run of twelve digits
+    for not_an_id in (
+        "x" + real,  # part of a longer word
+        real + "0",
+        real.upper(),
+        real[:12] + "1" + real[13:],  # not a uuid4: version digit 1
+        real[:16] + "c" + real[17:],  # not a uuid4: variant digit c
+    ):
+        assert "144908837336" not in _masked(not_an_id), not_an_id
+    assert _masked(f"ids {real}, {real}.") == f"ids {real}, {real}."
+    # next to a kept id, a number is still masked
+    assert _runs(_masked(f"{real} 202 555 0101")) == _runs(real) + "01"
+
+
+def test_the_consoles_own_timestamps_are_kept_and_nothing_like_them() -> None:
+    line = "deferred until 2025-06-01 12:00:00 UTC (in 3 min), enqueued 12 s ago"
+    assert _masked(line) == line
+    for near in ("2025-06-01 12:00:00", "2025-13-01 12:00:00 UTC", "2025-06-01 25:00:00 UTC", "2025-06-01 12:00"):
+        assert len(_runs(_masked(near))) == 2, near
+
+
+def test_short_numbers_and_text_are_left_alone() -> None:
+    for text in ("HTTP 429, try 3 of 5", "abc123", "code 1234", "v1.2.3", "none"):
+        assert _masked(text) == text
