@@ -13,7 +13,10 @@ import pytest
 from cgb_worker.console import app as app_module
 from cgb_worker.console import auth as auth_module
 from cgb_worker.console.app import _masked
+from cgb_worker.deadletters import DeadLetters
+from cgb_worker.errors import InvalidJobError
 
+from .conftest import Harness
 from .test_console import TOKEN_VALUE, Console, _serve
 
 DIGITS = "2025550100"
@@ -34,8 +37,9 @@ async def open_console(redis_url: str) -> AsyncIterator[Console]:
 
 
 def _shown(html: str) -> str:
-    """A page without its link targets and form actions: what a person reads on it."""
-    return re.sub(r'\s(?:href|action)="[^"]*"', "", html)
+    """A page without its link targets, form actions and the find form's example number: what it shows of the
+    data."""
+    return re.sub(r'\s(?:href|action|placeholder)="[^"]*"', "", html)
 
 
 def _runs(text: str) -> str:
@@ -156,3 +160,54 @@ def test_the_consoles_own_timestamps_are_kept_and_nothing_like_them() -> None:
 def test_short_numbers_and_text_are_left_alone() -> None:
     for text in ("HTTP 429, try 3 of 5", "abc123", "code 1234", "v1.2.3", "none"):
         assert _masked(text) == text
+
+
+# -- ids and error classes are user-controlled (finding 3) -------------------------------------------------------
+
+
+class E12025550100(Exception):
+    pass
+
+
+async def test_a_job_id_holding_a_number_is_masked_on_every_page(harness: Harness, open_console: Console) -> None:
+    [job] = await harness.enqueue({"to": "+12025550100", "message": "hi"}, _job_id="12025550100")
+    assert job is not None
+    await harness.run()  # sent: in the person's index, found by the number
+    dead = DeadLetters(open_console.redis)
+    await dead.add(job_id="+1 202 555 0100", function="whatsapp_send", payload={"to": "+12025550100"},
+                   error=E12025550100("x"), attempts=1, enqueued_at=None)  # fmt: skip
+    await dead.add(job_id="12025550100", function="whatsapp_send", payload={"to": "+12025550100"},
+                   error=InvalidJobError("bad"), attempts=1, enqueued_at=None)  # fmt: skip
+    pages: dict[str, str] = {}
+    async with open_console.session() as http:
+        for path in (
+            "/jobs/12025550100",
+            "/jobs/%2B1%20202%20555%200100",
+            "/failures",
+            "/failures?error=E12025550100",
+            "/failures?error=%2B12025550100",
+            "/failures?error=%2B1%C2%A0202%C2%A0555%C2%A00100",
+            "/failures/12025550100/replay",
+            "/failures/%2B1%20202%20555%200100/delete",
+            "/",
+        ):
+            async with http.get(open_console.url + path) as resp:
+                assert resp.status in (200, 404), path
+                pages[path] = await resp.text()
+        csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', pages["/"])
+        assert csrf is not None
+        async with http.post(open_console.url + "/find", data={"csrf": csrf.group(1), "phone": "+12025550100"}) as resp:
+            pages["find"] = await resp.text()
+    for path, html in pages.items():
+        shown = _shown(html)
+        assert "202 555" not in shown, (path, shown)
+        assert "5550100" not in _runs(shown), (path, shown)
+    job_page = pages["/jobs/12025550100"]
+    assert re.search(r"<title>Job \*{9}00 ", job_page), job_page
+    assert "<h1>Job <code>*********00</code></h1>" in job_page
+    # the links still lead to the job: their targets carry the real id, quoted
+    assert 'href="/jobs/12025550100"' in pages["/failures"]
+    assert '<a href="/jobs/12025550100">*********00</a>' in pages["find"]
+    assert 'href="/failures/%2B1%20202%20555%200100/replay"' in pages["/failures"]
+    assert 'href="/failures?error=E12025550100"' in pages["/"]
+    assert 'action="/failures/12025550100/replay"' in pages["/failures/12025550100/replay"]
