@@ -4,20 +4,31 @@ names."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
+import aiohttp
 import pytest
+import redis
+from aiohttp import web
 
+from cgb_worker import create_pool
 from cgb_worker.console import app as app_module
 from cgb_worker.console import auth as auth_module
-from cgb_worker.console.app import _masked
+from cgb_worker.console.app import _masked, create_console
+from cgb_worker.console.auth import ConsoleAuth
 from cgb_worker.deadletters import DeadLetters
 from cgb_worker.errors import InvalidJobError
 
-from .conftest import Harness
-from .test_console import TOKEN_VALUE, Console, _serve
+from .conftest import Harness, free_port
+from .test_console import TOKEN_VALUE, Console, _csrf, _serve
 
 DIGITS = "2025550100"
 
@@ -211,3 +222,81 @@ async def test_a_job_id_holding_a_number_is_masked_on_every_page(harness: Harnes
     assert 'href="/failures/%2B1%20202%20555%200100/replay"' in pages["/failures"]
     assert 'href="/failures?error=E12025550100"' in pages["/"]
     assert 'action="/failures/12025550100/replay"' in pages["/failures/12025550100/replay"]
+
+
+# -- a frozen Redis (finding 1) ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A redis-server of the test's own, on its own port, that the test may freeze (SIGSTOP)."""
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="cgb-test-frozen-redis-")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline, "the test's own Redis did not start"
+            time.sleep(0.05)
+    client.close()
+    try:
+        yield url, proc
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)  # a stopped process does not act on SIGTERM until it runs again
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def test_a_frozen_redis_is_a_503_within_the_bound_not_a_hung_page(
+    own_redis: tuple[str, subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, proc = own_redis
+    monkeypatch.setattr(app_module, "PAGE_TIMEOUT", 0.5)
+    monkeypatch.setattr(auth_module, "FAILED_SIGN_IN_DELAY", 0.0)
+    monkeypatch.setattr(app_module, "FAILED_SIGN_IN_DELAY", 0.0)
+    pool = await create_pool(url, ride_out_outages=False)  # as `cgb-worker console` connects
+    runner = web.AppRunner(create_console(pool, ConsoleAuth(None)))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    base = f"http://127.0.0.1:{port}"
+    paths = ["/", "/failures", "/failures?error=X", "/jobs/abc", "/failures/abc/replay"]
+    try:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+            async with http.get(base + "/") as resp:
+                assert resp.status == 200
+                csrf = _csrf(await resp.text())
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                for attempt in range(2):  # the second time over connections the first left behind
+                    for path in paths:
+                        started = time.monotonic()
+                        async with http.get(base + path, timeout=aiohttp.ClientTimeout(total=15)) as resp:
+                            assert resp.status == 503, (attempt, path)
+                            assert await resp.text() == "Redis did not answer in 0.5 s\n"
+                            assert resp.headers["Cache-Control"] == "no-store"
+                            assert resp.headers["X-Frame-Options"] == "DENY"
+                        assert time.monotonic() - started < 2.5, (attempt, path)
+                    for action in ("/find", "/failures/abc/delete"):
+                        data = {"csrf": csrf, "phone": "+12025550100"}
+                        async with http.post(base + action, data=data, timeout=aiohttp.ClientTimeout(total=15)) as resp:
+                            assert resp.status == 503, action
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+            for path in paths[:2]:  # Redis back: the pages are again
+                async with http.get(base + path, timeout=aiohttp.ClientTimeout(total=15)) as resp:
+                    assert resp.status == 200, path
+    finally:
+        await runner.cleanup()
+        await pool.aclose()

@@ -37,6 +37,9 @@ PERSON_PAGE = 50
 """A person's jobs listed at most, newest first."""
 FAILURES_PAGE = 200
 """Dead letters listed at most on one page, newest first."""
+PAGE_TIMEOUT = 10.0
+"""Seconds a page or an action may take, Redis included: past it the answer is a 503 (a frozen or unreachable
+Redis, whose commands would wait forever, as the console's pool sets no socket timeout of its own)."""
 
 _templates = Environment(
     loader=FileSystemLoader(HERE / "templates"),
@@ -243,14 +246,19 @@ def _errors(state: JobState) -> list[dict[str, Any]]:
 
 @web.middleware
 async def _headers(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every answer within :data:`PAGE_TIMEOUT` (a 503 past it), with the security headers. ``asyncio.timeout``,
+    not ``wait_for``: Python 3.11's ``wait_for`` can lose a cancellation that arrives as it times out."""
     try:
-        response: web.StreamResponse = await handler(request)
+        async with asyncio.timeout(PAGE_TIMEOUT):
+            response: web.StreamResponse = await handler(request)
     except web.HTTPException as exc:
         response = exc
         _secure(response)
         raise
     except RedisError as exc:
         response = web.Response(status=503, text=f"Redis did not answer: {type(exc).__name__}\n")
+    except TimeoutError:
+        response = web.Response(status=503, text=f"Redis did not answer in {PAGE_TIMEOUT:g} s\n")
     _secure(response)
     return response
 
