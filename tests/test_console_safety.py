@@ -4,6 +4,7 @@ names."""
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import aiohttp
 import pytest
 import redis
 from aiohttp import web
+from yarl import URL
 
 from cgb_worker import create_pool
 from cgb_worker.console import app as app_module
@@ -209,8 +211,8 @@ async def test_a_job_id_holding_a_number_is_masked_on_every_page(harness: Harnes
         assert csrf is not None
         async with http.post(open_console.url + "/find", data={"csrf": csrf.group(1), "phone": "+12025550100"}) as resp:
             pages["find"] = await resp.text()
-    for path, html in pages.items():
-        shown = _shown(html)
+    for path, page in pages.items():
+        shown = _shown(page)
         assert "202 555" not in shown, (path, shown)
         assert "5550100" not in _runs(shown), (path, shown)
     job_page = pages["/jobs/12025550100"]
@@ -300,3 +302,131 @@ async def test_a_frozen_redis_is_a_503_within_the_bound_not_a_hung_page(
     finally:
         await runner.cleanup()
         await pool.aclose()
+
+
+# -- redirects off the console (finding 5) -------------------------------------------------------------------------
+
+OFF_THE_CONSOLE = [
+    # control characters and whitespace, which browsers drop or read as a separator
+    *(f"/{c}/evil.example" for c in "\t\n\r \x00\x01\x0b\x0c\x1b\x1f\x7f"),
+    *(f"{c}//evil.example" for c in "\t\n\r \x00"),
+    "/\t\t/evil.example",
+    "/\u00a0/evil.example",
+    "/\u3000/evil.example",
+    "/\u2028/evil.example",
+    "/\ufeff/evil.example",
+    "/\u200b/evil.example",
+    "/\uff0f/evil.example",  # fullwidth solidus
+    "/\u2215/evil.example",  # division slash
+    # backslashes, which browsers read as slashes
+    "/\\evil.example",
+    "\\/evil.example",
+    "/\\/evil.example",
+    "\\\\evil.example",
+    # scheme-relative and absolute
+    "//evil.example",
+    "///evil.example",
+    "////evil.example/",
+    "https://evil.example/",
+    "http:evil.example",
+    "https:/\\evil.example",
+    "javascript:alert(1)",
+    "data:text/html,x",
+    "evil.example",
+    # percent-encoded: decoded once by a proxy or a server, they become the above
+    "/%2F/evil.example",
+    "/%2f/evil.example",
+    "/%2F%2Fevil.example",
+    "%2F%2Fevil.example",
+    "/%09/evil.example",
+    "/%0a/evil.example",
+    "/%0D/evil.example",
+    "/%00/evil.example",
+    "/%20/evil.example",
+    "/%5C/evil.example",
+    "/%5cevil.example",
+    "/%252F/evil.example",  # twice encoded
+    "/%25252F/evil.example",
+    "/%E3%80%80/evil.example",  # an ideographic space, UTF-8
+    "/%C2%A0/evil.example",
+    "/%EF%BC%8F/evil.example",  # a fullwidth solidus, UTF-8
+    "/%E2%80%8B/evil.example",  # a zero-width space
+    "/%EF%BC%BCevil.example",  # a fullwidth backslash
+    # dot segments, which a browser resolves before sending
+    "/.//evil.example",
+    "/./evil.example",
+    "/../evil.example",
+    "/%2e//evil.example",
+    "/%2E%2E//evil.example",
+    "",
+    "/" + "a" * 5000,
+]
+ON_THE_CONSOLE = ["/", "/failures", "/jobs/abc", "/failures?error=RuntimeError&page=2", "/jobs/a%2Fb", "/login?next=/"]
+
+
+async def _login_page_next(console: Console, http: aiohttp.ClientSession, target: str) -> tuple[str, str]:
+    """GET /login?next=<target>: the form's csrf and the ``next`` it carries back."""
+    async with http.get(console.url + "/login", params={"next": target}) as resp:
+        page = await resp.text()
+    carried = re.search(r'name="next" value="([^"]*)"', page)
+    assert carried is not None
+    return _csrf(page), html.unescape(carried.group(1))
+
+
+@pytest.mark.parametrize("target", OFF_THE_CONSOLE)
+@pytest.mark.parametrize("posted", ["as forged", "as the form carries it"])
+async def test_signing_in_never_leaves_the_console(guarded: Console, target: str, posted: str) -> None:
+    async with guarded.session() as http:
+        csrf, carried = await _login_page_next(guarded, http, target)
+        assert carried == "/"  # GET /login?next=: the form carries the console's root
+        data = {"csrf": csrf, "token": TOKEN_VALUE, "next": target if posted == "as forged" else carried}
+        async with http.post(guarded.url + "/login", data=data, allow_redirects=False) as resp:
+            assert resp.status == 303
+            assert resp.headers["Location"] == "/"
+
+
+@pytest.mark.parametrize("target", OFF_THE_CONSOLE)
+async def test_an_open_console_never_sends_you_off_it_either(open_console: Console, target: str) -> None:
+    async with open_console.session() as http:
+        csrf, carried = await _login_page_next(open_console, http, target)
+        assert carried == "/"
+        async with http.post(
+            open_console.url + "/login", data={"csrf": csrf, "next": target}, allow_redirects=False
+        ) as resp:
+            assert resp.status == 303
+            assert resp.headers["Location"] == "/", repr(target)
+
+
+@pytest.mark.parametrize("target", ON_THE_CONSOLE)
+async def test_signing_in_still_leads_back_to_a_console_page(guarded: Console, target: str) -> None:
+    async with guarded.session() as http:
+        csrf, carried = await _login_page_next(guarded, http, target)
+        assert carried == target
+        data = {"csrf": csrf, "token": TOKEN_VALUE, "next": carried}
+        async with http.post(guarded.url + "/login", data=data, allow_redirects=False) as resp:
+            assert resp.headers["Location"] == target
+
+
+@pytest.mark.parametrize(
+    ("path", "location"),
+    [
+        ("//evil.example", "/login?next=/"),
+        ("//evil.example/x", "/login?next=/"),
+        ("/%2F/evil.example", "/login?next=/"),
+        ("/%09/evil.example", "/login?next=/"),
+        ("/%5C/evil.example", "/login?next=/"),
+        ("/%252F/evil.example", "/login?next=/"),
+        ("/jobs/abc", "/login?next=/jobs/abc"),
+        ("/failures?error=A&page=2", "/login?next=/failures?error%3DA%26page%3D2"),
+    ],
+)
+async def test_the_way_to_sign_in_carries_only_a_console_page(guarded: Console, path: str, location: str) -> None:
+    async with guarded.session() as http:
+        async with http.get(URL(guarded.url + path, encoded=True), allow_redirects=False) as resp:
+            assert resp.status == 303
+            assert resp.headers["Location"] == location
+        if location != "/login?next=/":  # followed, the form carries the page back whole
+            async with http.get(URL(guarded.url + location, encoded=True)) as resp:
+                found = re.search(r'name="next" value="([^"]*)"', await resp.text())
+            assert found is not None
+            assert html.unescape(found.group(1)) == path

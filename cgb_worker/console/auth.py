@@ -19,8 +19,10 @@ import hashlib
 import hmac
 import secrets
 import time
+import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from urllib.parse import quote, unquote
 
 from aiohttp import web
 
@@ -152,17 +154,43 @@ def _host_name(host: str | None) -> str:
     return host.rpartition(":")[0] if host.count(":") == 1 else host
 
 
-def _safe_next(path: str) -> str:
-    """Where to go after signing in: a path of this console only (``//evil.example`` is not one)."""
-    from urllib.parse import quote
+NEXT_MAX = 2048
+"""Characters a ``next`` has at most."""
+_DECODINGS = 4
+"""Times a ``next`` is percent-decoded to check it: a value still changing after that is refused."""
 
-    if not path.startswith("/") or path.startswith("//") or "\\" in path:
-        return "/"
-    return quote(path, safe="/?=&")
+
+def local_path(value: str) -> bool:
+    """Whether ``value`` is a path of this console, and nothing a browser, a proxy or a later decoding could
+    read as another site's address: printable ASCII only (no control character, whitespace or backslash,
+    which browsers drop or read as ``/``), one leading ``/`` (not ``//``: scheme-relative), no ``.`` or
+    ``..`` segment (resolved before sending, ``/.//x`` becomes ``//x``); and each percent-decoding of it,
+    to the fourth, and its NFKC form keep to the same (``/%2F/x``, ``/%09/x``, ``/%5Cx``, ``/%252F/x``,
+    ``/%EF%BC%8F/x``, a fullwidth solidus, are refused)."""
+    if not value or len(value) > NEXT_MAX or not all("!" <= c <= "~" and c != "\\" for c in value):
+        return False
+    for _ in range(_DECODINGS):
+        for form in (value, unicodedata.normalize("NFKC", value)):  # a fullwidth solidus is a slash in NFKC
+            if not form.startswith("/") or form.startswith("//"):
+                return False
+            if any(c.isspace() or c == "\\" or not c.isprintable() for c in form):
+                return False
+            if any(segment in (".", "..") for segment in form.partition("?")[0].split("/")):
+                return False
+        decoded = unquote(value, errors="replace")
+        if decoded == value:
+            return True
+        value = decoded
+    return False
+
+
+def _safe_next(path: str) -> str:
+    """Where to go after signing in, as the sign-in URL's ``next`` parameter: a path of this console only
+    (:func:`local_path`), quoted whole (``?``, ``&`` and ``=`` included) so that it comes back as it was."""
+    return quote(path, safe="/") if local_path(path) else "/"
 
 
 def safe_next(value: str | None) -> str:
-    """The ``next`` a sign-in form carries, checked again when it comes back."""
-    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
-        return "/"
-    return value
+    """The ``next`` a sign-in form carries, checked again when it comes back: a path of this console
+    (:func:`local_path`), else ``/``."""
+    return value if value is not None and local_path(value) else "/"
