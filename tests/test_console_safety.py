@@ -4,16 +4,19 @@ names."""
 
 from __future__ import annotations
 
+import asyncio
 import html
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -29,7 +32,7 @@ from cgb_worker.console.auth import ConsoleAuth
 from cgb_worker.deadletters import DeadLetters
 from cgb_worker.errors import InvalidJobError
 
-from .conftest import Harness, free_port
+from .conftest import PHONE_KEY, Harness, communicate, free_port
 from .test_console import TOKEN_VALUE, Console, _csrf, _serve
 
 DIGITS = "2025550100"
@@ -430,3 +433,107 @@ async def test_the_way_to_sign_in_carries_only_a_console_page(guarded: Console, 
                 found = re.search(r'name="next" value="([^"]*)"', await resp.text())
             assert found is not None
             assert html.unescape(found.group(1)) == path
+
+
+# -- host names (finding 7) ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("127.0.0.1", 200),
+        ("127.0.0.1:8070", 200),
+        ("localhost", 200),
+        ("LOCALHOST", 200),
+        ("LocalHost:8070", 200),
+        ("localhost.", 200),
+        ("localhost.:8070", 200),
+        ("127.0.0.1.", 200),
+        ("[::1]", 200),
+        ("[::1]:8070", 200),
+        ("[0:0:0:0:0:0:0:1]:8070", 200),
+        ("[localhost]evil", 421),
+        ("[localhost]", 421),
+        ("[localhost]:8070", 421),
+        ("[::1]evil.example", 421),
+        ("[::1]:8070evil", 421),
+        ("[::1]:", 421),
+        ("[::1", 421),
+        ("::1", 421),  # an IPv6 address in Host goes in brackets
+        ("localhost..", 421),
+        ("localhost:", 421),
+        ("localhost:80:80", 421),
+        ("localhost:http", 421),
+        ("localhost:123456", 421),
+        ("localhost evil.example", 421),
+        ("evil.example@localhost", 421),
+        ("localhost.evil.example", 421),
+        ("localhost\\", 421),
+        ("127.0.0.2", 421),
+        ("[::2]", 421),
+        ("[::ffff:127.0.0.1]", 421),
+        ("", 421),
+    ],
+)
+async def test_without_a_token_the_host_header_must_name_loopback_and_be_well_formed(
+    open_console: Console, host: str, status: int
+) -> None:
+    async with aiohttp.ClientSession() as http, http.get(open_console.url + "/", headers={"Host": host}) as resp:
+        assert resp.status == status, host
+
+
+@pytest.mark.parametrize(
+    ("given", "bound"),
+    [("[::1]", "::1"), ("::1", "::1"), ("LOCALHOST", "LOCALHOST"), ("localhost.", "localhost."), (" [::1] ", "::1")],
+)
+@pytest.mark.parametrize("where", ["--host", "CONSOLE_HOST"])
+def test_a_loopback_host_in_any_spelling_is_accepted_and_bindable(given: str, bound: str, where: str) -> None:
+    from cgb_worker.settings import load_console_settings
+
+    env = {"PHONE_HASH_KEY": PHONE_KEY, "REDIS_URL": "redis://127.0.0.1:1/0"}
+    host, environ = (given, env) if where == "--host" else (None, {**env, "CONSOLE_HOST": given})
+    assert load_console_settings(environ, host=host).host == bound
+
+
+@pytest.mark.parametrize(
+    ("given", "line"),
+    [
+        ("[localhost]", "{}: '[localhost]' is not a host name or an address"),
+        ("[::1", "{}: '[::1' is not a host name or an address"),
+        ("]::1[", "{}: ']::1[' is not a host name or an address"),
+        ("[[::1]]", "{}: '[[::1]]' is not a host name or an address"),
+        ("[::1]:8070", "{}: '[::1]:8070' is not a host name or an address"),
+        ("localhost..", "{}: localhost.. is reachable from other machines"),
+        ("[::2]", "{}: ::2 is reachable from other machines"),
+    ],
+)
+@pytest.mark.parametrize("where", ["--host", "CONSOLE_HOST"])
+def test_a_malformed_or_public_host_is_one_clear_line(given: str, line: str, where: str) -> None:
+    from cgb_worker.errors import ConfigError
+    from cgb_worker.settings import load_console_settings
+
+    env = {"PHONE_HASH_KEY": PHONE_KEY, "REDIS_URL": "redis://127.0.0.1:1/0"}
+    host, environ = (given, env) if where == "--host" else (None, {**env, "CONSOLE_HOST": given})
+    with pytest.raises(ConfigError) as caught:
+        load_console_settings(environ, host=host)
+    assert len(caught.value.problems) == 1, caught.value.problems
+    assert caught.value.problems[0].startswith(line.format(where)), caught.value.problems
+
+
+async def test_the_console_serves_on_a_bracketed_ipv6_loopback(harness: Harness, worker_env: dict[str, str]) -> None:
+    port = free_port()
+    env = {**worker_env, "CONSOLE_PORT": str(port), "LOG_LEVEL": "INFO"}
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "cgb-worker"), "console", "--host", "[::1]",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        assert f"console on http://[::1]:{port}/ (no token: this machine only)" in line, line
+        async with aiohttp.ClientSession() as http, http.get(f"http://[::1]:{port}/") as resp:
+            assert resp.status == 200
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        await communicate(proc, 10)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+import re
 import secrets
 import time
 import unicodedata
@@ -26,7 +28,7 @@ from urllib.parse import quote, unquote
 
 from aiohttp import web
 
-from ..settings import LOOPBACK_NAMES, Secret
+from ..settings import Secret, is_loopback
 
 COOKIE = "cgb_console"
 SESSION_TTL = 12 * 3600.0
@@ -116,7 +118,7 @@ class ConsoleAuth:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self.token is None and _host_name(request.host) not in LOOPBACK_NAMES:
+        if self.token is None and not is_loopback(_host_name(request.host)):
             # DNS rebinding: an open console answers only to its own loopback names
             raise web.HTTPMisdirectedRequest(text="this console answers to 127.0.0.1 and localhost only\n")
         by_bearer = self.bearer(request)
@@ -145,13 +147,22 @@ class ConsoleAuth:
         return response
 
 
+_HOST = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9.-]+))(?::[0-9]{1,5})?")
+
+
 def _host_name(host: str | None) -> str:
-    """``Host`` without its port (``[::1]:8070`` is ``::1``)."""
-    if not host:
+    """``Host`` without its port (``[::1]:8070`` is ``::1``), or ``""`` when it is not a well-formed host
+    (``[localhost]evil``, a bare ``::1``, ``localhost:http``): a name or an IPv4 address, or an IPv6 address
+    in brackets, then an optional port of digits, nothing else."""
+    found = _HOST.fullmatch(host or "")
+    if found is None:
         return ""
-    if host.startswith("["):
-        return host[1:].partition("]")[0]
-    return host.rpartition(":")[0] if host.count(":") == 1 else host
+    if found["ipv6"] is None:
+        return found["name"]
+    try:
+        return str(ipaddress.IPv6Address(found["ipv6"]))
+    except ValueError:
+        return ""
 
 
 NEXT_MAX = 2048
