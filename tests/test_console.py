@@ -39,7 +39,7 @@ class Console:
 
 async def _serve(redis_url: str, token: str | None) -> AsyncIterator[Console]:
     redis = await create_pool(redis_url)
-    runner = web.AppRunner(create_console(redis, ConsoleAuth(Secret(token) if token else None)))
+    runner = web.AppRunner(create_console(redis, ConsoleAuth(Secret(token) if token else None, redis)))
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -28,12 +29,13 @@ from cgb_worker import create_pool
 from cgb_worker.console import app as app_module
 from cgb_worker.console import auth as auth_module
 from cgb_worker.console.app import _masked, create_console
-from cgb_worker.console.auth import ConsoleAuth
+from cgb_worker.console.auth import COOKIE, SESSION_TTL, ConsoleAuth
 from cgb_worker.deadletters import DeadLetters
 from cgb_worker.errors import InvalidJobError
+from cgb_worker.settings import Secret
 
 from .conftest import PHONE_KEY, Harness, communicate, free_port
-from .test_console import TOKEN_VALUE, Console, _csrf, _serve
+from .test_console import TOKEN_VALUE, Console, _csrf, _serve, _sign_in
 
 DIGITS = "2025550100"
 
@@ -263,15 +265,16 @@ def own_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@pytest.mark.parametrize("token", [None, TOKEN_VALUE], ids=["open", "signed in"])
 async def test_a_frozen_redis_is_a_503_within_the_bound_not_a_hung_page(
-    own_redis: tuple[str, subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch
+    own_redis: tuple[str, subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch, token: str | None
 ) -> None:
     url, proc = own_redis
     monkeypatch.setattr(app_module, "PAGE_TIMEOUT", 0.5)
     monkeypatch.setattr(auth_module, "FAILED_SIGN_IN_DELAY", 0.0)
     monkeypatch.setattr(app_module, "FAILED_SIGN_IN_DELAY", 0.0)
     pool = await create_pool(url, ride_out_outages=False)  # as `cgb-worker console` connects
-    runner = web.AppRunner(create_console(pool, ConsoleAuth(None)))
+    runner = web.AppRunner(create_console(pool, ConsoleAuth(Secret(token) if token else None, pool)))
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -279,6 +282,8 @@ async def test_a_frozen_redis_is_a_503_within_the_bound_not_a_hung_page(
     paths = ["/", "/failures", "/failures?error=X", "/jobs/abc", "/failures/abc/replay"]
     try:
         async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+            if token is not None:  # a signed-in cookie is checked in Redis (not signed out) before the page
+                await _sign_in(Console(base, pool), http)
             async with http.get(base + "/") as resp:
                 assert resp.status == 200
                 csrf = _csrf(await resp.text())
@@ -537,3 +542,54 @@ async def test_the_console_serves_on_a_bracketed_ipv6_loopback(harness: Harness,
         if proc.returncode is None:
             proc.terminate()
         await communicate(proc, 10)
+
+
+# -- signing out (finding 6) ---------------------------------------------------------------------------------------
+
+
+async def _sign_out(console: Console, http: aiohttp.ClientSession) -> None:
+    async with http.get(console.url + "/") as resp:
+        csrf = _csrf(await resp.text())
+    async with http.post(console.url + "/logout", data={"csrf": csrf}, allow_redirects=False) as resp:
+        assert resp.status == 303
+        assert resp.headers["Location"] == "/login"
+
+
+async def _with_cookie(url: str, cookie: str) -> int:
+    async with (
+        aiohttp.ClientSession() as bare,
+        bare.get(url + "/", headers={"Cookie": f"{COOKIE}={cookie}"}, allow_redirects=False) as resp,
+    ):
+        return resp.status
+
+
+async def test_a_cookie_copied_before_signing_out_is_refused_after_it(
+    guarded: Console, redis_url: str, redis_client: Any
+) -> None:
+    async with guarded.session() as http, guarded.session() as colleague:
+        await _sign_in(guarded, http)
+        await _sign_in(guarded, colleague)
+        copied = http.cookie_jar.filter_cookies(URL(guarded.url))[COOKIE].value
+        assert await _with_cookie(guarded.url, copied) == 200
+        await _sign_out(guarded, http)
+        assert await _with_cookie(guarded.url, copied) == 303  # to sign in
+        async with colleague.get(guarded.url + "/", allow_redirects=False) as resp:
+            assert resp.status == 200  # another browser's session is not ended
+        # the same token in a new console process (a restart, or a second console): still refused
+        async for restarted in _serve(redis_url, TOKEN_VALUE):
+            assert await _with_cookie(restarted.url, copied) == 303
+        # and an action with the copied cookie and its CSRF token is refused too
+        session = ConsoleAuth(Secret(TOKEN_VALUE), guarded.redis).open(copied)
+        assert session is not None
+        csrf = ConsoleAuth(Secret(TOKEN_VALUE), guarded.redis).csrf(session)
+        async with (
+            aiohttp.ClientSession() as bare,
+            bare.post(guarded.url + "/failures/x/delete", data={"csrf": csrf},
+                      headers={"Cookie": f"{COOKIE}={copied}"}, allow_redirects=False) as resp,
+        ):  # fmt: skip
+            assert resp.status in (401, 403)
+    # what Redis keeps: one small key per signed-out session, named by a keyed digest, gone when it would be
+    found = [key async for key in redis_client.scan_iter(match="cgb:console:*")]
+    assert len(found) == 1, found
+    assert session.nonce.encode() not in found[0]
+    assert 0 < await redis_client.ttl(found[0]) <= SESSION_TTL

@@ -9,8 +9,11 @@
 - Every action is a POST carrying the CSRF token of the browser's session (a form field, or ``X-CSRF-Token``).
   A bearer request needs none: a browser never adds that header by itself, so a foreign page cannot forge one.
 
-Every secret is derived from the token (the cookie's signing key), or made at start when there is none, so
-the console needs nothing else; sessions end when the token changes.
+Every secret is derived from the token (the cookie's signing key), or made at start when there is none;
+sessions end when the token changes. Signing out ends the session for good, not only in that browser: the
+cookie is stateless, so a copy of it would otherwise open the console until it expires, and the session is
+recorded in Redis as signed out (:func:`cgb_worker.keys.console_signed_out`, one small key that lives as long
+as the cookie would have), which every console process checks on each request a signed-in cookie makes.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import math
 import re
 import secrets
 import time
@@ -27,12 +31,16 @@ from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
 from aiohttp import web
+from redis.asyncio import Redis
 
+from .. import keys
 from ..settings import Secret, is_loopback
 
 COOKIE = "cgb_console"
 SESSION_TTL = 12 * 3600.0
 """Seconds a signed-in browser stays signed in."""
+LOGOUT_PATH = "/logout"
+"""Where a browser signs out (a POST with its CSRF token): its session is recorded as signed out first."""
 PUBLIC_PATHS = frozenset({"/login", "/static/console.css"})
 """Served to anyone who may reach the console: the sign-in form and its style."""
 FAILED_SIGN_IN_DELAY = 1.0
@@ -57,8 +65,9 @@ CSRF = web.RequestKey("csrf", str)
 class ConsoleAuth:
     """Sessions, CSRF tokens and the token check; :meth:`middleware` applies them to every request."""
 
-    def __init__(self, token: Secret | None) -> None:
+    def __init__(self, token: Secret | None, redis: Redis) -> None:
         self.token = token
+        self.redis = redis
         seed = token.get_secret_value().encode() if token is not None else secrets.token_bytes(32)
         self._key = hmac.new(seed, b"cgb-worker console session v1", hashlib.sha256).digest()
 
@@ -90,6 +99,18 @@ class ConsoleAuth:
         if (time.time() if now is None else now) - int(issued) > SESSION_TTL:
             return None
         return Session(nonce=nonce, issued=int(issued), signed_in=signed_in == "1")
+
+    def _signed_out_key(self, session: Session) -> str:
+        return keys.console_signed_out(self._mac("signed out\0" + session.nonce)[:32])
+
+    async def sign_out(self, session: Session) -> None:
+        """Refuse ``session`` from now on, in every console process, for as long as its cookie would last."""
+        left = math.ceil(session.issued + SESSION_TTL - time.time())
+        if left > 0:
+            await self.redis.set(self._signed_out_key(session), b"1", ex=min(left, int(SESSION_TTL)))
+
+    async def signed_out(self, session: Session) -> bool:
+        return bool(await self.redis.exists(self._signed_out_key(session)))
 
     def csrf(self, session: Session) -> str:
         return self._mac("csrf\0" + session.nonce)[:40]
@@ -123,6 +144,8 @@ class ConsoleAuth:
             raise web.HTTPMisdirectedRequest(text="this console answers to 127.0.0.1 and localhost only\n")
         by_bearer = self.bearer(request)
         session = self.open(request.cookies.get(COOKIE))
+        if session is not None and session.signed_in and self.token is not None and await self.signed_out(session):
+            session = None  # signed out: a copy of its cookie is no session
         fresh = session is None
         if session is None:
             session = self.new_session(signed_in=self.token is None)
@@ -141,6 +164,8 @@ class ConsoleAuth:
                 given = value if isinstance(value, str) else ""
             if fresh or not hmac.compare_digest(given, request[CSRF]):
                 raise web.HTTPForbidden(text="this form has expired or did not come from the console: reload it\n")
+            if request.path == LOGOUT_PATH and self.token is not None:
+                await self.sign_out(session)
         response = await handler(request)
         if fresh and COOKIE not in response.cookies:
             self.set_cookie(request, response, session)

@@ -37,7 +37,7 @@ async def _serve(settings: ConsoleSettings, port_name: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    app = create_console(redis, ConsoleAuth(settings.token), default_region=settings.default_region)
+    app = create_console(redis, ConsoleAuth(settings.token, redis), default_region=settings.default_region)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
