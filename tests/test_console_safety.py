@@ -593,3 +593,79 @@ async def test_a_cookie_copied_before_signing_out_is_refused_after_it(
     assert len(found) == 1, found
     assert session.nonce.encode() not in found[0]
     assert 0 < await redis_client.ttl(found[0]) <= SESSION_TTL
+
+
+# -- an over-long request (finding 4) ------------------------------------------------------------------------------
+
+
+async def _raw(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(("level", "log_json"), [("INFO", "false"), ("INFO", "true"), ("DEBUG", "false")])
+async def test_a_malformed_request_logs_one_line_without_its_bytes(
+    harness: Harness, worker_env: dict[str, str], level: str, log_json: str
+) -> None:
+    port = free_port()
+    env = {**worker_env, "CONSOLE_PORT": str(port), "LOG_LEVEL": level, "LOG_JSON": log_json}
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "cgb-worker"), "console",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    number, spaced = "+1(202)555-0100", "+1 (202) 555-0100"
+    bad = [
+        b"GET /?to=" + number.encode() + b"x" * 9000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",  # request line
+        b"GET /?to=" + spaced.encode() + b"x" * 9000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-To: " + spaced.encode() + b"y" * 9000 + b"\r\n\r\n",  # a header
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-To" + number.encode() + b"\r\n\r\n",  # no colon
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: " + number.encode() + b"\r\n\r\n",
+        b"GET /" + number.encode() + b"\x00 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        number.encode() + b" / HTTP/1.1\r\n\r\n",  # as the first request on its connection (a method)
+        b"GET / HTTP/1.1\r\n\r\n" + number.encode() + b" / HTTP/1.1\r\n\r\n",  # a method, not the first request
+    ]
+    try:
+        assert proc.stdout is not None
+        line = ""
+        while "console on" not in line:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+            assert line, "the console stopped"
+        for request in bad:
+            answer = await _raw(port, request)
+            assert re.match(rb"HTTP/1\.[01] (400|200) ", answer), answer[:200]
+            assert b"Traceback" not in answer
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        out, _ = await communicate(proc, 10)
+    text = out.decode()
+    lines = [line for line in text.splitlines() if line.strip()]
+    for shown in ("(202)", "555-0100", "5550100", "xxxxxxxxxx", "yyyyyyyyyy", "X-To", "\\x00"):
+        assert shown not in text, (shown, text[-3000:])
+    assert "Traceback" not in text
+    if level == "INFO":
+        about = [line for line in lines if "malformed" in line or "Error handling request" in line]
+        assert len(about) == len(bad) - 1, lines  # one line each, but a first request's bad method (DEBUG)
+        assert len(lines) == len(about) + 1, lines  # those and "console stopped" after the start line
+
+
+def test_any_other_server_error_keeps_its_traceback_masked() -> None:
+    import logging
+
+    from cgb_worker.console.serve import _QuietServerLog
+
+    try:
+        raise ValueError("no job for +1 (202) 555-0100")
+    except ValueError as exc:
+        record = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "Error handling request from %s",
+                                   ("127.0.0.1",), (type(exc), exc, exc.__traceback__))  # fmt: skip
+    assert _QuietServerLog().filter(record)
+    text = record.getMessage()
+    assert text.startswith("Error handling request from 127.0.0.1\nTraceback (most recent call last):")
+    assert "ValueError: no job for +* (***) ***-**00" in text
+    assert record.exc_info is None
