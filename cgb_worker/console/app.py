@@ -37,9 +37,6 @@ PERSON_PAGE = 50
 """A person's jobs listed at most, newest first."""
 FAILURES_PAGE = 200
 """Dead letters listed at most on one page, newest first."""
-PAGE_TIMEOUT = 10.0
-"""Seconds a page or an action may take, Redis included: past it the answer is a 503 (a frozen or unreachable
-Redis, whose commands would wait forever, as the console's pool sets no socket timeout of its own)."""
 
 _templates = Environment(
     loader=FileSystemLoader(HERE / "templates"),
@@ -242,6 +239,11 @@ def _errors(state: JobState) -> list[dict[str, Any]]:
     if state.last_retry is not None:
         errors.append({"kind": "last retry", "type": state.last_retry.error_type, "text": ""})
     return errors
+
+
+PAGE_TIMEOUT = 10.0
+"""Seconds a page or an action may take, Redis included: past it the answer is a 503 (a frozen or unreachable
+Redis, whose commands would wait forever, as the console's pool sets no socket timeout of its own)."""
 
 
 @web.middleware
