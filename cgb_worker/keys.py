@@ -209,3 +209,13 @@ def wamid_sent_at(value: str) -> str:
 def consumer(name: str) -> str:
     """A receiver's heartbeat: while it lives, no other receiver takes the inbox entries it has in hand."""
     return f"cgb:webhooks:consumer:{name}"
+
+
+# -- the operations console ----------------------------------------------------------------------------------
+
+
+def console_signed_out(session_ref: str) -> str:
+    """A console session signed out before it expired, named by a keyed digest of its nonce (never the
+    nonce): the session's cookie is refused by every console process while the key lives, as long as the
+    cookie would have (at most ``SESSION_TTL``, 12 hours)."""
+    return f"cgb:console:signed-out:{session_ref}"

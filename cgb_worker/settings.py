@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import errno
+import ipaddress
 import math
 import os
 import re
@@ -829,9 +830,40 @@ class ConsoleSettings:
     """``CGB_DEFAULT_REGION``: how a number typed without its country code is read, as the workers read it."""
 
 
+def is_loopback(name: str) -> bool:
+    """Whether ``name`` (a host name or an address, without brackets or port) is one of this machine's
+    loopback names: ``localhost`` in any case, ``127.0.0.1``, ``::1`` in any spelling, each with one trailing
+    dot allowed (``localhost.``)."""
+    name = name.lower()
+    name = name[:-1] if name.endswith(".") else name
+    if name in LOOPBACK_NAMES:
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return address in (ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1"))
+
+
+def console_host(host: str) -> tuple[str, str | None]:
+    """The address to listen on for ``CONSOLE_HOST`` (or ``--host``), and what is wrong with it: an IPv6
+    address may be given in brackets (``[::1]``, listened on as ``::1``); any other bracket is a mistake."""
+    if "[" not in host and "]" not in host:
+        return host, None
+    inner = host[1:-1] if host.startswith("[") and host.endswith("]") else ""
+    try:
+        ipaddress.IPv6Address(inner)
+    except ValueError:
+        return host, (
+            f"CONSOLE_HOST: {host!r} is not a host name or an address (an IPv6 address is written ::1 or [::1], "
+            "without a port: that is CONSOLE_PORT)."
+        )
+    return inner, None
+
+
 def console_bind_problem(host: str, token: Secret | None) -> str | None:
     """Why the console may not listen on ``host``: without a token, only this machine may reach it."""
-    if token is None and host.strip("[]") not in LOOPBACK_NAMES:
+    if token is None and not is_loopback(host):
         return (
             f"CONSOLE_HOST: {host} is reachable from other machines; set CONSOLE_TOKEN to serve the console there "
             "(without it the console listens on 127.0.0.1 only)."
@@ -864,9 +896,11 @@ def load_console_settings(
             )
         else:
             secret = Secret(token.strip())
-    chosen_host = (host if host is not None else str(env_host or "127.0.0.1")).strip()
-    if token is None and (problem := console_bind_problem(chosen_host, None)):
-        problems.append(problem if host is None else problem.replace("CONSOLE_HOST:", "--host:"))
+    chosen_host, host_problem = console_host((host if host is not None else str(env_host or "127.0.0.1")).strip())
+    if host_problem is None and token is None:
+        host_problem = console_bind_problem(chosen_host, None)
+    if host_problem is not None:
+        problems.append(host_problem if host is None else host_problem.replace("CONSOLE_HOST:", "--host:", 1))
     if problem := phone_key_problem(source.get("PHONE_HASH_KEY")):
         problems.append(problem)
     redis, redis_problems = read_redis_config(source)

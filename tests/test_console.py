@@ -39,7 +39,7 @@ class Console:
 
 async def _serve(redis_url: str, token: str | None) -> AsyncIterator[Console]:
     redis = await create_pool(redis_url)
-    runner = web.AppRunner(create_console(redis, ConsoleAuth(Secret(token) if token else None)))
+    runner = web.AppRunner(create_console(redis, ConsoleAuth(Secret(token) if token else None, redis)))
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -356,7 +356,7 @@ def test_masking_keeps_arq_job_ids_whole_and_hides_numbers() -> None:
     assert shown.startswith(job_id + ": failed: ")
     assert "555" not in shown
     assert DIGITS not in shown
-    assert _masked("call 2025550100 now") == "call +20******00 now"  # as the logs mask it
+    assert _masked("call 2025550100 now") == "call ********00 now"  # the last two digits, as the logs keep them
 
 
 async def test_find_a_persons_jobs_by_number_without_the_number_anywhere(

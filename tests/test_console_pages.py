@@ -280,3 +280,30 @@ async def test_a_jobs_fallback_and_resends_are_linked_both_ways(console: Console
                                                                     "/jobs/j1%3Aresend%3Atext~1")]  # fmt: skip
     assert re.findall(r'<li>([^<]*): <a href="([^"]+)">', child) == [("automatic resend of", "/jobs/j1")]
     assert 'id="related"' not in lone
+
+
+async def test_a_real_shaped_wamid_is_shown_by_its_tail_not_the_number_it_encodes(console: Console) -> None:
+    import base64
+    import json
+
+    from cgb_worker import keys
+
+    # the shape WhatsApp's ids have: protobuf-like bytes, the recipient's number first, base64
+    raw = b"\x18\x0b12025550100\x15\x02\x00\x11\x18\x129A3CA5B3D4CD6E67E7\x00"
+    wamid = "wamid." + base64.b64encode(raw).decode()
+    record = {"status": "delivered", "at": int(time.time() * 1000), "wamid": wamid, "match": "wamid"}
+    event = {"status": "delivered", "at": "2026-12-04T05:00:00Z", "received": "x", "wamid": wamid}
+    await console.redis.hset(keys.sends("j1"), mapping={"d:text": json.dumps(record), "text": "sent",
+                                                        "e:text": json.dumps(event) + "\n"})  # fmt: skip
+    await console.redis.enqueue_job("whatsapp_send", {"to": OK, "message": "x"}, _job_id="j1")
+    async with aiohttp.ClientSession() as http, http.get(console.url + "/jobs/j1") as resp:
+        page = await resp.text()
+    assert [r[4] for r in _rows(page, "timeline") if r[0] == "delivered"] == ["wamid.…" + wamid[-16:]]
+    assert [r[3] for r in _rows(page, "steps")] == ["wamid.…" + wamid[-16:]]
+    assert wamid[6:30] not in page  # the head, which encodes the number
+    for word in re.findall(r"[A-Za-z0-9+/=]{8,}", page):
+        try:
+            decoded = base64.b64decode(word + "=" * (-len(word) % 4))
+        except ValueError:
+            continue
+        assert b"2025550100" not in decoded

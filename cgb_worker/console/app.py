@@ -30,12 +30,12 @@ from ..errors import InvalidPhoneError
 from ..heartbeat import live_workers
 from ..jobstate import JobState, LastRetry, describe, locate, tries
 from ..phones import mask_phone, normalize_phone
-from ..privacy import mask_text
 from ..scripts import QueueStatsScript
 from ..suppression import REASONS, SCOPES, list_suppressed, lookup_who, suppress_who, unsuppress_who
 from ..whatsapp_errors import next_step, rule_for
 from .auth import COOKIE, CSRF, FAILED_SIGN_IN_DELAY, SESSION, ConsoleAuth, safe_next
 from .charts import Layer, stacked_bars
+from .masking import mask, short_wamid
 
 HERE = Path(__file__).parent
 JOB_ID_MAX = 128
@@ -56,22 +56,18 @@ _templates = Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
-_ARQ_ID = re.compile(r"\b[0-9a-f]{32}\b")
 
 
 def _masked(value: Any) -> str:
-    """Free text fit to show: phone numbers and digit runs masked, arq's own job ids (32 hex digits, which
-    may hold a run of digits) kept whole so that they can be read and followed."""
-    text = str(value)
-    kept = _ARQ_ID.findall(text)
-    parts = _ARQ_ID.split(text)
-    out = [mask_text(parts[0])]
-    for job_id, part in zip(kept, parts[1:], strict=True):
-        out += [job_id, mask_text(part)]
-    return "".join(out)
+    """Text fit to show (the ``masked`` filter): every number masked in any spelling, arq's own job ids kept
+    whole so that they can be read (:mod:`.masking` says what counts). Every value a client or a user chose
+    (job ids, error classes and messages, payloads, the filters typed in) is shown through it; a link's
+    target carries the real id, URL-quoted, so that it can be followed."""
+    return mask(str(value))
 
 
 _templates.filters["masked"] = _masked
+_templates.filters["wamid"] = short_wamid
 _templates.filters["at"] = lambda ts: (
     "" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(ts)))
 )
@@ -544,16 +540,26 @@ def _errors(state: JobState) -> list[dict[str, Any]]:
     return errors
 
 
+PAGE_TIMEOUT = 10.0
+"""Seconds a page or an action may take, Redis included: past it the answer is a 503 (a frozen or unreachable
+Redis, whose commands would wait forever, as the console's pool sets no socket timeout of its own)."""
+
+
 @web.middleware
 async def _headers(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every answer within :data:`PAGE_TIMEOUT` (a 503 past it), with the security headers. ``asyncio.timeout``,
+    not ``wait_for``: Python 3.11's ``wait_for`` can lose a cancellation that arrives as it times out."""
     try:
-        response: web.StreamResponse = await handler(request)
+        async with asyncio.timeout(PAGE_TIMEOUT):
+            response: web.StreamResponse = await handler(request)
     except web.HTTPException as exc:
         response = exc
         _secure(response)
         raise
     except RedisError as exc:
         response = web.Response(status=503, text=f"Redis did not answer: {type(exc).__name__}\n")
+    except TimeoutError:
+        response = web.Response(status=503, text=f"Redis did not answer in {PAGE_TIMEOUT:g} s\n")
     _secure(response)
     return response
 

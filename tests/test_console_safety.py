@@ -1,0 +1,672 @@
+"""Attacks on the operations console, each over real HTTP and a real Redis: numbers in any spelling and in ids,
+a frozen Redis, an over-long request, redirects off the console, a cookie kept after signing out, odd host
+names."""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis
+from aiohttp import web
+from yarl import URL
+
+from cgb_worker import create_pool
+from cgb_worker.console import app as app_module
+from cgb_worker.console import auth as auth_module
+from cgb_worker.console.app import _masked, create_console
+from cgb_worker.console.auth import COOKIE, SESSION_TTL, ConsoleAuth
+from cgb_worker.deadletters import DeadLetters
+from cgb_worker.errors import InvalidJobError
+from cgb_worker.settings import Secret
+
+from .conftest import PHONE_KEY, Harness, communicate, free_port
+from .test_console import TOKEN_VALUE, Console, _csrf, _serve, _sign_in
+
+DIGITS = "2025550100"
+
+
+@pytest.fixture
+async def guarded(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Console]:
+    monkeypatch.setattr(auth_module, "FAILED_SIGN_IN_DELAY", 0.0)
+    monkeypatch.setattr(app_module, "FAILED_SIGN_IN_DELAY", 0.0)
+    async for console in _serve(redis_url, TOKEN_VALUE):
+        yield console
+
+
+@pytest.fixture
+async def open_console(redis_url: str) -> AsyncIterator[Console]:
+    async for console in _serve(redis_url, None):
+        yield console
+
+
+def _shown(html: str) -> str:
+    """A page without its link targets, form actions, the job ids its selection forms post back and the find
+    form's example number: what it shows of the data."""
+    html = re.sub(r'(<input type="(?:checkbox|hidden)" name="job") value="[^"]*"', r"\1", html)
+    return re.sub(r'\s(?:href|action|placeholder)="[^"]*"', "", html)
+
+
+def _runs(text: str) -> str:
+    """Every digit of ``text`` in order, the separators between them dropped: a number spelled with any
+    separators shows here whole."""
+    return "".join(c for c in text if c.isdigit())
+
+
+# -- numbers in any spelling (finding 2) -----------------------------------------------------------------------
+
+SPELLINGS = [
+    "+1 202 555 0101ext",
+    "202_555_0101",
+    "+1/202/555/0101",
+    "+1\u00a0202\u00a0555\u00a00101",  # NBSP
+    "+1\u2009202\u2009555\u20090101",  # thin space
+    "+1\u3000202\u3000555\u30000101",  # ideographic space
+    "+1\u202f202\u202f555\u202f0101",  # narrow NBSP
+    "+1\u2013202\u2014555\u20120101",  # en, em and figure dashes
+    "+1\u2212202\u2212555\u22120101",  # minus sign
+    "+1.202.555.0101",
+    "+1 (202) 555-0101",
+    "(202)555-0101x",
+    "x2025550101",
+    "tel:+12025550101;ext",
+    "202\u200b555\u200b0101",  # zero-width space
+    "202\t555\n0101",
+    "2 0 2 5 5 5 0 1 0 1",
+    "202 - 555 - 0101",
+    "202*555*0101",
+    "\u0662\u0660\u0662\u0665\u0665\u0665\u0660\u0661\u0660\u0661",  # Arabic-Indic digits
+    "\uff12\uff10\uff12\uff15\uff15\uff15\uff10\uff11\uff10\uff11",  # fullwidth digits
+    "20255\u00b9\u00b2\u00b3",  # superscripts
+    "+972 50 000 0001x",
+    "+972-50-000-0001",
+    "12345",
+]
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_a_number_in_any_spelling_is_masked_but_its_last_two_digits(spelling: str) -> None:
+    shown = _masked(f"could not send to {spelling} today")
+    digits = _runs(shown)
+    assert len(digits) == 2, shown  # only the last two digits of the number are left
+    assert shown.startswith("could not send to "), shown
+    assert shown.endswith(" today"), shown
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "+1\\u00a0202\\u00a0555\\u00a00101",  # as tojson writes a NBSP
+        "+1\\xa0202\\xa0555\\xa00101",  # as repr() writes one
+        "202\\n555\\n0101",  # a newline inside a JSON string
+        "\\u0662\\u0660\\u0662\\u0665\\u0665\\u0665\\u0660\\u0661\\u0660\\u0661",  # Arabic-Indic, escaped
+        "202\\u003c555\\u003e0101",  # tojson's escaped < and >
+        '202\\"555\\"0101',
+    ],
+)
+def test_a_number_spelled_with_escape_sequences_is_masked(spelling: str) -> None:
+    shown = _masked(spelling)
+    assert "555" not in shown, shown
+    assert "202" not in shown, shown
+    assert "\\u0665" not in shown, shown
+
+
+def test_a_payload_shown_as_json_has_no_number_in_any_spelling() -> None:
+    from jinja2 import Environment
+
+    env = Environment(autoescape=True)
+    env.filters["masked"] = _masked
+    payload = {"to": "+1********00", "message": "call me on +1\u00a0202\u00a0555\u00a00101 or 202\n555\n0101",
+               "alt": ["202", "555", "0101"], "n": 12025550101}  # fmt: skip
+    shown = env.from_string("{{ p|tojson(indent=2)|masked }}").render(p=payload)
+    assert "555" not in shown
+    assert "+1********00" in shown  # a masked number stays as it was
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "1" * 32,  # 32 hex digits, none a letter
+        "12025550100000000000000000000000",
+        "0" * 31 + "1",
+        "2025550100" * 3 + "01",
+    ],
+)
+def test_an_all_digit_32_hex_string_is_no_job_id(value: str) -> None:
+    shown = _masked(f"job {value}: failed")
+    assert len(_runs(shown)) == 2, shown
+
+
+def test_arq_job_ids_are_kept_whole_and_only_they() -> None:
+    for _ in range(200):
+        job_id = uuid.uuid4().hex
+        assert _masked(f"{job_id}: failed, replayed as {job_id}") == f"{job_id}: failed, replayed as {job_id}"
+    real = "13a614dd9f144908837336b6e035373e"  # holds a run of twelve digits
+    for not_an_id in (
+        "x" + real,  # part of a longer word
+        real + "0",
+        real.upper(),
+        real[:12] + "1" + real[13:],  # not a uuid4: version digit 1
+        real[:16] + "c" + real[17:],  # not a uuid4: variant digit c
+    ):
+        assert "144908837336" not in _masked(not_an_id), not_an_id
+    assert _masked(f"ids {real}, {real}.") == f"ids {real}, {real}."
+    # next to a kept id, a number is still masked
+    assert _runs(_masked(f"{real} 202 555 0101")) == _runs(real) + "01"
+
+
+def test_the_consoles_own_timestamps_are_kept_and_nothing_like_them() -> None:
+    line = "deferred until 2025-06-01 12:00:00 UTC (in 3 min), enqueued 12 s ago"
+    assert _masked(line) == line
+    for near in ("2025-06-01 12:00:00", "2025-13-01 12:00:00 UTC", "2025-06-01 25:00:00 UTC", "2025-06-01 12:00"):
+        assert len(_runs(_masked(near))) == 2, near
+
+
+def test_short_numbers_and_text_are_left_alone() -> None:
+    for text in ("HTTP 429, try 3 of 5", "abc123", "code 1234", "v1.2.3", "none"):
+        assert _masked(text) == text
+
+
+# -- ids and error classes are user-controlled (finding 3) -------------------------------------------------------
+
+
+class E12025550100(Exception):
+    pass
+
+
+async def test_a_job_id_holding_a_number_is_masked_on_every_page(harness: Harness, open_console: Console) -> None:
+    [job] = await harness.enqueue({"to": "+12025550100", "message": "hi"}, _job_id="12025550100")
+    assert job is not None
+    await harness.run()  # sent: in the person's index, found by the number
+    dead = DeadLetters(open_console.redis)
+    await dead.add(job_id="+1 202 555 0100", function="whatsapp_send", payload={"to": "+12025550100"},
+                   error=E12025550100("x"), attempts=1, enqueued_at=None)  # fmt: skip
+    await dead.add(job_id="12025550100", function="whatsapp_send", payload={"to": "+12025550100"},
+                   error=InvalidJobError("bad"), attempts=1, enqueued_at=None)  # fmt: skip
+    pages: dict[str, str] = {}
+    async with open_console.session() as http:
+        for path in (
+            "/jobs/12025550100",
+            "/jobs/%2B1%20202%20555%200100",
+            "/failures",
+            "/failures?error=E12025550100",
+            "/failures?error=%2B12025550100",
+            "/failures?error=%2B1%C2%A0202%C2%A0555%C2%A00100",
+            "/failures/12025550100/replay",
+            "/failures/%2B1%20202%20555%200100/delete",
+            "/",
+        ):
+            async with http.get(open_console.url + path) as resp:
+                assert resp.status in (200, 404), path
+                pages[path] = await resp.text()
+        csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', pages["/"])
+        assert csrf is not None
+        async with http.post(open_console.url + "/find", data={"csrf": csrf.group(1), "phone": "+12025550100"}) as resp:
+            pages["find"] = await resp.text()
+    for path, page in pages.items():
+        shown = _shown(page)
+        assert "202 555" not in shown, (path, shown)
+        assert "5550100" not in _runs(shown), (path, shown)
+    job_page = pages["/jobs/12025550100"]
+    assert re.search(r"<title>Job \*{9}00 ", job_page), job_page
+    assert "<h1>Job <code>*********00</code></h1>" in job_page
+    # the links still lead to the job: their targets carry the real id, quoted
+    assert 'href="/jobs/12025550100"' in pages["/failures"]
+    assert '<a href="/jobs/12025550100">*********00</a>' in pages["find"]
+    assert 'href="/failures/%2B1%20202%20555%200100/replay"' in pages["/failures"]
+    assert 'href="/failures?error=E12025550100"' in pages["/"]
+    assert 'action="/failures/12025550100/replay"' in pages["/failures/12025550100/replay"]
+
+
+# -- a frozen Redis (finding 1) ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A redis-server of the test's own, on its own port, that the test may freeze (SIGSTOP)."""
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="cgb-test-frozen-redis-")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline, "the test's own Redis did not start"
+            time.sleep(0.05)
+    client.close()
+    try:
+        yield url, proc
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)  # a stopped process does not act on SIGTERM until it runs again
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("token", [None, TOKEN_VALUE], ids=["open", "signed in"])
+async def test_a_frozen_redis_is_a_503_within_the_bound_not_a_hung_page(
+    own_redis: tuple[str, subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch, token: str | None
+) -> None:
+    url, proc = own_redis
+    monkeypatch.setattr(app_module, "PAGE_TIMEOUT", 0.5)
+    monkeypatch.setattr(auth_module, "FAILED_SIGN_IN_DELAY", 0.0)
+    monkeypatch.setattr(app_module, "FAILED_SIGN_IN_DELAY", 0.0)
+    pool = await create_pool(url, ride_out_outages=False)  # as `cgb-worker console` connects
+    runner = web.AppRunner(create_console(pool, ConsoleAuth(Secret(token) if token else None, pool)))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    base = f"http://127.0.0.1:{port}"
+    paths = ["/", "/failures", "/failures?error=X", "/jobs/abc", "/failures/abc/replay"]
+    try:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+            if token is not None:  # a signed-in cookie is checked in Redis (not signed out) before the page
+                await _sign_in(Console(base, pool), http)
+            async with http.get(base + "/") as resp:
+                assert resp.status == 200
+                csrf = _csrf(await resp.text())
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                for attempt in range(2):  # the second time over connections the first left behind
+                    for path in paths:
+                        started = time.monotonic()
+                        async with http.get(base + path, timeout=aiohttp.ClientTimeout(total=15)) as resp:
+                            assert resp.status == 503, (attempt, path)
+                            assert await resp.text() == "Redis did not answer in 0.5 s\n"
+                            assert resp.headers["Cache-Control"] == "no-store"
+                            assert resp.headers["X-Frame-Options"] == "DENY"
+                        assert time.monotonic() - started < 2.5, (attempt, path)
+                    for action in ("/find", "/failures/abc/delete"):
+                        data = {"csrf": csrf, "phone": "+12025550100"}
+                        async with http.post(base + action, data=data, timeout=aiohttp.ClientTimeout(total=15)) as resp:
+                            assert resp.status == 503, action
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+            for path in paths[:2]:  # Redis back: the pages are again
+                async with http.get(base + path, timeout=aiohttp.ClientTimeout(total=15)) as resp:
+                    assert resp.status == 200, path
+    finally:
+        await runner.cleanup()
+        await pool.aclose()
+
+
+# -- redirects off the console (finding 5) -------------------------------------------------------------------------
+
+OFF_THE_CONSOLE = [
+    # control characters and whitespace, which browsers drop or read as a separator
+    *(f"/{c}/evil.example" for c in "\t\n\r \x00\x01\x0b\x0c\x1b\x1f\x7f"),
+    *(f"{c}//evil.example" for c in "\t\n\r \x00"),
+    "/\t\t/evil.example",
+    "/\u00a0/evil.example",
+    "/\u3000/evil.example",
+    "/\u2028/evil.example",
+    "/\ufeff/evil.example",
+    "/\u200b/evil.example",
+    "/\uff0f/evil.example",  # fullwidth solidus
+    "/\u2215/evil.example",  # division slash
+    # backslashes, which browsers read as slashes
+    "/\\evil.example",
+    "\\/evil.example",
+    "/\\/evil.example",
+    "\\\\evil.example",
+    # scheme-relative and absolute
+    "//evil.example",
+    "///evil.example",
+    "////evil.example/",
+    "https://evil.example/",
+    "http:evil.example",
+    "https:/\\evil.example",
+    "javascript:alert(1)",
+    "data:text/html,x",
+    "evil.example",
+    # percent-encoded: decoded once by a proxy or a server, they become the above
+    "/%2F/evil.example",
+    "/%2f/evil.example",
+    "/%2F%2Fevil.example",
+    "%2F%2Fevil.example",
+    "/%09/evil.example",
+    "/%0a/evil.example",
+    "/%0D/evil.example",
+    "/%00/evil.example",
+    "/%20/evil.example",
+    "/%5C/evil.example",
+    "/%5cevil.example",
+    "/%252F/evil.example",  # twice encoded
+    "/%25252F/evil.example",
+    "/%E3%80%80/evil.example",  # an ideographic space, UTF-8
+    "/%C2%A0/evil.example",
+    "/%EF%BC%8F/evil.example",  # a fullwidth solidus, UTF-8
+    "/%E2%80%8B/evil.example",  # a zero-width space
+    "/%EF%BC%BCevil.example",  # a fullwidth backslash
+    # dot segments, which a browser resolves before sending
+    "/.//evil.example",
+    "/./evil.example",
+    "/../evil.example",
+    "/%2e//evil.example",
+    "/%2E%2E//evil.example",
+    "",
+    "/" + "a" * 5000,
+]
+ON_THE_CONSOLE = ["/", "/failures", "/jobs/abc", "/failures?error=RuntimeError&page=2", "/jobs/a%2Fb", "/login?next=/"]
+
+
+async def _login_page_next(console: Console, http: aiohttp.ClientSession, target: str) -> tuple[str, str]:
+    """GET /login?next=<target>: the form's csrf and the ``next`` it carries back."""
+    async with http.get(console.url + "/login", params={"next": target}) as resp:
+        page = await resp.text()
+    carried = re.search(r'name="next" value="([^"]*)"', page)
+    assert carried is not None
+    return _csrf(page), html.unescape(carried.group(1))
+
+
+@pytest.mark.parametrize("target", OFF_THE_CONSOLE)
+@pytest.mark.parametrize("posted", ["as forged", "as the form carries it"])
+async def test_signing_in_never_leaves_the_console(guarded: Console, target: str, posted: str) -> None:
+    async with guarded.session() as http:
+        csrf, carried = await _login_page_next(guarded, http, target)
+        assert carried == "/"  # GET /login?next=: the form carries the console's root
+        data = {"csrf": csrf, "token": TOKEN_VALUE, "next": target if posted == "as forged" else carried}
+        async with http.post(guarded.url + "/login", data=data, allow_redirects=False) as resp:
+            assert resp.status == 303
+            assert resp.headers["Location"] == "/"
+
+
+@pytest.mark.parametrize("target", OFF_THE_CONSOLE)
+async def test_an_open_console_never_sends_you_off_it_either(open_console: Console, target: str) -> None:
+    async with open_console.session() as http:
+        csrf, carried = await _login_page_next(open_console, http, target)
+        assert carried == "/"
+        async with http.post(
+            open_console.url + "/login", data={"csrf": csrf, "next": target}, allow_redirects=False
+        ) as resp:
+            assert resp.status == 303
+            assert resp.headers["Location"] == "/", repr(target)
+
+
+@pytest.mark.parametrize("target", ON_THE_CONSOLE)
+async def test_signing_in_still_leads_back_to_a_console_page(guarded: Console, target: str) -> None:
+    async with guarded.session() as http:
+        csrf, carried = await _login_page_next(guarded, http, target)
+        assert carried == target
+        data = {"csrf": csrf, "token": TOKEN_VALUE, "next": carried}
+        async with http.post(guarded.url + "/login", data=data, allow_redirects=False) as resp:
+            assert resp.headers["Location"] == target
+
+
+@pytest.mark.parametrize(
+    ("path", "location"),
+    [
+        ("//evil.example", "/login?next=/"),
+        ("//evil.example/x", "/login?next=/"),
+        ("/%2F/evil.example", "/login?next=/"),
+        ("/%09/evil.example", "/login?next=/"),
+        ("/%5C/evil.example", "/login?next=/"),
+        ("/%252F/evil.example", "/login?next=/"),
+        ("/jobs/abc", "/login?next=/jobs/abc"),
+        ("/failures?error=A&page=2", "/login?next=/failures?error%3DA%26page%3D2"),
+    ],
+)
+async def test_the_way_to_sign_in_carries_only_a_console_page(guarded: Console, path: str, location: str) -> None:
+    async with guarded.session() as http:
+        async with http.get(URL(guarded.url + path, encoded=True), allow_redirects=False) as resp:
+            assert resp.status == 303
+            assert resp.headers["Location"] == location
+        if location != "/login?next=/":  # followed, the form carries the page back whole
+            async with http.get(URL(guarded.url + location, encoded=True)) as resp:
+                found = re.search(r'name="next" value="([^"]*)"', await resp.text())
+            assert found is not None
+            assert html.unescape(found.group(1)) == path
+
+
+# -- host names (finding 7) ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("127.0.0.1", 200),
+        ("127.0.0.1:8070", 200),
+        ("localhost", 200),
+        ("LOCALHOST", 200),
+        ("LocalHost:8070", 200),
+        ("localhost.", 200),
+        ("localhost.:8070", 200),
+        ("127.0.0.1.", 200),
+        ("[::1]", 200),
+        ("[::1]:8070", 200),
+        ("[0:0:0:0:0:0:0:1]:8070", 200),
+        ("[localhost]evil", 421),
+        ("[localhost]", 421),
+        ("[localhost]:8070", 421),
+        ("[::1]evil.example", 421),
+        ("[::1]:8070evil", 421),
+        ("[::1]:", 421),
+        ("[::1", 421),
+        ("::1", 421),  # an IPv6 address in Host goes in brackets
+        ("localhost..", 421),
+        ("localhost:", 421),
+        ("localhost:80:80", 421),
+        ("localhost:http", 421),
+        ("localhost:123456", 421),
+        ("localhost evil.example", 421),
+        ("evil.example@localhost", 421),
+        ("localhost.evil.example", 421),
+        ("localhost\\", 421),
+        ("127.0.0.2", 421),
+        ("[::2]", 421),
+        ("[::ffff:127.0.0.1]", 421),
+        ("", 421),
+    ],
+)
+async def test_without_a_token_the_host_header_must_name_loopback_and_be_well_formed(
+    open_console: Console, host: str, status: int
+) -> None:
+    async with aiohttp.ClientSession() as http, http.get(open_console.url + "/", headers={"Host": host}) as resp:
+        assert resp.status == status, host
+
+
+@pytest.mark.parametrize(
+    ("given", "bound"),
+    [("[::1]", "::1"), ("::1", "::1"), ("LOCALHOST", "LOCALHOST"), ("localhost.", "localhost."), (" [::1] ", "::1")],
+)
+@pytest.mark.parametrize("where", ["--host", "CONSOLE_HOST"])
+def test_a_loopback_host_in_any_spelling_is_accepted_and_bindable(given: str, bound: str, where: str) -> None:
+    from cgb_worker.settings import load_console_settings
+
+    env = {"PHONE_HASH_KEY": PHONE_KEY, "REDIS_URL": "redis://127.0.0.1:1/0"}
+    host, environ = (given, env) if where == "--host" else (None, {**env, "CONSOLE_HOST": given})
+    assert load_console_settings(environ, host=host).host == bound
+
+
+@pytest.mark.parametrize(
+    ("given", "line"),
+    [
+        ("[localhost]", "{}: '[localhost]' is not a host name or an address"),
+        ("[::1", "{}: '[::1' is not a host name or an address"),
+        ("]::1[", "{}: ']::1[' is not a host name or an address"),
+        ("[[::1]]", "{}: '[[::1]]' is not a host name or an address"),
+        ("[::1]:8070", "{}: '[::1]:8070' is not a host name or an address"),
+        ("localhost..", "{}: localhost.. is reachable from other machines"),
+        ("[::2]", "{}: ::2 is reachable from other machines"),
+    ],
+)
+@pytest.mark.parametrize("where", ["--host", "CONSOLE_HOST"])
+def test_a_malformed_or_public_host_is_one_clear_line(given: str, line: str, where: str) -> None:
+    from cgb_worker.errors import ConfigError
+    from cgb_worker.settings import load_console_settings
+
+    env = {"PHONE_HASH_KEY": PHONE_KEY, "REDIS_URL": "redis://127.0.0.1:1/0"}
+    host, environ = (given, env) if where == "--host" else (None, {**env, "CONSOLE_HOST": given})
+    with pytest.raises(ConfigError) as caught:
+        load_console_settings(environ, host=host)
+    assert len(caught.value.problems) == 1, caught.value.problems
+    assert caught.value.problems[0].startswith(line.format(where)), caught.value.problems
+
+
+async def test_the_console_serves_on_a_bracketed_ipv6_loopback(harness: Harness, worker_env: dict[str, str]) -> None:
+    port = free_port()
+    env = {**worker_env, "CONSOLE_PORT": str(port), "LOG_LEVEL": "INFO"}
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "cgb-worker"), "console", "--host", "[::1]",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        assert f"console on http://[::1]:{port}/ (no token: this machine only)" in line, line
+        async with aiohttp.ClientSession() as http, http.get(f"http://[::1]:{port}/") as resp:
+            assert resp.status == 200
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        await communicate(proc, 10)
+
+
+# -- signing out (finding 6) ---------------------------------------------------------------------------------------
+
+
+async def _sign_out(console: Console, http: aiohttp.ClientSession) -> None:
+    async with http.get(console.url + "/") as resp:
+        csrf = _csrf(await resp.text())
+    async with http.post(console.url + "/logout", data={"csrf": csrf}, allow_redirects=False) as resp:
+        assert resp.status == 303
+        assert resp.headers["Location"] == "/login"
+
+
+async def _with_cookie(url: str, cookie: str) -> int:
+    async with (
+        aiohttp.ClientSession() as bare,
+        bare.get(url + "/", headers={"Cookie": f"{COOKIE}={cookie}"}, allow_redirects=False) as resp,
+    ):
+        return resp.status
+
+
+async def test_a_cookie_copied_before_signing_out_is_refused_after_it(
+    guarded: Console, redis_url: str, redis_client: Any
+) -> None:
+    async with guarded.session() as http, guarded.session() as colleague:
+        await _sign_in(guarded, http)
+        await _sign_in(guarded, colleague)
+        copied = http.cookie_jar.filter_cookies(URL(guarded.url))[COOKIE].value
+        assert await _with_cookie(guarded.url, copied) == 200
+        await _sign_out(guarded, http)
+        assert await _with_cookie(guarded.url, copied) == 303  # to sign in
+        async with colleague.get(guarded.url + "/", allow_redirects=False) as resp:
+            assert resp.status == 200  # another browser's session is not ended
+        # the same token in a new console process (a restart, or a second console): still refused
+        async for restarted in _serve(redis_url, TOKEN_VALUE):
+            assert await _with_cookie(restarted.url, copied) == 303
+        # and an action with the copied cookie and its CSRF token is refused too
+        session = ConsoleAuth(Secret(TOKEN_VALUE), guarded.redis).open(copied)
+        assert session is not None
+        csrf = ConsoleAuth(Secret(TOKEN_VALUE), guarded.redis).csrf(session)
+        async with (
+            aiohttp.ClientSession() as bare,
+            bare.post(guarded.url + "/failures/x/delete", data={"csrf": csrf},
+                      headers={"Cookie": f"{COOKIE}={copied}"}, allow_redirects=False) as resp,
+        ):  # fmt: skip
+            assert resp.status in (401, 403)
+    # what Redis keeps: one small key per signed-out session, named by a keyed digest, gone when it would be
+    found = [key async for key in redis_client.scan_iter(match="cgb:console:*")]
+    assert len(found) == 1, found
+    assert session.nonce.encode() not in found[0]
+    assert 0 < await redis_client.ttl(found[0]) <= SESSION_TTL
+
+
+# -- an over-long request (finding 4) ------------------------------------------------------------------------------
+
+
+async def _raw(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(("level", "log_json"), [("INFO", "false"), ("INFO", "true"), ("DEBUG", "false")])
+async def test_a_malformed_request_logs_one_line_without_its_bytes(
+    harness: Harness, worker_env: dict[str, str], level: str, log_json: str
+) -> None:
+    port = free_port()
+    env = {**worker_env, "CONSOLE_PORT": str(port), "LOG_LEVEL": level, "LOG_JSON": log_json}
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "cgb-worker"), "console",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    number, spaced = "+1(202)555-0100", "+1 (202) 555-0100"
+    bad = [
+        b"GET /?to=" + number.encode() + b"x" * 9000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",  # request line
+        b"GET /?to=" + spaced.encode() + b"x" * 9000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-To: " + spaced.encode() + b"y" * 9000 + b"\r\n\r\n",  # a header
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-To" + number.encode() + b"\r\n\r\n",  # no colon
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: " + number.encode() + b"\r\n\r\n",
+        b"GET /" + number.encode() + b"\x00 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        number.encode() + b" / HTTP/1.1\r\n\r\n",  # as the first request on its connection (a method)
+        b"GET / HTTP/1.1\r\n\r\n" + number.encode() + b" / HTTP/1.1\r\n\r\n",  # a method, not the first request
+    ]
+    try:
+        assert proc.stdout is not None
+        line = ""
+        while "console on" not in line:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+            assert line, "the console stopped"
+        for request in bad:
+            answer = await _raw(port, request)
+            assert re.match(rb"HTTP/1\.[01] (400|200) ", answer), answer[:200]
+            assert b"Traceback" not in answer
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        out, _ = await communicate(proc, 10)
+    text = out.decode()
+    lines = [line for line in text.splitlines() if line.strip()]
+    for shown in ("(202)", "555-0100", "5550100", "xxxxxxxxxx", "yyyyyyyyyy", "X-To", "\\x00"):
+        assert shown not in text, (shown, text[-3000:])
+    assert "Traceback" not in text
+    if level == "INFO":
+        about = [line for line in lines if "malformed" in line or "Error handling request" in line]
+        assert len(about) == len(bad) - 1, lines  # one line each, but a first request's bad method (DEBUG)
+        assert len(lines) == len(about) + 1, lines  # those and "console stopped" after the start line
+
+
+def test_any_other_server_error_keeps_its_traceback_masked() -> None:
+    import logging
+
+    from cgb_worker.console.serve import _QuietServerLog
+
+    try:
+        raise ValueError("no job for +1 (202) 555-0100")
+    except ValueError as exc:
+        record = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "Error handling request from %s",
+                                   ("127.0.0.1",), (type(exc), exc, exc.__traceback__))  # fmt: skip
+    assert _QuietServerLog().filter(record)
+    text = record.getMessage()
+    assert text.startswith("Error handling request from 127.0.0.1\nTraceback (most recent call last):")
+    assert "ValueError: no job for +* (***) ***-**00" in text
+    assert record.exc_info is None
