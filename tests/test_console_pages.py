@@ -92,6 +92,7 @@ async def test_the_overview_and_a_jobs_page_tell_what_really_happened(
     assert timeline[0][0] == "accepted"
     assert sorted(r[0] for r in timeline[1:]) == ["delivered", "read", "sent"]
     assert all(r[4].startswith("wamid.SIM") and r[5] in ("wamid", "recipient") for r in timeline[1:])
+    assert timeline[0][4:6] == ["", ""]  # the send itself: no wamid yet, and nothing was matched
     failed = [r for r in _rows(bad, "timeline") if r[0] == "failed"]
     assert len(failed) == 1
     assert failed[0][6].startswith("131026 ")

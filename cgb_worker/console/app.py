@@ -514,10 +514,14 @@ def _events(state: JobState) -> list[dict[str, Any]]:
         step = steps.get(e.step)
         rows.append({
             "status": e.status, "at": e.at, "received": e.received, "step": e.step, "wamid": e.wamid or "",
-            "matched_by": (step.matched_by or "") if step is not None else "",
+            # the worker's own events were not matched: they are the send itself, and the sweep's 'unconfirmed'
+            "matched_by": (step.matched_by or "") if step is not None and e.status not in OWN_EVENTS else "",
             "code": code, "title": title, "meaning": rule_for(code).meaning if code is not None else "",
         })  # fmt: skip
     return rows
+
+
+OWN_EVENTS = frozenset({"accepted", "unconfirmed"})
 
 
 def _meta_error(meta: dict[str, Any] | None) -> tuple[int | None, str]:
