@@ -168,6 +168,8 @@ class DeadLetters:
                 for e in entries
                 if (wanted is None or e.error_type.lower() == wanted) and (code is None or e.code == code)
             )
+            if len(ids) < chunk:  # the span is read to its end
+                break
         return found[:limit]
 
     async def get(self, job_id: str) -> DeadLetter | None:

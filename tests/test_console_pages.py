@@ -308,3 +308,52 @@ async def test_a_real_shaped_wamid_is_shown_by_its_tail_not_the_number_it_encode
         except ValueError:
             continue
         assert b"2025550100" not in decoded
+
+
+# -- what a page view costs Redis ---------------------------------------------------------------------------------
+
+
+async def _commands(redis: Any) -> dict[str, int]:
+    stats = await redis.info("commandstats")
+    skip = ("cmdstat_info", "cmdstat_config")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items() if k not in skip}
+
+
+async def _seed(redis: Any, start: int, n: int) -> None:
+    from cgb_worker.deadletters import DeadLetters
+    from cgb_worker.errors import CGBServerError
+
+    for i in range(start, start + n):
+        await redis.enqueue_job("whatsapp_send", {"to": OK, "message": f"m{i}"}, _job_id=f"q{i}")
+        if i % 3 == 0:
+            error = CGBServerError("down", status=503)
+            await DeadLetters(redis).add(job_id=f"d{i}", function="whatsapp_send", payload={"to": OK}, error=error,
+                                         attempts=3, enqueued_at=None)  # fmt: skip
+
+
+async def test_a_page_view_costs_the_same_redis_commands_however_many_jobs_and_never_a_scan(console: Console) -> None:
+    redis = console.redis
+    views = [("GET", "/", None), ("GET", "/failures", None), ("GET", "/failures?code=503&age=1h", None),
+             ("GET", "/jobs/q1", None), ("GET", "/suppressions", None)]  # fmt: skip
+
+    async def costs() -> list[dict[str, int]]:
+        out = []
+        async with aiohttp.ClientSession() as http:
+            for method, path, _body in views:
+                await redis.config_resetstat()
+                async with http.request(method, console.url + path) as resp:
+                    assert resp.status == 200, path
+                out.append(await _commands(redis))
+        return out
+
+    await _seed(redis, 0, 300)
+    await costs()  # the first views load the scripts
+    small = await costs()
+    await _seed(redis, 300, 1200)
+    large = await costs()
+    for (_m, path, _b), few, many in zip(views, small, large, strict=True):
+        assert few == many, path  # the same commands, as often, with five times the jobs and dead letters
+        assert not {"keys", "scan", "hscan", "zscan"} & set(many), (path, many)
+    overview = dict(large[0])
+    assert overview.pop("hgetall") == 60 + 24  # the counter series: an hour of minutes, a day of hours
+    assert sum(overview.values()) <= 20, overview  # and a handful more, whatever the backlog
