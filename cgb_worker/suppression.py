@@ -255,6 +255,23 @@ async def list_suppressed(redis: Redis) -> list[Suppression]:
     return sorted(found, key=lambda s: (min(e.at_ms for e in s.entries), s.who))
 
 
+async def page_suppressed(redis: Redis, cursor: int = 0, count: int = 500) -> tuple[list[Suppression], int, int]:
+    """One page of the list for the console, in the index's own order (``SSCAN``: a page costs the same however
+    long the list is): the entries, oldest first within the page, the cursor of the next page (0 at the end)
+    and how many people the index holds. An entry may show twice across pages, as ``SSCAN`` allows."""
+    cursor, members = await redis.sscan(keys.SUPPRESSED_INDEX, cursor=cursor, count=count)
+    hashes = sorted({m.decode() if isinstance(m, bytes) else str(m) for m in members})
+    found: list[Suppression] = []
+    if hashes:
+        values = await redis.mget([keys.suppressed(h) for h in hashes])
+        for who, value in zip(hashes, values, strict=True):
+            entries, lifted = decode(value)
+            if entries:
+                found.append(Suppression(who, entries, lifted))
+    total = int(await redis.scard(keys.SUPPRESSED_INDEX))  # type: ignore[misc]
+    return sorted(found, key=lambda s: (min(e.at_ms for e in s.entries), s.who)), int(cursor), total
+
+
 SuppressionEntry = Entry
 """The name :class:`Entry` goes by in the package's public surface."""
 lookup_suppression = lookup

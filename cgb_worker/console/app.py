@@ -31,7 +31,7 @@ from ..heartbeat import live_workers
 from ..jobstate import JobState, LastRetry, describe, locate, tries
 from ..phones import mask_phone, normalize_phone
 from ..scripts import QueueStatsScript
-from ..suppression import REASONS, SCOPES, list_suppressed, lookup_who, suppress_who, unsuppress_who
+from ..suppression import REASONS, SCOPES, lookup_who, page_suppressed, suppress_who, unsuppress_who
 from ..whatsapp_errors import next_step, rule_for
 from .auth import COOKIE, CSRF, FAILED_SIGN_IN_DELAY, SESSION, ConsoleAuth, safe_next
 from .charts import Layer, stacked_bars
@@ -48,7 +48,7 @@ FAILURES_PAGE = 200
 DELIVERIES_SCANNED = 5000
 """Status changes (the deliveries stream, newest first) the failures page looks through for failed messages."""
 SUPPRESSIONS_PAGE = 500
-"""Suppression entries listed at most, oldest first."""
+"""People a page of the suppression list asks the index for (about as many are listed)."""
 
 _templates = Environment(
     loader=FileSystemLoader(HERE / "templates"),
@@ -335,10 +335,16 @@ class Console:
 
     # -- the suppression list --------------------------------------------------------------------------------
 
-    async def suppressions(self, request: web.Request) -> web.Response:
-        listed = await list_suppressed(self.redis)
-        return _page(request, "suppressions.html", listed=listed[:SUPPRESSIONS_PAGE], total=len(listed),
-                     looked=None, problem=None, reasons=REASONS)  # fmt: skip
+    async def suppressions(
+        self, request: web.Request, *, status: int = 200, problem: str | None = None
+    ) -> web.Response:
+        """The list a page at a time (an ``SSCAN`` cursor in ``?page=``), so a view costs the same however many
+        people opted out."""
+        raw = request.query.get("page", "0")
+        cursor = int(raw) if raw.isdigit() and len(raw) <= 20 else 0
+        listed, after, total = await page_suppressed(self.redis, cursor, SUPPRESSIONS_PAGE)
+        return _page(request, "suppressions.html", status=status, listed=listed, total=total, after=after,
+                     first=cursor == 0, problem=problem, reasons=REASONS)  # fmt: skip
 
     async def suppression_lookup(self, request: web.Request) -> web.Response:
         """A number's entry, and the form to add it (confirmed on the next page): a POST, the number in no URL,
@@ -348,10 +354,7 @@ class Console:
         try:
             e164 = normalize_phone(raw if isinstance(raw, str) else None, self.default_region)
         except InvalidPhoneError:
-            listed = await list_suppressed(self.redis)
-            problem = "that is not a phone number"
-            return _page(request, "suppressions.html", status=400, listed=listed[:SUPPRESSIONS_PAGE],
-                         total=len(listed), looked=None, problem=problem, reasons=REASONS)  # fmt: skip
+            return await self.suppressions(request, status=400, problem="that is not a phone number")
         found = await lookup_who(self.redis, keys.who(e164))
         return _page(request, "suppression.html", entry=found, shown=mask_phone(e164), reasons=REASONS)
 
