@@ -43,6 +43,7 @@ from cgb_worker.simulator import DEFAULT_TOKEN
 from tests.attribution import Report, check, payloads
 
 from .answering import answering_bench
+from .console import RUNNING, SCAN_LIKE, WORKERS, commands_text, console_bench
 from .processing import PHONE_KEY, processing_bench
 from .system import cpu_seconds, free_port
 
@@ -556,10 +557,96 @@ async def main(quick: bool) -> None:
             # 9. Attribution under shuffled, delayed, duplicated statuses.
             report["attribution_people"] = int(40 * scale) or 10
             report["attribution"] = await attribution_bench(stack, report["attribution_people"], 5)
+            # 10. The operations console over 100,000 jobs and a week of timelines (the stack's Redis, flushed
+            # before and after: the seed disturbs no other part).
+            report["console"] = await console_bench(stack.redis_url, jobs=10_000 if quick else 100_000)
         finally:
             await stack.stop()
         report["minutes"] = (time.monotonic() - began) / 60
     write(report, quick)
+
+
+def console_section(c: dict[str, Any]) -> list[str]:
+    """BENCHMARKS.md's part on the console (:mod:`benchmarks.console`)."""
+    full, small = c["phases"]["full"], c["phases"]["small"]
+    ov, base, og = full["overview"], full["baseline"], c["growth"]["overview"]
+    ov_ok = ov["p95"] < 300
+    clean = not og["grows"] and not ov["scans"]
+    scanning = [name for name, page in full.items() if page["scans"]]
+    growing = [name for name, g in c["growth"].items() if g["grows"]]
+    rows = []
+    for name, page in full.items():
+        if name == "baseline":
+            continue
+        g = c["growth"][name]
+        changed = "; ".join(f"{cmd} {a}→{b}" for cmd, (a, b) in g["changed"].items())
+        scans = ", ".join(f"**{cmd.upper()} {page['commands'][cmd]['calls']}**" for cmd in page["scans"]) or "none"
+        rows.append(
+            f"| {name} | {page['p50']:.1f} | {page['p95']:.1f} | {small[name]['p95']:.1f} | "
+            f"{g['total'][0]} → **{g['total'][1]}**{' (' + changed + ')' if changed else ''} | "
+            f"{page['redis_ms']:.2f} | {scans} | {'**yes**' if g['grows'] else 'no'} | "
+            f"{commands_text(page['commands'])} |"
+        )
+    seed = c["seed_s"]
+    return [
+        "## The operations console",
+        "",
+        "| figure | target | measured | met? |",
+        "| --- | --- | --- | --- |",
+        f"| the overview (`/`) with {c['jobs']:,} jobs in arq's queue and {c['days']} days of timelines "
+        f"({c['jobs']:,} send logs, {c['stream']:,} status changes in the deliveries stream, {c['dead']:,} dead "
+        f"letters), over HTTP | p95 < 300 ms | p50 {ov['p50']:.1f} ms, **p95 {ov['p95']:.1f} ms** ({ov['samples']} "
+        f"views; with {c['small']:,} jobs: p95 {small['overview']['p95']:.1f} ms) | {'yes' if ov_ok else 'no'} |",
+        f"| the overview ÷ a minimal page on the same Redis (one pipeline of `ZCARD` and `XLEN`, a trivial jinja2 "
+        f"template), views alternating | report | p95 {ov['p95']:.1f} ms against {base['p95']:.1f} ms: "
+        f"**{c['ratio_p95']:.1f}×** (p50 {ov['p50']:.1f} against {base['p50']:.1f} ms) | — |",
+        f"| Redis commands per view of the overview, with {c['small']:,} and with {c['jobs']:,} jobs | no `KEYS`, no "
+        f"scan, no count that grows with the jobs | **{og['total'][0]} → {og['total'][1]}** "
+        f"({commands_text(ov['commands'])}), {ov['redis_ms']:.2f} ms of Redis time; scan-like: "
+        f"{', '.join(ov['scans']) or 'none'} | {'yes' if clean else 'no'} |",
+        f"| pages that issue a scan-like command ({', '.join(sorted(SCAN_LIKE)).upper()}) | report | "
+        f"{'; '.join(f'{n}: ' + ', '.join(full[n]['scans']).upper() for n in scanning) or 'none'} | — |",
+        f"| pages whose commands per view grow from {c['small']:,} to {c['jobs']:,} jobs | none | "
+        f"{', '.join(growing) or 'none'} | {'yes' if not growing else 'no'} |",
+        f"| seeding {c['jobs']:,} jobs, send logs and the rest (pipelines; not in any figure above) | report | "
+        f"{seed['total']:.1f} s ({seed['base']:.1f} s the parts that do not grow, {seed['small']:.1f} s the first "
+        f"{c['small']:,} jobs, {seed['rest']:.1f} s the rest); {c['dbsize']:,} keys, {c['used_mb']:.0f} MB | — |",
+        "",
+        f"Every page at {c['jobs']:,} jobs (ms over HTTP; the commands of one view, with {c['small']:,} jobs → with "
+        f"{c['jobs']:,}; Redis time is the server's own for that view):",
+        "",
+        "| page | p50 | p95 | p95 with a tenth of the jobs | commands per view | Redis ms | scan-like | grows? | "
+        "commands |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *rows,
+        "",
+        "How it was measured (`benchmarks/console.py`, `python -m benchmarks.console [--quick]` on its own):",
+        "",
+        f"- The seed is written with pipelines the way arq, the workers and the receiver write it: {c['queue']:,} "
+        "jobs in `arq:queue` (`arq:job:*` encoded as `enqueue_job` encodes them; nine in ten due, over the last 20 "
+        "minutes; a tenth deferred up to an hour, some with arq's try count and their tries recorded, some waiting "
+        f"for the rate limit; {RUNNING} running at the head with their in-progress keys), as many send logs spread "
+        "over the days (`text` sent, a `d:text` record and 2 to 4 event lines as `apply.lua` leaves them, 7 % "
+        "failed with WhatsApp's codes, 3 % failed on one device and delivered on another; arq's results for the "
+        "last day), the counter series for every one of them (minute buckets for 26 h, hour buckets for the span), the "
+        f"deliveries stream with the newest {c['stream']:,} status changes, {c['dead']:,} dead letters (the cap), "
+        f"{c['suppressed']:,} people on the suppression list (`suppress_who`), the person indexes, {WORKERS} live "
+        "heartbeats and a little of the receiver's state. Numbers: +1 202 555 0100 to 0199 only.",
+        "- The console is the real app (`create_console`, no token) on a TCP port of this process; each page is "
+        "fetched over HTTP, one at a time, after three warm-up views, in rounds (the minimal page, the overview, "
+        "then every other page) so that a busy moment of the shared machine falls on all; find-by-phone is a POST "
+        "with the form's CSRF token and its cookie, timed alone.",
+        "- Commands: `CONFIG RESETSTAT`, one view, `INFO commandstats` (the two left out); commands a Lua script "
+        "runs count by name, so `exists`, `zrange` and the like in the overview's list are `queue_stats.lua`'s and "
+        "`workers.lua`'s. Everything is measured with a tenth of the jobs first, then with all: a count that "
+        "follows the number of jobs would show as a growth.",
+        "- Find by phone lists a person's 50 newest jobs (`PERSON_PAGE`), each found with `locate` (five or six "
+        "round trips, one after the other): its count follows the person's jobs up to those 50, not the queue; a "
+        "job whose result arq still holds (a day) costs a `zscore` where an older one costs a second `get`. The "
+        "suppressions page reads the whole index with `SSCAN` (redis-py's `sscan_iter`"
+        ", about ten members a call) and every entry with `MGET`, whatever it shows: its count follows the "
+        "suppression list, not the jobs.",
+    ]
 
 
 def write(r: dict[str, Any], quick: bool) -> None:
@@ -672,6 +759,8 @@ def write(r: dict[str, Any], quick: bool) -> None:
         "| `CGB_RATE_LIMIT` | workers | texts | reached | ÷ limit | busiest 1 s at CGB | Redis commands per message |",
         "| --- | --- | --- | --- | --- | --- | --- |",
         *rate_rows,
+        "",
+        *console_section(r["console"]),
         "",
         "## How it was measured",
         "",
