@@ -152,11 +152,12 @@ class Seeder:
         return f"{self.rng.getrandbits(128):032x}"
 
     def count(self, at: float, counter: str, by: int = 1) -> None:
-        """What ``series.count`` (and apply.lua's tally) adds, kept to be written per bucket at the end."""
+        """What ``series.count`` (and apply.lua's tally) adds, kept to be written per hash at the end."""
         now = time.time()
+        hour = series.hour_of(at)
         if now - at < series.MINUTE_TTL:
-            self.buckets[keys.series_minute(series.minute_of(at))][counter] += by
-        self.buckets[keys.series_hour(series.hour_of(at))][counter] += by
+            self.buckets[keys.series_minutes(hour)][series.minute_field(at, counter)] += by
+        self.buckets[keys.series_hour(hour)][counter] += by
 
     async def base(self) -> None:
         """What does not grow with the jobs: dead letters (at the cap), suppressions, heartbeats, running jobs,
@@ -381,8 +382,8 @@ class Seeder:
         """The counters written so far, per bucket (``HINCRBY``, as ``series.count`` does), each bucket expiring
         when it would have; then forgotten, so that the next slice adds to them."""
         for key, counters in self.buckets.items():
-            minute = key.startswith(keys.series_minute(0)[:-1])
-            start = int(key.rsplit(":", 1)[1]) * (60 if minute else 3600)
+            minute = key.startswith(keys.series_minutes(0)[:-1])
+            start = int(key.rsplit(":", 1)[1]) * 3600
             left = int((series.MINUTE_TTL if minute else series.HOUR_TTL) - (now - start))
             if left <= 0:
                 continue
@@ -394,12 +395,13 @@ class Seeder:
         self.buckets.clear()
 
     async def _people(self, w: _Writer) -> None:
-        """Each person's newest jobs (at most ``PERSON_JOBS_MAX``), as the worker keeps the index."""
+        """Each job in the person index of the day it was tried, as the worker's recorder writes it."""
         for who, jobs in self.people.items():
-            w.pipe.zadd(keys.jobs_of(who), jobs, nx=True)
-            w.pipe.zremrangebyrank(keys.jobs_of(who), 0, -keys.PERSON_JOBS_MAX - 1)
-            w.pipe.expire(keys.jobs_of(who), SEND_TTL)
-            await w.sent(3)
+            for job_id, at_ms in jobs.items():
+                day = keys.jobs_on(int(at_ms // 86_400_000))
+                w.pipe.zadd(day, {series.index_member(who, at_ms, job_id): 0})
+                w.pipe.expire(day, series.INDEX_TTL, nx=True)
+                await w.sent(2)
         await w.flush()
         self.people.clear()
 
@@ -554,7 +556,7 @@ async def console_bench(redis_url: str, *, jobs: int = 100_000, days: int = 7, s
         began = time.perf_counter()
         await seeder.add_jobs(small)
         out["seed_s"]["small"] = time.perf_counter() - began
-        console, url = await _serve(create_console(pool, ConsoleAuth(None)))
+        console, url = await _serve(create_console(pool, ConsoleAuth(None, pool)))
         runners.append(console)
         base, base_url = await _serve(minimal_app(client))
         runners.append(base)

@@ -66,7 +66,7 @@ _OWN: tuple[tuple[str, str], ...] = (
     (keys.suppressed(""), "suppression list"),
     (keys.sends(""), "send records"),
     (keys.throttled(""), "throttle marks"),
-    (keys.jobs_of(""), "job index"),
+    (keys.JOBS_ON_PREFIX, "job index"),
     (keys.WAMID_PREFIX, "wamid map"),
     (job_key_prefix, "queued jobs"),
     (result_key_prefix, "job results"),

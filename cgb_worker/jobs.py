@@ -106,6 +106,7 @@ from .quiet import quiet_until
 from .ratelimit import reset_deadline, set_deadline
 from .sends import OF, RESULT, RS, SENDING, SENT, SendLog, StepRecord, nothing_sent
 from .sends import TTL as SEND_LOG_TTL
+from .series import Recorder
 from .settings import Settings, job_deadline
 from .suppression import Entry, refusal
 from .templates import TemplateResolver
@@ -363,6 +364,8 @@ class Services:
     sends: SendLog
     dead_letters: DeadLetters
     metrics: Metrics | None = None
+    recorder: Recorder | None = None
+    """The console's counts and person index, written in batches (:mod:`cgb_worker.series`)."""
     clock: Callable[[], datetime] = field(default=utc_now)
     """Now, as an aware datetime: what ``expiresAt`` and quiet hours are judged by (a test may give its own)."""
 
@@ -429,6 +432,7 @@ async def whatsapp_send(
                     fallback_of=fallback_of or resend_of,
                     resend=resend,
                     job_id=job_id,
+                    enqueued_ms=_enqueued_ms(ctx),
                 )
         except TimeoutError:
             raise CGBTimeoutError(f"the job did not finish within {deadline:.0f} s") from None
@@ -610,6 +614,11 @@ class _Event:
         )
 
 
+def _enqueued_ms(ctx: dict[str, Any]) -> int | None:
+    enqueued = ctx.get("enqueue_time")
+    return int(enqueued.timestamp() * 1000) if isinstance(enqueued, datetime) else None
+
+
 async def _dead_letter(
     services: Services, ctx: dict[str, Any], raw: Any, exc: BaseException, attempts: int, *, origin: str
 ) -> None:
@@ -640,6 +649,7 @@ async def _send(
     fallback_of: str | None = None,
     resend: tuple[str, int] | None = None,
     job_id: str | None = None,
+    enqueued_ms: int | None = None,
 ) -> SendResult:
     settings = services.settings
     plan = validate(raw, default_region=settings.default_region)
@@ -660,14 +670,9 @@ async def _send(
         if resend is not None and fallback_of is not None:
             # every earlier send of the step, as they stand now, and the receiver's word that it asked for this one
             pipe.hmget(keys.sends(fallback_of), [*(f"d:{name}" for name in chain(resend[0])), f"r:{resend[0]}"])
-        if job_id is not None:  # the person's index of jobs, for the console's find-by-number (riding this trip)
-            person_jobs = keys.jobs_of(keys.who(plan.to))
-            pipe.zadd(person_jobs, {job_id: int(time.time() * 1000)}, nx=True)
-            pipe.zremrangebyrank(person_jobs, 0, -keys.PERSON_JOBS_MAX - 1)
-            pipe.expire(person_jobs, SEND_LOG_TTL)
         answers = await pipe.execute()
-    if job_id is not None:
-        answers = answers[:-3]
+    if job_id is not None and services.recorder is not None:  # the console's find-by-number, written in batches
+        services.recorder.index(keys.who(plan.to), job_id, enqueued_ms or int(time.time() * 1000))
     record, (window, since, tracking, turn, suppressed, undeliverable, *rest), *resent = answers
     cached_contact: Any = known if known is not None else rest[0]
     if RESULT in record:
@@ -1025,6 +1030,8 @@ class _Run:
         # falls now, so that the next try finds the step sent.
         await asyncio.shield(sends.mark_sent(self.log_id, name, result=encoded, record=marked))
         self.record[name.encode()] = SENT
+        if self.services.recorder is not None:
+            self.services.recorder.count("accepted")
 
 
 async def _deliver(

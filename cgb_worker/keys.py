@@ -108,14 +108,15 @@ def sends(job_id: str) -> str:
     return f"cgb:sends:{job_id}"
 
 
-PERSON_JOBS_MAX = 200
-"""Jobs :func:`jobs_of` keeps per person, the newest."""
+JOBS_ON_PREFIX = "cgb:jobs:day:"
 
 
-def jobs_of(phone_hash: str) -> str:
-    """The person's newest jobs (at most :data:`PERSON_JOBS_MAX`, for as long as send records last), scored by
-    when each was first tried (ms): the console finds a person's jobs by the keyed hash of the number typed in."""
-    return f"cgb:jobs:of:{phone_hash}"
+def jobs_on(day: int) -> str:
+    """The jobs tried on one day (UTC, ``day`` counted from the epoch), each once as the member
+    ``<who>|<enqueued, ms, 13 digits>|<job id>``, every score 0: a person's jobs are one lexicographic range,
+    oldest first, which the console reads backwards to find them by the keyed hash of the number typed in
+    (:class:`cgb_worker.series.Recorder` writes it in batches). A day's key lives 8 days."""
+    return f"{JOBS_ON_PREFIX}{day}"
 
 
 def tries(job_id: str) -> str:
@@ -124,13 +125,14 @@ def tries(job_id: str) -> str:
     return f"cgb:tries:{job_id}"
 
 
-def series_minute(minute: int) -> str:
-    """One minute's counters (:mod:`cgb_worker.series`), ``minute`` counted from the epoch."""
-    return f"cgb:series:m:{minute}"
+def series_minutes(hour: int) -> str:
+    """One hour's counters by minute (:mod:`cgb_worker.series`): fields ``<minute, 2 digits>:<counter>``;
+    ``hour`` counted from the epoch."""
+    return f"cgb:series:m:{hour}"
 
 
 def series_hour(hour: int) -> str:
-    """One hour's counters (:mod:`cgb_worker.series`), ``hour`` counted from the epoch."""
+    """One hour's counters in all (:mod:`cgb_worker.series`): fields ``<counter>``."""
     return f"cgb:series:h:{hour}"
 
 

@@ -31,6 +31,16 @@ def _queue(pipe: Pipeline, script: Any, names: list[str], args: list[Any]) -> No
     command(script.sha, len(names), *names, *args)
 
 
+def _counters(now: float) -> list[str]:
+    """apply.lua's counter keys at ``now``: the hour's by-minute hash and its totals (:mod:`cgb_worker.series`)."""
+    hour = series.hour_of(now)
+    return [keys.series_minutes(hour), keys.series_hour(hour)]
+
+
+def _counter_args(now: float) -> list[Any]:
+    return [series.minute_field(now, "")[:2], series.MINUTE_TTL, series.HOUR_TTL]
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -119,7 +129,7 @@ class ApplyScript:
         u = update
         now = time.time() if now is None else now
         found = await self._script(
-            keys=[keys.sends(delivery_id), keys.DELIVERIES, window_key or "", keys.REACTIONS, *series.bucket_keys(now)],
+            keys=[keys.sends(delivery_id), keys.DELIVERIES, window_key or "", keys.REACTIONS, *_counters(now)],
             args=[
                 u.step,
                 u.status,
@@ -134,8 +144,7 @@ class ApplyScript:
                 delivery_id,
                 u.user_id,
                 self._window_ttl,
-                series.MINUTE_TTL,
-                series.HOUR_TTL,
+                *_counter_args(now),
             ],
         )
         outcome = _text(found[0])
@@ -194,12 +203,12 @@ class PlaceScript:
             keys.DELIVERIES,
             keys.window(who) if who else "",
             keys.REACTIONS,
-            *series.bucket_keys(time.time() if now is None else now),
+            *_counters(time.time() if now is None else now),
         ]
         match_args = [who, a.at_ms, window_ms, skew_ms, wamid_ttl, a.status, "1" if a.refused else ""]
         apply_args = [a.status, a.at_ms, a.event, a.wamid, "", a.error_code, a.error_title, a.error_details,
                       self._stream_max, "", a.user_id, self._window_ttl,
-                      series.MINUTE_TTL, series.HOUR_TTL]  # fmt: skip
+                      *_counter_args(time.time() if now is None else now)]  # fmt: skip
         _queue(pipe, self._script, names, [*match_args, keys.sends(""), *apply_args])
 
     @staticmethod

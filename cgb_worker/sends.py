@@ -40,7 +40,7 @@ from typing import Any
 import msgspec
 from redis.asyncio import Redis
 
-from . import keys, sealed, series
+from . import keys, sealed
 from .errors import CGBAPIError, CGBConnectError, CGBError, TurnBusyError
 from .scripts import UnsendScript
 
@@ -218,17 +218,17 @@ class SendLog:
     async def mark_sent(
         self, job_id: str, step: str, *, result: bytes | None = None, record: StepRecord | None = None
     ) -> None:
-        """The step is sent: its mark (with the job's result when it was the last step) and the counters'
-        ``accepted`` (:mod:`cgb_worker.series`), in one transaction. A record kept in another job's hash (a
-        fallback template's) is marked acknowledged there too."""
+        """The step is sent: one ``HSET`` (with the job's result when it was the last step). A record kept in
+        another job's hash (a fallback template's) is marked acknowledged there too."""
         fields: dict[str | bytes, bytes] = {step: SENT}
         if result is not None:
             fields[RESULT] = result
-        async with self._redis.pipeline(transaction=True) as pipe:
+        if record is None or record.delivery_id == job_id:
+            await self._redis.hset(key(job_id), mapping=fields)  # type: ignore[misc]
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hset(key(job_id), mapping=fields)
-            if record is not None and record.delivery_id != job_id:
-                pipe.hset(key(record.delivery_id), f"a:{step}", "1")
-            series.count(pipe, time.time(), "accepted")
+            pipe.hset(key(record.delivery_id), f"a:{step}", "1")
             await pipe.execute()
 
     async def forget_copy(self, record: StepRecord) -> None:

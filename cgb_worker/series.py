@@ -1,13 +1,12 @@
-"""The counter series: what happened each minute and each hour, kept in Redis by the workers and the receiver,
-so the console's charts, funnel and failure codes survive a restart of anything (nothing lives in its memory).
+"""The counter series and the person index: what the console's charts, funnel, failure codes and find-by-number
+read, kept in Redis by the workers and the receiver, so they survive a restart of anything (nothing lives in the
+console's memory).
 
-Each bucket is a hash of counters (``HINCRBY``, one round trip with the write it counts): a minute's for
-:data:`MINUTE_TTL`, an hour's for :data:`HOUR_TTL`. The buckets are named by time, so reading the last hour is 60
-``HGETALL`` and the last day 24, never a scan.
+**Counters.** Each hour has two hashes: its counters by minute (``<mm>:<counter>``, kept :data:`MINUTE_TTL`)
+and in all (``<counter>``, kept :data:`HOUR_TTL`). Reading the last hour by minute and the last day by hour is
+26 ``HGETALL`` in one round trip, however many jobs there are. Counters, per message (a flow's step is one):
 
-Counters, per message (a flow's step is one):
-
-- ``accepted``: CGB took the message (the worker, with the step's ``sent`` mark);
+- ``accepted``: CGB took the message (the worker);
 - ``dead``: a job dead-lettered (the worker, with the entry);
 - ``retried``: a try that ended in a retry (not a deferral: those wait, they did not fail);
 - ``sent``, ``delivered``, ``read``: the message reached that stage (the receiver, in ``apply.lua``): counted once
@@ -19,48 +18,155 @@ Counters, per message (a flow's step is one):
 
 The funnel's rates divide by ``accepted`` in the same window; the receiver counts when it applies a status, so a
 message accepted just before a window's start may be delivered in it: over an hour or a day that edge is small.
+
+**The person index** (:func:`cgb_worker.keys.jobs_on`): a member per job per day it was tried, naming the
+person by the keyed hash of the number.
+
+**Batched, on the worker's side.** A send is the hot path (Redis commands per message are budgeted, see
+BENCHMARKS.md), so the worker's ``accepted`` counts and index entries go through a :class:`Recorder` that writes
+what it gathered every :data:`FLUSH_EVERY` seconds in one round trip (a handful of commands for all the messages
+of that span, rather than several per message), and once more when the worker stops. A worker killed outright
+loses at most that span's counts and index entries: a chart shows a few messages fewer, and find-by-number
+misses those jobs (they are still found by id). Rare events (a dead letter, a retry) are counted at once, in the
+write they count.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
+from loguru import logger
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import RedisError
 
 from . import keys
+from .tasks import cancel_and_wait
 
 MINUTE_TTL = 26 * 3600
-"""A minute's bucket is kept for a day and two hours: the hour chart, and a day of minutes for later use."""
+"""An hour's by-minute hash is kept a day and two hours: the hour chart, with a day to spare."""
 HOUR_TTL = 8 * 86400
-"""An hour's bucket is kept eight days: a week of history, as long as send records last, and a day to spare."""
+"""An hour's totals are kept eight days: a week of history, as long as send records last, and a day to spare."""
+INDEX_TTL = 8 * 86400
+"""A day of the person index is kept eight days: a week's jobs are found by number, as long as send records last."""
 FUNNEL = ("accepted", "sent", "delivered", "read")
-
-
-def minute_of(now: float) -> int:
-    return int(now // 60)
+FLUSH_EVERY = 2.0
+"""Seconds between a worker's writes of what its :class:`Recorder` gathered."""
+PENDING_MAX = 100_000
+"""Index entries a :class:`Recorder` holds at most while Redis is away; beyond it the oldest are dropped."""
 
 
 def hour_of(now: float) -> int:
     return int(now // 3600)
 
 
-def bucket_keys(now: float) -> tuple[str, str]:
-    """The minute's and the hour's buckets ``now`` falls in (apply.lua takes them as keys)."""
-    return keys.series_minute(minute_of(now)), keys.series_hour(hour_of(now))
+def minute_field(now: float, counter: str) -> str:
+    """The by-minute hash's field for ``counter`` at ``now``: the minute of the hour, two digits."""
+    return f"{int(now // 60) % 60:02d}:{counter}"
 
 
 def count(pipe: Pipeline, now: float, counter: str, by: int = 1) -> None:
-    """Queue ``counter += by`` in both buckets of ``now`` (the TTL set once, when the bucket is made)."""
-    for key, ttl in zip(bucket_keys(now), (MINUTE_TTL, HOUR_TTL), strict=True):
-        pipe.hincrby(key, counter, by)
-        pipe.expire(key, ttl, nx=True)
+    """Queue ``counter += by`` at ``now`` in both of the hour's hashes (each TTL set once, when it is made)."""
+    hour = hour_of(now)
+    pipe.hincrby(keys.series_minutes(hour), minute_field(now, counter), by)
+    pipe.expire(keys.series_minutes(hour), MINUTE_TTL, nx=True)
+    pipe.hincrby(keys.series_hour(hour), counter, by)
+    pipe.expire(keys.series_hour(hour), HOUR_TTL, nx=True)
+
+
+def index_member(who: str, enqueued_ms: int, job_id: str) -> str:
+    return f"{who}|{enqueued_ms:013d}|{job_id}"
+
+
+class Recorder:
+    """A worker's counts and index entries, gathered in memory and written every :data:`FLUSH_EVERY` seconds
+    (module docstring). One per worker process, started and stopped with it."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._counts: Counter[tuple[int, str]] = Counter()
+        """(minute since the epoch, counter) → how many."""
+        self._index: dict[int, dict[str, None]] = {}
+        """Day → the index members gathered for it, in order, each once."""
+        self._indexed = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def count(self, counter: str, now: float | None = None, by: int = 1) -> None:
+        moment = time.time() if now is None else now
+        self._counts[(int(moment // 60), counter)] += by
+
+    def index(self, who: str, job_id: str, enqueued_ms: int, now: float | None = None) -> None:
+        day = int((time.time() if now is None else now) // 86400)
+        members = self._index.setdefault(day, {})
+        member = index_member(who, enqueued_ms, job_id)
+        if member not in members:
+            members[member] = None
+            self._indexed += 1
+        while self._indexed > PENDING_MAX:  # Redis away for long: the oldest day's oldest go first
+            oldest = self._index[min(self._index)]
+            oldest.pop(next(iter(oldest)))
+            self._indexed -= 1
+            if not oldest:
+                del self._index[min(self._index)]
+
+    async def flush(self) -> None:
+        """Write what was gathered, in one round trip; on a Redis error it is kept for the next flush."""
+        if not self._counts and not self._index:
+            return
+        counts, index = self._counts, self._index
+        self._counts, self._index, self._indexed = Counter(), {}, 0
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                hours: set[int] = set()
+                for (minute, counter), n in counts.items():
+                    hour = minute // 60
+                    hours.add(hour)
+                    pipe.hincrby(keys.series_minutes(hour), f"{minute % 60:02d}:{counter}", n)
+                    pipe.hincrby(keys.series_hour(hour), counter, n)
+                for hour in hours:
+                    pipe.expire(keys.series_minutes(hour), MINUTE_TTL, nx=True)
+                    pipe.expire(keys.series_hour(hour), HOUR_TTL, nx=True)
+                for day, members in index.items():
+                    pipe.zadd(keys.jobs_on(day), dict.fromkeys(members, 0))
+                    pipe.expire(keys.jobs_on(day), INDEX_TTL, nx=True)
+                await pipe.execute()
+        except (RedisError, OSError):
+            self._counts.update(counts)  # Redis away: kept (the index bounded), written once it is back
+            for day, members in index.items():
+                for member in members:
+                    self._index.setdefault(day, {})[member] = None
+            self._indexed = sum(len(m) for m in self._index.values())
+            raise
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_EVERY)
+            try:
+                await self.flush()
+            except (RedisError, OSError) as exc:  # said by the outage's own lines; tried again next time
+                logger.debug("series: could not write the counts ({})", type(exc).__name__)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stop the loop and write what is left (once, briefly: a worker stopping during an outage does not
+        wait on it)."""
+        if self._task is not None:
+            await cancel_and_wait(self._task)
+            self._task = None
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(5.0):
+                await self.flush()
 
 
 @dataclass(slots=True)
 class Window:
-    """Counters over a span: one :class:`collections.Counter`-like dict per bucket, oldest first."""
+    """Counters over a span, one dict per bucket, oldest first."""
 
     starts: list[float]
     """Each bucket's start (epoch seconds)."""
@@ -77,23 +183,27 @@ class Window:
 
 
 async def read(redis: Redis, now: float | None = None) -> tuple[Window, Window]:
-    """The last hour by minute (60 buckets, the current one last) and the last day by hour (24), in one round
-    trip."""
+    """The last hour by minute (60 buckets, the current minute last) and the last day by hour (24, the current
+    hour last), in one round trip: this hour's and the last one's by-minute hashes, and 24 hours' totals."""
     now = time.time() if now is None else now
-    minute, hour = minute_of(now), hour_of(now)
-    minutes = list(range(minute - 59, minute + 1))
+    hour, minute = hour_of(now), int(now // 60)
     hours = list(range(hour - 23, hour + 1))
     async with redis.pipeline(transaction=False) as pipe:
-        for m in minutes:
-            pipe.hgetall(keys.series_minute(m))
+        pipe.hgetall(keys.series_minutes(hour - 1))
+        pipe.hgetall(keys.series_minutes(hour))
         for h in hours:
             pipe.hgetall(keys.series_hour(h))
         raw = await pipe.execute()
-    decoded = [{_text(k): int(v) for k, v in bucket.items()} for bucket in raw]
-    return (
-        _window([m * 60.0 for m in minutes], decoded[: len(minutes)]),
-        _window([h * 3600.0 for h in hours], decoded[len(minutes) :]),
-    )
+    by_minute: dict[int, dict[str, int]] = {}
+    for h, found in ((hour - 1, raw[0]), (hour, raw[1])):
+        for name, value in found.items():
+            mm, _, counter = _text(name).partition(":")
+            if mm.isdigit() and counter:
+                by_minute.setdefault(h * 60 + int(mm), {})[counter] = _int(value)
+    minutes = list(range(minute - 59, minute + 1))
+    last_hour = _window([m * 60.0 for m in minutes], [by_minute.get(m, {}) for m in minutes])
+    totals = [{_text(k): _int(v) for k, v in found.items()} for found in raw[2:]]
+    return last_hour, _window([h * 3600.0 for h in hours], totals)
 
 
 def _window(starts: list[float], buckets: list[dict[str, int]]) -> Window:
@@ -106,3 +216,10 @@ def _window(starts: list[float], buckets: list[dict[str, int]]) -> Window:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _int(value: bytes | str) -> int:
+    try:
+        return int(value)
+    except ValueError:  # not ours: counted as nothing rather than failing the page
+        return 0

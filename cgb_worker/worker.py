@@ -68,6 +68,7 @@ from .preflight import StartupError, check_cgb, open_redis, wait_for_redis
 from .ratelimit import RateLimiter
 from .sends import SendLog
 from .serialization import deserialize, serialize
+from .series import Recorder
 from .settings import Settings, listen_problem, load_settings
 from .templates import Catalog, TemplateResolver
 
@@ -180,6 +181,9 @@ def _startup(settings: Settings) -> Any:
         )
         contacts = ContactResolver(client, redis, cache_ttl=settings.cache_timeout, on_cache=metrics.on_cache)
         dead_letters = DeadLetters(redis, max_entries=settings.dead_letter_max)
+        recorder = Recorder(redis)
+        recorder.start()
+        ctx["recorder"] = recorder
         ctx["cgb"] = Services(
             settings=settings,
             redis=redis,
@@ -189,6 +193,7 @@ def _startup(settings: Settings) -> Any:
             sends=SendLog(redis),
             dead_letters=dead_letters,
             metrics=metrics,
+            recorder=recorder,
         )
         heartbeat = WorkerHeartbeat(
             redis,
@@ -234,6 +239,9 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     metrics: Metrics | None = ctx.get("metrics")
     if metrics is not None:
         await metrics.close()
+    recorder: Recorder | None = ctx.get("recorder")
+    if recorder is not None:  # the last counts and index entries (arq's jobs have ended by now)
+        await recorder.stop()
     heartbeat: WorkerHeartbeat | None = ctx.get("heartbeat")
     if heartbeat is not None:
         await heartbeat.stop()

@@ -358,7 +358,7 @@ async def test_a_page_view_costs_the_same_redis_commands_however_many_jobs_and_n
         assert not {"keys", "scan", "hscan", "zscan"} & set(many), (path, many)
         assert many.get("sscan", 0) <= 1, path  # the suppression list: one page of its index
     overview = dict(large[0])
-    assert overview.pop("hgetall") == 60 + 24  # the counter series: an hour of minutes, a day of hours
+    assert overview.pop("hgetall") == 2 + 24  # the counter series: two hours by minute, a day of hours
     assert sum(overview.values()) <= 20, overview  # and a handful more, whatever the backlog
     assert large[-1]["mget"] == 1  # one page of the suppression list's entries, of 1,500
 

@@ -287,16 +287,19 @@ async def test_apply_counts_each_stage_once_per_message_whatever_the_order(redis
     await apply("job-1", _update("failed", "w1b", code="131026"), window_key=None, now=now)
     await apply("job-2", _update("failed", "w2", code="131049"), window_key=None, now=now)
     await apply("job-2", _update("failed", "w2b", code="131049"), window_key=None, now=now)
-    minute, hour = series.bucket_keys(now)
+    hour = series.hour_of(now)
     # job-1's late failure is not counted: the message was delivered (failed ranks below delivered)
-    want = {b"sent": b"1", b"delivered": b"1", b"read": b"1", b"failed": b"1", b"code:131049": b"1"}
-    assert await redis_client.hgetall(minute) == want
-    assert await redis_client.hgetall(hour) == want
-    assert 0 < await redis_client.ttl(minute) <= series.MINUTE_TTL
-    assert series.MINUTE_TTL < await redis_client.ttl(hour) <= series.HOUR_TTL
-    later = now + 3600  # another hour's buckets: nothing more is counted for a message already counted
+    want = {"sent": 1, "delivered": 1, "read": 1, "failed": 1, "code:131049": 1}
+    mm = series.minute_field(now, "")
+    by_minute = await redis_client.hgetall(keys.series_minutes(hour))
+    assert by_minute == {f"{mm}{k}".encode(): str(v).encode() for k, v in want.items()}
+    assert await redis_client.hgetall(keys.series_hour(hour)) == {k.encode(): str(v).encode() for k, v in want.items()}
+    assert 0 < await redis_client.ttl(keys.series_minutes(hour)) <= series.MINUTE_TTL
+    assert series.MINUTE_TTL < await redis_client.ttl(keys.series_hour(hour)) <= series.HOUR_TTL
+    later = now + 3600  # another hour's: nothing more is counted for a message already counted
     await apply("job-1", _update("delivered", "w1c"), window_key=None, now=later)
-    assert not await redis_client.exists(*series.bucket_keys(later))
+    later_hour = series.hour_of(later)
+    assert not await redis_client.exists(keys.series_minutes(later_hour), keys.series_hour(later_hour))
 
 
 async def test_apply_in_place_counts_too(redis_client: Any) -> None:
@@ -310,7 +313,8 @@ async def test_apply_in_place_counts_too(redis_client: Any) -> None:
         script.queue(pipe, PlaceArgs("wamid.P", keys.who(A), "read", T0 + 500, b"{}"), now=now)
         (found,) = await pipe.execute()
     assert PlaceScript.answer(found).applied is not None
-    assert await redis_client.hgetall(series.bucket_keys(now)[0]) == {b"sent": b"1", b"delivered": b"1", b"read": b"1"}
+    totals = await redis_client.hgetall(keys.series_hour(series.hour_of(now)))
+    assert totals == {b"sent": b"1", b"delivered": b"1", b"read": b"1"}
 
 
 async def test_unconfirmed_is_no_event_once_a_status_came(redis_client: Any) -> None:

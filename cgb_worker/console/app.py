@@ -41,6 +41,8 @@ HERE = Path(__file__).parent
 JOB_ID_MAX = 128
 PERSON_PAGE = 50
 """A person's jobs listed at most, newest first."""
+INDEX_DAYS = 8
+"""Days of the person index a search reads: a week and the day that is ending, as long as send records last."""
 RELATED_MAX = 12
 """Linked jobs looked for at most on a job's page (its fallback, and a resend per step)."""
 FAILURES_PAGE = 200
@@ -230,14 +232,30 @@ class Console:
             e164 = normalize_phone(raw if isinstance(raw, str) else None, self.default_region)
         except InvalidPhoneError:
             return _page(request, "find.html", status=400, problem="that is not a phone number", results=None)
-        found = await self.redis.zrevrange(keys.jobs_of(keys.who(e164)), 0, PERSON_PAGE - 1, withscores=True)
         results = []
-        for member, score in found:
-            job_id = member.decode() if isinstance(member, bytes) else str(member)
+        for job_id, enqueued_ms in await self._jobs_of(keys.who(e164)):
             state = await locate(self.redis, job_id)
             line, failed = describe(state), state.failed
-            results.append({"job_id": job_id, "first_tried": score / 1000, "line": line, "failed": failed})
+            results.append({"job_id": job_id, "enqueued": enqueued_ms / 1000, "line": line, "failed": failed})
         return _page(request, "find.html", problem=None, results=results)
+
+    async def _jobs_of(self, who: str) -> list[tuple[str, int]]:
+        """The person's newest jobs (at most :data:`PERSON_PAGE`), newest first, from the last days of the
+        person index (:func:`cgb_worker.keys.jobs_on`): one lexicographic range per day, one round trip."""
+        today = int(time.time() // 86400)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for day in range(today, today - INDEX_DAYS, -1):
+                pipe.zrevrangebylex(
+                    keys.jobs_on(day), f"[{who}|".encode() + b"\xff", f"[{who}|", start=0, num=PERSON_PAGE
+                )
+            days = await pipe.execute()
+        found: dict[str, int] = {}
+        for members in days:
+            for member in members:
+                _who, stamp, job_id = (member.decode() if isinstance(member, bytes) else str(member)).split("|", 2)
+                if stamp.isdigit():
+                    found.setdefault(job_id, int(stamp))
+        return sorted(found.items(), key=lambda item: (-item[1], item[0]))[:PERSON_PAGE]
 
     async def find(self, request: web.Request) -> web.Response:
         job_id = request.query.get("job", "").strip()

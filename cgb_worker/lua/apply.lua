@@ -1,11 +1,11 @@
 -- Apply one status to one message's record, and append what it calls for, in one atomic step: a status that
 -- makes the message 'failed' appends a 'failed' reaction (with its code) to the outbox.
 -- KEYS[1] the send-log hash, KEYS[2] the deliveries stream, KEYS[3] the window key ('' when the phone is
--- unknown), KEYS[4] the reactions outbox, KEYS[5] and KEYS[6] this minute's and this hour's counters (series.py;
--- '' counts nothing).
+-- unknown), KEYS[4] the reactions outbox, KEYS[5] and KEYS[6] this hour's counters by minute and in all
+-- (series.py; '' counts nothing).
 -- ARGV[1] step, [2] status, [3] its time (ms), [4] the event (a JSON line), [5] wamid, [6] how it was matched,
 -- [7] error code, [8] title, [9] details, [10] the stream's cap, [11] the job id, [12] user_id (a BSUID), [13]
--- the window key's TTL (s), [14] and [15] the counters' TTLs (s). The recipient's phone is not stored: the record is found by job id, the person by hash.
+-- the window key's TTL (s), [14] this minute of the hour (2 digits), [15] and [16] the counters' TTLs (s). The recipient's phone is not stored: the record is found by job id, the person by hash.
 -- Returns {outcome, status now, the send's time (ms), reactions appended}; outcome is changed, kept, duplicate
 -- or gone (the record expired).
 local step, status, at, wamid, code = ARGV[1], ARGV[2], ARGV[3], ARGV[5], ARGV[7]
@@ -54,10 +54,10 @@ end
 if (KEYS[5] or '') ~= '' then
   local reached = s.n or ''
   local function tally(name)
-    redis.call('HINCRBY', KEYS[5], name, 1)
-    redis.call('EXPIRE', KEYS[5], ARGV[14], 'NX')
+    redis.call('HINCRBY', KEYS[5], ARGV[14] .. ':' .. name, 1)
+    redis.call('EXPIRE', KEYS[5], ARGV[15], 'NX')
     redis.call('HINCRBY', KEYS[6], name, 1)
-    redis.call('EXPIRE', KEYS[6], ARGV[15], 'NX')
+    redis.call('EXPIRE', KEYS[6], ARGV[16], 'NX')
   end
   if status == 'failed' then
     -- a failure on one device after delivery on another is no failure of the message: only one that moved it

@@ -5,8 +5,8 @@
 -- match(KEYS, ARGV) and apply(KEYS, ARGV), so each stays one file, tested on its own.
 -- KEYS[1..5] match.lua's, KEYS[6] the deliveries stream, KEYS[7] the window key ('' when the phone is unknown),
 -- KEYS[8] the reactions outbox, KEYS[9] and KEYS[10] the counters (apply.lua's KEYS[5] and KEYS[6]).
--- ARGV[1..7] match.lua's, ARGV[8] the prefix of send-log keys (the job id follows it), ARGV[9..22] apply.lua's
--- ARGV[2..15], of which [6] (how it was matched) and [11] (the job id) are filled in here.
+-- ARGV[1..7] match.lua's, ARGV[8] the prefix of send-log keys (the job id follows it), ARGV[9..23] apply.lua's
+-- ARGV[2..16], of which [6] (how it was matched) and [11] (the job id) are filled in here.
 -- Returns match.lua's answer when the status is not placed ({'none'}, {'ambiguous', ref, ...}), else
 -- {by, ref, outcome, status now, the send's time (ms), reactions appended} with apply.lua's four.
 local found = match({KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]},
