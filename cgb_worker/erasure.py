@@ -67,6 +67,8 @@ _OWN: tuple[tuple[str, str], ...] = (
     (keys.sends(""), "send records"),
     (keys.throttled(""), "throttle marks"),
     (keys.JOBS_ON_PREFIX, "job index"),
+    (keys.tries(""), "job tries"),
+    (keys.last_retry(""), "job tries"),
     (keys.WAMID_PREFIX, "wamid map"),
     (job_key_prefix, "queued jobs"),
     (result_key_prefix, "job results"),
