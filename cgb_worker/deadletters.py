@@ -17,6 +17,7 @@ writes, so a step CGB acknowledged is never sent again. It links the two ids bot
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 import msgspec
@@ -35,6 +36,7 @@ INDEX = keys.DEAD_INDEX
 ENTRIES = keys.DEAD_ENTRIES
 PAYLOADS = keys.DEAD_PAYLOADS
 ORIGINS = PAYLOADS + ":origin"
+REPLAYING = keys.DEAD_REPLAYING
 """Entry id to the id of the job whose send record it continues (itself, unless it was a replay)."""
 
 LINK_TTL = SEND_LOG_TTL
@@ -72,6 +74,15 @@ def error_code(error: BaseException) -> int | None:
     return None
 
 
+def _function(raw_entry: bytes) -> str:
+    """The job function an entry names; an entry that does not decode (another version's, or damaged) is
+    replayed as ``whatsapp_send``, the only function the worker has."""
+    try:
+        return msgspec.msgpack.decode(raw_entry, type=DeadLetter).function
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return "whatsapp_send"
+
+
 def mask_payload(payload: Any) -> Any:
     if not isinstance(payload, dict):
         return "<not a mapping>"
@@ -90,7 +101,8 @@ class DeadLetters:
         self._redis = redis
         self._max = max_entries
         self._trim = redis.register_script(source("dead_trim"))
-        self._claim = redis.register_script(source("dead_claim"))
+        self._reserve = redis.register_script(source("dead_reserve"))
+        self._finish = redis.register_script(source("dead_finish"))
 
     async def add(
         self,
@@ -132,7 +144,14 @@ class DeadLetters:
 
     async def trim(self) -> None:
         """Drop the oldest entries past ``DEAD_LETTER_MAX``, a chunk per call, until the store fits."""
-        while int(await self._trim(keys=[INDEX, ENTRIES, PAYLOADS], args=[self._max, TRIM_CHUNK, keys.sends("")])) > 0:
+        while (
+            int(
+                await self._trim(
+                    keys=[INDEX, ENTRIES, PAYLOADS, REPLAYING], args=[self._max, TRIM_CHUNK, keys.sends("")]
+                )
+            )
+            > 0
+        ):
             pass
 
     async def count(self) -> int:
@@ -181,35 +200,36 @@ class DeadLetters:
         return msgspec.msgpack.decode(raw) if raw else None
 
     async def replay(self, pool: ArqRedis, job_id: str) -> str | None:
-        """Claim the entry (atomically: of two replays at once, one gets it) and enqueue its payload again,
-        continuing the original job's send record; return the new job's id, or None if there was no entry.
+        """Enqueue the entry's payload again, continuing the original job's send record, and take the entry out;
+        return the new job's id, or None when there is no such entry (never, or another replay finished it).
 
-        The new job has an id of its own (arq refuses an id whose result it still holds) and carries
-        ``replay_of``. Should the enqueue fail, the entry is put back."""
-        claimed = await self._claim(keys=[INDEX, ENTRIES, PAYLOADS, ORIGINS], args=[job_id])
-        if not claimed:
+        In three steps, none of which loses the entry: the new job's id is reserved for the entry
+        (``dead_reserve.lua``), the job is enqueued under it, and the entry leaves the store with the replay
+        links set (``dead_finish.lua``). A replay cut short between them (a timeout, a crash, Redis frozen and
+        thawed) leaves the entry listed with its reservation, and the next replay of it uses the same id: arq
+        enqueues a job id once, and a job that ran already finds its result in the send record, so nothing is
+        sent twice. Of replays racing for one entry, one returns the id. The new job carries ``replay_of``."""
+        new_id = await self._reserve(keys=[ENTRIES, REPLAYING], args=[job_id, uuid.uuid4().hex])
+        if not new_id:
             return None
-        raw_entry, raw_payload, raw_origin = claimed
-        entry = msgspec.msgpack.decode(raw_entry, type=DeadLetter)
-        origin = raw_origin.decode() if isinstance(raw_origin, bytes) else str(raw_origin)
-        try:
-            job = await pool.enqueue_job(entry.function, msgspec.msgpack.decode(raw_payload), replay_of=origin)
-            if job is None:  # pragma: no cover - a fresh uuid cannot collide
-                raise RuntimeError("arq refused the replay's job id")
-        except BaseException:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(ENTRIES, mapping={job_id: raw_entry})
-                pipe.hset(PAYLOADS, mapping={job_id: raw_payload})
-                pipe.hset(ORIGINS, mapping={job_id: origin})
-                pipe.zadd(INDEX, {job_id: entry.failed_at})
-                await pipe.execute()
-            raise
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.expire(send_log_key(origin), SEND_LOG_TTL)
-            pipe.set(keys.replayed_as(job_id), job.job_id, ex=LINK_TTL)
-            pipe.set(keys.replay_of(job.job_id), job_id, ex=LINK_TTL)
-            await pipe.execute()
-        return job.job_id
+        new_id = new_id.decode() if isinstance(new_id, bytes) else str(new_id)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hget(ENTRIES, job_id)
+            pipe.hget(PAYLOADS, job_id)
+            pipe.hget(ORIGINS, job_id)
+            raw_entry, raw_payload, raw_origin = await pipe.execute()
+        if raw_entry is None or raw_payload is None:
+            return None  # finished or removed meanwhile
+        function = _function(raw_entry)
+        origin = raw_origin.decode(errors="replace") if raw_origin else job_id
+        await pool.enqueue_job(function, msgspec.msgpack.decode(raw_payload), replay_of=origin, _job_id=new_id)
+        # None from arq: a replay before this one enqueued it already (and was cut short); it is finished here
+        done = await self._finish(
+            keys=[INDEX, ENTRIES, PAYLOADS, ORIGINS, REPLAYING, keys.replayed_as(job_id), keys.replay_of(new_id),
+                  send_log_key(origin)],
+            args=[job_id, new_id, LINK_TTL, SEND_LOG_TTL],
+        )  # fmt: skip
+        return new_id if int(done) == 1 else None
 
     async def remove(self, job_id: str) -> bool:
         """Drop an entry; its send record gets its usual lifetime back (it was kept for a replay)."""
@@ -221,6 +241,7 @@ class DeadLetters:
             pipe.hdel(ENTRIES, job_id)
             pipe.hdel(PAYLOADS, job_id)
             pipe.hdel(ORIGINS, job_id)
+            pipe.hdel(REPLAYING, job_id)
             removed, *_ = await pipe.execute()
         return bool(removed)
 
@@ -229,5 +250,5 @@ class DeadLetters:
         origins = await self._redis.hvals(ORIGINS)  # type: ignore[misc]
         for start in range(0, len(origins), TRIM_CHUNK):
             await self._redis.delete(*[send_log_key(o.decode()) for o in origins[start : start + TRIM_CHUNK]])
-        await self._redis.delete(INDEX, ENTRIES, PAYLOADS, ORIGINS)
+        await self._redis.delete(INDEX, ENTRIES, PAYLOADS, ORIGINS, REPLAYING)
         return count

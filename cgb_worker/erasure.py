@@ -52,6 +52,7 @@ _SHARED: dict[str, str] = {
     keys.DEAD_ENTRIES: "dead letters",
     keys.DEAD_PAYLOADS: "dead letters",
     _DEAD_ORIGINS: "dead letters",
+    keys.DEAD_REPLAYING: "dead letters",
     default_queue_name: "queued jobs",
     abort_jobs_ss: "queued jobs",
 }
@@ -85,7 +86,15 @@ _JOB_KEYS = (
     keys.throttled(""),
 )
 _BY_ID = frozenset(
-    {default_queue_name, abort_jobs_ss, keys.DEAD_INDEX, keys.DEAD_ENTRIES, keys.DEAD_PAYLOADS, _DEAD_ORIGINS}
+    {
+        default_queue_name,
+        abort_jobs_ss,
+        keys.DEAD_INDEX,
+        keys.DEAD_ENTRIES,
+        keys.DEAD_PAYLOADS,
+        _DEAD_ORIGINS,
+        keys.DEAD_REPLAYING,
+    }
 )
 """Shared keys whose members or fields are job ids: one job is one record across them."""
 

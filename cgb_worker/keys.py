@@ -24,6 +24,8 @@ RATE_PENALTY = "cgb:ratelimit:penalty"
 DEAD_INDEX = "cgb:dead:index"
 DEAD_ENTRIES = "cgb:dead:entries"
 DEAD_PAYLOADS = "cgb:dead:payloads"
+DEAD_REPLAYING = "cgb:dead:replaying"
+"""Dead letters whose replay is under way: the id each one's new job goes by (``dead_reserve.lua``)."""
 WORKERS = "cgb:workers"
 """Every worker's heartbeat id, scored by when its heartbeat expires (ms): ``cgb-worker workers`` lists them."""
 

@@ -25,7 +25,7 @@ import redis
 from aiohttp import web
 from yarl import URL
 
-from cgb_worker import create_pool
+from cgb_worker import create_pool, keys
 from cgb_worker.console import app as app_module
 from cgb_worker.console import auth as auth_module
 from cgb_worker.console.app import _masked, create_console
@@ -670,3 +670,86 @@ def test_any_other_server_error_keeps_its_traceback_masked() -> None:
     assert text.startswith("Error handling request from 127.0.0.1\nTraceback (most recent call last):")
     assert "ValueError: no job for +* (***) ***-**00" in text
     assert record.exc_info is None
+
+
+# -- a replay cut short loses nothing (the re-attack's finding 1) ---------------------------------------------------
+
+
+async def test_a_replay_cut_short_by_a_frozen_redis_loses_no_dead_letter(
+    own_redis: tuple[str, subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, proc = own_redis
+    monkeypatch.setattr(app_module, "PAGE_TIMEOUT", 0.5)
+    pool = await create_pool(url, ride_out_outages=False)
+    dead = DeadLetters(pool)
+    await dead.add(job_id="lost-0", function="whatsapp_send", payload={"to": "+12025550100", "message": "x"},
+                   error=RuntimeError("CGB was down"), attempts=5, enqueued_at=None)  # fmt: skip
+    runner = web.AppRunner(create_console(pool, ConsoleAuth(Secret(TOKEN_VALUE), pool)))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    bearer = {"Authorization": f"Bearer {TOKEN_VALUE}"}
+    action = f"http://127.0.0.1:{port}/failures/lost-0/replay"
+    try:
+        async with aiohttp.ClientSession() as http:
+            os.kill(proc.pid, signal.SIGSTOP)  # frozen as the replay's first script is on its way
+            try:
+                async with http.post(action, headers=bearer, timeout=aiohttp.ClientTimeout(total=15)) as resp:
+                    assert resp.status == 503
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)  # Redis runs what it was sent, after the console gave up
+            await asyncio.sleep(0.2)
+            assert await dead.get("lost-0") is not None  # still there: a 503 never consumed the entry
+            reserved: Any = await pool.hget(keys.DEAD_REPLAYING, "lost-0")  # type: ignore[misc]
+            async with http.post(action, headers=bearer, allow_redirects=False) as resp:
+                assert resp.status == 303
+                new_id = resp.headers["Location"].rsplit("/", 1)[1]
+        assert reserved is None or reserved.decode() == new_id  # the id the cut-short replay chose, if it did
+        assert await dead.get("lost-0") is None
+        assert await pool.zrange("arq:queue", 0, -1) == [new_id.encode()]  # one job
+        assert (await pool.get(keys.replay_of(new_id))) == b"lost-0"
+    finally:
+        await runner.cleanup()
+        await pool.aclose()
+
+
+@pytest.mark.parametrize("cut", ["after reserving", "after enqueueing"])
+async def test_the_next_replay_finishes_one_cut_short_under_the_same_id(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, cut: str
+) -> None:
+    pool = await create_pool(redis_url)
+    dead = DeadLetters(pool)
+    await dead.add(job_id="cut-0", function="whatsapp_send", payload={"to": "+12025550100", "message": "x"},
+                   error=RuntimeError("down"), attempts=5, enqueued_at=None)  # fmt: skip
+
+    class Died(Exception):
+        pass
+
+    real_enqueue = pool.enqueue_job
+
+    async def dies_before(*args: Any, **kwargs: Any) -> Any:
+        raise Died
+
+    async def dies_after(*args: Any, **kwargs: Any) -> Any:
+        await real_enqueue(*args, **kwargs)
+        raise Died
+
+    try:
+        if cut == "after reserving":
+            monkeypatch.setattr(pool, "enqueue_job", dies_before)
+        else:
+            monkeypatch.setattr(pool, "enqueue_job", dies_after)
+        with pytest.raises(Died):
+            await dead.replay(pool, "cut-0")
+        monkeypatch.setattr(pool, "enqueue_job", real_enqueue)
+        assert await dead.get("cut-0") is not None  # listed still, its replay under way
+        chosen: Any = await pool.hget(keys.DEAD_REPLAYING, "cut-0")  # type: ignore[misc]
+        new_id = await dead.replay(pool, "cut-0")
+        assert new_id is not None
+        assert new_id == chosen.decode()
+        assert await pool.zrange("arq:queue", 0, -1) == [new_id.encode()]  # enqueued once, whichever way
+        assert await dead.get("cut-0") is None
+        assert await pool.hget(keys.DEAD_REPLAYING, "cut-0") is None  # type: ignore[misc]
+        assert await dead.replay(pool, "cut-0") is None  # nothing left to replay
+    finally:
+        await pool.aclose()

@@ -1,4 +1,4 @@
--- KEYS: index, entries, payloads. ARGV: the cap, the chunk, the send log's key prefix. Drops up to a chunk of
+-- KEYS: index, entries, payloads, the replays under way. ARGV: the cap, the chunk, the send log's key prefix. Drops up to a chunk of
 -- the oldest entries past the cap, with their send records; returns how many are still past it.
 local excess = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[1])
 if excess <= 0 then return 0 end
@@ -12,4 +12,5 @@ for i, id in ipairs(old) do
 end
 redis.call('HDEL', KEYS[3], unpack(old))
 redis.call('HDEL', KEYS[3] .. ':origin', unpack(old))
+redis.call('HDEL', KEYS[4], unpack(old))
 return excess - n
