@@ -74,6 +74,22 @@ def error_code(error: BaseException) -> int | None:
     return None
 
 
+UNREADABLE = "UnreadableEntry"
+"""The error class an entry that does not decode is listed under (it can be looked at and deleted)."""
+
+
+def _entry(job_id: bytes | str, raw: bytes) -> DeadLetter:
+    """An entry as stored; one that does not decode (another version's, or damaged) stands in as an entry of
+    :data:`UNREADABLE`, so that one bad entry never hides the others and can still be deleted."""
+    try:
+        return msgspec.msgpack.decode(raw, type=DeadLetter)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        name = job_id.decode(errors="replace") if isinstance(job_id, bytes) else job_id
+        return DeadLetter(job_id=name, function="whatsapp_send", payload=None, error_type=UNREADABLE,
+                          error=f"this entry could not be read: {exc}"[:300], attempts=0, enqueued_at=None,
+                          failed_at=0.0)  # fmt: skip
+
+
 def _function(raw_entry: bytes) -> str:
     """The job function an entry names; an entry that does not decode (another version's, or damaged) is
     replayed as ``whatsapp_send``, the only function the worker has."""
@@ -181,7 +197,7 @@ class DeadLetters:
                 break
             start += len(ids)
             raw = await self._redis.hmget(ENTRIES, ids)  # type: ignore[misc]
-            entries = (msgspec.msgpack.decode(r, type=DeadLetter) for r in raw if r)
+            entries = (_entry(i, r) for i, r in zip(ids, raw, strict=True) if r)
             found.extend(
                 e
                 for e in entries
@@ -193,7 +209,7 @@ class DeadLetters:
 
     async def get(self, job_id: str) -> DeadLetter | None:
         raw = await self._redis.hget(ENTRIES, job_id)  # type: ignore[misc]
-        return msgspec.msgpack.decode(raw, type=DeadLetter) if raw else None
+        return _entry(job_id, raw) if raw else None
 
     async def original_payload(self, job_id: str) -> Any:
         raw = await self._redis.hget(PAYLOADS, job_id)  # type: ignore[misc]

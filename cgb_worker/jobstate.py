@@ -107,7 +107,7 @@ async def tries(redis: Redis, job_id: str) -> list[LastRetry]:
     for raw in await redis.lrange(keys.tries(job_id), 0, TRIES_KEPT - 1):  # type: ignore[misc]
         try:
             out.append(msgspec.msgpack.decode(raw, type=LastRetry))
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, msgspec.ValidationError):
             continue
     return out
 
@@ -185,8 +185,19 @@ async def _origin(redis: Redis, job_id: str, kwargs: dict[str, Any] | None) -> s
         older = await redis.get(keys.replay_of(current))
         if older is None:
             break
-        current = older.decode()
+        current = older.decode(errors="replace")
     return current
+
+
+def _last_retry(raw: bytes | None) -> LastRetry | None:
+    """A last-retry record; one that does not decode (another version's, or damaged) is shown as none rather
+    than failing the job's whole answer."""
+    if not raw:
+        return None
+    try:
+        return msgspec.msgpack.decode(raw, type=LastRetry)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
 
 
 async def locate(redis: Redis, job_id: str, *, unconfirmed_after: float = 86400.0) -> JobState:
@@ -209,12 +220,12 @@ async def locate(redis: Redis, job_id: str, *, unconfirmed_after: float = 86400.
         unreadable = str(cause) if cause is not None else str(exc)
     dead = await DeadLetters(redis).get(job_id)
 
-    tries = int(tries_raw or 0)
-    last = msgspec.msgpack.decode(last_raw, type=LastRetry) if last_raw else None
+    tries = int(tries_raw) if tries_raw and tries_raw.isdigit() else 0
+    last = _last_retry(last_raw)
     common: dict[str, Any] = {
         "job_id": job_id,
-        "replay_of": of_raw.decode() if of_raw else None,
-        "replayed_as": as_raw.decode() if as_raw else None,
+        "replay_of": of_raw.decode(errors="replace") if of_raw else None,
+        "replayed_as": as_raw.decode(errors="replace") if as_raw else None,
     }
     if info is not None:
         common["function"] = info.function

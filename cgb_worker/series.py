@@ -215,7 +215,7 @@ def _window(starts: list[float], buckets: list[dict[str, int]]) -> Window:
 
 
 def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 def _int(value: bytes | str) -> int:

@@ -392,3 +392,154 @@ async def test_the_suppression_list_pages_through_a_long_list(
                 assert resp.status == 200, bad
     assert seen == people
     assert pages >= 3
+
+
+# -- one damaged record never breaks a page (the re-attack's finding 2) -------------------------------------------
+
+
+async def test_one_damaged_record_never_breaks_a_page(console: Console) -> None:
+    import json
+
+    import msgspec
+
+    from cgb_worker import keys, series
+    from cgb_worker.deadletters import ENTRIES, INDEX, DeadLetters
+    from cgb_worker.errors import CGBServerError
+
+    redis = console.redis
+    who = keys.who(OK)
+    now = time.time()
+    good = {"status": "read", "at": int(now * 1000), "wamid": "wamid.G", "match": "wamid"}
+    await DeadLetters(redis).add(job_id="good-dead", function="whatsapp_send", payload={"to": OK},
+                                 error=CGBServerError("down", status=503), attempts=3, enqueued_at=None)  # fmt: skip
+    for job in ("good", "bad"):
+        await redis.enqueue_job("whatsapp_send", {"to": OK, "message": "x"}, _job_id=job)
+        await redis.hset(keys.sends(job), mapping={"d:text": json.dumps(good), "text": "sent"})
+        await redis.zadd(keys.jobs_on(int(now // 86400)), {series.index_member(who, int(now * 1000), job): 0})
+    await redis.xadd(keys.DELIVERIES, {"job": "good", "step": "text", "status": "failed", "wamid": "w",
+                                       "error": "131026", "at": int(now * 1000)})  # fmt: skip
+    damage = {
+        "dead letter not msgpack": (ENTRIES, "hset", "bad-dead", b"\xc1\xc1"),
+        "dead letter JSON": (ENTRIES, "hset", "bad-dead", b'{"jobId": "x"}'),
+        "dead letter missing a field": (ENTRIES, "hset", "bad-dead", msgspec.msgpack.encode({"job_id": "x"})),
+        "send record not JSON": (keys.sends("bad"), "hset", "d:flow", b"{nope"),
+        "send record a list": (keys.sends("bad"), "hset", "d:flow", b"[1, 2]"),
+        "send record at not a number": (keys.sends("bad"), "hset", "d:flow", b'{"status": "sent", "at": "soon"}'),
+        "event line not JSON": (keys.sends("bad"), "hset", "e:text", b'{"status": "read", "at": "x"}\n{nope\n'),
+        "unresolved not a number": (keys.sends("bad"), "hset", "u:text", b"many"),
+        "step name not UTF-8": (keys.sends("bad"), "hset", b"d:\xff\xfe", json.dumps(good).encode()),
+        "last retry not msgpack": (keys.last_retry("bad"), "set", None, b"\xc1"),
+        "replay link not UTF-8": (keys.replay_of("bad"), "set", None, b"\xff\xfe"),
+        "index member not ours": (keys.jobs_on(int(now // 86400)), "zadd", None, who.encode() + b"|\xff|\xfe"),
+        "stream entry at not a number": (keys.DELIVERIES, "xadd", None, b"soon"),
+        "counter not a number": (keys.series_hour(series.hour_of(now)), "hset", "accepted", b"lots"),
+        "counter name not UTF-8": (keys.series_minutes(series.hour_of(now)), "hset", b"\xff:x", b"1"),
+    }
+    csrf = ""
+    async with console.session() as http:
+        for name, (key, how, field, value) in damage.items():
+            if how == "hset":
+                await redis.hset(key, field, value)
+                if key == ENTRIES:
+                    await redis.zadd(INDEX, {field: now})
+            elif how == "set":
+                await redis.set(key, value)
+            elif how == "zadd":
+                await redis.zadd(key, {value: 0})
+            else:
+                await redis.xadd(
+                    key, {"job": b"\xff", "step": "text", "status": "failed", "error": "\u00b2", "at": value}
+                )
+            pages = {}
+            for path in ("/", "/failures", "/failures?code=131026", "/failures/replay?all=1", "/jobs/bad",
+                         "/jobs/good", "/failures/bad-dead/delete"):  # fmt: skip
+                async with http.get(console.url + path) as resp:
+                    pages[path] = await resp.text()
+                    assert resp.status in (200, 404), (name, path, pages[path][:300])
+            async with http.get(console.url + "/find") as resp:
+                csrf = _csrf(await resp.text())
+            async with http.post(console.url + "/find", data={"csrf": csrf, "phone": OK}) as resp:
+                found = await resp.text()
+                assert resp.status == 200, name
+            assert 'href="/jobs/good"' in found, name  # the neighbours still listed
+            assert "good-dead" in pages["/failures"], name
+            if key == ENTRIES:  # the damaged entry is listed as such, and can be deleted
+                assert "UnreadableEntry" in pages["/failures"], name
+                async with http.post(console.url + "/failures/bad-dead/delete", data={"csrf": csrf},
+                                     allow_redirects=False) as resp:  # fmt: skip
+                    assert resp.status == 303, name
+                assert await DeadLetters(redis).get("bad-dead") is None
+            elif how == "hset":
+                await redis.hdel(key, field)
+            elif how == "set":
+                await redis.delete(key)
+            elif how == "zadd":
+                await redis.zrem(key, value)
+            else:
+                last = await redis.xrevrange(key, count=1)
+                await redis.xdel(key, last[0][0])
+
+
+async def test_a_page_that_fails_answers_500_with_the_security_headers(
+    console: Console, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cgb_worker.console import app as app_module
+
+    def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise ZeroDivisionError("a bug near +1 202 555 0100")
+
+    monkeypatch.setattr(app_module, "_funnel", broken)
+    async with aiohttp.ClientSession() as http, http.get(console.url + "/") as resp:
+        assert resp.status == 500
+        assert await resp.text() == "this page failed (ZeroDivisionError); the console's log says more\n"
+        assert resp.headers["X-Frame-Options"] == "DENY"
+        assert resp.headers["Cache-Control"] == "no-store"
+        assert "default-src 'none'" in resp.headers["Content-Security-Policy"]
+
+
+# -- any id arq could hold can be opened and acted on (the re-attack's finding 3) ----------------------------------
+
+
+async def test_dead_letters_with_odd_ids_open_replay_and_delete(console: Console) -> None:
+    from cgb_worker.deadletters import DeadLetters
+    from cgb_worker.errors import CGBServerError
+
+    redis = console.redis
+    odd = ["dl/slash", "/lead", "trail/", "a//b", "..", ".", "tab\tid", "x" * 300, "q?&#%", "sp ace"]
+    store = DeadLetters(redis)
+    for job_id in odd:
+        await store.add(job_id=job_id, function="whatsapp_send", payload={"to": OK, "message": "x"},
+                        error=CGBServerError("down", status=503), attempts=3, enqueued_at=None)  # fmt: skip
+    async with console.session() as http:
+        async with http.get(console.url + "/failures") as resp:
+            page = await resp.text()
+        csrf = _csrf(page)
+        hrefs = dict(re.findall(r'<td><a href="([^"]+)">([^<]*)</a></td>\s*<td>[0-9-]+ ', page))
+        assert len(hrefs) == len(odd)
+        for href in hrefs:  # each job page opens
+            async with http.get(console.url + html_lib.unescape(href)) as resp:
+                assert resp.status == 200, href
+                assert 'id="state"' in await resp.text(), href
+        deletes = re.findall(r'<a href="([^"]+)">Delete</a>', page)
+        replays = re.findall(r'<a href="([^"]+)">Replay</a>', page)
+        assert len(deletes) == len(replays) == len(odd)
+        for href in deletes[:5]:  # five deleted through their confirmation pages
+            target = console.url + html_lib.unescape(href)
+            async with http.get(target) as resp:
+                assert resp.status == 200, href
+                action = re.search(r'<form method="post" action="(/failures/[^"]+)">', await resp.text())
+                assert action, href
+            async with http.post(console.url + html_lib.unescape(action.group(1)), data={"csrf": csrf},
+                                 allow_redirects=False) as resp:  # fmt: skip
+                assert resp.status == 303, href
+        assert await store.count() == len(odd) - 5
+        # the other five replayed all at once: each counted, none stuck
+        async with http.get(console.url + "/failures/replay?all=1") as resp:
+            confirm = await resp.text()
+        chosen = re.findall(r'<input type="hidden" name="job" value="([^"]*)">', confirm)
+        form = [("csrf", csrf)] + [("job", html_lib.unescape(v)) for v in chosen]
+        assert len(form) == 6
+        async with http.post(console.url + "/failures/replay", data=form, allow_redirects=False) as resp:
+            assert resp.headers["Location"] == "/failures?replayed=5&gone=0"
+    assert await store.count() == 0
+    assert await redis.zcard("arq:queue") == 5

@@ -21,6 +21,7 @@ from arq.connections import ArqRedis
 from arq.constants import default_queue_name, in_progress_key_prefix
 from arq.jobs import Job
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from loguru import logger
 from markupsafe import Markup
 from redis.exceptions import RedisError
 
@@ -30,6 +31,7 @@ from ..errors import InvalidPhoneError
 from ..heartbeat import live_workers
 from ..jobstate import JobState, LastRetry, describe, locate, tries
 from ..phones import mask_phone, normalize_phone
+from ..receipts.timeline import build as build_delivery
 from ..scripts import QueueStatsScript
 from ..suppression import REASONS, SCOPES, lookup_who, page_suppressed, suppress_who, unsuppress_who
 from ..whatsapp_errors import next_step, rule_for
@@ -38,7 +40,8 @@ from .charts import Layer, stacked_bars
 from .masking import mask, short_wamid
 
 HERE = Path(__file__).parent
-JOB_ID_MAX = 128
+JOB_ID_MAX = 1024
+"""The longest job id the console looks up (arq takes any string; a longer one is a mistake or an attack)."""
 PERSON_PAGE = 50
 """A person's jobs listed at most, newest first."""
 INDEX_DAYS = 8
@@ -70,6 +73,27 @@ def _masked(value: Any) -> str:
 
 _templates.filters["masked"] = _masked
 _templates.filters["wamid"] = short_wamid
+
+
+def job_href(job_id: str) -> str:
+    """A job's page, the id quoted whole (a ``/`` in it included); ``.`` and ``..``, which a browser would
+    read as path segments, go in the query."""
+    if job_id in (".", ".."):
+        return "/job?id=" + quote(job_id, safe="")
+    return "/jobs/" + quote(job_id, safe="")
+
+
+def action_href(job_id: str, action: str) -> str:
+    """A dead letter's replay or delete (its confirmation page, and the form that posts it); for ``.`` and
+    ``..``, the replay of a selection of one, or the delete with the id in the query."""
+    if job_id in (".", ".."):
+        key = "job" if action == "replay" else "id"
+        return f"/failures/{action}?{key}=" + quote(job_id, safe="")
+    return f"/failures/{quote(job_id, safe='')}/{action}"
+
+
+_templates.filters["job_href"] = job_href
+_templates.filters["action_href"] = action_href
 _templates.filters["at"] = lambda ts: (
     "" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(ts)))
 )
@@ -83,8 +107,9 @@ def _page(request: web.Request, name: str, status: int = 200, **context: Any) ->
 
 
 def _job_id(request: web.Request) -> str:
-    job_id = request.match_info["job_id"]
-    if not job_id or len(job_id) > JOB_ID_MAX or not job_id.isprintable():
+    """The job id in the path (``/jobs/<id>``, quoted whole) or, for ``.`` and ``..``, in ``?id=``."""
+    job_id = request.match_info.get("job_id") or request.query.get("id", "")
+    if not _valid_id(job_id):
         raise web.HTTPNotFound(text="no such job\n")
     return job_id
 
@@ -232,11 +257,13 @@ class Console:
             e164 = normalize_phone(raw if isinstance(raw, str) else None, self.default_region)
         except InvalidPhoneError:
             return _page(request, "find.html", status=400, problem="that is not a phone number", results=None)
-        results = []
-        for job_id, enqueued_ms in await self._jobs_of(keys.who(e164)):
-            state = await locate(self.redis, job_id)
-            line, failed = describe(state), state.failed
-            results.append({"job_id": job_id, "enqueued": enqueued_ms / 1000, "line": line, "failed": failed})
+        found = await self._jobs_of(keys.who(e164))
+        # at once, not one after the other: each job's answer is a few round trips, and the page lists 50
+        states = await asyncio.gather(*(locate(self.redis, job_id) for job_id, _ms in found))
+        results = [
+            {"job_id": job_id, "enqueued": ms / 1000, "line": describe(state), "failed": state.failed}
+            for (job_id, ms), state in zip(found, states, strict=True)
+        ]
         return _page(request, "find.html", problem=None, results=results)
 
     async def _jobs_of(self, who: str) -> list[tuple[str, int]]:
@@ -252,16 +279,16 @@ class Console:
         found: dict[str, int] = {}
         for members in days:
             for member in members:
-                _who, stamp, job_id = (member.decode() if isinstance(member, bytes) else str(member)).split("|", 2)
-                if stamp.isdigit():
-                    found.setdefault(job_id, int(stamp))
+                parts = (member.decode(errors="replace") if isinstance(member, bytes) else str(member)).split("|", 2)
+                if len(parts) == 3 and parts[1].isascii() and parts[1].isdigit():  # else not an entry of ours
+                    found.setdefault(parts[2], int(parts[1]))
         return sorted(found.items(), key=lambda item: (-item[1], item[0]))[:PERSON_PAGE]
 
     async def find(self, request: web.Request) -> web.Response:
         job_id = request.query.get("job", "").strip()
         if job_id:
-            if len(job_id) <= JOB_ID_MAX and job_id.isprintable() and "/" not in job_id:
-                raise web.HTTPSeeOther("/jobs/" + quote(job_id, safe=""))
+            if _valid_id(job_id):
+                raise web.HTTPSeeOther(job_href(job_id))
             return _page(request, "find.html", status=400, problem="that is not a job id", results=None)
         return _page(request, "find.html", problem=None, results=None)
 
@@ -290,19 +317,34 @@ class Console:
         for _id, fields in await self.redis.xrevrange(keys.DELIVERIES, count=DELIVERIES_SCANNED):
             if fields.get(b"status") != b"failed":
                 continue
-            code_raw = fields.get(b"error", b"").decode()
+            code_raw, at_raw = fields.get(b"error", b""), fields.get(b"at", b"")
             code = int(code_raw) if code_raw.isdigit() else None
-            at = int(fields.get(b"at", b"0") or 0) / 1000
+            if not at_raw.isdigit():
+                continue  # not an entry of ours: one bad entry never spoils the list
+            at = int(at_raw) / 1000
             if (f.code is not None and code != f.code) or (after is not None and at < after):
                 continue
             if before is not None and at > before:
                 continue
             out.append({
-                "job_id": fields.get(b"job", b"").decode(), "step": fields.get(b"step", b"").decode(), "code": code,
+                "job_id": fields.get(b"job", b"").decode(errors="replace"),
+                "step": fields.get(b"step", b"").decode(errors="replace"), "code": code,
                 "meaning": rule_for(code).meaning if code is not None else "", "at": at,
             })  # fmt: skip
             if len(out) >= FAILURES_PAGE:
                 break
+        # how each job stands now: a failed message may have been sent again, or replaced by a template, since
+        jobs = list(dict.fromkeys(m["job_id"] for m in out))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in jobs:
+                pipe.hgetall(keys.sends(job_id))
+            records = await pipe.execute()
+        now_status = {}
+        for job_id, raw in zip(jobs, records, strict=True):
+            found = build_delivery(job_id, raw)
+            now_status[job_id] = found.status if found is not None else ""
+        for m in out:
+            m["now"] = now_status.get(m["job_id"], "")
         return out
 
     async def confirm(self, request: web.Request) -> web.Response:
@@ -318,7 +360,7 @@ class Console:
             new_id = await self.dead.replay(self.redis, job_id)
             if new_id is None:
                 raise web.HTTPNotFound(text="no such dead letter (replayed or deleted already)\n")
-            raise web.HTTPSeeOther(f"/jobs/{new_id}")
+            raise web.HTTPSeeOther(job_href(new_id))
         if not await self.dead.remove(job_id):
             raise web.HTTPNotFound(text="no such dead letter (replayed or deleted already)\n")
         raise web.HTTPSeeOther("/failures")
@@ -457,12 +499,12 @@ class _Filters:
 
     @classmethod
     def of(cls, query: Any) -> _Filters:
-        error = (query.get("error") or "").strip()
+        error = (query.get("error") or "").strip()  # a class name, or none
         code = (query.get("code") or "").strip()
         age = query.get("age") or ""
         return cls(
-            error=error if error.isidentifier() and len(error) <= JOB_ID_MAX else None,  # a class name, or none
-            code=int(code) if code.isdigit() and len(code) <= 9 else None,
+            error=error if error.isidentifier() and len(error) <= ERROR_MAX and not _DIGITS5.search(error) else None,
+            code=int(code) if code.isascii() and code.isdigit() and len(code) <= 9 else None,
             age=age if age in AGES else "",
         )
 
@@ -479,8 +521,17 @@ class _Filters:
         return bool(self.error or self.code is not None or self.age)
 
 
+ERROR_MAX = 128
+"""The longest error class name the failures page filters by."""
+_DIGITS5 = re.compile(r"\d{5}")
+"""A filter holding a run of five digits is no class name of ours, and could be a number: it is ignored, so no
+number is echoed back in the form."""
+
+
 def _valid_id(job_id: str) -> bool:
-    return 0 < len(job_id) <= JOB_ID_MAX and job_id.isprintable()
+    """Any id arq could hold, but not an empty or an overlong one, nor one with a lone surrogate (undecodable
+    bytes in the URL)."""
+    return 0 < len(job_id) <= JOB_ID_MAX and not any("\ud800" <= c <= "\udfff" for c in job_id)
 
 
 _WHO = re.compile(r"[0-9a-f]{32}")
@@ -585,6 +636,11 @@ async def _headers(request: web.Request, handler: Any) -> web.StreamResponse:
         response = web.Response(status=503, text=f"Redis did not answer: {type(exc).__name__}\n")
     except TimeoutError:
         response = web.Response(status=503, text=f"Redis did not answer in {PAGE_TIMEOUT:g} s\n")
+    except Exception as exc:  # a bug, or a record no reader expected: a page of its own, the headers on it
+        logger.exception("console: {} {} failed", request.method, mask(request.path))
+        response = web.Response(
+            status=500, text=f"this page failed ({type(exc).__name__}); the console's log says more\n"
+        )
     _secure(response)
     return response
 
@@ -612,6 +668,7 @@ def create_console(redis: ArqRedis, auth: ConsoleAuth, *, default_region: str | 
             web.post("/logout", console.logout),
             web.get("/", console.overview),
             web.get("/jobs/{job_id}", console.job),
+            web.get("/job", console.job),
             web.get("/find", console.find),
             web.post("/find", console.find_person),
             web.get("/failures", console.failures),
@@ -619,6 +676,8 @@ def create_console(redis: ArqRedis, auth: ConsoleAuth, *, default_region: str | 
             web.post("/failures/replay", console.replay_selection),
             web.get("/failures/{job_id}/{action:replay|delete}", console.confirm),
             web.post("/failures/{job_id}/{action:replay|delete}", console.act),
+            web.get("/failures/{action:delete}", console.confirm),
+            web.post("/failures/{action:delete}", console.act),
             web.get("/suppressions", console.suppressions),
             web.post("/suppressions", console.suppression_lookup),
             web.get("/suppressions/{who}/{action:add|remove}", console.suppression_confirm),

@@ -111,6 +111,48 @@ class Delivery(msgspec.Struct, frozen=True, rename="camel"):
     ``failed`` status is not final yet."""
 
 
+def _step(step_b: bytes, value: bytes, raw: dict[bytes, bytes], now: float, unconfirmed_after: float) -> StepDelivery:
+    step = step_b.decode()
+    state = msgspec.json.decode(value)
+    if not isinstance(state, dict):
+        raise TypeError("a step's record is an object")
+    events = []
+    for line in raw.get(b"e:" + step_b, b"").splitlines():
+        try:
+            event = msgspec.json.decode(line) if line else None
+            if isinstance(event, dict):
+                events.append(msgspec.convert({**event, "step": step}, DeliveryEvent))
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue  # one bad event line never hides the others
+    accepted_at = iso(float(state.get("at", 0)))
+    status = str(state.get("status", "accepted"))
+    acked = raw.get(step_b) == b"sent" or b"a:" + step_b in raw
+    if status == "accepted" and not acked:
+        status = "sending"
+    elif status == "accepted" and now - float(state.get("at", now)) > unconfirmed_after * 1000:
+        status = "unconfirmed"
+    wamid = state.get("wamid") or None
+    unresolved = raw.get(b"u:" + step_b, b"0") or b"0"
+    return StepDelivery(
+        step=step,
+        status=status,
+        accepted_at=accepted_at,
+        wamid=wamid,
+        wamids=[wamid, *(state.get("more") or [])] if wamid else [],
+        error=_error(state.get("error")),
+        matched_by=state.get("match") or None,
+        unresolved=int(unresolved) if unresolved.isdigit() else 0,
+        wa_id=state.get("waId") or None,
+        user_id=state.get("userId") or None,
+        fallback_for=state.get("fallbackFor") or None,
+        category=state.get("category") or None,
+        resend_of=state.get("resendOf") or None,
+        resend_code=state.get("resendCode") or None,
+        resending=_text(raw.get(b"r:" + step_b)),
+        events=[DeliveryEvent("accepted" if acked else "sending", accepted_at, accepted_at, step), *events],
+    )
+
+
 def _text(value: bytes | None) -> str | None:
     return value.decode() if value else None
 
@@ -147,42 +189,10 @@ def build(job_id: str, raw: dict[bytes, bytes], *, unconfirmed_after: float = 86
     for name, value in raw.items():
         if not name.startswith(b"d:"):
             continue
-        step_b = name[2:]
-        step = step_b.decode()
-        state = msgspec.json.decode(value)
-        events = [
-            msgspec.convert({**e, "step": step}, DeliveryEvent)
-            for e in (msgspec.json.decode(line) for line in raw.get(b"e:" + step_b, b"").splitlines() if line)
-        ]
-        accepted_at = iso(float(state.get("at", 0)))
-        status = str(state.get("status", "accepted"))
-        acked = raw.get(step_b) == b"sent" or b"a:" + step_b in raw
-        if status == "accepted" and not acked:
-            status = "sending"
-        elif status == "accepted" and now - float(state.get("at", now)) > unconfirmed_after * 1000:
-            status = "unconfirmed"
-        error = state.get("error")
-        wamid = state.get("wamid") or None
-        steps.append(
-            StepDelivery(
-                step=step,
-                status=status,
-                accepted_at=accepted_at,
-                wamid=wamid,
-                wamids=[wamid, *(state.get("more") or [])] if wamid else [],
-                error=_error(error),
-                matched_by=state.get("match") or None,
-                unresolved=int(raw.get(b"u:" + step_b, b"0") or 0),
-                wa_id=state.get("waId") or None,
-                user_id=state.get("userId") or None,
-                fallback_for=state.get("fallbackFor") or None,
-                category=state.get("category") or None,
-                resend_of=state.get("resendOf") or None,
-                resend_code=state.get("resendCode") or None,
-                resending=_text(raw.get(b"r:" + step_b)),
-                events=[DeliveryEvent("accepted" if acked else "sending", accepted_at, accepted_at, step), *events],
-            )
-        )
+        try:
+            steps.append(_step(name[2:], value, raw, now, unconfirmed_after))
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError, AttributeError):
+            continue  # another version's record, or a damaged one: the job's other messages still show
     if not steps:
         return None
     sent_steps = {s.step for s in steps}
