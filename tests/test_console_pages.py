@@ -5,6 +5,7 @@ as Meta's are; the console read over real HTTP."""
 from __future__ import annotations
 
 import html as html_lib
+import json
 import re
 import time
 from typing import Any
@@ -87,6 +88,12 @@ async def test_the_overview_and_a_jobs_page_tell_what_really_happened(
     assert tries[0][2] == "succeeded"
     assert tries[1][0] == "1"
     assert tries[1][2:5] == ["retried", "CGBServerError", "HTTP 503 CGB code 503 on send_text"]
+    result = re.search(r'<pre id="result">(.*?)</pre>', job, re.S)
+    assert result, job
+    shown = json.loads(html_lib.unescape(result.group(1)).replace("*", "0"))  # masked digits read as zeros
+    assert (shown["success"], shown["kind"], shown["attempts"], shown["possibleDuplicate"]) == (True, "text", 2, False)
+    assert shown["to"].endswith("30")
+    assert 'id="possible-duplicate"' not in job
     timeline = _rows(job, "timeline")
     # the worker's own 'accepted', then WhatsApp's three, each once though half were posted twice
     assert timeline[0][0] == "accepted"
@@ -543,3 +550,15 @@ async def test_dead_letters_with_odd_ids_open_replay_and_delete(console: Console
             assert resp.headers["Location"] == "/failures?replayed=5&gone=0"
     assert await store.count() == 0
     assert await redis.zcard("arq:queue") == 5
+
+
+async def test_a_jobs_page_says_when_it_may_have_sent_twice(harness: Harness, console: Console) -> None:
+    await harness.known(OK)
+    harness.sim.state.faults.append(FaultRule(status=502, after=True, count=1, path="/send/text$"))  # sent, then 502
+    [job] = await harness.enqueue({"to": OK, "message": "Your visa is approved"})
+    await harness.run()
+    async with aiohttp.ClientSession() as http, http.get(console.url + f"/jobs/{job.job_id}") as resp:
+        page = await resp.text()
+    assert 'id="possible-duplicate"' in page
+    assert '"possibleDuplicate": true' in html_lib.unescape(page)
+    assert len(harness.sim.state.outbox) == 2  # what the warning says: the message went out twice

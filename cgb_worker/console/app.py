@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import msgspec
 from aiohttp import web
 from arq.connections import ArqRedis
 from arq.constants import default_queue_name, in_progress_key_prefix
@@ -30,6 +31,7 @@ from ..deadletters import DeadLetters, mask_payload
 from ..errors import InvalidPhoneError
 from ..heartbeat import live_workers
 from ..jobstate import JobState, LastRetry, describe, locate, tries
+from ..models import SendResult
 from ..phones import mask_phone, normalize_phone
 from ..receipts.timeline import build as build_delivery
 from ..scripts import QueueStatsScript
@@ -202,7 +204,7 @@ class Console:
         if state.state == "unknown":
             return _page(
                 request, "job.html", status=404, job=state, line=describe(state), payload=None, errors=[],
-                tries=[], related=[], events=[],
+                tries=[], related=[], events=[], result=None,
             )  # fmt: skip
         payload = await self._payload(job_id)
         return _page(
@@ -213,9 +215,37 @@ class Console:
             payload=payload,
             errors=_errors(state),
             tries=_tries(state, await tries(self.redis, job_id)),
+            result=await self._result(state),
             related=await self._related(state),
             events=_events(state),
         )
+
+    async def _result(self, state: JobState) -> dict[str, Any] | None:
+        """What the job returned (arq's result while it keeps it, else the one the send record keeps for a week),
+        its number masked; None when it has not succeeded."""
+        if state.state not in ("succeeded", "sent"):
+            return None
+        value: Any = None
+        try:
+            info = await Job(state.job_id, self.redis, _deserializer=self.redis.job_deserializer).result_info()
+        except Exception:  # a result another client pickled: the send record's, below
+            info = None
+        if info is not None and info.success:
+            value = info.result
+        else:
+            raw = await self.redis.hget(keys.sends(state.delivery_of or state.job_id), "result")  # type: ignore[misc]
+            try:
+                value = msgspec.msgpack.decode(raw, type=SendResult) if raw else None
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                value = None
+        if isinstance(value, msgspec.Struct):
+            value = msgspec.to_builtins(value)
+        if not isinstance(value, dict):
+            return None
+        shown = dict(value)
+        if isinstance(shown.get("to"), str):
+            shown["to"] = mask_phone(shown["to"])
+        return shown
 
     async def _related(self, state: JobState) -> list[dict[str, str]]:
         """The jobs this one is linked to besides its replays (which :class:`JobState` carries): what it falls
