@@ -562,3 +562,24 @@ async def test_a_jobs_page_says_when_it_may_have_sent_twice(harness: Harness, co
     assert 'id="possible-duplicate"' in page
     assert '"possibleDuplicate": true' in html_lib.unescape(page)
     assert len(harness.sim.state.outbox) == 2  # what the warning says: the message went out twice
+
+
+async def test_the_tries_are_numbered_by_arqs_tries_once_its_result_is_gone(console: Console) -> None:
+    from cgb_worker.deadletters import DeadLetters
+    from cgb_worker.errors import InvalidPhoneError, ThrottledError
+    from cgb_worker.jobstate import last_retry_of, record_retry
+
+    for job_try in (1, 2, 3):  # deferred three times (no attempt used up), then failed on arq's fourth try
+        deferral = last_retry_of(ThrottledError("wait"), attempt=1, job_try=job_try, retry_in=1, counted=False)
+        await record_retry(console.redis, "j-def", deferral)
+    await DeadLetters(console.redis).add(job_id="j-def", function="whatsapp_send", payload={"to": OK},
+                                         error=InvalidPhoneError("bad"), attempts=1, enqueued_at=None)  # fmt: skip
+    async with aiohttp.ClientSession() as http, http.get(console.url + "/jobs/j-def") as resp:
+        page = await resp.text()
+    rows = _rows(page, "tries")
+    assert [(r[0], r[2], r[3]) for r in rows] == [
+        ("4", "failed", "InvalidPhoneError"),
+        ("3", "deferred", "ThrottledError"),
+        ("2", "deferred", "ThrottledError"),
+        ("1", "deferred", "ThrottledError"),
+    ]

@@ -589,7 +589,10 @@ def _tries(state: JobState, retried: list[LastRetry]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     if state.finished_at is not None:
         ended = "failed" if state.error_type else "succeeded"
-        rows.append({"at": state.finished_at, "try": state.job_try, "outcome": ended, "error": state.error_type or "",
+        # arq's try number while arq keeps the result; once it is gone (a dead letter counts attempts, which
+        # deferrals do not use up), the try after the last one recorded
+        last_try = state.job_try if state.state != "dead_lettered" or not retried else retried[0].job_try + 1
+        rows.append({"at": state.finished_at, "try": last_try, "outcome": ended, "error": state.error_type or "",
                      "detail": state.error or "", "next": ""})  # fmt: skip
     for r in retried:
         detail = " ".join(
