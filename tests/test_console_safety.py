@@ -95,6 +95,13 @@ SPELLINGS = [
     "+972 50 000 0001x",
     "+972-50-000-0001",
     "12345",
+    # letters without case that display as a blank or a dot between digit groups (the re-attack's finding 8)
+    "972\u3164501\u3164234\u3164567",  # Hangul filler
+    "972\ua78f501\ua78f234\ua78f567",  # Latin letter sinological dot
+    "972\u318d501\u318d234\u318d567",  # Hangul letter araea
+    "972\u01c0501\u01c0234\u01c0567",  # Latin letter dental click
+    "972\u1427501\u1427234\u1427567",  # Canadian syllabics final middle dot
+    "972\u05d0501\u05d0234",  # a Hebrew letter between the groups
 ]
 
 

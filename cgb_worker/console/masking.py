@@ -4,10 +4,12 @@ The logs' masker (:func:`cgb_worker.logs.mask_text`) looks for phone-shaped text
 clients and their users wrote (job ids, error messages, payloads, the filters typed in), so :func:`mask` does
 not guess at shapes:
 
-* **A run of digits** is digits separated only by characters that are neither letters nor digits, of any kind
-  and any number: spaces of every kind (NBSP, thin and ideographic spaces), dots, dashes of every kind,
-  slashes, underscores, parentheses, asterisks, control and zero-width characters. A letter ends a run but
-  does not protect it: ``12025550100x``, ``+1 202 555 0101ext`` and ``tel12025550100`` are all masked.
+* **A run of digits** is digits separated only by characters that are not cased letters, of any kind and any
+  number: spaces of every kind (NBSP, thin and ideographic spaces), dots, dashes of every kind, slashes,
+  underscores, parentheses, asterisks, control and zero-width characters, and letters without case (the Hangul
+  filler U+3164 and others that display as a blank or a dot, CJK, Hebrew, Arabic). A cased letter (Latin,
+  Greek, Cyrillic…) ends a run but does not protect it: ``12025550100x``, ``+1 202 555 0101ext`` and
+  ``tel12025550100`` are all masked.
 * **A digit** is any character Python calls one (``str.isdigit``): ASCII, Arabic-Indic, Devanagari,
   fullwidth, superscript and circled digits alike. An escape sequence counts as the character it stands for
   (``\\u0661``, ``\\xa0``, ``\\n``, ``\\"``), as Jinja's ``tojson`` and Python's ``repr`` write them: a payload
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import re
 import sys
+import unicodedata
 
 KEEP_DIGITS = 2
 """The last digits a masked run shows."""
@@ -55,8 +58,26 @@ RUN_MIN = 5
 _OTHER_DIGITS = "".join(chr(c) for c in range(sys.maxunicode + 1) if chr(c).isdigit() and not chr(c).isdecimal())
 _DIGIT = f"[\\d{re.escape(_OTHER_DIGITS)}]"
 _ANY_DIGIT = re.compile(_DIGIT)
-_RUN = re.compile(f"{_DIGIT}(?:[\\W_]*{_DIGIT})*")
-"""Digits joined by anything that is neither a letter nor a digit (``[\\W_]``: ``\\W`` counts ``_`` as a letter)."""
+
+
+def _cased_letters() -> str:
+    """Every upper-, lower- and titlecase letter, as a regex class body of ranges."""
+    ranges: list[tuple[int, int]] = []
+    for code in range(sys.maxunicode + 1):
+        if unicodedata.category(chr(code)) in ("Lu", "Ll", "Lt"):
+            if ranges and ranges[-1][1] == code - 1:
+                ranges[-1] = (ranges[-1][0], code)
+            else:
+                ranges.append((code, code))
+    return "".join(re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges)
+
+
+_CASED = _cased_letters()
+_RUN = re.compile(f"{_DIGIT}(?:[^{_CASED}\\d{re.escape(_OTHER_DIGITS)}]*{_DIGIT})*")
+"""Digits joined by anything but a cased letter (upper-, lower- or titlecase, as in words): spaces and
+punctuation of every kind, and the letters without case that can pass for a blank or a dot between digit groups
+(the Hangul filler U+3164, U+A78F, U+318D, U+01C0, CJK, Hebrew and Arabic letters alike: over-masking
+such a text is the safe side)."""
 _ARQ_ID = re.compile(r"(?<![^\W_])[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}(?![^\W_])")
 _STAMP = re.compile(
     r"(?<![^\W_])(?:19|20)[0-9]{2}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01]) "
