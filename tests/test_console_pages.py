@@ -583,3 +583,17 @@ async def test_the_tries_are_numbered_by_arqs_tries_once_its_result_is_gone(cons
         ("2", "deferred", "ThrottledError"),
         ("1", "deferred", "ThrottledError"),
     ]
+
+
+async def test_a_failed_message_a_later_change_delivered_says_so(console: Console) -> None:
+    from cgb_worker import keys
+
+    now_ms = int(time.time() * 1000)
+    for job, step, status, code in [("r1", "text", "failed", "131049"), ("r2", "text", "failed", "131026"),
+                                    ("r1", "text~1", "sent", ""), ("r1", "text~1", "read", "")]:  # fmt: skip
+        await console.redis.xadd(keys.DELIVERIES, {"job": job, "step": step, "status": status, "wamid": "w",
+                                                   "error": code, "at": now_ms})  # fmt: skip
+    async with aiohttp.ClientSession() as http, http.get(console.url + "/failures") as resp:
+        page = await resp.text()
+    rows = {r[0]: r[5] for r in _rows(page, "failed-messages")}
+    assert rows == {"r1": "then read", "r2": ""}  # the resend was read; the other stands failed

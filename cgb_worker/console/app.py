@@ -33,7 +33,7 @@ from ..heartbeat import live_workers
 from ..jobstate import JobState, LastRetry, describe, locate, tries
 from ..models import SendResult
 from ..phones import mask_phone, normalize_phone
-from ..receipts.timeline import build as build_delivery
+from ..receipts.timeline import RANK
 from ..scripts import QueueStatsScript
 from ..suppression import REASONS, SCOPES, lookup_who, page_suppressed, suppress_who, unsuppress_who
 from ..whatsapp_errors import next_step, rule_for
@@ -344,8 +344,14 @@ class Console:
             return []
         after, before = f.after(now), f.before(now)
         out: list[dict[str, Any]] = []
+        later: dict[str, str] = {}
+        """Job → the best status a newer change of it reached (the stream is read newest first)."""
         for _id, fields in await self.redis.xrevrange(keys.DELIVERIES, count=DELIVERIES_SCANNED):
-            if fields.get(b"status") != b"failed":
+            job_id = fields.get(b"job", b"").decode(errors="replace")
+            status = fields.get(b"status", b"").decode(errors="replace")
+            if status != "failed":
+                if RANK.get(status, 0) > RANK.get(later.get(job_id, ""), 0):
+                    later[job_id] = status
                 continue
             code_raw, at_raw = fields.get(b"error", b""), fields.get(b"at", b"")
             code = int(code_raw) if code_raw.isdigit() else None
@@ -356,25 +362,16 @@ class Console:
                 continue
             if before is not None and at > before:
                 continue
-            out.append({
-                "job_id": fields.get(b"job", b"").decode(errors="replace"),
-                "step": fields.get(b"step", b"").decode(errors="replace"), "code": code,
-                "meaning": rule_for(code).meaning if code is not None else "", "at": at,
-            })  # fmt: skip
             if len(out) >= FAILURES_PAGE:
                 break
-        # how each job stands now: a failed message may have been sent again, or replaced by a template, since
-        jobs = list(dict.fromkeys(m["job_id"] for m in out))
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in jobs:
-                pipe.hgetall(keys.sends(job_id))
-            records = await pipe.execute()
-        now_status = {}
-        for job_id, raw in zip(jobs, records, strict=True):
-            found = build_delivery(job_id, raw)
-            now_status[job_id] = found.status if found is not None else ""
-        for m in out:
-            m["now"] = now_status.get(m["job_id"], "")
+            # a later change of the job (a resend's, a fallback template's, another device's) may have delivered
+            # what failed here: said beside it, from the same read, with no command more
+            then = later.get(job_id, "")
+            out.append({
+                "job_id": job_id, "step": fields.get(b"step", b"").decode(errors="replace"), "code": code,
+                "meaning": rule_for(code).meaning if code is not None else "", "at": at,
+                "now": then if RANK.get(then, 0) >= RANK["delivered"] else "",
+            })  # fmt: skip
         return out
 
     async def confirm(self, request: web.Request) -> web.Response:
