@@ -55,10 +55,10 @@ async def open_console(redis_url: str) -> AsyncIterator[Console]:
 
 
 def _shown(html: str) -> str:
-    """A page without its link targets, form actions, the job ids its selection forms post back and the find
-    form's example number: what it shows of the data."""
-    html = re.sub(r'(<input type="(?:checkbox|hidden)" name="job") value="[^"]*"', r"\1", html)
-    return re.sub(r'\s(?:href|action|placeholder)="[^"]*"', "", html)
+    """A page without the find form's example number: what it shows of the data, its links and forms included
+    (an id holding a number is sealed in them)."""
+    html = re.sub(r'(?:name="(?:csrf|s)" value|[?&]s)=[^"&]*', "", html)  # opaque tokens: CSRF, sealed ids
+    return re.sub(r'\splaceholder="[^"]*"', "", html)
 
 
 def _runs(text: str) -> str:
@@ -231,12 +231,17 @@ async def test_a_job_id_holding_a_number_is_masked_on_every_page(harness: Harnes
     job_page = pages["/jobs/12025550100"]
     assert re.search(r"<title>Job \*{9}00 ", job_page), job_page
     assert "<h1>Job <code>*********00</code></h1>" in job_page
-    # the links still lead to the job: their targets carry the real id, quoted
-    assert 'href="/jobs/12025550100"' in pages["/failures"]
-    assert '<a href="/jobs/12025550100">*********00</a>' in pages["find"]
-    assert 'href="/failures/%2B1%20202%20555%200100/replay"' in pages["/failures"]
-    assert 'href="/failures?error=E12025550100"' in pages["/"]
-    assert 'action="/failures/12025550100/replay"' in pages["/failures/12025550100/replay"]
+    # the links still lead to the job: their targets carry the id sealed, and following them opens it
+    sealed_links = re.findall(r'href="(/job\?s=[^"]+)">\*{9}00</a>', pages["find"])
+    assert len(sealed_links) == 1
+    async with open_console.session() as http:
+        async with http.get(open_console.url + html.unescape(sealed_links[0])) as resp:
+            assert "<h1>Job <code>*********00</code></h1>" in await resp.text()
+        async with http.get(open_console.url + "/job?s=not-a-sealed-id") as resp:
+            assert resp.status == 404
+    assert 'href="/failures/replay?s=' in pages["/failures"]
+    assert "?error=E12025550100" not in pages["/"]  # a class name holding a number is shown, not linked
+    assert 'action="/failures/replay?s=' in pages["/failures/12025550100/replay"]
 
 
 # -- a frozen Redis (finding 1) ------------------------------------------------------------------------------------
@@ -760,3 +765,48 @@ async def test_the_next_replay_finishes_one_cut_short_under_the_same_id(
         assert await dead.replay(pool, "cut-0") is None  # nothing left to replay
     finally:
         await pool.aclose()
+
+
+async def test_a_dead_letter_whose_id_holds_a_number_is_replayed_and_deleted_through_sealed_links(
+    open_console: Console,
+) -> None:
+    dead = DeadLetters(open_console.redis)
+    for job_id in ("12025550100", "+1 202 555 0199"):
+        await dead.add(job_id=job_id, function="whatsapp_send", payload={"to": "+12025550100", "message": "x"},
+                       error=InvalidJobError("bad"), attempts=1, enqueued_at=None)  # fmt: skip
+    async with open_console.session() as http:
+        async with http.get(open_console.url + "/failures") as resp:
+            page = await resp.text()
+        assert "2025550100" not in page
+        assert "2025550199" not in page
+        csrf = _csrf(page)
+        replay, delete = (html.unescape(h) for h in re.findall(r'<a href="([^"]+)">(?:Replay|Delete)</a>', page)[:2])
+        async with http.get(open_console.url + replay) as resp:
+            confirm = await resp.text()
+        assert "2025550" not in confirm
+        action = _post_target(confirm)
+        hidden = re.findall(r'<input type="hidden" name="(job|s)" value="([^"]*)">', confirm)
+        fields = [("csrf", csrf)] + [(n, html.unescape(v)) for n, v in hidden]
+        assert [n for n, _v in fields] == ["csrf", "s"]  # the id goes back sealed
+        async with http.post(open_console.url + action, data=fields, allow_redirects=False) as resp:
+            assert resp.headers["Location"] == "/failures?replayed=1&gone=0"
+        async with http.get(open_console.url + delete) as resp:
+            assert resp.status == 404  # the same entry, replayed a moment ago
+        # the other one, deleted through its own sealed links
+        async with http.get(open_console.url + "/failures") as resp:
+            page = await resp.text()
+        delete = html.unescape(re.findall(r'<a href="([^"]+)">Delete</a>', page)[0])
+        async with http.get(open_console.url + delete) as resp:
+            confirm = await resp.text()
+        action = _post_target(confirm)
+        async with http.post(open_console.url + action, data={"csrf": csrf}, allow_redirects=False) as resp:
+            assert resp.status == 303
+    assert await dead.count() == 0
+    assert await open_console.redis.zcard("arq:queue") == 1
+
+
+def _post_target(page: str) -> str:
+    """Where a confirmation page's form posts."""
+    found = re.search(r'<form method="post" action="(/failures/[^"]+)">', page)
+    assert found, page
+    return html.unescape(found.group(1))

@@ -26,7 +26,7 @@ from loguru import logger
 from markupsafe import Markup
 from redis.exceptions import RedisError
 
-from .. import errors, keys, series
+from .. import errors, keys, sealed, series
 from ..deadletters import DeadLetters, mask_payload
 from ..errors import InvalidPhoneError
 from ..heartbeat import live_workers
@@ -42,6 +42,8 @@ from .charts import Layer, stacked_bars
 from .masking import mask, short_wamid
 
 HERE = Path(__file__).parent
+SEALED_MAX = 4096
+"""The longest sealed id the console opens (a sealed id of :data:`JOB_ID_MAX` characters is about 1,500)."""
 JOB_ID_MAX = 1024
 """The longest job id the console looks up (arq takes any string; a longer one is a mistake or an attack)."""
 PERSON_PAGE = 50
@@ -77,25 +79,61 @@ _templates.filters["masked"] = _masked
 _templates.filters["wamid"] = short_wamid
 
 
+def _opaque(job_id: str) -> bool:
+    """An id the masker would change (a run of five digits or more, such as a number a producer chose as its
+    job id): links and forms carry it sealed, never in clear."""
+    return mask(job_id) != job_id
+
+
+def _seal(job_id: str) -> str:
+    return sealed.seal(job_id.encode()).decode()
+
+
+def _unseal(token: str) -> str | None:
+    if not token or len(token) > SEALED_MAX:
+        return None
+    found = sealed.unseal(token.encode())
+    return found.decode(errors="replace") if found is not None else None
+
+
 def job_href(job_id: str) -> str:
-    """A job's page, the id quoted whole (a ``/`` in it included); ``.`` and ``..``, which a browser would
-    read as path segments, go in the query."""
+    """A job's page: the id quoted whole (a ``/`` in it included); ``.`` and ``..``, which a browser would read
+    as path segments, in the query; an id holding a number, sealed (``?s=``), so that no URL holds it."""
+    if _opaque(job_id):
+        return "/job?s=" + _seal(job_id)
     if job_id in (".", ".."):
         return "/job?id=" + quote(job_id, safe="")
     return "/jobs/" + quote(job_id, safe="")
 
 
 def action_href(job_id: str, action: str) -> str:
-    """A dead letter's replay or delete (its confirmation page, and the form that posts it); for ``.`` and
-    ``..``, the replay of a selection of one, or the delete with the id in the query."""
+    """A dead letter's replay or delete (its confirmation page, and the form that posts it); for ``.``, ``..``
+    and sealed ids, the replay of a selection of one, or the delete with the id in the query."""
+    if _opaque(job_id):
+        return f"/failures/{action}?s=" + _seal(job_id)
     if job_id in (".", ".."):
         key = "job" if action == "replay" else "id"
         return f"/failures/{action}?{key}=" + quote(job_id, safe="")
     return f"/failures/{quote(job_id, safe='')}/{action}"
 
 
+def id_field(job_id: str) -> Markup:
+    """The name and value a form field naming a job carries: ``s`` and the sealed id for an id holding a
+    number, else ``job`` and the id."""
+    name, value = ("s", _seal(job_id)) if _opaque(job_id) else ("job", job_id)
+    return Markup('name="{}" value="{}"').format(name, value)
+
+
+def _chosen(fields: Any) -> list[str]:
+    """The job ids a selection names, in clear (``job``) or sealed (``s``), each once, a page at most."""
+    named = [j for j in fields.getall("job", []) if isinstance(j, str)]
+    named += [j for j in (_unseal(t) for t in fields.getall("s", []) if isinstance(t, str)) if j is not None]
+    return list(dict.fromkeys(j for j in named if _valid_id(j)))[:FAILURES_PAGE]
+
+
 _templates.filters["job_href"] = job_href
 _templates.filters["action_href"] = action_href
+_templates.filters["id_field"] = id_field
 _templates.filters["at"] = lambda ts: (
     "" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(ts)))
 )
@@ -109,9 +147,10 @@ def _page(request: web.Request, name: str, status: int = 200, **context: Any) ->
 
 
 def _job_id(request: web.Request) -> str:
-    """The job id in the path (``/jobs/<id>``, quoted whole) or, for ``.`` and ``..``, in ``?id=``."""
-    job_id = request.match_info.get("job_id") or request.query.get("id", "")
-    if not _valid_id(job_id):
+    """The job id in the path (``/jobs/<id>``, quoted whole), or in the query: ``?id=`` for ``.`` and ``..``,
+    ``?s=`` sealed for an id holding a number."""
+    job_id = request.match_info.get("job_id") or request.query.get("id", "") or _unseal(request.query.get("s", ""))
+    if not job_id or not _valid_id(job_id):
         raise web.HTTPNotFound(text="no such job\n")
     return job_id
 
@@ -282,6 +321,12 @@ class Console:
         """A person's jobs, newest first, by the keyed hash of the number typed in. A POST, so that the number
         is in no URL (nor any log of one); the page does not repeat it."""
         form = await request.post()
+        job = form.get("job")
+        if isinstance(job, str) and "phone" not in form:  # a job by id, posted so that no URL holds it
+            job_id = job.strip()
+            if _valid_id(job_id):
+                raise web.HTTPSeeOther(job_href(job_id))
+            return _page(request, "find.html", status=400, problem="that is not a job id", results=None)
         raw = form.get("phone")
         try:
             e164 = normalize_phone(raw if isinstance(raw, str) else None, self.default_region)
@@ -402,8 +447,7 @@ class Console:
                 FAILURES_PAGE, error_type=f.error, code=f.code, failed_after=f.after(now), failed_before=f.before(now)
             )
         else:
-            chosen = [j for j in request.query.getall("job", []) if _valid_id(j)][:FAILURES_PAGE]
-            found = [await self.dead.get(j) for j in dict.fromkeys(chosen)]
+            found = [await self.dead.get(j) for j in _chosen(request.query)]
             entries = [e for e in found if e is not None]
         if not entries:
             return _page(request, "failures_confirm.html", status=400, entries=[])
@@ -411,9 +455,9 @@ class Console:
 
     async def replay_selection(self, request: web.Request) -> web.Response:
         form = await request.post()
-        chosen = [j for j in form.getall("job", []) if isinstance(j, str) and _valid_id(j)][:FAILURES_PAGE]
         replayed = gone = 0
-        for job_id in dict.fromkeys(chosen):
+        # the ids the form names, or the one a single replay's confirmation posts in its address (sealed)
+        for job_id in list(dict.fromkeys(_chosen(form) + _chosen(request.query)))[:FAILURES_PAGE]:
             if await self.dead.replay(self.redis, job_id) is None:
                 gone += 1  # replayed or deleted by someone else meanwhile
             else:

@@ -37,11 +37,8 @@ What is not masked: a number spelled in words or in CJK numerals, or encoded. Wh
 encoded so (``wamid.`` and base64 whose first bytes are the recipient's number): :func:`short_wamid` shows one
 by its tail only, which is the message's own id.
 
-Links: a page's visible text (titles, headings, link text, form values it echoes) is masked; an ``href`` or a
-form's ``action`` carries the real id, URL-quoted, because the console must find the job again when it is
-followed. So a number someone put into a job id reaches the address bar and the browser's history when that
-link is followed, but no page's text; the console sends ``Referrer-Policy: no-referrer`` and keeps no access
-log, so the URL goes nowhere else.
+Links: a page's visible text is masked, and its links and forms carry an id the masker would change sealed
+(:mod:`cgb_worker.console.app`, ``?s=``), so that no address holds it either; any other id is quoted whole.
 """
 
 from __future__ import annotations
