@@ -25,7 +25,8 @@ person by the keyed hash of the number.
 **Batched, on the worker's side.** A send is the hot path (Redis commands per message are budgeted, see
 BENCHMARKS.md), so the worker's ``accepted`` counts and index entries go through a :class:`Recorder` that writes
 what it gathered every :data:`FLUSH_EVERY` seconds in one round trip (a handful of commands for all the messages
-of that span, rather than several per message), and once more when the worker stops. A worker killed outright
+of that span, rather than several per message; a key's TTL set once, not on every flush), and once more when
+the worker stops. A worker killed outright
 loses at most that span's counts and index entries: a chart shows a few messages fewer, and find-by-number
 misses those jobs (they are still found by id). Rare events (a dead letter, a retry) are counted at once, in the
 write they count.
@@ -54,8 +55,12 @@ HOUR_TTL = 8 * 86400
 INDEX_TTL = 8 * 86400
 """A day of the person index is kept eight days: a week's jobs are found by number, as long as send records last."""
 FUNNEL = ("accepted", "sent", "delivered", "read")
-FLUSH_EVERY = 2.0
+FLUSH_EVERY = 5.0
 """Seconds between a worker's writes of what its :class:`Recorder` gathered."""
+TTL_AGAIN = 600.0
+"""Seconds after which a :class:`Recorder` sets a key's TTL again (``EXPIRE NX``, a no-op when it has one):
+in between it trusts the one it set, so a flush is its ``HINCRBY``s and ``ZADD``s alone; a key Redis lost
+meanwhile (a restart without persistence) gets its TTL back within this."""
 PENDING_MAX = 100_000
 """Index entries a :class:`Recorder` holds at most while Redis is away; beyond it the oldest are dropped."""
 
@@ -94,6 +99,8 @@ class Recorder:
         """Day → the index members gathered for it, in order, each once."""
         self._indexed = 0
         self._task: asyncio.Task[None] | None = None
+        self._expiring: dict[str, float] = {}
+        """Key → time.monotonic() when this recorder last set its TTL."""
 
     def count(self, counter: str, now: float | None = None, by: int = 1) -> None:
         moment = time.time() if now is None else now
@@ -127,13 +134,20 @@ class Recorder:
                     hours.add(hour)
                     pipe.hincrby(keys.series_minutes(hour), f"{minute % 60:02d}:{counter}", n)
                     pipe.hincrby(keys.series_hour(hour), counter, n)
-                for hour in hours:
-                    pipe.expire(keys.series_minutes(hour), MINUTE_TTL, nx=True)
-                    pipe.expire(keys.series_hour(hour), HOUR_TTL, nx=True)
+                expiring = [(keys.series_minutes(h), MINUTE_TTL) for h in hours]
+                expiring += [(keys.series_hour(h), HOUR_TTL) for h in hours]
                 for day, members in index.items():
                     pipe.zadd(keys.jobs_on(day), dict.fromkeys(members, 0))
-                    pipe.expire(keys.jobs_on(day), INDEX_TTL, nx=True)
+                    expiring.append((keys.jobs_on(day), INDEX_TTL))
+                now = time.monotonic()
+                due = [(key, ttl) for key, ttl in expiring if now - self._expiring.get(key, -TTL_AGAIN) >= TTL_AGAIN]
+                for key, ttl in due:
+                    pipe.expire(key, ttl, nx=True)
                 await pipe.execute()
+            for key, _ttl in due:
+                self._expiring[key] = now
+            if len(self._expiring) > 64:  # the hours and days long past
+                self._expiring = {k: t for k, t in self._expiring.items() if now - t < TTL_AGAIN}
         except (RedisError, OSError):
             self._counts.update(counts)  # Redis away: kept (the index bounded), written once it is back
             for day, members in index.items():

@@ -90,6 +90,13 @@ async def test_the_recorder_writes_a_spans_counts_and_index_entries_in_one_batch
     await recorder.flush()  # nothing gathered since: no command
     stats = await redis_client.info("commandstats")
     assert {k for k in stats if k not in ("cmdstat_info", "cmdstat_config|resetstat")} == set()
+    recorder.count("accepted", NOW)
+    recorder.index("a" * 32, "job-99", 1_700_000_000_099, NOW)
+    await redis_client.config_resetstat()
+    await recorder.flush()  # keys whose TTL it set already: their writes alone
+    stats = await redis_client.info("commandstats")
+    calls = {k[8:]: int(v["calls"]) for k, v in stats.items() if k not in ("cmdstat_info", "cmdstat_config|resetstat")}
+    assert calls == {"hincrby": 2, "zadd": 1}
 
 
 async def test_the_recorder_keeps_what_it_could_not_write_and_bounds_the_index(
