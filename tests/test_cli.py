@@ -325,11 +325,22 @@ async def test_check_takes_the_account_created_as_a_date_string(harness: Harness
     assert "Traceback" not in err
 
 
+async def test_a_damaged_dead_letter_is_listed_as_such(harness: Harness, redis_client: Any) -> None:
+    from cgb_worker.deadletters import ENTRIES, INDEX
+
+    await redis_client.zadd(INDEX, {"broken": 1})
+    await redis_client.hset(ENTRIES, "broken", b"\xc1 not msgpack")  # another version's, or a corrupted entry
+    code, out, err = await cli(harness, "dead-letters", "list")
+    assert code == 0, err
+    assert "broken" in out
+    assert "UnreadableEntry" in out
+
+
 async def test_an_unexpected_error_is_one_line_not_a_traceback(harness: Harness, redis_client: Any) -> None:
     from cgb_worker.deadletters import ENTRIES, INDEX
 
     await redis_client.zadd(INDEX, {"broken": 1})
-    await redis_client.hset(ENTRIES, "broken", b"\xc1 not msgpack")  # a corrupt entry
+    await redis_client.set(ENTRIES, b"not a hash")  # the store itself damaged (a bad entry is only listed as such)
     code, _out, err = await cli(harness, "dead-letters", "list")
     assert code == 1
     assert err.startswith("cgb-worker: ")

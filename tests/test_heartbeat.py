@@ -26,7 +26,7 @@ from cgb_worker.deadletters import DeadLetters
 from cgb_worker.heartbeat import live_workers, this_hosts
 from cgb_worker.tasks import cancel_and_wait
 
-from .conftest import Harness, free_port
+from .conftest import Harness, close_worker, free_port
 
 BIN = Path(sys.executable).parent
 A, B = "+972500000001", "+12025550100"
@@ -65,7 +65,7 @@ class Running:
         return worker
 
     async def stop(self, worker: Any) -> None:
-        await worker.close()  # cancels its main task and running jobs, then runs on_shutdown
+        await close_worker(worker)  # cancels its main task and running jobs, then runs on_shutdown
         task = self.tasks.pop(self.workers.index(worker))
         self.workers.remove(worker)
         await asyncio.gather(task, return_exceptions=True)
