@@ -46,6 +46,10 @@ TRIM_CHUNK = 500
 """Entries one trim call drops at most: Lua's ``unpack`` cannot take many thousands of values at once."""
 
 
+class UnreadablePayloadError(ValueError):
+    """A dead letter whose stored payload does not decode: it cannot be replayed, only deleted."""
+
+
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     job_id: str
     function: str
@@ -148,6 +152,7 @@ class DeadLetters:
             pipe.hset(ENTRIES, mapping={job_id: msgspec.msgpack.encode(entry)})
             pipe.hset(PAYLOADS, mapping={job_id: msgspec.msgpack.encode(payload)})
             pipe.hset(ORIGINS, mapping={job_id: origin})
+            pipe.hdel(REPLAYING, job_id)  # a replay of an earlier entry under this id is over: not this one's
             pipe.zadd(INDEX, {job_id: entry.failed_at})
             pipe.persist(send_log_key(origin))  # kept as long as the entry, for a replay to continue
             series.count(pipe, entry.failed_at, "dead")
@@ -225,25 +230,29 @@ class DeadLetters:
         thawed) leaves the entry listed with its reservation, and the next replay of it uses the same id: arq
         enqueues a job id once, and a job that ran already finds its result in the send record, so nothing is
         sent twice. Of replays racing for one entry, one returns the id. The new job carries ``replay_of``."""
-        new_id = await self._reserve(keys=[ENTRIES, REPLAYING], args=[job_id, uuid.uuid4().hex])
-        if not new_id:
-            return None
-        new_id = new_id.decode() if isinstance(new_id, bytes) else str(new_id)
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hget(ENTRIES, job_id)
             pipe.hget(PAYLOADS, job_id)
             pipe.hget(ORIGINS, job_id)
             raw_entry, raw_payload, raw_origin = await pipe.execute()
         if raw_entry is None or raw_payload is None:
+            return None
+        try:  # read before anything is reserved: an entry that cannot be replayed is left as it is
+            payload = msgspec.msgpack.decode(raw_payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise UnreadablePayloadError(f"the dead letter's payload cannot be read ({exc}): delete it") from None
+        new_id = await self._reserve(keys=[ENTRIES, REPLAYING], args=[job_id, uuid.uuid4().hex])
+        if not new_id:
             return None  # finished or removed meanwhile
+        new_id = new_id.decode() if isinstance(new_id, bytes) else str(new_id)
         function = _function(raw_entry)
         origin = raw_origin.decode(errors="replace") if raw_origin else job_id
-        await pool.enqueue_job(function, msgspec.msgpack.decode(raw_payload), replay_of=origin, _job_id=new_id)
+        job = await pool.enqueue_job(function, payload, replay_of=origin, _job_id=new_id)
         # None from arq: a replay before this one enqueued it already (and was cut short); it is finished here
         done = await self._finish(
             keys=[INDEX, ENTRIES, PAYLOADS, ORIGINS, REPLAYING, keys.replayed_as(job_id), keys.replay_of(new_id),
                   send_log_key(origin)],
-            args=[job_id, new_id, LINK_TTL, SEND_LOG_TTL],
+            args=[job_id, new_id, LINK_TTL, SEND_LOG_TTL, "1" if job is not None else "0"],
         )  # fmt: skip
         return new_id if int(done) == 1 else None
 

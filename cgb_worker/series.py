@@ -192,7 +192,8 @@ class Window:
 
     def codes(self) -> list[tuple[int, int]]:
         """WhatsApp's error codes in the span, the most frequent first: (code, messages)."""
-        found = [(int(k[5:]), n) for k, n in self.totals.items() if k.startswith("code:") and k[5:].isdigit()]
+        found = [(int(k[5:]), n) for k, n in self.totals.items() if k.startswith("code:") and k[5:].isascii()
+                 and k[5:].isdigit() and len(k) < 20]  # fmt: skip
         return sorted(found, key=lambda c: (-c[1], c[0]))
 
 
@@ -212,7 +213,7 @@ async def read(redis: Redis, now: float | None = None) -> tuple[Window, Window]:
     for h, found in ((hour - 1, raw[0]), (hour, raw[1])):
         for name, value in found.items():
             mm, _, counter = _text(name).partition(":")
-            if mm.isdigit() and counter:
+            if mm.isascii() and mm.isdigit() and counter:
                 by_minute.setdefault(h * 60 + int(mm), {})[counter] = _int(value)
     minutes = list(range(minute - 59, minute + 1))
     last_hour = _window([m * 60.0 for m in minutes], [by_minute.get(m, {}) for m in minutes])

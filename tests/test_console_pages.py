@@ -165,7 +165,8 @@ async def test_failures_filter_by_error_code_and_age_and_list_what_whatsapp_fail
     assert await shown("?code=131047&age=24h") == ([], [])
     # bad filters are ignored, never an error: a code that is no number, an unknown age, a control character
     for query in ("?code=abc", "?code=-1", "?code=99999999999999", "?age=forever", "?error=%00x", "?age=%0a",
-                  "?error=%2B12025550100", "?error=Invalid%20Phone", "?error=" + "E" * 200):  # fmt: skip
+                  "?error=%2B12025550100", "?error=Invalid%20Phone", "?error=" + "E" * 200,
+                  "?error=a202_555_0100"):  # fmt: skip
         dead, _failed = await shown(query)
         assert len(dead) == 4, query
 
@@ -441,6 +442,46 @@ async def test_one_damaged_record_never_breaks_a_page(console: Console) -> None:
         "stream entry at not a number": (keys.DELIVERIES, "xadd", None, b"soon"),
         "counter not a number": (keys.series_hour(series.hour_of(now)), "hset", "accepted", b"lots"),
         "counter name not UTF-8": (keys.series_minutes(series.hour_of(now)), "hset", b"\xff:x", b"1"),
+        # the third attack's
+        "send record at infinite": (keys.sends("bad"), "hset", "d:flow", b'{"status": "sent", "at": 1e300}'),
+        "send record wamid a number": (
+            keys.sends("bad"),
+            "hset",
+            "d:flow",
+            b'{"status": "sent", "at": 1, "wamid": 12025550100}',
+        ),
+        "send record resendOf a list": (
+            keys.sends("bad"),
+            "hset",
+            "d:flow",
+            b'{"status": "sent", "at": 1, "resendOf": [1], "match": 5}',
+        ),
+        "minute field a superscript": (keys.series_minutes(series.hour_of(now)), "hset", "\u00b2:accepted", b"1"),
+        "code a superscript": (keys.series_hour(series.hour_of(now)), "hset", "code:\u00b2", b"1"),
+        "stream at out of any calendar": (keys.DELIVERIES, "xadd", None, b"9" * 30),
+        "dead letter failed in no year": (
+            ENTRIES,
+            "hset",
+            "bad-dead",
+            msgspec.msgpack.encode(
+                {
+                    "job_id": "bad-dead",
+                    "function": "whatsapp_send",
+                    "payload": {1: "a", "b": b"\x00"},
+                    "error_type": "X",
+                    "error": "x",
+                    "attempts": 1,
+                    "enqueued_at": None,
+                    "failed_at": 1e300,
+                }
+            ),
+        ),
+        "index member of another century": (
+            keys.jobs_on(int(now // 86400)),
+            "zadd",
+            None,
+            who.encode() + b"|" + b"9" * 26 + b"|good",
+        ),
     }
     csrf = ""
     async with console.session() as http:
@@ -470,8 +511,8 @@ async def test_one_damaged_record_never_breaks_a_page(console: Console) -> None:
                 assert resp.status == 200, name
             assert 'href="/jobs/good"' in found, name  # the neighbours still listed
             assert "good-dead" in pages["/failures"], name
-            if key == ENTRIES:  # the damaged entry is listed as such, and can be deleted
-                assert "UnreadableEntry" in pages["/failures"], name
+            if key == ENTRIES:  # the damaged entry is listed (as such, when it does not decode) and can be deleted
+                assert "bad-dead" in pages["/failures"], name
                 async with http.post(console.url + "/failures/bad-dead/delete", data={"csrf": csrf},
                                      allow_redirects=False) as resp:  # fmt: skip
                     assert resp.status == 303, name
@@ -597,3 +638,14 @@ async def test_a_failed_message_a_later_change_delivered_says_so(console: Consol
         page = await resp.text()
     rows = {r[0]: r[5] for r in _rows(page, "failed-messages")}
     assert rows == {"r1": "then read", "r2": ""}  # the resend was read; the other stands failed
+
+
+async def test_a_key_of_another_type_is_a_500_that_says_so_not_a_redis_outage(console: Console) -> None:
+    from cgb_worker import keys
+
+    await console.redis.enqueue_job("whatsapp_send", {"to": OK, "message": "x"}, _job_id="wt")
+    await console.redis.set(keys.tries("wt"), b"a string where a list is")
+    async with aiohttp.ClientSession() as http, http.get(console.url + "/jobs/wt") as resp:
+        assert resp.status == 500
+        assert (await resp.text()).startswith("Redis refused a command: WRONGTYPE")
+        assert resp.headers["X-Frame-Options"] == "DENY"

@@ -810,3 +810,95 @@ def _post_target(page: str) -> str:
     found = re.search(r'<form method="post" action="(/failures/[^"]+)">', page)
     assert found, page
     return html.unescape(found.group(1))
+
+
+# -- the third attack on the replay ----------------------------------------------------------------------------
+
+
+async def test_a_replay_that_races_a_delete_reports_the_job_it_enqueued(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = await create_pool(redis_url)
+    dead = DeadLetters(pool)
+    await dead.add(job_id="race-1", function="whatsapp_send", payload={"to": "+12025550100", "message": "x"},
+                   error=RuntimeError("down"), attempts=5, enqueued_at=None)  # fmt: skip
+    real_enqueue = pool.enqueue_job
+
+    async def deleted_first(*args: Any, **kwargs: Any) -> Any:
+        assert await dead.remove("race-1")  # an operator deletes it as the replay enqueues
+        return await real_enqueue(*args, **kwargs)
+
+    try:
+        monkeypatch.setattr(pool, "enqueue_job", deleted_first)
+        new_id = await dead.replay(pool, "race-1")
+        assert new_id is not None  # the job it made is reported, with its links
+        assert await pool.zrange("arq:queue", 0, -1) == [new_id.encode()]
+        assert await pool.get(keys.replayed_as("race-1")) == new_id.encode()
+        assert await dead.get("race-1") is None
+    finally:
+        await pool.aclose()
+
+
+async def test_a_dead_letter_added_again_under_an_id_is_replayed_with_its_own_payload(redis_url: str) -> None:
+    pool = await create_pool(redis_url)
+    dead = DeadLetters(pool)
+    try:
+        await dead.add(job_id="again-1", function="whatsapp_send", payload={"to": "+12025550100", "message": "old"},
+                       error=RuntimeError("down"), attempts=5, enqueued_at=None)  # fmt: skip
+        await pool.hset(keys.DEAD_REPLAYING, "again-1", "stale-new-id-0001")  # a replay of it cut short  # type: ignore[misc]
+        await pool.enqueue_job("whatsapp_send", {"to": "+12025550100", "message": "old"}, _job_id="stale-new-id-0001")
+        await dead.add(job_id="again-1", function="whatsapp_send", payload={"to": "+12025550100", "message": "new"},
+                       error=RuntimeError("down"), attempts=5, enqueued_at=None)  # fmt: skip
+        new_id = await dead.replay(pool, "again-1")
+        assert new_id is not None
+        assert new_id != "stale-new-id-0001"
+        from arq.jobs import Job
+
+        info = await Job(new_id, pool, _deserializer=pool.job_deserializer).info()
+        assert info is not None
+        assert info.args[0]["message"] == "new"
+    finally:
+        await pool.aclose()
+
+
+async def test_a_dead_letter_whose_payload_cannot_be_read_is_left_and_said(open_console: Console) -> None:
+    from cgb_worker.deadletters import PAYLOADS
+
+    redis = open_console.redis
+    dead = DeadLetters(redis)
+    for job_id in ("unreadable-1", "fine-1"):
+        await dead.add(job_id=job_id, function="whatsapp_send", payload={"to": "+12025550100", "message": "x"},
+                       error=RuntimeError("down"), attempts=5, enqueued_at=None)  # fmt: skip
+    await redis.hset(PAYLOADS, "unreadable-1", b"\xc1")
+    async with open_console.session() as http:
+        async with http.get(open_console.url + "/failures") as resp:
+            csrf = _csrf(await resp.text())
+        async with http.post(open_console.url + "/failures/unreadable-1/replay", data={"csrf": csrf},
+                             allow_redirects=False) as resp:  # fmt: skip
+            assert resp.status == 409
+            assert "payload cannot be read" in await resp.text()
+        assert await redis.hget(keys.DEAD_REPLAYING, "unreadable-1") is None  # nothing reserved
+        form = [("csrf", csrf), ("job", "unreadable-1"), ("job", "fine-1")]
+        async with http.post(open_console.url + "/failures/replay", data=form, allow_redirects=False) as resp:
+            assert resp.headers["Location"] == "/failures?replayed=1&gone=0&unreadable=1"
+        async with http.get(open_console.url + "/failures?replayed=1&gone=0&unreadable=1") as resp:
+            assert "1 left as they are: their payload cannot be read" in await resp.text()
+    assert await dead.get("unreadable-1") is not None
+    assert await dead.get("fine-1") is None
+
+
+async def test_a_token_sealed_for_something_else_opens_no_job(open_console: Console) -> None:
+    from cgb_worker import sealed
+
+    other = sealed.seal(b"12025550100").decode()  # as a send record's kept payload is sealed, same key
+    async with open_console.session() as http, http.get(open_console.url + "/job?s=" + other) as resp:
+        assert resp.status == 404
+
+
+def test_a_number_in_mathematical_digits_escaped_as_surrogate_pairs_is_masked() -> None:
+    import json
+
+    shown = _masked(json.dumps({"message": "call \U0001d7d0\U0001d7ce\U0001d7d0 \U0001d7d3\U0001d7d3\U0001d7d3 "
+                                           "\U0001d7ce\U0001d7cf\U0001d7ce\U0001d7ce"}))  # fmt: skip
+    assert shown.count("\\ud835") == 2  # the last two digits only
+    assert shown.startswith('{"message": "call *** *** **')

@@ -8,6 +8,7 @@ every number is masked (the payload's ``to``, digit runs in free text).
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from collections import Counter
@@ -24,10 +25,10 @@ from arq.jobs import Job
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from loguru import logger
 from markupsafe import Markup
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from .. import errors, keys, sealed, series
-from ..deadletters import DeadLetters, mask_payload
+from ..deadletters import DeadLetters, UnreadablePayloadError, mask_payload
 from ..errors import InvalidPhoneError
 from ..heartbeat import live_workers
 from ..jobstate import JobState, LastRetry, describe, locate, tries
@@ -85,15 +86,22 @@ def _opaque(job_id: str) -> bool:
     return mask(job_id) != job_id
 
 
+SEALED_PREFIX = b"console job id\0"
+"""What a sealed id starts with: a token sealed for anything else under the same key (a send record's kept
+payload) is not one."""
+
+
 def _seal(job_id: str) -> str:
-    return sealed.seal(job_id.encode()).decode()
+    return sealed.seal(SEALED_PREFIX + job_id.encode()).decode()
 
 
 def _unseal(token: str) -> str | None:
     if not token or len(token) > SEALED_MAX:
         return None
     found = sealed.unseal(token.encode())
-    return found.decode(errors="replace") if found is not None else None
+    if found is None or not found.startswith(SEALED_PREFIX):
+        return None
+    return found[len(SEALED_PREFIX) :].decode(errors="replace")
 
 
 def job_href(job_id: str) -> str:
@@ -134,9 +142,30 @@ def _chosen(fields: Any) -> list[str]:
 _templates.filters["job_href"] = job_href
 _templates.filters["action_href"] = action_href
 _templates.filters["id_field"] = id_field
-_templates.filters["at"] = lambda ts: (
-    "" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(ts)))
-)
+
+
+def _at(ts: Any) -> str:
+    """A time to show; one no calendar holds (a damaged record's) shows as ``?``, not as a failed page."""
+    if ts is None:
+        return ""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(ts)))
+    except (OverflowError, OSError, ValueError, TypeError):
+        return "?"
+
+
+def _shown_json(value: Any) -> str:
+    """A payload or result as indented JSON, every number masked: non-ASCII written as itself (the masker sees
+    the digits, whatever script), and what JSON cannot hold (bytes, keys of mixed types) as text."""
+    try:
+        text = json.dumps(value, indent=2, ensure_ascii=False, default=repr, sort_keys=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return mask(text)
+
+
+_templates.filters["at"] = _at
+_templates.filters["shown_json"] = _shown_json
 
 
 def _page(request: web.Request, name: str, status: int = 200, **context: Any) -> web.Response:
@@ -382,6 +411,7 @@ class Console:
         return _page(
             request, "failures.html", entries=entries, total=total, f=f, ages=AGES, failed=failed,
             replayed=request.query.get("replayed"), gone=request.query.get("gone"),
+            unreadable=request.query.get("unreadable"),
         )  # fmt: skip
 
     async def _failed_messages(self, f: _Filters, now: float) -> list[dict[str, Any]]:
@@ -429,7 +459,10 @@ class Console:
     async def act(self, request: web.Request) -> web.Response:
         job_id, action = _job_id(request), request.match_info["action"]
         if action == "replay":
-            new_id = await self.dead.replay(self.redis, job_id)
+            try:
+                new_id = await self.dead.replay(self.redis, job_id)
+            except UnreadablePayloadError as exc:
+                raise web.HTTPConflict(text=f"{exc}\n") from None
             if new_id is None:
                 raise web.HTTPNotFound(text="no such dead letter (replayed or deleted already)\n")
             raise web.HTTPSeeOther(job_href(new_id))
@@ -455,14 +488,20 @@ class Console:
 
     async def replay_selection(self, request: web.Request) -> web.Response:
         form = await request.post()
-        replayed = gone = 0
+        replayed = gone = unreadable = 0
         # the ids the form names, or the one a single replay's confirmation posts in its address (sealed)
         for job_id in list(dict.fromkeys(_chosen(form) + _chosen(request.query)))[:FAILURES_PAGE]:
-            if await self.dead.replay(self.redis, job_id) is None:
+            try:
+                new_id = await self.dead.replay(self.redis, job_id)
+            except UnreadablePayloadError:
+                unreadable += 1  # left as it is, for a person to look at and delete; the others go on
+                continue
+            if new_id is None:
                 gone += 1  # replayed or deleted by someone else meanwhile
             else:
                 replayed += 1
-        raise web.HTTPSeeOther(f"/failures?replayed={replayed}&gone={gone}")
+        more = f"&unreadable={unreadable}" if unreadable else ""
+        raise web.HTTPSeeOther(f"/failures?replayed={replayed}&gone={gone}{more}")
 
     # -- the suppression list --------------------------------------------------------------------------------
 
@@ -574,7 +613,7 @@ class _Filters:
         code = (query.get("code") or "").strip()
         age = query.get("age") or ""
         return cls(
-            error=error if error.isidentifier() and len(error) <= ERROR_MAX and not _DIGITS5.search(error) else None,
+            error=error if error.isidentifier() and len(error) <= ERROR_MAX and mask(error) == error else None,
             code=int(code) if code.isascii() and code.isdigit() and len(code) <= 9 else None,
             age=age if age in AGES else "",
         )
@@ -593,10 +632,8 @@ class _Filters:
 
 
 ERROR_MAX = 128
-"""The longest error class name the failures page filters by."""
-_DIGITS5 = re.compile(r"\d{5}")
-"""A filter holding a run of five digits is no class name of ours, and could be a number: it is ignored, so no
-number is echoed back in the form."""
+"""The longest error class name the failures page filters by (one the masker would change is ignored: no class of
+ours holds a number, and so none is echoed back in the form)."""
 
 
 def _valid_id(job_id: str) -> bool:
@@ -706,6 +743,11 @@ async def _headers(request: web.Request, handler: Any) -> web.StreamResponse:
         response = exc
         _secure(response)
         raise
+    except ResponseError as exc:  # Redis answered, with an error: a key of another type than expected (WRONGTYPE)
+        logger.warning(
+            "console: {} {}: Redis refused a command: {}", request.method, mask(request.path), mask(str(exc))
+        )
+        response = web.Response(status=500, text=f"Redis refused a command: {mask(str(exc).splitlines()[0])[:200]}\n")
     except RedisError as exc:
         response = web.Response(status=503, text=f"Redis did not answer: {type(exc).__name__}\n")
     except TimeoutError:

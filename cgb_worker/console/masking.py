@@ -80,13 +80,19 @@ _STAMP = re.compile(
     r"(?<![^\W_])(?:19|20)[0-9]{2}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01]) "
     r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9] UTC(?![^\W_])"
 )
-_ESCAPE = re.compile(r"\\(?:u[0-9A-Fa-f]{4}|x[0-9A-Fa-f]{2}|U[0-9A-Fa-f]{8}|[abfnrtv\"'/\\])")
+_ESCAPE = re.compile(
+    r"\\u[dD][89abAB][0-9A-Fa-f]{2}\\u[dD][c-fC-F][0-9A-Fa-f]{2}"  # a surrogate pair, as JSON writes U+10000 up
+    r"|\\(?:u[0-9A-Fa-f]{4}|x[0-9A-Fa-f]{2}|U[0-9A-Fa-f]{8}|[abfnrtv\"'/\\])"
+)
 _SIMPLE = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
 
 
 def _unescape(escape: str) -> str:
     """The one character an escape sequence stands for (a letter when it stands for none: it ends a run)."""
     kind = escape[1]
+    if len(escape) == 12:  # a surrogate pair: the one character beyond U+FFFF it stands for
+        high, low = int(escape[2:6], 16), int(escape[8:12], 16)
+        return chr(0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00))
     if kind in "uxU":
         code = int(escape[2:], 16)
         return chr(code) if code <= sys.maxunicode else "x"

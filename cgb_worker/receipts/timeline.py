@@ -125,32 +125,45 @@ def _step(step_b: bytes, value: bytes, raw: dict[bytes, bytes], now: float, unco
         except (msgspec.DecodeError, msgspec.ValidationError):
             continue  # one bad event line never hides the others
     accepted_at = iso(float(state.get("at", 0)))
-    status = str(state.get("status", "accepted"))
+    status = state.get("status", "accepted")
+    if status not in RANK:
+        raise ValueError("not a status")
     acked = raw.get(step_b) == b"sent" or b"a:" + step_b in raw
     if status == "accepted" and not acked:
         status = "sending"
     elif status == "accepted" and now - float(state.get("at", now)) > unconfirmed_after * 1000:
         status = "unconfirmed"
-    wamid = state.get("wamid") or None
+    wamid = _str(state.get("wamid"))
+    more = state.get("more")
+    wamids = [wamid, *(w for w in more if isinstance(w, str))] if wamid and isinstance(more, list) else []
+    if wamid and not wamids:
+        wamids = [wamid]
     unresolved = raw.get(b"u:" + step_b, b"0") or b"0"
+    code = state.get("resendCode")
+    match = _str(state.get("match"))
     return StepDelivery(
         step=step,
         status=status,
         accepted_at=accepted_at,
         wamid=wamid,
-        wamids=[wamid, *(state.get("more") or [])] if wamid else [],
+        wamids=wamids,
         error=_error(state.get("error")),
-        matched_by=state.get("match") or None,
-        unresolved=int(unresolved) if unresolved.isdigit() else 0,
-        wa_id=state.get("waId") or None,
-        user_id=state.get("userId") or None,
-        fallback_for=state.get("fallbackFor") or None,
-        category=state.get("category") or None,
-        resend_of=state.get("resendOf") or None,
-        resend_code=state.get("resendCode") or None,
+        matched_by=match if match in ("wamid", "recipient") else None,  # type: ignore[arg-type]
+        unresolved=int(unresolved) if unresolved.isascii() and unresolved.isdigit() else 0,
+        wa_id=_str(state.get("waId")),
+        user_id=_str(state.get("userId")),
+        fallback_for=_str(state.get("fallbackFor")),
+        category=_str(state.get("category")),
+        resend_of=_str(state.get("resendOf")),
+        resend_code=code if isinstance(code, int) and not isinstance(code, bool) else None,
         resending=_text(raw.get(b"r:" + step_b)),
         events=[DeliveryEvent("accepted" if acked else "sending", accepted_at, accepted_at, step), *events],
     )
+
+
+def _str(value: Any) -> str | None:
+    """A field another version, or damage, may have stored as another type: a string, or none."""
+    return value if isinstance(value, str) and value else None
 
 
 def _text(value: bytes | None) -> str | None:
@@ -191,7 +204,8 @@ def build(job_id: str, raw: dict[bytes, bytes], *, unconfirmed_after: float = 86
             continue
         try:
             steps.append(_step(name[2:], value, raw, now, unconfirmed_after))
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError, AttributeError):
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError, AttributeError, OverflowError,
+                OSError):  # fmt: skip
             continue  # another version's record, or a damaged one: the job's other messages still show
     if not steps:
         return None
