@@ -845,7 +845,8 @@ async def test_a_dead_letter_added_again_under_an_id_is_replayed_with_its_own_pa
     try:
         await dead.add(job_id="again-1", function="whatsapp_send", payload={"to": "+12025550100", "message": "old"},
                        error=RuntimeError("down"), attempts=5, enqueued_at=None)  # fmt: skip
-        await pool.hset(keys.DEAD_REPLAYING, "again-1", "stale-new-id-0001")  # a replay of it cut short  # type: ignore[misc]
+        # a replay of it cut short, its job enqueued
+        await pool.hset(keys.DEAD_REPLAYING, "again-1", "stale-new-id-0001")  # type: ignore[misc]
         await pool.enqueue_job("whatsapp_send", {"to": "+12025550100", "message": "old"}, _job_id="stale-new-id-0001")
         await dead.add(job_id="again-1", function="whatsapp_send", payload={"to": "+12025550100", "message": "new"},
                        error=RuntimeError("down"), attempts=5, enqueued_at=None)  # fmt: skip
