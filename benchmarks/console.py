@@ -27,8 +27,6 @@ import asyncio
 import gc
 import random
 import re
-import shutil
-import subprocess
 import tempfile
 import time
 from collections import defaultdict
@@ -64,7 +62,7 @@ from cgb_worker.settings import load_receiver_settings
 from cgb_worker.suppression import Scope, suppress_who
 
 from .processing import PHONE_KEY
-from .system import free_port
+from .system import free_port, redis_server
 
 keys.use_phone_key(PHONE_KEY)  # (processing.py does it too: the same stand-in key)
 
@@ -645,36 +643,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="10,000 jobs instead of 100,000")
     args = parser.parse_args()
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="cgb-console-bench-") as tmp:
-        server = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", tmp],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            url = f"redis://127.0.0.1:{port}/0"
-            started = time.perf_counter()
-            r = asyncio.run(_run(url, 10_000 if args.quick else 100_000))
-        finally:
-            server.terminate()
-            server.wait()
+    with tempfile.TemporaryDirectory(prefix="cgb-console-bench-") as tmp, redis_server(tmp) as url:
+        started = time.perf_counter()
+        r = asyncio.run(console_bench(url, jobs=10_000 if args.quick else 100_000))
     print(summary(r))
     print(f"\n{(time.perf_counter() - started) / 60:.1f} min in all ({Path(tmp).name})")
-
-
-async def _run(url: str, jobs: int) -> dict[str, Any]:
-    probe = redis.asyncio.Redis.from_url(url)
-    try:
-        for _ in range(100):
-            try:
-                await probe.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                await asyncio.sleep(0.05)
-    finally:
-        await probe.aclose()
-    return await console_bench(url, jobs=jobs)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +26,7 @@ from cgb_worker.receipts import Processor
 from cgb_worker.sends import StepRecord
 from cgb_worker.settings import ReceiverSettings, Secret
 
-from .system import free_port
+from .system import redis_server
 
 PHONE_KEY = "bench-phone-hash-key-not-a-secret"
 """PHONE_HASH_KEY for every worker and receiver the bench starts, and for this process's own hashing."""
@@ -141,19 +139,8 @@ async def processing_bench(redis_url: str, n: int = 20000) -> dict[str, float]:
 
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        server = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", tmp],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            time.sleep(0.3)
-            r = asyncio.run(processing_bench(f"redis://127.0.0.1:{port}/0", n))
-        finally:
-            server.terminate()
-            server.wait()
+    with tempfile.TemporaryDirectory() as tmp, redis_server(tmp) as url:
+        r = asyncio.run(processing_bench(url, n))
     print(
         f"{r['n']:,} statuses: ours {r['ours_cpu_ms']:.3f} ms CPU per status, drained in {r['ours_wall']:.2f} s "
         f"({r['ours_rate']:.0f}/s); minimal {r['base_cpu_ms']:.3f} ms, {r['base_wall']:.2f} s ({r['base_rate']:.0f}/s);"

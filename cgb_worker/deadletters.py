@@ -94,15 +94,6 @@ def _entry(job_id: bytes | str, raw: bytes) -> DeadLetter:
                           failed_at=0.0)  # fmt: skip
 
 
-def _function(raw_entry: bytes) -> str:
-    """The job function an entry names; an entry that does not decode (another version's, or damaged) is
-    replayed as ``whatsapp_send``, the only function the worker has."""
-    try:
-        return msgspec.msgpack.decode(raw_entry, type=DeadLetter).function
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return "whatsapp_send"
-
-
 def mask_payload(payload: Any) -> Any:
     if not isinstance(payload, dict):
         return "<not a mapping>"
@@ -245,7 +236,7 @@ class DeadLetters:
         if not new_id:
             return None  # finished or removed meanwhile
         new_id = new_id.decode() if isinstance(new_id, bytes) else str(new_id)
-        function = _function(raw_entry)
+        function = _entry(job_id, raw_entry).function  # an entry that does not decode stands in as whatsapp_send
         origin = raw_origin.decode(errors="replace") if raw_origin else job_id
         job = await pool.enqueue_job(function, payload, replay_of=origin, _job_id=new_id)
         # None from arq: a replay before this one enqueued it already (and was cut short); it is finished here

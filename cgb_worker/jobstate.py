@@ -103,13 +103,8 @@ def last_retry_of(exc: BaseException, *, attempt: int, job_try: int, retry_in: f
 async def tries(redis: Redis, job_id: str) -> list[LastRetry]:
     """The job's tries that ended in a retry or a deferral, newest first (at most :data:`TRIES_KEPT`); a record
     that does not decode (another version's) is skipped, not fatal."""
-    out: list[LastRetry] = []
-    for raw in await redis.lrange(keys.tries(job_id), 0, TRIES_KEPT - 1):  # type: ignore[misc]
-        try:
-            out.append(msgspec.msgpack.decode(raw, type=LastRetry))
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            continue
-    return out
+    found = (_last_retry(raw) for raw in await redis.lrange(keys.tries(job_id), 0, TRIES_KEPT - 1))  # type: ignore[misc]
+    return [record for record in found if record is not None]
 
 
 async def record_retry(redis: Redis, job_id: str, record: LastRetry) -> None:

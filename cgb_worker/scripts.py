@@ -38,7 +38,7 @@ def _counters(now: float) -> list[str]:
 
 
 def _counter_args(now: float) -> list[Any]:
-    return [series.minute_field(now, "")[:2], series.MINUTE_TTL, series.HOUR_TTL]
+    return [series.minute_of_hour(now), series.MINUTE_TTL, series.HOUR_TTL]
 
 
 def _text(value: bytes | str) -> str:

@@ -69,9 +69,14 @@ def hour_of(now: float) -> int:
     return int(now // 3600)
 
 
+def minute_of_hour(now: float) -> str:
+    """The minute of the hour ``now`` falls in, two digits: what the by-minute hash's fields start with."""
+    return f"{int(now // 60) % 60:02d}"
+
+
 def minute_field(now: float, counter: str) -> str:
-    """The by-minute hash's field for ``counter`` at ``now``: the minute of the hour, two digits."""
-    return f"{int(now // 60) % 60:02d}:{counter}"
+    """The by-minute hash's field for ``counter`` at ``now``."""
+    return f"{minute_of_hour(now)}:{counter}"
 
 
 def count(pipe: Pipeline, now: float, counter: str, by: int = 1) -> None:
@@ -132,7 +137,7 @@ class Recorder:
                 for (minute, counter), n in counts.items():
                     hour = minute // 60
                     hours.add(hour)
-                    pipe.hincrby(keys.series_minutes(hour), f"{minute % 60:02d}:{counter}", n)
+                    pipe.hincrby(keys.series_minutes(hour), minute_field(minute * 60.0, counter), n)
                     pipe.hincrby(keys.series_hour(hour), counter, n)
                 expiring = [(keys.series_minutes(h), MINUTE_TTL) for h in hours]
                 expiring += [(keys.series_hour(h), HOUR_TTL) for h in hours]

@@ -40,6 +40,88 @@ def phone_key() -> str:
     return PHONE_KEY
 
 
+# -- the operations console, served for a test (tests/test_console*.py) ----------------------------------------
+
+CONSOLE_TOKEN = "console-test-token-0123456789"
+
+
+class Console:
+    """A console served for a test: its address and the Redis client it reads."""
+
+    def __init__(self, url: str, redis: Any) -> None:
+        self.url = url
+        self.redis = redis
+
+    def session(self) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))  # unsafe: cookies for an IP
+
+
+async def _serve(redis_url: str, token: str | None) -> AsyncIterator[Console]:
+    """The console's app over ``redis_url``, served on a free port, with ``token`` as its CONSOLE_TOKEN."""
+    from aiohttp import web
+
+    from cgb_worker import create_pool
+    from cgb_worker.console.app import create_console
+    from cgb_worker.console.auth import ConsoleAuth
+    from cgb_worker.settings import Secret
+
+    redis = await create_pool(redis_url)
+    runner = web.AppRunner(create_console(redis, ConsoleAuth(Secret(token) if token else None, redis)))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield Console(f"http://127.0.0.1:{port}", redis)
+    finally:
+        await runner.cleanup()
+        await redis.aclose()
+
+
+@pytest.fixture
+async def guarded(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Console]:
+    from cgb_worker.console import app as app_module
+    from cgb_worker.console import auth as auth_module
+
+    monkeypatch.setattr(auth_module, "FAILED_SIGN_IN_DELAY", 0.0)  # a wrong token is answered at once here
+    monkeypatch.setattr(app_module, "FAILED_SIGN_IN_DELAY", 0.0)
+    async for console in _serve(redis_url, CONSOLE_TOKEN):
+        yield console
+
+
+@pytest.fixture
+async def open_console(redis_url: str) -> AsyncIterator[Console]:
+    async for console in _serve(redis_url, None):
+        yield console
+
+
+def start_redis_server(workdir: str) -> tuple[subprocess.Popen[bytes], str]:
+    """A throwaway redis-server (no persistence) on a free loopback port, and its URL, once it answers PING;
+    RuntimeError (the server killed) when it does not within 10 s."""
+    binary = shutil.which("redis-server") or "redis-server"
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 10
+    try:
+        while True:
+            try:
+                client.ping()
+                return proc, url
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    proc.kill()
+                    proc.wait()
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+    finally:
+        client.close()
+
+
 async def close_worker(worker: Any) -> None:
     """``worker.close()`` for a worker stopped with jobs under way. arq's close cancels the job tasks and
     gathers them without ``return_exceptions``: one cancelled before its job began (in arq's own first round
@@ -86,26 +168,11 @@ def redis_url() -> Iterator[str]:
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.exit("redis-server is not installed: run the tests with `make test`, which installs it", 2)
-    port = free_port()
     workdir = tempfile.mkdtemp(prefix="cgb-test-redis-")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.exit("the test Redis did not start", 2)
-            time.sleep(0.05)
-    client.close()
+    try:
+        proc, url = start_redis_server(workdir)
+    except RuntimeError:
+        pytest.exit("the test Redis did not start", 2)
     try:
         yield url
     finally:

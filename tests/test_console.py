@@ -6,64 +6,21 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from cgb_worker import create_pool
-from cgb_worker.console import auth as auth_module
-from cgb_worker.console.app import create_console
-from cgb_worker.console.auth import COOKIE, ConsoleAuth
+from cgb_worker.console.auth import COOKIE
 from cgb_worker.deadletters import DeadLetters
 from cgb_worker.errors import InvalidJobError
-from cgb_worker.settings import Secret, load_console_settings
+from cgb_worker.settings import load_console_settings
 
-from .conftest import PHONE_KEY, Harness, free_port
+from .conftest import CONSOLE_TOKEN as TOKEN_VALUE
+from .conftest import PHONE_KEY, Console, Harness
 
-TOKEN_VALUE = "console-test-token-0123456789"
 PHONE = "+12025550100"
 DIGITS = "2025550100"
-
-
-class Console:
-    def __init__(self, url: str, redis: Any) -> None:
-        self.url = url
-        self.redis = redis
-
-    def session(self) -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))  # unsafe: cookies for an IP
-
-
-async def _serve(redis_url: str, token: str | None) -> AsyncIterator[Console]:
-    redis = await create_pool(redis_url)
-    runner = web.AppRunner(create_console(redis, ConsoleAuth(Secret(token) if token else None, redis)))
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield Console(f"http://127.0.0.1:{port}", redis)
-    finally:
-        await runner.cleanup()
-        await redis.aclose()
-
-
-@pytest.fixture
-async def guarded(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Console]:
-    monkeypatch.setattr(auth_module, "FAILED_SIGN_IN_DELAY", 0.0)
-    from cgb_worker.console import app as app_module
-
-    monkeypatch.setattr(app_module, "FAILED_SIGN_IN_DELAY", 0.0)
-    async for console in _serve(redis_url, TOKEN_VALUE):
-        yield console
-
-
-@pytest.fixture
-async def open_console(redis_url: str) -> AsyncIterator[Console]:
-    async for console in _serve(redis_url, None):
-        yield console
 
 
 def _csrf(html: str) -> str:

@@ -16,8 +16,8 @@ import pytest
 from cgb_worker.simulator import FaultRule
 
 from .attribution import settle
-from .conftest import Harness
-from .test_console import Console, _csrf, _serve
+from .conftest import Console, Harness, _serve
+from .test_console import _csrf
 from .test_webhooks import SECRET, start_receiver
 
 OK, UNREACHABLE = "+12025550130", "+12025550131"

@@ -15,13 +15,12 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import redis
 from aiohttp import web
 from yarl import URL
 
@@ -34,24 +33,11 @@ from cgb_worker.deadletters import DeadLetters
 from cgb_worker.errors import InvalidJobError
 from cgb_worker.settings import Secret
 
-from .conftest import PHONE_KEY, Harness, communicate, free_port
-from .test_console import TOKEN_VALUE, Console, _csrf, _serve, _sign_in
+from .conftest import CONSOLE_TOKEN as TOKEN_VALUE
+from .conftest import PHONE_KEY, Console, Harness, _serve, communicate, free_port, start_redis_server
+from .test_console import _csrf, _sign_in
 
 DIGITS = "2025550100"
-
-
-@pytest.fixture
-async def guarded(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Console]:
-    monkeypatch.setattr(auth_module, "FAILED_SIGN_IN_DELAY", 0.0)
-    monkeypatch.setattr(app_module, "FAILED_SIGN_IN_DELAY", 0.0)
-    async for console in _serve(redis_url, TOKEN_VALUE):
-        yield console
-
-
-@pytest.fixture
-async def open_console(redis_url: str) -> AsyncIterator[Console]:
-    async for console in _serve(redis_url, None):
-        yield console
 
 
 def _shown(html: str) -> str:
@@ -250,25 +236,8 @@ async def test_a_job_id_holding_a_number_is_masked_on_every_page(harness: Harnes
 @pytest.fixture
 def own_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A redis-server of the test's own, on its own port, that the test may freeze (SIGSTOP)."""
-    binary = shutil.which("redis-server")
-    assert binary is not None
-    port = free_port()
     workdir = tempfile.mkdtemp(prefix="cgb-test-frozen-redis-")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            assert time.monotonic() < deadline, "the test's own Redis did not start"
-            time.sleep(0.05)
-    client.close()
+    proc, url = start_redis_server(workdir)
     try:
         yield url, proc
     finally:
