@@ -28,7 +28,7 @@ from markupsafe import Markup
 from redis.exceptions import RedisError, ResponseError
 
 from .. import errors, keys, sealed, series
-from ..deadletters import DeadLetters, UnreadablePayloadError, mask_payload
+from ..deadletters import DeadLetter, DeadLetters, UnreadablePayloadError, mask_payload
 from ..errors import InvalidPhoneError
 from ..heartbeat import live_workers
 from ..jobstate import JobState, LastRetry, describe, locate, tries
@@ -403,9 +403,7 @@ class Console:
         among the newest status changes, filtered alike."""
         f = _Filters.of(request.query)
         now = time.time()
-        entries = await self.dead.list(
-            FAILURES_PAGE, error_type=f.error, code=f.code, failed_after=f.after(now), failed_before=f.before(now)
-        )
+        entries = await self._dead_letters(f, now)
         total = await self.dead.count()
         failed = await self._failed_messages(f, now)
         return _page(
@@ -413,6 +411,13 @@ class Console:
             replayed=request.query.get("replayed"), gone=request.query.get("gone"),
             unreadable=request.query.get("unreadable"),
         )  # fmt: skip
+
+    async def _dead_letters(self, f: _Filters, now: float) -> list[DeadLetter]:
+        """The dead letters the filters show (a page at most, newest first): what the failures page lists and
+        what "replay all" replays."""
+        return await self.dead.list(
+            FAILURES_PAGE, error_type=f.error, code=f.code, failed_after=f.after(now), failed_before=f.before(now)
+        )
 
     async def _failed_messages(self, f: _Filters, now: float) -> list[dict[str, Any]]:
         if f.error is not None:  # a job error class names dead letters only
@@ -474,11 +479,7 @@ class Console:
         """The replay of several dead letters, confirmed: the ones ticked on the failures page, or with
         ``all=1`` every one the filters show (at most a page)."""
         if request.query.get("all") == "1":
-            f = _Filters.of(request.query)
-            now = time.time()
-            entries = await self.dead.list(
-                FAILURES_PAGE, error_type=f.error, code=f.code, failed_after=f.after(now), failed_before=f.before(now)
-            )
+            entries = await self._dead_letters(_Filters.of(request.query), time.time())
         else:
             found = [await self.dead.get(j) for j in _chosen(request.query)]
             entries = [e for e in found if e is not None]
