@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -14,7 +15,7 @@ import aiohttp
 import pytest
 from arq.worker import create_worker
 
-from cgb_worker import worker_settings
+from cgb_worker import series, worker_settings
 from cgb_worker.simulator import FaultRule
 from cgb_worker.tasks import cancel_and_wait
 
@@ -170,8 +171,15 @@ def test_make_console_demo_serves_the_demos_data_until_ctrl_c() -> None:
         address = re.search(r"console: (http://127\.0\.0\.1:\d+/)", "".join(lines))
         assert address, "".join(lines)
         assert "9 of 9 jobs ended as expected" in "".join(lines)
-        with urllib.request.urlopen(address.group(1), timeout=10) as resp:
-            page = resp.read().decode()
+        # the worker writes its counts every FLUSH_EVERY seconds: the page is read until they are all in, or a
+        # few flushes have passed
+        deadline = time.monotonic() + 4 * series.FLUSH_EVERY
+        while True:
+            with urllib.request.urlopen(address.group(1), timeout=10) as resp:
+                page = resp.read().decode()
+            if _funnel(page) == ("9", "9") or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         with urllib.request.urlopen(address.group(1) + "failures", timeout=10) as resp:
             failures = resp.read().decode()
         proc.send_signal(signal.SIGINT)
@@ -183,9 +191,16 @@ def test_make_console_demo_serves_the_demos_data_until_ctrl_c() -> None:
     assert proc.returncode == 0, out
     assert "demo stopped" in out
     # the demo's messages, accepted and read, as the workers and the receiver counted them
-    funnel = re.search(r"<td>accepted</td><td class=\"num\">(\d+)</td>.*?<td>read</td><td class=\"num\">(\d+)<",
-                       page, re.S)  # fmt: skip
-    assert funnel, page
-    assert funnel.groups() == ("9", "9")  # eight jobs read, one of them a file and its text
+    assert _funnel(page) == ("9", "9"), page  # eight jobs read, one of them a file and its text
     assert "InvalidPhoneError" in failures  # the demo's invalid phone, dead-lettered
     assert "972500000001" not in page + failures
+
+
+def _funnel(page: str) -> tuple[str, ...] | None:
+    """The overview's funnel: messages accepted and read, the last day."""
+    import re
+
+    found = re.search(
+        r"<td>accepted</td><td class=\"num\">(\d+)</td>.*?<td>read</td><td class=\"num\">(\d+)<", page, re.S
+    )
+    return found.groups() if found else None
